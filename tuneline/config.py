@@ -1,0 +1,274 @@
+"""Typed configuration: one YAML file per environment (configs/local.yaml is the default).
+
+Every section forbids unknown keys, so a typo stops the run with one line naming the key path and
+what is allowed, instead of being silently ignored. Secrets never live here: only the *name* of the
+environment variable (or Prefect Secret block) that holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneline.paths import PROJECT_ROOT
+
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Auto = Literal["auto"]
+
+
+class ConfigError(Exception):
+    """A bad config file or value: the message is one line naming the key path and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CsvMapping(Section):
+    """How a CSV's columns become an example: prompt/completion, or user/assistant chat turns."""
+
+    prompt: str | None = None
+    completion: str | None = None
+    user: str | None = None
+    assistant: str | None = None
+    system: str | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> CsvMapping:
+        legacy = self.prompt is not None and self.completion is not None
+        chat = self.user is not None and self.assistant is not None
+        if legacy == chat:
+            raise ValueError("map either prompt+completion or user+assistant columns")
+        return self
+
+
+class Source(Section):
+    name: str
+    # A path, glob or fsspec URL. Folders are read recursively; `dt=YYYY-MM-DD` folders are partitions.
+    uri: str
+    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+    csv_mapping: CsvMapping | None = None
+
+
+class DataConfig(Section):
+    sources: list[Source] = Field(min_length=1)
+    as_of: date | None = None  # None = today
+    lookback_days: int = Field(default=7, ge=1, le=3650)
+    eval_set: str = "data/eval/support_eval.jsonl"
+    canary_set: str = "data/general/canary.jsonl"
+    general_corpus: str = "data/general/general_chat.jsonl"
+
+
+class ModelConfig(Section):
+    base: str = "tuneline-tiny"
+    # Legacy prompt/completion records become chat with this system prompt (chat models only).
+    system_prompt: str = "You are the support assistant. Answer with the category and the house reply."
+    tokenizer: Literal["auto", "o200k_base", "cl100k_base"] = "auto"
+
+
+class ValidationConfig(Section):
+    min_examples: int = Field(default=10, ge=1)
+    max_quarantine_fraction: Probability = 0.5
+    too_long: Literal["quarantine", "truncate"] = "quarantine"
+    # Training context per example, tokens. Models not listed use `default_context_limit`.
+    context_limits: dict[str, int] = Field(
+        default_factory=lambda: {
+            "gpt-4o": 65536,
+            "gpt-4o-mini": 65536,
+            "gpt-4.1": 65536,
+            "gpt-4.1-mini": 65536,
+            "gpt-4.1-nano": 32768,
+            "gpt-3.5-turbo": 16385,
+            "tuneline-tiny": 512,
+        }
+    )
+    default_context_limit: int = Field(default=65536, ge=16)
+
+
+class DedupeConfig(Section):
+    near_duplicate_threshold: Probability = 0.85
+    num_perm: int = Field(default=64, ge=16, le=512)
+    shingle_size: int = Field(default=3, ge=1, le=10)
+    contradictions: Literal["keep-latest", "keep-majority", "quarantine-all"] = "keep-latest"
+    leakage_threshold: Probability = 0.85
+    pii: Literal["allow", "redact", "quarantine"] = "redact"
+
+
+class ExportConfig(Section):
+    validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    general_mix_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class CostConfig(Section):
+    prices_as_of: date = date(2025, 7, 1)
+    # USD per 1M training tokens (provider list prices on `prices_as_of`).
+    training_price_per_1m_tokens: dict[str, float] = Field(
+        default_factory=lambda: {
+            "gpt-4.1": 25.0,
+            "gpt-4.1-mini": 5.0,
+            "gpt-4.1-nano": 1.5,
+            "gpt-4o": 25.0,
+            "gpt-4o-mini": 3.0,
+            "gpt-3.5-turbo": 8.0,
+            "davinci-002": 6.0,
+            "babbage-002": 0.4,
+            "tuneline-tiny": 0.0,
+        }
+    )
+    max_estimated_cost_usd: float = Field(default=50.0, ge=0.0)
+
+
+class ProviderConfig(Section):
+    kind: Literal["local", "openai", "azure", "compatible"] = "local"
+    base_url: str | None = None
+    # Names of environment variables (or Prefect Secret blocks), never the secrets themselves.
+    api_key_env: str = "TUNELINE_API_KEY"
+    api_key_secret_block: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    azure_endpoint: str | None = None
+    azure_api_version: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    file_processing_timeout_s: float = Field(default=600.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    max_poll_interval_s: float = Field(default=30.0, gt=0)
+    job_timeout_s: float = Field(default=6 * 3600.0, gt=0)
+    max_concurrent_jobs: int = Field(default=3, ge=1)
+
+
+class Hyperparameters(Section):
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
+
+
+class TrainingConfig(Section):
+    hyperparameters: Hyperparameters = Hyperparameters()
+    suffix: str | None = Field(default="support", max_length=64)
+    seed: int | None = Field(default=42, ge=0, le=2**31 - 1)
+    # Overfitting guard: pick the checkpoint with the lowest full validation loss as the candidate.
+    choose_best_checkpoint: bool = True
+
+
+class JudgeConfig(Section):
+    enabled: bool = False
+    model: str | None = None
+    rubric: str = "Which answer is more correct, helpful and in the house style?"
+
+
+class EvaluationConfig(Section):
+    few_shot_k: int = Field(default=4, ge=0, le=64)
+    concurrency: int = Field(default=8, ge=1, le=256)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    seed: int = 1234
+    max_tokens: int = Field(default=64, ge=1)
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    judge: JudgeConfig = JudgeConfig()
+
+
+class PromotionConfig(Section):
+    primary_metric: Literal["exact_match", "normalized_match", "token_f1"] = "exact_match"
+    min_delta: float = Field(default=0.02, ge=0.0)
+    alpha: Probability = 0.05
+    max_canary_drop: Probability = 0.1
+
+
+class TrackingConfig(Section):
+    tracking_uri: str = "sqlite:///.tuneline/mlflow.db"
+    artifact_location: str = ".tuneline/mlartifacts"
+    experiment: str = "tuneline"
+    registered_model: str = "support-assistant"
+
+
+class ServerConfig(Section):
+    """The embedded `tuneline serve` (provider.kind = local)."""
+
+    state_dir: str = ".tuneline/server"
+    model_dirs: list[str] = Field(default_factory=list)
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    concurrent_jobs: int = Field(default=1, ge=1, le=16)
+    # Above this many parameters a model is fine-tuned with LoRA instead of full fine-tuning.
+    lora_above_params: int = Field(default=300_000_000, ge=0)
+
+
+class Config(Section):
+    project: str = "support-assistant"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    validation: ValidationConfig = ValidationConfig()
+    dedupe: DedupeConfig = DedupeConfig()
+    export: ExportConfig = ExportConfig()
+    cost: CostConfig = CostConfig()
+    provider: ProviderConfig = ProviderConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    server: ServerConfig = ServerConfig()
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON form: equal configs hash equal whatever their YAML layout."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _field_path(error: Any) -> str:
+    # Union branches appear in `loc` as tags like "literal['auto']" or "int": they are not keys.
+    keys = [str(p) for p in error["loc"] if isinstance(p, int) or ("[" not in p and p not in _UNION_TAGS)]
+    return ".".join(keys) or "(top level)"
+
+
+_UNION_TAGS = {"int", "float", "str", "bool", "date", "constrained-int", "constrained-float"}
+
+
+def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        path = _field_path(errors[0])
+        same_field = [e for e in errors if _field_path(e) == path]
+        first = errors[0]
+        if first["type"] == "extra_forbidden":
+            problem = "unknown key (check its spelling or remove it)"
+        elif first["type"] == "missing":
+            problem = "required key is missing"
+        else:
+            problem = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input ") for e in same_field))
+            got = first.get("input")
+            if got is not None and not isinstance(got, dict | list):
+                problem += f" (got {got!r})"
+        more = len({_field_path(e) for e in errors}) - 1
+        tail = f" (and {more} more key{'s' if more > 1 else ''} to fix)" if more else ""
+        raise ConfigError(f"{origin}: {path}: {problem}{tail}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config; `overrides` are dotted keys (`data.as_of`) set on top."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (pass --config with an existing YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where} (fix the syntax)") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(raw, origin=str(path))

@@ -1,0 +1,201 @@
+"""Exact token counts, context limits and the training cost estimate.
+
+The tokenizer vocabularies come from an installed package (bpe-openai ships the .tiktoken files),
+verified against the sha256 that tiktoken itself pins, and are placed in tiktoken's cache so that
+tiktoken never reaches the network. Counting follows the OpenAI cookbook: 3 tokens per message plus
+the tokens of every value (+1 for `name`), plus 3 per example.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+from tuneline.paths import PROJECT_ROOT
+
+# name -> (URL tiktoken would download, sha256 tiktoken pins for it)
+VOCABULARIES: dict[str, tuple[str, str]] = {
+    "o200k_base": (
+        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
+    "cl100k_base": (
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
+}
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_PER_EXAMPLE = 3
+
+
+class TokenizerUnavailable(RuntimeError):
+    pass
+
+
+def encoding_name_for_model(model: str, configured: str = "auto") -> str:
+    """o200k_base for the 4o/4.1/o-series families, cl100k_base for 3.5, davinci and babbage."""
+    if configured != "auto":
+        return configured
+    base = model.removeprefix("ft:").split(":")[0]
+    if base.startswith(("gpt-3.5", "gpt-4-", "davinci", "babbage")) or base == "gpt-4":
+        return "cl100k_base"
+    return "o200k_base"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TIKTOKEN_CACHE_DIR") or PROJECT_ROOT / ".tuneline" / "tiktoken")
+
+
+@cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """A tiktoken encoding whose vocabulary came from disk, checked against its pinned hash."""
+    if name not in VOCABULARIES:
+        raise TokenizerUnavailable(f"unknown tokenizer {name!r} (use one of {sorted(VOCABULARIES)})")
+    url, expected = VOCABULARIES[name]
+    cache_dir = _cache_dir()
+    cached = cache_dir / hashlib.sha1(url.encode()).hexdigest()
+    if not (cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == expected):
+        try:
+            packed = resources.files("bpe_openai.data").joinpath(f"{name}.tiktoken.gz").read_bytes()
+        except (ModuleNotFoundError, FileNotFoundError) as exc:
+            raise TokenizerUnavailable(
+                f"the {name} vocabulary is not installed (pip install bpe-openai): {exc}"
+            ) from None
+        data = gzip.decompress(packed)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise TokenizerUnavailable(f"the installed {name} vocabulary has sha256 {digest}, expected {expected}")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(cached)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)  # tiktoken re-checks the hash when it reads it
+    return tiktoken.get_encoding(name)
+
+
+def _value_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _example_pieces(example: Mapping[str, Any]) -> tuple[list[str], int]:
+    """The strings whose tokens count, and the fixed overhead of the example, as the cookbook counts."""
+    if "messages" in example:
+        messages = list(example["messages"])
+    elif "input" in example:
+        messages = [*example["input"]["messages"], *example["preferred_output"], *example["non_preferred_output"]]
+    else:
+        return [str(example.get("prompt", "")), str(example.get("completion", ""))], 0
+    pieces: list[str] = []
+    overhead = TOKENS_PER_EXAMPLE
+    for message in messages:
+        overhead += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if key == "weight" or value is None:
+                continue
+            pieces.append(_value_text(value))
+            if key == "name":
+                overhead += TOKENS_PER_NAME
+    if example.get("tools"):
+        pieces.append(_value_text(example["tools"]))
+    return pieces, overhead
+
+
+def count_tokens(examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding) -> list[int]:
+    """Exact token count of each example; one batched tiktoken call for the whole sequence."""
+    texts: list[str] = []
+    owners: list[int] = []
+    totals: list[int] = []
+    for index, example in enumerate(examples):
+        pieces, overhead = _example_pieces(example)
+        texts.extend(pieces)
+        owners.extend([index] * len(pieces))
+        totals.append(overhead)
+    for owner, tokens in zip(owners, encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1), strict=True):
+        totals[owner] += len(tokens)
+    return totals
+
+
+def count_assistant_tokens(examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding) -> list[int]:
+    """Tokens the model is trained on: assistant turns whose weight is not 0."""
+    texts: list[str] = []
+    owners: list[int] = []
+    for index, example in enumerate(examples):
+        for message in example.get("messages") or ():
+            if message.get("role") == "assistant" and message.get("weight", 1) != 0:
+                for key in ("content", "tool_calls"):
+                    if message.get(key) is not None:
+                        texts.append(_value_text(message[key]))
+                        owners.append(index)
+    totals = [0] * len(examples)
+    for owner, tokens in zip(owners, encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1), strict=True):
+        totals[owner] += len(tokens)
+    return totals
+
+
+def default_epochs(n_examples: int) -> int:
+    """The hosted service's "auto" epoch rule (cookbook): 3, raised for tiny sets, lowered for huge ones."""
+    epochs = 3
+    if n_examples == 0:
+        return epochs
+    if n_examples * epochs < 100:
+        return min(25, 100 // n_examples)
+    if n_examples * epochs > 25000:
+        return max(1, 25000 // n_examples)
+    return epochs
+
+
+def context_limit(model: str, limits: Mapping[str, int], default: int) -> int:
+    """The training context of a model: the longest configured family name the model id starts with."""
+    base = model.removeprefix("ft:").split(":")[0]
+    matches = [name for name in limits if base == name or base.startswith(name + "-")]
+    return limits[max(matches, key=len)] if matches else default
+
+
+def price_per_1m(model: str, prices: Mapping[str, float]) -> float | None:
+    base = model.removeprefix("ft:").split(":")[0]
+    matches = [name for name in prices if base == name or base.startswith(name + "-")]
+    return prices[max(matches, key=len)] if matches else None
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    model: str
+    n_examples: int
+    n_epochs: int
+    billed_tokens_per_epoch: int
+    billed_tokens: int
+    price_per_1m_tokens: float | None
+    prices_as_of: str
+    estimated_cost_usd: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def estimate_cost(
+    token_counts: Sequence[int],
+    *,
+    model: str,
+    limit: int,
+    prices: Mapping[str, float],
+    prices_as_of: str,
+    n_epochs: int | str = "auto",
+) -> CostEstimate:
+    """Billed tokens = epochs x sum(min(limit, tokens per example)); validation tokens are free."""
+    epochs = default_epochs(len(token_counts)) if n_epochs == "auto" else int(n_epochs)
+    per_epoch = sum(min(limit, count) for count in token_counts)
+    price = price_per_1m(model, prices)
+    billed = epochs * per_epoch
+    cost = None if price is None else round(billed * price / 1_000_000, 6)
+    return CostEstimate(model, len(token_counts), epochs, per_epoch, billed, price, prices_as_of, cost)
