@@ -147,7 +147,8 @@ def _check_message(
         call_id = message.get("tool_call_id")
         if not isinstance(call_id, str) or call_id not in call_ids:
             return FormatIssue(
-                "invalid_tool_call", f"{where}: tool message must answer an earlier tool call by `tool_call_id`"
+                "invalid_tool_call",
+                f"{where}: tool message must answer an earlier tool call by `tool_call_id`",
             )
     if "content" not in message and not (role == "assistant" and (tool_calls or "function_call" in message)):
         return FormatIssue("message_missing_key", f"{where} ({role}) has no `content`")
@@ -169,7 +170,9 @@ def _check_text(where: str, text: str) -> FormatIssue | None:
     if "<|" in text:  # cheap pre-filter: the regex runs only on the rare candidate
         found = SPECIAL_TOKEN.search(text)
         if found:
-            return FormatIssue("forbidden_special_token", f"{where} contains the special token {found.group()}")
+            return FormatIssue(
+                "forbidden_special_token", f"{where} contains the special token {found.group()}"
+            )
     return None
 
 
@@ -204,14 +207,25 @@ def _check_tool_calls(
     if not isinstance(tool_calls, list) or not tool_calls:
         return FormatIssue("invalid_tool_call", f"{where}: `tool_calls` must be a non-empty list")
     for call in tool_calls:
-        if not isinstance(call, dict) or not isinstance(call.get("id"), str) or call.get("type") != "function":
-            return FormatIssue("invalid_tool_call", f"{where}: each tool call needs a string `id` and type function")
+        if (
+            not isinstance(call, dict)
+            or not isinstance(call.get("id"), str)
+            or call.get("type") != "function"
+        ):
+            return FormatIssue(
+                "invalid_tool_call", f"{where}: each tool call needs a string `id` and type function"
+            )
         function = call.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
             return FormatIssue("invalid_tool_call", f"{where}: tool call {call['id']!r} has no function name")
         if tool_names is not None and function["name"] not in tool_names:
             return FormatIssue(
-                "invalid_tool_call", f"{where}: tool call names {function['name']!r}, which `tools` does not define"
+                "invalid_tool_call",
+                f"{where}: tool call names {function['name']!r}, which `tools` does not define",
             )
         arguments = function.get("arguments")
         if not isinstance(arguments, str):
@@ -231,12 +245,16 @@ def _check_tools(tools: Any) -> tuple[set[str], FormatIssue | None]:
     for tool in tools:
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
-            return names, FormatIssue("invalid_tools", "each tool needs type function and a `function` object")
+            return names, FormatIssue(
+                "invalid_tools", "each tool needs type function and a `function` object"
+            )
         name = function.get("name")
         if not isinstance(name, str) or not name:
             return names, FormatIssue("invalid_tools", "each tool function needs a `name`")
         if "parameters" in function and not isinstance(function["parameters"], dict):
-            return names, FormatIssue("invalid_tools", f"tool {name!r}: `parameters` must be a JSON schema object")
+            return names, FormatIssue(
+                "invalid_tools", f"tool {name!r}: `parameters` must be a JSON schema object"
+            )
         names.add(name)
     return names, None
 
@@ -268,7 +286,9 @@ def check_preference(example: dict[str, Any]) -> FormatIssue | None:
         if issue:
             return issue
     if sum(1 for m in source["messages"] if m["role"] == "user") != 1:
-        return FormatIssue("invalid_preference_example", "DPO examples are single-turn: exactly one user message")
+        return FormatIssue(
+            "invalid_preference_example", "DPO examples are single-turn: exactly one user message"
+        )
     if source["messages"][-1]["role"] != "user":
         return FormatIssue("invalid_preference_example", "`input.messages` must end with the user message")
     for key in ("preferred_output", "non_preferred_output"):

@@ -75,7 +75,9 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         data = gzip.decompress(packed)
         digest = hashlib.sha256(data).hexdigest()
         if digest != expected:
-            raise TokenizerUnavailable(f"the installed {name} vocabulary has sha256 {digest}, expected {expected}")
+            raise TokenizerUnavailable(
+                f"the installed {name} vocabulary has sha256 {digest}, expected {expected}"
+            )
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(data)
@@ -93,7 +95,11 @@ def _example_pieces(example: Mapping[str, Any]) -> tuple[list[str], int]:
     if "messages" in example:
         messages = list(example["messages"])
     elif "input" in example:
-        messages = [*example["input"]["messages"], *example["preferred_output"], *example["non_preferred_output"]]
+        messages = [
+            *example["input"]["messages"],
+            *example["preferred_output"],
+            *example["non_preferred_output"],
+        ]
     else:
         return [str(example.get("prompt", "")), str(example.get("completion", ""))], 0
     pieces: list[str] = []
@@ -121,7 +127,9 @@ def count_tokens(examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encod
         texts.extend(pieces)
         owners.extend([index] * len(pieces))
         totals.append(overhead)
-    for owner, tokens in zip(owners, encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1), strict=True):
+    for owner, tokens in zip(
+        owners, encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1), strict=True
+    ):
         totals[owner] += len(tokens)
     return totals
 
@@ -138,7 +146,9 @@ def count_assistant_tokens(examples: Sequence[Mapping[str, Any]], encoding: tikt
                         texts.append(_value_text(message[key]))
                         owners.append(index)
     totals = [0] * len(examples)
-    for owner, tokens in zip(owners, encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1), strict=True):
+    for owner, tokens in zip(
+        owners, encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1), strict=True
+    ):
         totals[owner] += len(tokens)
     return totals
 

@@ -35,7 +35,9 @@ def configure(tracking: TrackingConfig) -> str:
     mlflow.set_registry_uri(tracking_uri(tracking))
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is None:
-        experiment_id = mlflow.create_experiment(tracking.experiment, artifact_location=artifact_uri(tracking))
+        experiment_id = mlflow.create_experiment(
+            tracking.experiment, artifact_location=artifact_uri(tracking)
+        )
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
