@@ -19,6 +19,8 @@ from tuneline.config import Config, ConfigError, load_config
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A busy machine can take longer than Prefect's default to start its ephemeral API server.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -37,6 +39,345 @@ def read_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
         return load_config(path, overrides={k: v for k, v in (overrides or {}).items() if v is not None})
     except ConfigError as exc:
         usage_error(str(exc))
+
+
+@app.command()
+def prepare(
+    config: Path | None = ConfigOption,
+    as_of: str | None = typer.Option(
+        None, "--as-of", help="The run's day, YYYY-MM-DD (default: data.as_of, else today)."
+    ),
+    inputs: list[str] | None = typer.Option(
+        None, "--input", "-i", help="Path, glob or fsspec URL read instead of data.sources (repeatable)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for train/validation/quarantine.jsonl, manifest.json, report.html."
+    ),
+) -> None:
+    """Ingest, validate, deduplicate and export the data as a Prefect flow. Exit 1 when the gate fails."""
+    from datetime import date
+
+    day = None
+    if as_of is not None:
+        try:
+            day = date.fromisoformat(as_of)
+        except ValueError:
+            usage_error(f"--as-of: {as_of!r} is not a date (use YYYY-MM-DD)")
+    read_config(config)  # exit 2 on a bad config before anything starts
+    from flows.prepare import InputNotFound, PrepareFailed
+    from flows.prepare import prepare as prepare_flow
+
+    try:
+        with console.status("preparing the dataset: ingest, validate, dedupe, export"):
+            result = prepare_flow(
+                config_path=str(config) if config else None,
+                as_of=day,
+                inputs=inputs or None,
+                out_dir=str(out),
+            )
+    except PrepareFailed as failed:
+        _print_prepare_summary(failed.result)
+        console.print("[red]stopped:[/red] nothing may be uploaded", highlight=False)
+        for problem in failed.result.problems:
+            console.print(f"  - {problem}", highlight=False, soft_wrap=True)
+        console.print(f"  see {failed.result.report_file}", highlight=False)
+        raise typer.Exit(1) from None
+    except (InputNotFound, ConfigError) as exc:
+        usage_error(str(exc))
+    _print_prepare_summary(result)
+
+
+def _print_prepare_summary(result: Any) -> None:
+    """Counts by reason, tokens, cost, dataset hash and where the files are, on stdout."""
+    from rich.table import Table
+
+    out = Console(soft_wrap=True)  # long lines stay whole: the summary is read and grepped
+    manifest = result.manifest
+    counts, tokens, cost = manifest["counts"], manifest["tokens"], manifest["cost"]
+    verdict = "[green]published[/green]" if result.published else "[red]stopped[/red]"
+    out.print(f"prepare as of {manifest['as_of']}: {verdict}", highlight=False)
+    out.print(
+        f"records: {counts['input_records']:,} in, {counts['kept']:,} kept "
+        f"({counts['train'] - counts['general_mixed']:,} train, {counts['validation']:,} validation; "
+        f"{counts['general_mixed']:,} general examples mixed into train), {counts['quarantined']:,} quarantined",
+        highlight=False,
+    )
+    if counts["quarantined_by_reason"]:
+        table = Table("quarantine reason", "records", box=None, pad_edge=False)
+        by_count = sorted(counts["quarantined_by_reason"].items(), key=lambda item: (-item[1], item[0]))
+        for reason, n in by_count:
+            table.add_row(reason, f"{n:,}")
+        out.print(table)
+    out.print(
+        f"tokens: {tokens['train_total']:,} train, {tokens['validation_total']:,} validation "
+        f"({tokens['encoding']}; longest example {tokens['max_example']:,} of {tokens['context_limit']:,})",
+        highlight=False,
+    )
+    price = cost["estimated_cost_usd"]
+    shown = f"${price:,.2f}" if price is not None else "unknown (no price for the model)"
+    out.print(
+        f"estimated training cost: {shown} for {cost['billed_tokens']:,} billed tokens "
+        f"({cost['n_epochs']} epochs of {cost['model']}, prices as of {cost['prices_as_of']}; "
+        f"cap ${cost['max_estimated_cost_usd']:,.2f})",
+        highlight=False,
+    )
+    out.print(f"dataset hash: {manifest['dataset_hash']}", highlight=False)
+    names = ["train.jsonl", "validation.jsonl"] if result.published else []
+    names += ["quarantine.jsonl", "manifest.json", "report.html"]
+    out.print(f"files in {result.out_dir}: {', '.join(names)}", highlight=False)
+    if result.mlflow_run_id:
+        out.print(f"MLflow run: {result.mlflow_run_id} (`tuneline ui` to browse)", highlight=False)
+
+
+@app.command()
+def backfill(
+    start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
+    end: str = typer.Option(..., "--end", help="Last date, YYYY-MM-DD (inclusive)."),
+    mode: str = typer.Option(
+        "prepare",
+        "--mode",
+        help="prepare: record each date's data quality; retrain: retrain as of each date.",
+    ),
+    config: Path | None = ConfigOption,
+) -> None:
+    """Replay a range of dates as the nightly run saw them. Exit 1 when a date failed or was stopped."""
+    from flows.backfill import BackfillError, BackfillIncomplete, backfill_dates, check_mode
+
+    try:
+        backfill_dates(start, end)
+        check_mode(mode)
+    except BackfillError as exc:
+        usage_error(str(exc))
+    cfg = read_config(config)  # exit 2 on a bad config before anything starts
+    from flows.backfill import backfill as backfill_flow
+
+    try:
+        with console.status(f"backfill {start}..{end} ({mode})"):
+            result = backfill_flow(start=start, end=end, mode=mode, config=str(config) if config else None)
+    except BackfillIncomplete as incomplete:
+        _print_backfill(cfg, incomplete.result)
+        console.print("[red]not done:[/red] ", end="")
+        console.print(str(incomplete), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except ConfigError as exc:
+        usage_error(str(exc))
+    _print_backfill(cfg, result)
+
+
+def _print_backfill(cfg: Config, result: Any) -> None:
+    """One line per date on stdout, then where the backfill's MLflow run is."""
+    from tuneline import tracking
+
+    out = Console()
+    for day in result.days:
+        counts = (day.manifest or {}).get("counts") or {}
+        quality = f"{counts['kept']:,} kept, {counts['quarantined']:,} quarantined" if counts else ""
+        digest = f"dataset {day.dataset_hash[:12]}" if day.dataset_hash else ""
+        candidate = ""
+        if day.retrain:
+            verdict = {True: "promoted", False: "rejected"}.get(day.retrain.promoted, "not evaluated")
+            candidate = f"candidate {day.retrain.candidate_model} {verdict}"
+        detail = day.detail or ""
+        facts = "; ".join(f for f in (quality, digest, candidate, detail) if f)
+        out.print(f"{day.as_of}  {day.outcome:<10} {facts}", highlight=False, markup=False, soft_wrap=True)
+    out.print(f"MLflow run: {tracking.run_url(cfg.tracking, result.parent_run_id)}", highlight=False)
+
+
+@app.command()
+def ui(
+    config: Path | None = ConfigOption,
+    port: int = typer.Option(5000, "--port", min=1, max=65535, help="Loopback port for the MLflow UI."),
+) -> None:
+    """Serve the MLflow UI on the configured store (loopback only) and say how to open the Prefect UI."""
+    import signal
+    import subprocess
+
+    from tuneline import tracking
+
+    cfg = read_config(config)
+    prefect_hint = "Prefect UI: run `prefect server start` and open http://127.0.0.1:4200"
+    if tracking.has_tracking_server(cfg.tracking):
+        console.print(
+            f"MLflow UI: {tracking.ui_url(cfg.tracking)} (served by the tracking server)\n{prefect_hint}"
+        )
+        return
+    console.print(
+        f"MLflow store: {tracking.store_location(cfg.tracking)}\n"
+        f"MLflow UI: {tracking.ui_url(cfg.tracking, port)} (Ctrl-C stops it)\n{prefect_hint}",
+        highlight=False,
+    )
+
+    def stop_on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    # Its own process group, so that stopping it also stops the workers `mlflow server` starts.
+    server = subprocess.Popen(tracking.ui_command(cfg.tracking, port), start_new_session=True)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        code = 0
+        for stop_signal, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(server.pid, stop_signal)
+                server.wait(timeout=grace_s)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    config: Path | None = ConfigOption,
+    host: str | None = typer.Option(None, "--host", help="Address to bind (config server.host, 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Port (config server.port, 8000)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="Files, jobs and models (server.state_dir)."),
+    model_dir: list[Path] | None = typer.Option(
+        None, "--model-dir", help="A Hugging Face checkpoint directory to serve as a base model (repeatable)."
+    ),
+    fault_rate: float | None = typer.Option(
+        None, "--fault-rate", min=0.0, max=1.0, help="Answer this fraction of requests with 429/500/503."
+    ),
+    fault_seed: int | None = typer.Option(None, "--fault-seed", help="Seed of the fault RNG (reproducible faults)."),
+    latency: float | None = typer.Option(None, "--latency", min=0.0, help="Milliseconds added to chat completions."),
+    concurrent_jobs: int | None = typer.Option(None, "--concurrent-jobs", min=1, max=16, help="Jobs trained at once."),
+) -> None:
+    """Run the OpenAI-compatible fine-tuning server (needs the `server` extra of tuneline).
+
+    Clients authenticate with `Authorization: Bearer $TUNELINE_API_KEY`. Without TUNELINE_API_KEY the
+    server only binds a loopback address and accepts any key there.
+    """
+    from tuneline.paths import resolve
+
+    cfg = read_config(config).server
+    try:
+        from tuneline.server.app import run_server
+        from tuneline.server.settings import API_KEY_ENV, ServerSettings, startup_problem
+    except ImportError as exc:
+        usage_error(f"the server needs its extra dependencies ({exc.name} is missing): pip install 'tuneline\\[server]'")
+    try:
+        settings = ServerSettings(
+            state_dir=state_dir.resolve() if state_dir else resolve(cfg.state_dir),
+            host=host or cfg.host,
+            port=port or cfg.port,
+            model_dirs=tuple(p.resolve() for p in model_dir) if model_dir else tuple(resolve(p) for p in cfg.model_dirs),
+            api_key=os.environ.get(API_KEY_ENV) or None,
+            fault_rate=cfg.fault_rate if fault_rate is None else fault_rate,
+            fault_seed=fault_seed,
+            latency_ms=cfg.latency_ms if latency is None else latency,
+            concurrent_jobs=concurrent_jobs or cfg.concurrent_jobs,
+            max_upload_bytes=cfg.max_upload_bytes,
+            lora_above_params=cfg.lora_above_params,
+        )
+    except ValueError as exc:
+        usage_error(str(exc))
+    for path in settings.model_dirs:
+        if not path.is_dir():
+            usage_error(f"--model-dir {path}: not a directory (give a Hugging Face checkpoint directory)")
+    problem = startup_problem(settings)
+    if problem:
+        usage_error(problem)
+    run_server(settings)
+
+
+@app.command()
+def run(
+    config: Path | None = ConfigOption,
+    as_of: str | None = typer.Option(None, "--as-of", help="Last day of data to train on (YYYY-MM-DD; default today)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Stop after prepare and print the cost estimate."),
+) -> None:
+    """prepare -> upload -> train (the `retrain` flow); prints the candidate model id on stdout."""
+    read_config(config, {"data.as_of": as_of})  # a bad config or date exits 2 before anything runs
+    from flows.retrain import retrain
+
+    try:
+        result = retrain(config_path=str(config) if config else None, as_of=as_of, dry_run=dry_run)
+    except ConfigError as exc:  # e.g. an eval set the config names is missing
+        usage_error(str(exc))
+    except Exception as exc:
+        console.print(f"[red]run failed:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"MLflow run {result.mlflow_run_id}; files in {result.export_dir}", highlight=False, soft_wrap=True)
+    if dry_run:
+        estimate = result.estimated_cost_usd
+        cost = "unknown (no price for this model)" if estimate is None else f"${estimate:,.4f}"
+        console.print(
+            f"dry run: dataset {result.dataset_hash}, estimated training cost {cost}", highlight=False, soft_wrap=True
+        )
+        typer.echo(cost)
+        return
+    console.print(
+        f"job {result.job_id}: fine-tuned model {result.fine_tuned_model}, {result.trained_tokens} trained tokens, "
+        f"actual cost {result.actual_cost_usd} USD (estimated {result.estimated_cost_usd})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.decision is not None:
+        # Promoted or rejected, the run succeeded: the gate's decision and every rule's figures.
+        verdict = "PROMOTED" if result.promoted else "REJECTED"
+        rules = "\n".join(
+            f"  {'PASS' if rule['passed'] else 'FAIL'} {rule['rule']}: {rule['detail']}"
+            for rule in result.decision["rules"]
+        )
+        console.print(
+            f"{verdict} against the {result.decision['reference']} ({result.decision['reference_model']}); "
+            f"champion: version {result.champion_version or '(none)'}\n{rules}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    typer.echo(result.candidate_model)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(
+        ..., "--model", "-m", help="Model id to evaluate (ft:..., a checkpoint or a base model)."
+    ),
+    config: Path | None = ConfigOption,
+    train_file: Path | None = typer.Option(
+        None, "--train-file", help="A prepared train.jsonl for the few-shot baseline (skipped without one)."
+    ),
+) -> None:
+    """Evaluate one model against the base model (zero- and few-shot) and the champion; promotes nothing."""
+    read_config(config)
+    if train_file is not None and not train_file.is_file():
+        usage_error(f"--train-file {train_file}: no such file (give a train.jsonl written by `tuneline prepare`)")
+    from flows.evaluate import evaluate as evaluate_flow
+
+    try:
+        result = evaluate_flow(
+            model=model,
+            config=str(config) if config else None,
+            train_file=str(train_file) if train_file else None,
+        )
+    except Exception as exc:
+        console.print(f"[red]evaluation failed:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    typer.echo(result.summary_table().to_string(index=False))
+
+
+@app.command()
+def rollback(
+    config: Path | None = ConfigOption,
+    to: str | None = typer.Option(None, "--to", help="Version to make champion (default: the `previous` version)."),
+    reason: str = typer.Option("manual rollback", "--reason", help="Why (recorded on the model version)."),
+) -> None:
+    """Move the registry's `champion` alias back to `previous` (or --to VERSION), recording who, when and why."""
+    read_config(config)
+    from flows.rollback import rollback as rollback_flow
+    from tuneline.tracking import RegistryError
+
+    try:
+        outcome = rollback_flow(config=str(config) if config else None, to_version=to, reason=reason)
+    except RegistryError as exc:
+        console.print(f"[red]rollback refused:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"champion: version {outcome.to_version} ({outcome.model_id}); previous: version {outcome.from_version}"
+    )
 
 
 if __name__ == "__main__":

@@ -170,8 +170,13 @@ class EvaluationConfig(Section):
     concurrency: int = Field(default=8, ge=1, le=256)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     seed: int = 1234
-    max_tokens: int = Field(default=64, ge=1)
+    # Room for the longest house answer: about 115 tokens with tuneline-tiny's small vocabulary.
+    max_tokens: int = Field(default=192, ge=1)
     bootstrap_samples: int = Field(default=1000, ge=100)
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    # Retries per eval request (429, 5xx, timeouts; backoff honours retry-after); then it counts as unanswered.
+    max_retries: int = Field(default=4, ge=0, le=20)
+    request_timeout_s: float = Field(default=60.0, gt=0)
     judge: JudgeConfig = JudgeConfig()
 
 
@@ -180,6 +185,8 @@ class PromotionConfig(Section):
     min_delta: float = Field(default=0.02, ge=0.0)
     alpha: Probability = 0.05
     max_canary_drop: Probability = 0.1
+    # The candidate must also match the base model prompted with few_shot_k training examples.
+    beat_few_shot: bool = True
 
 
 class TrackingConfig(Section):
@@ -198,6 +205,21 @@ class ServerConfig(Section):
     concurrent_jobs: int = Field(default=1, ge=1, le=16)
     # Above this many parameters a model is fine-tuned with LoRA instead of full fine-tuning.
     lora_above_params: int = Field(default=300_000_000, ge=0)
+    # Loopback by default; any other address needs TUNELINE_API_KEY set or the server refuses to start.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # For testing clients: a fraction of requests answered 429/500/503, and delay added to chat completions.
+    fault_rate: Probability = 0.0
+    latency_ms: float = Field(default=0.0, ge=0.0)
+
+
+class BackfillConfig(Section):
+    """`tuneline backfill`: where each date's results live and how many dates are prepared at once."""
+
+    # Per-date prepared data and the cached task results that make a rerun reuse them.
+    work_dir: str = ".tuneline/backfill"
+    # Dates prepared at the same time (retrain dates always run one after another, in date order).
+    concurrency: int = Field(default=2, ge=1, le=32)
 
 
 class Config(Section):
@@ -214,6 +236,7 @@ class Config(Section):
     promotion: PromotionConfig = PromotionConfig()
     tracking: TrackingConfig = TrackingConfig()
     server: ServerConfig = ServerConfig()
+    backfill: BackfillConfig = BackfillConfig()
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON form: equal configs hash equal whatever their YAML layout."""

@@ -78,8 +78,13 @@ def check_example(example: Any, allowed: Iterable[ExampleKind] | None = None) ->
     if not isinstance(example, dict):
         return FormatIssue("data_type", f"expected a JSON object, got {type(example).__name__}")
     kind = detect_kind(example)
-    if kind is None or (allowed is not None and kind not in set(allowed)):
+    if kind is None:
         return FormatIssue("missing_messages_list", "no `messages` list in the example")
+    if allowed is not None and kind not in set(allowed):
+        accepted = sorted(set(allowed))
+        # A completion model (babbage-002, davinci-002) is told about prompt/completion, not `messages`.
+        key = "invalid_completion_example" if accepted == ["completion"] else "missing_messages_list"
+        return FormatIssue(key, f"a {kind} line where only {' or '.join(accepted)} lines are accepted")
     if kind == "chat":
         return check_chat(example)
     if kind == "completion":

@@ -1,0 +1,270 @@
+"""Data-plane throughput: N synthetic support chats through ingest -> validate -> gate -> dedupe -> export.
+
+The N lines come from tuneline.demo_data.synthetic_chat_lines (about 5% dirt: exact duplicates,
+near-duplicates, malformed JSON, format errors) and are written to a temporary JSONL file, which the
+real stages then read; only their pure functions are called (no Prefect). Printed: wall time per
+stage, examples/s, peak memory (max RSS of the process, taken before the baselines run), and two
+ratios measured in the same run:
+
+- tokenizer-bound: our examples/s over the examples/s of one raw tiktoken `encode_ordinary_batch`
+  (all cores) over the message texts of the same examples (target >= 0.3);
+- naive loop: our examples/s over a per-example Python loop doing what the OpenAI cookbook does
+  (json.loads, its format-error checks, `num_tokens_from_messages` with tiktoken). The loop runs over
+  the first `--naive-sample` lines (default 100,000), since its cost per example is constant.
+
+`--scaling` also times near-duplicate detection alone (tuneline.near_duplicates.find_near_duplicates
+on the records that survive exact-duplicate removal, as in the stage) on N and on 10N records of the
+same generator, and prints the time ratio (target <= 12: linear).
+
+    .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000]
+
+Targets (issue 3, on the 2-core dev machine): 1,000,000 examples in <= 5 minutes, peak memory <= 8 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from datetime import date
+from pathlib import Path
+from typing import Any, TypeVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from tasks import dedupe, export, ingest, validate
+from tuneline import records
+from tuneline.config import Source, load_config
+from tuneline.demo_data import synthetic_chat_lines
+from tuneline.near_duplicates import TextTable, find_exact_duplicates, find_near_duplicates
+from tuneline.tokens import encoding_name_for_model, get_encoding
+
+T = TypeVar("T")
+
+
+def timed(label: str, timings: dict[str, float], run: Callable[[], T]) -> T:
+    start = time.perf_counter()
+    result = run()
+    timings[label] = time.perf_counter() - start
+    print(
+        f"  {label:<10} {timings[label]:8.2f} s   memory after: {rss_gib():.2f} GiB, peak so far {peak_rss_gib():.2f} GiB",
+        flush=True,
+    )
+    return result
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024)  # Linux: KiB
+
+
+def rss_gib() -> float:
+    """The resident memory of this process now (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def write_lines(n: int, seed: int, directory: Path) -> Path:
+    path = directory / "synthetic.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(synthetic_chat_lines(n, seed=seed))
+    return path
+
+
+def run_pipeline(path: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
+    config = load_config()
+    timings: dict[str, float] = {}
+    eval_examples = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
+    sources = [Source(name="benchmark", uri=str(path))]
+    frame = timed(
+        "ingest",
+        timings,
+        lambda: ingest.ingest(
+            sources, as_of=date(2026, 11, 22), lookback_days=1, system_prompt=config.model.system_prompt
+        ),
+    )
+    frame = timed("validate", timings, lambda: validate.validate(frame, config.model, config.validation))
+    frame = timed("dedupe", timings, lambda: dedupe.dedupe(frame, eval_examples, config.dedupe))
+    gate = timed("gate", timings, lambda: validate.gate(frame, config.model, config.validation))
+    context = export.RunContext(
+        as_of="2026-11-22", config_hash=config.config_hash(), sources=[], partitions=[]
+    )
+    timed(
+        "export",
+        timings,
+        lambda: export.export(
+            frame,
+            config,
+            context,
+            out_dir,
+            gate_failures=[] if gate.success else ["failed"],
+            report_html=validate.render_report(gate),
+        ),
+    )
+    counts = {
+        "input": len(frame),
+        "kept": int(records.kept_mask(frame).sum()),
+        **records.counts_by_reason(frame),
+    }
+    return timings, counts
+
+
+def message_texts(lines: Iterable[str]) -> list[str]:
+    texts: list[str] = []
+    for line in lines:
+        try:
+            example = json.loads(line)
+        except ValueError:
+            continue
+        for message in example.get("messages") or ():
+            content = message.get("content")
+            if isinstance(content, str):
+                texts.append(content)
+    return texts
+
+
+def cookbook_loop(lines: list[str], encoding: Any) -> int:
+    """The OpenAI cookbook's chat fine-tuning data checks and token counts, one example at a time."""
+    format_errors: dict[str, int] = defaultdict(int)
+    total_tokens = 0
+    for line in lines:
+        try:
+            ex = json.loads(line)
+        except ValueError:
+            format_errors["invalid_json"] += 1
+            continue
+        if not isinstance(ex, dict):
+            format_errors["data_type"] += 1
+            continue
+        messages = ex.get("messages", None)
+        if not messages:
+            format_errors["missing_messages_list"] += 1
+            continue
+        for message in messages:
+            if "role" not in message or "content" not in message:
+                format_errors["message_missing_key"] += 1
+            if any(k not in ("role", "content", "name", "function_call", "weight") for k in message):
+                format_errors["message_unrecognized_key"] += 1
+            if message.get("role", None) not in ("system", "user", "assistant", "function"):
+                format_errors["unrecognized_role"] += 1
+            content = message.get("content", None)
+            function_call = message.get("function_call", None)
+            if (not content and not function_call) or not isinstance(content, str):
+                format_errors["missing_content"] += 1
+        if not any(message.get("role", None) == "assistant" for message in messages):
+            format_errors["example_missing_assistant_message"] += 1
+        num_tokens = 0
+        for message in messages:
+            num_tokens += 3
+            for key, value in message.items():
+                if isinstance(value, str):
+                    num_tokens += len(encoding.encode(value))
+                if key == "name":
+                    num_tokens += 1
+        total_tokens += num_tokens + 3
+    return total_tokens
+
+
+def near_duplicate_seconds(n: int, seed: int, config: Any) -> tuple[float, int, int]:
+    """Seconds find_near_duplicates takes on the exact-duplicate survivors of n synthetic lines."""
+    examples = []
+    for line in synthetic_chat_lines(n, seed=seed):
+        try:
+            examples.append(json.loads(line))
+        except ValueError:
+            continue
+    table = TextTable()
+    documents, _, _ = dedupe.normalized_documents(examples, table)
+    rank = np.arange(len(documents))
+    survivors = np.flatnonzero(find_exact_duplicates(documents, rank) < 0)
+    subset = documents.subset(survivors)
+    del examples
+    gc.collect()
+    start = time.perf_counter()
+    result = find_near_duplicates(
+        subset,
+        rank[survivors],
+        threshold=config.near_duplicate_threshold,
+        num_perm=config.num_perm,
+        shingle_size=config.shingle_size,
+    )
+    seconds = time.perf_counter() - start
+    return seconds, len(subset), int((result.duplicate_of >= 0).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("n", type=int, help="number of synthetic examples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--naive-sample", type=int, default=100_000)
+    parser.add_argument(
+        "--scaling", action="store_true", help="also time near-duplicate detection at N and 10N"
+    )
+    args = parser.parse_args()
+    config = load_config()
+    print(
+        f"data plane benchmark: N = {args.n:,} synthetic chats, {os.cpu_count()} CPUs, load {os.getloadavg()}"
+    )
+
+    with tempfile.TemporaryDirectory(prefix="tuneline-bench-") as tmp:
+        directory = Path(tmp)
+        start = time.perf_counter()
+        path = write_lines(args.n, args.seed, directory)
+        print(
+            f"generated {path.stat().st_size / 2**20:,.0f} MiB in {time.perf_counter() - start:.1f} s (not timed)"
+        )
+        print("stages:")
+        timings, counts = run_pipeline(path, directory / "out")
+        total = sum(timings.values())
+        peak = peak_rss_gib()
+        ours = args.n / total
+        print(f"  {'total':<10} {total:8.2f} s   {ours:,.0f} examples/s   peak memory {peak:.2f} GiB")
+        print(f"  counts: {counts}")
+        gc.collect()
+
+        lines = path.read_text(encoding="utf-8").splitlines()
+        encoding = get_encoding(encoding_name_for_model(config.model.base, config.model.tokenizer))
+        texts = message_texts(lines)
+        start = time.perf_counter()
+        encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        tokenizer_seconds = time.perf_counter() - start
+        del texts
+        tokenizer = args.n / tokenizer_seconds
+        sample = lines[: args.naive_sample]
+        start = time.perf_counter()
+        cookbook_loop(sample, encoding)
+        naive = len(sample) / (time.perf_counter() - start)
+        print("baselines:")
+        print(
+            f"  tokenizer-bound (raw encode_ordinary_batch): {tokenizer:,.0f} examples/s ({tokenizer_seconds:.1f} s)"
+        )
+        print(f"  naive cookbook loop ({len(sample):,} examples): {naive:,.0f} examples/s")
+        print("ratios:")
+        print(f"  ours / tokenizer-bound = {ours / tokenizer:.2f}  (target >= 0.3)")
+        print(f"  ours / naive loop      = {ours / naive:.2f}")
+        print(
+            f"targets: total {total:.0f} s for {args.n:,} (<= 300 s at 1,000,000); peak {peak:.2f} GiB (<= 8)"
+        )
+
+    if args.scaling:
+        del lines, sample
+        gc.collect()
+        small, n_small, found_small = near_duplicate_seconds(args.n, args.seed, config.dedupe)
+        print(f"near-duplicates at N:   {n_small:,} records, {found_small:,} found, {small:.2f} s")
+        large, n_large, found_large = near_duplicate_seconds(10 * args.n, args.seed, config.dedupe)
+        print(f"near-duplicates at 10N: {n_large:,} records, {found_large:,} found, {large:.2f} s")
+        print(f"  time ratio 10N / N = {large / small:.2f}  (target <= 12)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Evaluation client throughput: N chat completions against `tuneline serve --latency MS` at concurrency C.
+
+The baseline is the ideal time of a perfectly concurrent client, N x latency / C (the latency is the
+server's injected delay per chat completion, awaited asynchronously, so C requests really overlap).
+Target: ratio = measured / ideal <= 1.25 for N=500, latency 200 ms, C=16.
+
+The requests go through the evaluate stage's own path (tasks/evaluate.py `ask_all`: bounded thread
+pool, per-request retries, a provider from tuneline/provider.py) to the built-in model. Every request is
+distinct (the eval set's questions, numbered), since `ask_all` sends identical requests only once.
+`--max-tokens` bounds generation so that the figure measures the client's concurrency rather than the
+CPU speed of the model; the time per request (injected latency included) is printed beside it.
+
+    .venv/bin/python benchmarks/evaluate.py [--requests 500] [--concurrency 16] [--latency-ms 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tasks.evaluate import ChatRequest, ask_all, load_eval_set
+from tuneline.config import load_config
+from tuneline.provider import connect
+from tuneline.server.launcher import start_server
+
+
+def requests_for(n: int, model: str, eval_set: str) -> list[ChatRequest]:
+    items = load_eval_set("task", eval_set).items
+    requests = []
+    for number in range(n):
+        item = items[number % len(items)]
+        *context, last = item.messages
+        numbered = {**last, "content": f"{last['content']} (ticket {number})"}
+        requests.append(ChatRequest(model, (*context, numbered)))
+    return requests
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--latency-ms", type=float, default=200.0)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--target", type=float, default=1.25)
+    args = parser.parse_args()
+
+    key = secrets.token_urlsafe(16)
+    with tempfile.TemporaryDirectory(prefix="tuneline-bench-") as state:
+        with start_server(Path(state), api_key=key, latency_ms=args.latency_ms) as server:
+            config = load_config(
+                None,
+                overrides={
+                    "provider.kind": "compatible",
+                    "provider.base_url": server.base_url,
+                    "evaluation.concurrency": args.concurrency,
+                    "evaluation.max_tokens": args.max_tokens,
+                },
+            )
+            requests = requests_for(args.requests, config.model.base, config.data.eval_set)
+            with connect(config, api_key=key) as provider:
+                ask_all(provider, requests[:1], config.evaluation)  # loads the model: not timed
+                started = time.perf_counter()
+                answers = ask_all(provider, requests, config.evaluation)
+                elapsed = time.perf_counter() - started
+        unanswered = sum(a.error is not None for a in answers)
+        per_request = [a.latency_s for a in answers]
+
+    ideal = args.requests * args.latency_ms / 1000 / args.concurrency
+    ratio = elapsed / ideal
+    print(
+        f"{args.requests} requests, concurrency {args.concurrency}, server latency {args.latency_ms:g} ms, "
+        f"max_tokens {args.max_tokens}"
+    )
+    print(f"measured {elapsed:.2f} s; ideal {ideal:.2f} s (N x latency / C); {unanswered} unanswered")
+    print(
+        f"per request: median {statistics.median(per_request) * 1000:.0f} ms, "
+        f"p99 {sorted(per_request)[int(0.99 * (len(per_request) - 1))] * 1000:.0f} ms "
+        f"(of which {args.latency_ms:g} ms injected)"
+    )
+    print(
+        f"ratio measured/ideal = {ratio:.3f} (target <= {args.target:g}): {'MET' if ratio <= args.target else 'MISSED'}"
+    )
+    return 0 if ratio <= args.target and not unanswered else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

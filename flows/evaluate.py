@@ -1,0 +1,68 @@
+"""The `evaluate` flow (`tuneline evaluate --model ID`) and the evaluate -> promote tail of `retrain`.
+
+- `evaluate` scores any model id against the base model (zero-shot and few-shot) and the current
+  champion, in an MLflow run of its own; it never promotes anything.
+- `evaluate_and_promote` runs inside a retrain flow run, on the provider the run already holds and in
+  its MLflow run: evaluate, then the gate decides. A rejection is a decision (returned), not a failure;
+  only a failure (unknown model, refused key, a champion that moved meanwhile) raises, and then no
+  alias has moved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect import runtime as prefect_runtime
+
+from tasks.evaluate import EvaluationResult, evaluate_task
+from tasks.promote import Candidate, PromotionOutcome, promote_task
+from tuneline import provider as providers
+from tuneline import tracking
+from tuneline.config import Config, load_config
+
+
+def evaluate_and_promote(
+    config: Config, provider: providers.Provider, run_id: str, candidate: Candidate, train_file: str | None
+) -> PromotionOutcome:
+    """evaluate -> promote for a candidate trained in this flow run (see the module docstring)."""
+    result = evaluate_task(config, provider, candidate.model_id, run_id, train_file)
+    outcome = promote_task(config, result, candidate, run_id)
+    print(outcome.decision.summary())
+    return outcome
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(model: str, config: str | None = None, train_file: str | None = None) -> EvaluationResult:
+    """Evaluate `model` alone (no promotion) in a new MLflow run tagged with this flow run."""
+    settings = load_config(config)
+    logger = get_run_logger()
+    run_id = tracking.start_run(
+        settings.tracking,
+        run_name=f"evaluate {model}",
+        tags={"tuneline.flow": "evaluate", "tuneline.candidate_model": model},
+    )
+    tracking.tag_flow_run(
+        settings.tracking,
+        run_id,
+        str(prefect_runtime.flow_run.id or ""),
+        str(prefect_runtime.flow_run.name or ""),
+    )
+    try:
+        with providers.connect(
+            settings, config_path=Path(config) if config else None, log=logger
+        ) as provider:
+            tracking.log_run_params(
+                settings.tracking,
+                run_id,
+                {"candidate_model": model, "base_model": settings.model.base, "provider_name": provider.name},
+            )
+            result = evaluate_task(settings, provider, model, run_id, train_file)
+    except BaseException as exc:
+        tracking.set_run_tags(settings.tracking, run_id, {"tuneline.failure": type(exc).__name__})
+        tracking.finish_run(
+            settings.tracking, run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED"
+        )
+        raise
+    tracking.finish_run(settings.tracking, run_id)
+    return result

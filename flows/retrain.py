@@ -1,0 +1,264 @@
+"""The `retrain` flow: prepare -> upload -> train, one MLflow run per flow run, the candidate model id out.
+
+Guarantees:
+- nothing is uploaded or paid for unless prepare published the data (gate passed, cost within the cap);
+- a rerun with the same data and training config uploads nothing and starts no job (see tasks/upload.py
+  and tasks/train.py), and a rerun after a crash reattaches to the job the crashed run started;
+- one MLflow run per flow run holds: provider, base model, requested and resolved hyperparameters, dataset
+  hash and dataset input, file ids, job id, fine-tuned model id, trained tokens, estimated and actual cost,
+  step metrics, the result file; tags link the Prefect flow run (id and name);
+- a failed job fails the flow run (and the MLflow run) with the job's error code and message, and no
+  candidate is returned. The API key never reaches a log, a param, a tag or an artifact.
+After train, evaluate -> promote (flows/evaluate.py) run on the same provider and MLflow run; a rejected
+candidate is a decision in `RetrainResult`, not a failure.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from openai.types.fine_tuning import FineTuningJob
+from prefect import flow, get_run_logger
+from prefect import runtime as prefect_runtime
+
+from flows.evaluate import evaluate_and_promote
+from flows.prepare import PrepareFailed, PrepareResult, prepare_dataset
+from tasks.promote import Candidate
+from tasks.train import (
+    TrainingFailed,
+    TrainingOutcome,
+    job_request,
+    resolved_hyperparameters,
+    train,
+    training_config_hash,
+)
+from tasks.upload import UploadedFiles, upload
+from tuneline import provider as providers
+from tuneline import tracking
+from tuneline.config import Config, load_config
+from tuneline.paths import resolve
+
+RUNS_DIR = ".tuneline/runs"  # per flow run: the prepared files (train.jsonl, manifest.json, ...)
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """What a retrain run produced; `candidate_model` is None for a dry run."""
+
+    mlflow_run_id: str
+    export_dir: str
+    dataset_hash: str
+    estimated_cost_usd: float | None
+    candidate_model: str | None = None
+    fine_tuned_model: str | None = None
+    job_id: str | None = None
+    training_file_id: str | None = None
+    validation_file_id: str | None = None
+    trained_tokens: int | None = None
+    actual_cost_usd: float | None = None
+    # The gate's decision on the candidate (None for a dry run): see flows/evaluate.py.
+    promoted: bool | None = None
+    champion_version: str | None = None
+    decision: dict[str, Any] | None = None
+
+
+def run_config(config_path: str | None, as_of: str | None) -> Config:
+    return load_config(config_path, overrides={"data.as_of": as_of} if as_of else None)
+
+
+def prepare_data(config: Config, export_dir: Path, mlflow_run_id: str) -> PrepareResult:
+    """The data plane as tasks of this flow run, logged into this run's MLflow run; stops the run (with
+    the expectation or cap that failed) when nothing may be uploaded."""
+    prepared = prepare_dataset(config, out_dir=export_dir, mlflow_run_id=mlflow_run_id)
+    # prepare tags the run it logs into as its own; this run is a retrain run that holds prepare's data.
+    tracking.set_run_tags(config.tracking, mlflow_run_id, {"tuneline.flow": "retrain"})
+    if not prepared.published:
+        raise PrepareFailed(prepared)
+    return prepared
+
+
+def requested_params(config: Config) -> dict[str, Any]:
+    training = config.training
+    return {
+        "provider": config.provider.kind,
+        "base_model": config.model.base,
+        "method": "supervised",
+        **{
+            f"hyperparameters.requested.{k}": v
+            for k, v in training.hyperparameters.model_dump(mode="json").items()
+        },
+        "suffix": training.suffix,
+        "seed": training.seed,
+        "choose_best_checkpoint": training.choose_best_checkpoint,
+        "training_config_hash": training_config_hash(config),
+    }
+
+
+def log_prepared(config: Config, run_id: str, manifest: dict[str, Any]) -> None:
+    """Beside what prepare logs (counts, dataset input, manifest): the full hash and the cost estimate."""
+    tracking.log_run_params(config.tracking, run_id, {"dataset_hash": manifest["dataset_hash"]})
+    estimated = (manifest.get("cost") or {}).get("estimated_cost_usd")
+    if isinstance(estimated, int | float):
+        tracking.log_run_metrics(config.tracking, run_id, {"estimated_cost_usd": estimated})
+
+
+def log_uploaded(config: Config, run_id: str, files: UploadedFiles) -> None:
+    params = {"training_file_id": files.training.file_id, "training_file_reused": files.training.reused}
+    if files.validation is not None:
+        params |= {
+            "validation_file_id": files.validation.file_id,
+            "validation_file_reused": files.validation.reused,
+        }
+    tracking.log_run_params(config.tracking, run_id, params)
+    tracking.log_run_metrics(config.tracking, run_id, {"files_uploaded": files.uploaded_count})
+
+
+def job_logger(config: Config, run_id: str) -> Any:
+    """Logs the job id as soon as it is known and the resolved hyperparameters once the job has them."""
+
+    def on_job(job: FineTuningJob) -> None:
+        params: dict[str, Any] = {"job_id": job.id}
+        params |= {f"hyperparameters.resolved.{k}": v for k, v in resolved_hyperparameters(job).items()}
+        tracking.log_run_params(config.tracking, run_id, params)
+
+    return on_job
+
+
+def log_trained(config: Config, run_id: str, outcome: TrainingOutcome) -> None:
+    tracking.log_run_params(
+        config.tracking,
+        run_id,
+        {
+            "job_id": outcome.job_id,
+            "job_reattached": outcome.reattached,
+            "fine_tuned_model": outcome.fine_tuned_model,
+            "candidate_model": outcome.candidate.model,
+            "candidate_source": outcome.candidate.source,
+            "candidate_step": outcome.candidate.step,
+            "result_file_id": outcome.result_file_id,
+            **{f"hyperparameters.resolved.{k}": v for k, v in outcome.resolved_hyperparameters.items()},
+        },
+    )
+    metrics = {"trained_tokens": outcome.trained_tokens, "actual_cost_usd": outcome.actual_cost_usd}
+    tracking.log_run_metrics(config.tracking, run_id, {k: v for k, v in metrics.items() if v is not None})
+    tags = {"tuneline.candidate_model": outcome.candidate.model}
+    if outcome.overfitting_warning:
+        tags["tuneline.overfitting"] = outcome.overfitting_warning
+    tracking.set_run_tags(config.tracking, run_id, tags)
+    tracking.log_run_artifact(
+        config.tracking, run_id, json.dumps(outcome.checkpoints, indent=2), "training/checkpoints.json"
+    )
+    if outcome.result_csv is not None:
+        tracking.log_run_artifact(config.tracking, run_id, outcome.result_csv, "training/results.csv")
+
+
+def train_candidate(
+    config: Config, config_path: str | None, *, dry_run: bool, run_id: str, out_dir: str | None = None
+) -> RetrainResult:
+    """prepare -> upload -> train inside an open MLflow run; the part of `retrain` later stages build on."""
+    logger = get_run_logger()
+    export_dir = Path(out_dir) if out_dir else resolve(RUNS_DIR) / str(prefect_runtime.flow_run.id or "local")
+    tracking.log_run_params(config.tracking, run_id, requested_params(config))
+    manifest = prepare_data(config, export_dir, run_id).manifest
+    estimated = (manifest.get("cost") or {}).get("estimated_cost_usd")
+    dataset_hash = manifest["dataset_hash"]
+    log_prepared(config, run_id, manifest)
+    result = RetrainResult(run_id, str(export_dir), dataset_hash, estimated)
+    if dry_run:
+        logger.info("dry run: stopping after prepare; estimated training cost %s USD", estimated)
+        return result
+    api_key = _secret_block_key(config)
+    with providers.connect(config, config_path=_path(config_path), api_key=api_key, log=logger) as provider:
+        tracking.log_run_params(config.tracking, run_id, {"provider_name": provider.name})
+        files = upload(provider, export_dir, dataset_hash, config.provider)
+        log_uploaded(config, run_id, files)
+        request = job_request(
+            config,
+            dataset_hash=dataset_hash,
+            training_file=files.training.file_id,
+            validation_file=files.validation.file_id if files.validation else None,
+        )
+        outcome = train(provider, config, request, run_id, job_logger(config, run_id))
+        log_trained(config, run_id, outcome)
+        logger.info("candidate model: %s", outcome.candidate.model)
+        # Evaluated on the same provider connection; a rejection is returned, only a failure raises.
+        promotion = evaluate_and_promote(
+            config,
+            provider,
+            run_id,
+            Candidate(outcome.candidate.model, provider.name, config.model.base, dataset_hash, outcome.job_id),
+            train_file=str(export_dir / "train.jsonl"),
+        )
+    return RetrainResult(
+        mlflow_run_id=run_id,
+        export_dir=str(export_dir),
+        dataset_hash=dataset_hash,
+        estimated_cost_usd=estimated,
+        candidate_model=outcome.candidate.model,
+        fine_tuned_model=outcome.fine_tuned_model,
+        job_id=outcome.job_id,
+        training_file_id=files.training.file_id,
+        validation_file_id=files.validation.file_id if files.validation else None,
+        trained_tokens=outcome.trained_tokens,
+        actual_cost_usd=outcome.actual_cost_usd,
+        promoted=promotion.decision.promoted,
+        champion_version=promotion.champion,
+        decision=promotion.decision.as_dict(),
+    )
+
+
+def _path(config_path: str | None) -> Path | None:
+    return Path(config_path) if config_path else None
+
+
+def _secret_block_key(config: Config) -> str | None:
+    """The key from the configured Prefect Secret block, or None to use the environment variable."""
+    name = config.provider.api_key_secret_block
+    if not name:
+        return None
+    from prefect.blocks.system import Secret
+
+    secret = cast(Secret, Secret.load(name))  # synchronous in a sync flow
+    return str(secret.get())
+
+
+def start_tracking(config: Config, *, dry_run: bool) -> str:
+    """The flow run's MLflow run, tagged with the Prefect flow run id and name."""
+    flow_run_id = str(prefect_runtime.flow_run.id or "")
+    flow_run_name = str(prefect_runtime.flow_run.name or "")
+    run_id = tracking.start_run(
+        config.tracking,
+        run_name=f"retrain {config.data.as_of or 'today'} {flow_run_name}".strip(),
+        tags={"tuneline.flow": "retrain", "tuneline.dry_run": str(dry_run).lower()},
+    )
+    tracking.tag_flow_run(config.tracking, run_id, flow_run_id, flow_run_name)
+    return run_id
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    config_path: str | None = None,
+    as_of: str | None = None,
+    dry_run: bool = False,
+    out_dir: str | None = None,
+) -> RetrainResult:
+    """prepare -> upload -> train; returns the candidate model id and the MLflow run id (see module doc)."""
+    config = run_config(config_path, as_of)
+    run_id = start_tracking(config, dry_run=dry_run)
+    try:
+        result = train_candidate(config, config_path, dry_run=dry_run, run_id=run_id, out_dir=out_dir)
+    except BaseException as exc:
+        # A cancelled or interrupted flow run is KILLED in MLflow; a failure says why in a tag.
+        failure = {"tuneline.failure": getattr(exc, "code", None) or type(exc).__name__}
+        if isinstance(exc, TrainingFailed):
+            failure["tuneline.job_id"] = exc.job_id
+        tracking.set_run_tags(config.tracking, run_id, failure)
+        tracking.finish_run(
+            config.tracking, run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED"
+        )
+        raise
+    tracking.finish_run(config.tracking, run_id)
+    return result

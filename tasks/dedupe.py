@@ -1,0 +1,442 @@
+"""Dedupe: credentials, PII, eval leakage, exact and near duplicates, and contradictions.
+
+Guarantees of `dedupe` (DATA_CONTRACT.md):
+- it returns a new frame with the same rows in the same order; only rows still kept on entry are
+  looked at, and a row is never dropped: it is quarantined with `records.quarantine`, so a row
+  already quarantined keeps its first reason;
+- the rules run in the contract's order, each on the rows the earlier ones kept:
+  1. `secret_detected`: a credential in any text of the example (tuneline/secrets.py);
+     PII (emails, phone numbers) by `dedupe.pii`: allow (kept as is), redact (kept; `example` becomes a
+     new dict with [email]/[phone] in place; the input's objects are never modified), quarantine
+     (`pii_detected`);
+  2. `eval_leakage`: the normalised prompt equals, or has word-shingle Jaccard >= leakage_threshold
+     with, the normalised prompt of an eval example; detail names the eval example;
+  3. `exact_duplicate`: the same normalised example as an earlier record;
+  4. `near_duplicate`: word-shingle Jaccard >= near_duplicate_threshold with an earlier kept record;
+  5. `contradiction`: the same normalised prompt as another kept record with a different normalised
+     answer, resolved by `dedupe.contradictions` (keep-latest | keep-majority | quarantine-all);
+- "earlier" and "latest" mean the (partition, source, line) order; `duplicate_of` is the record_id of
+  the record kept in a duplicate's place (for contradictions: the record it contradicts);
+- columns `normalized_prompt` and `normalized_answer` (tuneline/normalize.py) are set on every row
+  that was kept when the duplicate rules began, null elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tuneline import records
+from tuneline.config import DedupeConfig
+from tuneline.formats import example_texts, prompt_and_answer
+from tuneline.near_duplicates import (
+    Documents,
+    TextTable,
+    find_exact_duplicates,
+    find_matches,
+    find_near_duplicates,
+)
+from tuneline.normalize import Normalizer, example_turns
+from tuneline.secrets import find_secrets_and_pii, redact_example
+
+SECRET_DETECTED = "secret_detected"
+PII_DETECTED = "pii_detected"
+EVAL_LEAKAGE = "eval_leakage"
+EXACT_DUPLICATE = "exact_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+CONTRADICTION = "contradiction"
+REASONS = (SECRET_DETECTED, PII_DETECTED, EVAL_LEAKAGE, EXACT_DUPLICATE, NEAR_DUPLICATE, CONTRADICTION)
+
+NORMALIZED_PROMPT = "normalized_prompt"
+NORMALIZED_ANSWER = "normalized_answer"
+
+_PII_NAMES = {"email": "an email address", "phone": "a phone number"}
+
+log = logging.getLogger(__name__)
+
+
+def record_order(frame: pd.DataFrame) -> np.ndarray:
+    """Each row's rank in (partition, source, line) order: the order "earlier" and "latest" refer to."""
+    if not len(frame):
+        return np.zeros(0, dtype=np.int64)
+    partition = pd.factorize(frame[records.PARTITION].fillna("").astype(str), sort=True)[0]
+    source = pd.factorize(frame[records.SOURCE].fillna("").astype(str), sort=True)[0]
+    line = frame[records.LINE].to_numpy(dtype=np.int64)
+    order = np.lexsort((np.arange(len(frame)), line, source, partition))
+    rank = np.empty(len(frame), dtype=np.int64)
+    rank[order] = np.arange(len(frame))
+    return rank
+
+
+class _Stage:
+    """The frame being deduplicated, and how a rule quarantines positions of it."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.n = len(frame)
+        self.record_id = frame[records.RECORD_ID].to_numpy(dtype=object)
+        self.line = frame[records.LINE].to_numpy()
+        self.source = frame[records.SOURCE].to_numpy(dtype=object)
+
+    def kept(self) -> np.ndarray:
+        return np.flatnonzero(records.kept_mask(self.frame).to_numpy())
+
+    def quarantine(
+        self,
+        positions: np.ndarray | Sequence[int],
+        reason: str,
+        details: Sequence[str],
+        duplicate_of: np.ndarray | Sequence[int] | None = None,
+    ) -> int:
+        """Quarantine rows by position; `details` and `duplicate_of` (positions) go with them."""
+        rows = np.asarray(positions, dtype=np.int64)
+        if not len(rows):
+            return 0
+        mask = np.zeros(self.n, dtype=bool)
+        mask[rows] = True
+        aligned = np.full(self.n, None, dtype=object)
+        aligned[rows] = list(details)
+        others = None
+        if duplicate_of is not None:
+            others = np.full(self.n, None, dtype=object)
+            others[rows] = self.record_id[np.asarray(duplicate_of, dtype=np.int64)]
+        return records.quarantine(
+            self.frame, mask, reason, list(aligned), None if others is None else list(others)
+        )
+
+    def describe(self, position: int) -> str:
+        return f"record {self.record_id[position]} (line {self.line[position]} of {self.source[position]})"
+
+
+def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig) -> pd.DataFrame:
+    """The frame with the dedupe rules applied (see the module docstring for the guarantees)."""
+    out = frame.copy()
+    stage = _Stage(out)
+    rank = record_order(out)
+    examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)
+
+    _credentials_and_pii(stage, examples, config)
+    out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
+
+    positions = stage.kept()
+    table = TextTable()
+    documents, prompts, answers = normalized_documents(examples[positions], table)
+    prompt_column = np.full(stage.n, None, dtype=object)
+    answer_column = np.full(stage.n, None, dtype=object)
+    prompt_column[positions] = prompts
+    answer_column[positions] = answers
+    out[NORMALIZED_PROMPT] = pd.Series(prompt_column, index=out.index, dtype=object)
+    out[NORMALIZED_ANSWER] = pd.Series(answer_column, index=out.index, dtype=object)
+    # Index into `positions` (and `documents`) of the records each rule still has to look at.
+    alive = np.ones(len(positions), dtype=bool)
+
+    alive &= ~_eval_leakage(stage, positions, prompts, table, eval_examples, config)
+    alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
+    alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config)
+    _contradictions(stage, positions, prompts, answers, rank, alive, config)
+    log.info("dedupe: %s", records.counts_by_reason(out))
+    return out
+
+
+def _credentials_and_pii(stage: _Stage, examples: np.ndarray, config: DedupeConfig) -> None:
+    """Rule 1: credentials, then PII by policy (redaction writes new dicts into `examples`)."""
+    positions = stage.kept()
+    distinct, text_of, owner_of = _texts_of(examples[positions])
+    secrets, pii = find_secrets_and_pii(distinct)
+    first_finding: dict[int, str] = {}
+    for occurrence in np.flatnonzero(np.isin(text_of, list(secrets))).tolist():
+        first_finding.setdefault(int(owner_of[occurrence]), str(secrets[int(text_of[occurrence])]))
+    flagged = sorted(first_finding)
+    stage.quarantine(
+        positions[flagged],
+        SECRET_DETECTED,
+        [
+            f"contains what looks like a credential: {first_finding[k]}; "
+            "remove it from the source data (and revoke it)"
+            for k in flagged
+        ],
+    )
+    if config.pii == "allow":
+        return
+    kinds_by_record: dict[int, set[str]] = {}
+    for occurrence in np.flatnonzero(np.isin(text_of, list(pii))).tolist():
+        owner = int(owner_of[occurrence])
+        if owner not in first_finding:
+            kinds_by_record.setdefault(owner, set()).update(pii[int(text_of[occurrence])])
+    found = sorted(kinds_by_record)
+    if config.pii == "quarantine":
+        stage.quarantine(
+            positions[found],
+            PII_DETECTED,
+            [
+                f"contains {' and '.join(_PII_NAMES[k] for k in sorted(kinds_by_record[i]))} "
+                "(dedupe.pii: quarantine); remove it from the source data, or set dedupe.pii: redact"
+                for i in found
+            ],
+        )
+        return
+    for index in found:
+        examples[positions[index]] = redact_example(examples[positions[index]])
+
+
+def _texts_of(examples: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The distinct free texts of the examples (a text shared by many, like the system prompt, is
+    scanned once), and for each occurrence of a text, in order: which distinct text, which example."""
+    distinct: dict[str, int] = {}
+    text_of: list[int] = []
+    owner_of: list[int] = []
+    for index, example in enumerate(examples):
+        for text in example_texts(example):
+            found = distinct.get(text)
+            if found is None:
+                found = distinct[text] = len(distinct)
+            text_of.append(found)
+            owner_of.append(index)
+    return list(distinct), np.asarray(text_of, dtype=np.int64), np.asarray(owner_of, dtype=np.int64)
+
+
+def normalized_documents(
+    examples: Sequence[dict[str, Any]], table: TextTable
+) -> tuple[Documents, list[str], list[str]]:
+    """The normalised example of each record as Documents (parts: each turn's role and text), and its
+    normalised prompt and answer."""
+    normalize = Normalizer()
+    ids: dict[str, int] = {}  # raw text -> id of its normalised text in the table (-1: empty)
+    intern, texts = table.intern, table.texts
+    parts: list[int] = []
+    offsets = [0]
+    prompts: list[str] = []
+    answers: list[str] = []
+
+    def text_id(raw: str) -> int:
+        normalized = normalize(raw)
+        found = ids[raw] = intern(normalized) if normalized else -1
+        return found
+
+    def normalized(raw: str) -> str:
+        # A single-turn prompt is the user's text itself, and the answer the assistant's: seen already.
+        found = ids.get(raw)
+        if found is None:
+            return normalize(raw)
+        return texts[found] if found >= 0 else ""
+
+    for example in examples:
+        for role, text in example_turns(example):
+            found = ids.get(role)
+            if found is None:
+                found = text_id(role)
+            if found >= 0:
+                parts.append(found)
+            found = ids.get(text)
+            if found is None:
+                found = text_id(text)
+            if found >= 0:
+                parts.append(found)
+        offsets.append(len(parts))
+        prompt, answer = prompt_and_answer(example)
+        prompts.append(normalized(prompt))
+        answers.append(normalized(answer))
+    documents = Documents(table, np.asarray(parts, dtype=np.int64), np.asarray(offsets, dtype=np.int64))
+    return documents, prompts, answers
+
+
+def _eval_prompts(eval_examples: Sequence[Any]) -> tuple[list[str], list[int]]:
+    """Normalised prompts of the eval examples that have one, and their 1-based position in the set."""
+    normalize = Normalizer()
+    prompts: list[str] = []
+    numbers: list[int] = []
+    for number, example in enumerate(eval_examples, start=1):
+        try:
+            prompt = normalize(prompt_and_answer(example)[0])
+        except (AttributeError, IndexError, KeyError, TypeError):
+            continue  # not a training-shaped line: it has no prompt to leak
+        if prompt:
+            prompts.append(prompt)
+            numbers.append(number)
+    return prompts, numbers
+
+
+def _eval_leakage(
+    stage: _Stage,
+    positions: np.ndarray,
+    prompts: list[str],
+    table: TextTable,
+    eval_examples: Sequence[Any],
+    config: DedupeConfig,
+) -> np.ndarray:
+    """Rule 2; returns which of `positions` it quarantined."""
+    leaked = np.zeros(len(positions), dtype=bool)
+    eval_prompts, numbers = _eval_prompts(eval_examples)
+    if not eval_prompts or not len(positions):
+        return leaked
+    matches = find_matches(
+        Documents.of_texts(prompts, table),
+        Documents.of_texts(eval_prompts, table),
+        threshold=config.leakage_threshold,
+        shingle_size=config.shingle_size,
+    )
+    found = np.flatnonzero(matches.reference >= 0)
+    details = []
+    for index in found.tolist():
+        number = numbers[int(matches.reference[index])]
+        value = float(matches.similarity[index])
+        how = (
+            "equals"
+            if value >= 1.0 and prompts[index] == eval_prompts[int(matches.reference[index])]
+            else f"is a near-duplicate (word-shingle Jaccard {value:.3f} >= {config.leakage_threshold}) of"
+        )
+        details.append(
+            f"the normalised prompt {how} the prompt of eval example {number} of the eval set; "
+            "keep it out of the training data (or out of the eval set)"
+        )
+    stage.quarantine(positions[found], EVAL_LEAKAGE, details)
+    leaked[found] = True
+    return leaked
+
+
+def _exact_duplicates(
+    stage: _Stage, positions: np.ndarray, documents: Documents, rank: np.ndarray, alive: np.ndarray
+) -> np.ndarray:
+    """Rule 3; returns which of `positions` it quarantined."""
+    duplicated = np.zeros(len(positions), dtype=bool)
+    considered = np.flatnonzero(alive)
+    first = find_exact_duplicates(documents.subset(considered), rank[positions[considered]])
+    found = np.flatnonzero(first >= 0)
+    originals = positions[considered[first[found]]]
+    rows = positions[considered[found]]
+    stage.quarantine(
+        rows,
+        EXACT_DUPLICATE,
+        [f"the same normalised example as {stage.describe(o)}, which is kept" for o in originals.tolist()],
+        originals.tolist(),
+    )
+    duplicated[considered[found]] = True
+    return duplicated
+
+
+def _near_duplicates(
+    stage: _Stage,
+    positions: np.ndarray,
+    documents: Documents,
+    rank: np.ndarray,
+    alive: np.ndarray,
+    config: DedupeConfig,
+) -> np.ndarray:
+    """Rule 4; returns which of `positions` it quarantined."""
+    duplicated = np.zeros(len(positions), dtype=bool)
+    considered = np.flatnonzero(alive)
+    result = find_near_duplicates(
+        documents.subset(considered),
+        rank[positions[considered]],
+        threshold=config.near_duplicate_threshold,
+        num_perm=config.num_perm,
+        shingle_size=config.shingle_size,
+    )
+    found = np.flatnonzero(result.duplicate_of >= 0)
+    originals = positions[considered[result.duplicate_of[found]]]
+    stage.quarantine(
+        positions[considered[found]],
+        NEAR_DUPLICATE,
+        [
+            f"a near-duplicate of {stage.describe(o)}, which is kept: word {config.shingle_size}-shingle "
+            f"Jaccard {value:.3f} >= {config.near_duplicate_threshold}"
+            for o, value in zip(originals.tolist(), result.similarity[found].tolist(), strict=True)
+        ],
+        originals.tolist(),
+    )
+    log.debug(
+        "near duplicates: %d candidate pairs, %d compared, %d confirmed on the words",
+        result.candidates,
+        result.compared,
+        result.confirmed,
+    )
+    duplicated[considered[found]] = True
+    return duplicated
+
+
+def _contradictions(
+    stage: _Stage,
+    positions: np.ndarray,
+    prompts: list[str],
+    answers: list[str],
+    rank: np.ndarray,
+    alive: np.ndarray,
+    config: DedupeConfig,
+) -> None:
+    """Rule 5: groups of kept records with one normalised prompt and more than one normalised answer."""
+    considered = np.flatnonzero(
+        alive & np.fromiter((bool(p) for p in prompts), dtype=bool, count=len(prompts))
+    )
+    if len(considered) < 2:
+        return
+    prompt_codes = pd.factorize(np.asarray([prompts[i] for i in considered], dtype=object))[0]
+    answer_codes = pd.factorize(np.asarray([answers[i] for i in considered], dtype=object))[0]
+    pairs = pd.DataFrame({"prompt": prompt_codes, "answer": answer_codes})
+    distinct_answers = pairs.drop_duplicates().groupby("prompt").size()
+    contested = set(distinct_answers.index[distinct_answers.to_numpy() > 1].tolist())
+    if not contested:
+        return
+    groups: dict[int, list[int]] = {}
+    for k in np.flatnonzero(np.isin(prompt_codes, list(contested))).tolist():
+        groups.setdefault(int(prompt_codes[k]), []).append(k)
+    rows: list[int] = []
+    details: list[str] = []
+    others: list[int] = []
+    policy = config.contradictions
+    for members in groups.values():
+        members.sort(key=lambda k: rank[positions[considered[k]]])  # earliest first
+        answer_of = {k: int(answer_codes[k]) for k in members}
+        latest_with: dict[int, int] = {}  # answer -> the latest member giving it
+        count: dict[int, int] = {}
+        for k in members:
+            latest_with[answer_of[k]] = k
+            count[answer_of[k]] = count.get(answer_of[k], 0) + 1
+        if policy == "quarantine-all":
+            for k in members:
+                other = max(
+                    (m for m in members if answer_of[m] != answer_of[k]),
+                    key=lambda m: rank[positions[considered[m]]],
+                )
+                rows.append(k)
+                others.append(other)
+                details.append(
+                    f"the same prompt as {stage.describe(positions[considered[other]])}, with a different "
+                    "answer (dedupe.contradictions: quarantine-all); fix the answers in the source data"
+                )
+            continue
+        if policy == "keep-latest":
+            winner = members[-1]
+            why = "the latest answer is kept (dedupe.contradictions: keep-latest)"
+        else:
+            # Most frequent answer; a tie goes to the answer given latest.
+            best = max(count, key=lambda a: (count[a], rank[positions[considered[latest_with[a]]]]))
+            winner = latest_with[best]
+            why = f"the most frequent answer ({count[best]} of {len(members)}) is kept (dedupe.contradictions: keep-majority)"
+        for k in members:
+            if answer_of[k] != answer_of[winner]:
+                rows.append(k)
+                others.append(winner)
+                details.append(
+                    f"the same prompt as {stage.describe(positions[considered[winner]])} with a different "
+                    f"answer; {why}"
+                )
+    stage.quarantine(
+        positions[considered[rows]],
+        CONTRADICTION,
+        details,
+        positions[considered[others]].tolist(),
+    )
+
+
+@task(name="dedupe", cache_policy=NO_CACHE, persist_result=False)
+def dedupe_task(
+    frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig
+) -> pd.DataFrame:
+    """Prefect wrapper of dedupe."""
+    return dedupe(frame, eval_examples, config)

@@ -1,0 +1,403 @@
+"""Export: the kept records as canonical JSONL training and validation files, quarantine.jsonl and a manifest.
+
+Guarantees:
+- the train/validation side of an example is a pure function of its normalised prompt and answer (the
+  forms dedupe compares: NFKC, casefold, punctuation removed, whitespace collapsed): stable across
+  runs, input order and file layout, and one question with one answer is always on one side;
+- lines are canonical JSON (sorted keys, separators "," and ":", UTF-8 unescaped), one per example,
+  ordered by the same hash, so the same examples always give the same bytes;
+- dataset_hash = sha256(train bytes + b"\\0" + validation bytes);
+- a share (export.general_mix_fraction) of the training file is general data from data.general_corpus,
+  chosen deterministically, as a guard against forgetting; it never enters the validation file;
+- every input record ends in exactly one place: input_records == kept + quarantined, the per-reason
+  counts sum to quarantined, and kept == train - general_mixed + validation;
+- nothing is published (train/validation files are not written) when the gate failed or the cost
+  estimate is over cost.max_estimated_cost_usd; the manifest, quarantine and report still are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tuneline import records, tokens
+from tuneline.config import Config
+from tuneline.normalize import Normalizer, normalized_prompt_and_answer
+
+TRAIN_FILE = "train.jsonl"
+VALIDATION_FILE = "validation.jsonl"
+QUARANTINE_FILE = "quarantine.jsonl"
+MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.html"
+
+N_TOKENS = "n_tokens"  # added by validate
+N_ASSISTANT_TOKENS = "n_assistant_tokens"
+TRUNCATED = "truncated"
+NORMALIZED_PROMPT = "normalized_prompt"  # added by dedupe
+NORMALIZED_ANSWER = "normalized_answer"
+QUARANTINE_FIELDS = (
+    records.RECORD_ID,
+    records.SOURCE,
+    records.PARTITION,
+    records.LINE,
+    records.REASON,
+    records.DETAIL,
+    records.DUPLICATE_OF,
+    records.RAW,
+)
+
+
+def canonical_line(example: Any) -> bytes:
+    """One training line: JSON with sorted keys, no spaces, UTF-8 unescaped, newline-terminated."""
+    return orjson.dumps(example, option=orjson.OPT_SORT_KEYS) + b"\n"
+
+
+def split_key(example: dict[str, Any], normalizer: Normalizer | None = None) -> bytes:
+    """sha256 of the normalised example's prompt and answer (tuneline/normalize.py, the forms dedupe
+    compares): case, width, punctuation and whitespace variants share one key, hence one side."""
+    return _key(*normalized_prompt_and_answer(example, normalizer))
+
+
+def _key(normalized_prompt: str, normalized_answer: str) -> bytes:
+    return hashlib.sha256(f"{normalized_prompt}\x1f{normalized_answer}".encode()).digest()
+
+
+def is_validation(key: bytes, validation_fraction: float) -> bool:
+    """The side of an example: its key read as a number in [0, 1) against the fraction."""
+    return int.from_bytes(key[:8], "big") < validation_fraction * 2**64
+
+
+@dataclass(frozen=True)
+class GeneralExamples:
+    """Valid general-data examples (already in the exported format) and their token counts."""
+
+    source: str
+    examples: list[dict[str, Any]]
+    n_tokens: list[int]
+    n_assistant_tokens: list[int]
+    rejected: int = 0  # lines of the corpus that broke a rule and are never mixed in
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the manifest says about the run beyond the data itself."""
+
+    as_of: str
+    config_hash: str
+    sources: list[dict[str, Any]]
+    partitions: list[str]
+    window: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    """The export, built in memory: files' lines, their hash, and the figures of the manifest."""
+
+    train_lines: list[bytes]
+    validation_lines: list[bytes]
+    quarantine_lines: list[bytes]
+    dataset_hash: str
+    counts: dict[str, Any]
+    tokens: dict[str, Any]
+    cost: dict[str, Any]
+    general_source: str | None = None
+    general_rejected: int = 0
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    published: bool
+    problems: list[str]
+    manifest: dict[str, Any]
+    out_dir: Path
+
+
+def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples | None = None) -> Dataset:
+    """Split, mix, serialise and hash; estimate tokens and cost. Pure: nothing is written."""
+    frame = frame.copy()
+    kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
+    examples = frame[records.EXAMPLE].to_numpy(dtype=object)
+    token_counts = _int_column(frame, N_TOKENS)
+    assistant_counts = _int_column(frame, N_ASSISTANT_TOKENS)
+
+    unserialisable: list[int] = []
+    train: list[tuple[bytes, bytes, int, int]] = []  # (order key, line, tokens, assistant tokens)
+    validation: list[tuple[bytes, bytes, int, int]] = []
+    fraction = config.export.validation_fraction
+    normalizer = Normalizer()
+    # Dedupe leaves the normalised forms in the frame: reusing them saves normalising every example again.
+    prompts = _column(frame, NORMALIZED_PROMPT)
+    answers = _column(frame, NORMALIZED_ANSWER)
+    for position in kept_positions:
+        try:
+            line = canonical_line(examples[position])
+        except (TypeError, orjson.JSONEncodeError):
+            unserialisable.append(int(position))
+            continue
+        prompt, answer = prompts[position], answers[position]
+        if isinstance(prompt, str) and isinstance(answer, str):
+            key = _key(prompt, answer)
+        else:
+            key = split_key(examples[position], normalizer)
+        side = validation if is_validation(key, fraction) else train
+        side.append((key, line, int(token_counts[position]), int(assistant_counts[position])))
+    if unserialisable:
+        mask = np.zeros(len(frame), dtype=bool)
+        mask[unserialisable] = True
+        records.quarantine(frame, mask, "data_type", "the example holds a value JSON cannot represent")
+
+    task_tokens = [t[2] for t in train] + [v[2] for v in validation]
+    mixed = _general_mix(train, validation, general, config.export.general_mix_fraction)
+    train.extend(mixed)
+    train.sort()
+    validation.sort()
+    train_lines = [t[1] for t in train]
+    validation_lines = [v[1] for v in validation]
+    digest = hashlib.sha256()
+    for line in train_lines:
+        digest.update(line)
+    digest.update(b"\0")
+    for line in validation_lines:
+        digest.update(line)
+
+    kept = int(records.kept_mask(frame).sum())
+    by_reason = records.counts_by_reason(frame)
+    counts = {
+        "input_records": len(frame),
+        "kept": kept,
+        "quarantined": len(frame) - kept,
+        "quarantined_by_reason": by_reason,
+        "train": len(train_lines),
+        "validation": len(validation_lines),
+        "general_mixed": len(mixed),
+        "truncated": int(frame[TRUNCATED].sum()) if TRUNCATED in frame else 0,
+    }
+    limit = tokens.context_limit(
+        config.model.base, config.validation.context_limits, config.validation.default_context_limit
+    )
+    train_tokens = [t[2] for t in train]
+    token_stats = {
+        "encoding": tokens.encoding_name_for_model(config.model.base, config.model.tokenizer),
+        "context_limit": limit,
+        "train_total": int(sum(train_tokens)),
+        "train_assistant_total": int(sum(t[3] for t in train)),
+        "validation_total": int(sum(v[2] for v in validation)),
+        "general_total": int(sum(m[2] for m in mixed)),
+        "max_example": int(max(task_tokens, default=0)),
+        "mean_example": round(float(np.mean(task_tokens)), 2) if task_tokens else 0.0,
+        "p95_example": int(np.percentile(task_tokens, 95)) if task_tokens else 0,
+    }
+    estimate = tokens.estimate_cost(
+        train_tokens,
+        model=config.model.base,
+        limit=limit,
+        prices=config.cost.training_price_per_1m_tokens,
+        prices_as_of=config.cost.prices_as_of.isoformat(),
+        n_epochs=config.training.hyperparameters.n_epochs,
+    )
+    cap = config.cost.max_estimated_cost_usd
+    cost = {
+        **estimate.as_dict(),
+        "max_estimated_cost_usd": cap,
+        "within_cap": estimate.estimated_cost_usd is None or estimate.estimated_cost_usd <= cap,
+    }
+    return Dataset(
+        train_lines=train_lines,
+        validation_lines=validation_lines,
+        quarantine_lines=quarantine_lines(frame),
+        dataset_hash=digest.hexdigest(),
+        counts=counts,
+        tokens=token_stats,
+        cost=cost,
+        general_source=general.source if general else None,
+        general_rejected=general.rejected if general else 0,
+    )
+
+
+def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in frame:
+        return np.full(len(frame), None, dtype=object)
+    return frame[column].to_numpy(dtype=object)
+
+
+def _int_column(frame: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in frame:
+        return np.zeros(len(frame), dtype=np.int64)
+    return frame[column].astype("Int64").fillna(0).to_numpy(dtype=np.int64)
+
+
+def _general_mix(
+    train: list[tuple[bytes, bytes, int, int]],
+    validation: list[tuple[bytes, bytes, int, int]],
+    general: GeneralExamples | None,
+    fraction: float,
+) -> list[tuple[bytes, bytes, int, int]]:
+    """General examples making up `fraction` of the training file, the same ones for the same corpus."""
+    if general is None or fraction <= 0 or not train:
+        return []
+    wanted = round(len(train) * fraction / (1 - fraction))
+    task_lines = {t[1] for t in train} | {v[1] for v in validation}
+    pool: dict[bytes, tuple[bytes, bytes, int, int]] = {}
+    normalizer = Normalizer()
+    for example, n_tokens, n_assistant in zip(
+        general.examples, general.n_tokens, general.n_assistant_tokens, strict=True
+    ):
+        line = canonical_line(example)
+        if line not in task_lines:
+            key = split_key(example, normalizer)
+            pool.setdefault(key, (key, line, n_tokens, n_assistant))
+    return [pool[key] for key in sorted(pool)[:wanted]]
+
+
+def quarantine_lines(frame: pd.DataFrame) -> list[bytes]:
+    """One canonical JSON line per quarantined record, in frame order, with its original text."""
+    quarantined = frame.loc[~records.kept_mask(frame), list(QUARANTINE_FIELDS)]
+    columns = {name: quarantined[name].tolist() for name in QUARANTINE_FIELDS}
+    lines = []
+    for values in zip(*columns.values(), strict=True):
+        entry = {name: _plain(value) for name, value in zip(QUARANTINE_FIELDS, values, strict=True)}
+        lines.append(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n")
+    return lines
+
+
+def _plain(value: Any) -> Any:
+    # Missing values arrive as None, NaN or pd.NA depending on the column's dtype: all are null.
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def manifest(
+    dataset: Dataset, config: Config, context: RunContext, problems: Sequence[str], published: bool
+) -> dict[str, Any]:
+    """manifest.json (DATA_CONTRACT.md): hash, counts, tokens, cost, sources, partitions, config hash."""
+
+    def described(name: str, lines: list[bytes]) -> dict[str, Any]:
+        body = b"".join(lines)
+        return {
+            "path": name,
+            "lines": len(lines),
+            "bytes": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
+
+    files = {
+        "quarantine": described(QUARANTINE_FILE, dataset.quarantine_lines),
+        "report": {"path": REPORT_FILE},
+    }
+    if published:
+        files["train"] = described(TRAIN_FILE, dataset.train_lines)
+        files["validation"] = described(VALIDATION_FILE, dataset.validation_lines)
+    return {
+        "dataset_hash": dataset.dataset_hash,
+        "published": published,
+        "problems": list(problems),
+        "as_of": context.as_of,
+        "window": context.window,
+        "config_hash": context.config_hash,
+        "model": config.model.base,
+        "counts": dataset.counts,
+        "tokens": dataset.tokens,
+        "cost": dataset.cost,
+        "sources": context.sources,
+        "partitions": context.partitions,
+        "general": {
+            "source": dataset.general_source,
+            "mix_fraction": config.export.general_mix_fraction,
+            "mixed": dataset.counts["general_mixed"],
+            "rejected_lines": dataset.general_rejected,
+        },
+        "split": {
+            "validation_fraction": config.export.validation_fraction,
+            "key": "sha256(normalized prompt, normalized answer)",
+        },
+        "files": files,
+    }
+
+
+def cost_problem(dataset: Dataset) -> str | None:
+    """Why the cost estimate stops the run, or None."""
+    cost = dataset.cost
+    if cost["within_cap"]:
+        return None
+    return (
+        f"estimated training cost ${cost['estimated_cost_usd']:,.2f} ({cost['billed_tokens']:,} billed tokens, "
+        f"{cost['n_epochs']} epochs of {cost['model']} at ${cost['price_per_1m_tokens']}/1M) is over "
+        f"cost.max_estimated_cost_usd = ${cost['max_estimated_cost_usd']:,.2f} "
+        "(raise the cap, lower the epochs, or prepare less data)"
+    )
+
+
+def write_outputs(
+    dataset: Dataset, manifest_document: dict[str, Any], report_html: str, out_dir: Path, *, published: bool
+) -> None:
+    """Write the files atomically; without `published`, remove stale train/validation files instead."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(out_dir / QUARANTINE_FILE, dataset.quarantine_lines)
+    _write(out_dir / REPORT_FILE, [report_html.encode("utf-8")])
+    if published:
+        _write(out_dir / TRAIN_FILE, dataset.train_lines)
+        _write(out_dir / VALIDATION_FILE, dataset.validation_lines)
+    else:
+        # Files from an earlier run must not pass for this run's data.
+        for name in (TRAIN_FILE, VALIDATION_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    document = orjson.dumps(manifest_document, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
+    _write(out_dir / MANIFEST_FILE, [document])
+
+
+def _write(path: Path, chunks: list[bytes]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as handle:
+        handle.writelines(chunks)
+    tmp.replace(path)
+
+
+def export(
+    frame: pd.DataFrame,
+    config: Config,
+    context: RunContext,
+    out_dir: Path,
+    *,
+    gate_failures: Sequence[str],
+    report_html: str,
+    general: GeneralExamples | None = None,
+) -> ExportOutcome:
+    """Build the dataset, decide whether it may be published (gate passed, cost within the cap), write."""
+    dataset = build_dataset(frame, config, general)
+    problems = [f"gate: {failure}" for failure in gate_failures]
+    over_cap = cost_problem(dataset)
+    if over_cap:
+        problems.append(f"cost: {over_cap}")
+    published = not problems
+    document = manifest(dataset, config, context, problems, published)
+    write_outputs(dataset, document, report_html, out_dir, published=published)
+    return ExportOutcome(published, problems, document, out_dir)
+
+
+@task(name="export", cache_policy=NO_CACHE, persist_result=False)
+def export_task(
+    frame: pd.DataFrame,
+    config: Config,
+    context: RunContext,
+    out_dir: Path,
+    gate_failures: list[str],
+    report_html: str,
+    general: GeneralExamples | None = None,
+) -> ExportOutcome:
+    """Prefect wrapper of export."""
+    return export(
+        frame, config, context, out_dir, gate_failures=gate_failures, report_html=report_html, general=general
+    )

@@ -1,0 +1,236 @@
+"""promote: the gate decides whether the candidate replaces the champion; rollback moves it back.
+
+Guarantees:
+- the decision is made by tuneline/gate.py on figures measured in the same evaluation, every rule
+  is reported with its figures, and the decision is logged on the run (promotion/decision.json and
+  tags) whatever it is;
+- only a passed gate moves the `champion` alias: the candidate becomes an MLflow external model
+  (provider, model id, dataset hash, job id, eval metrics), registered as a new version; the version
+  that was champion gets the `previous` alias. A rejected or failed run never moves an alias;
+- if the champion moved while this run was evaluating, the run fails instead of replacing a model it
+  was never compared with;
+- `rollback` moves `champion` to `previous` (or to a given version), and `previous` to the version it
+  leaves (so a second rollback undoes the first); who, when and why are written on both versions' tags.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.evaluate import EvaluationResult, Role, SetName
+from tuneline import tracking
+from tuneline.config import Config, PromotionConfig, TrackingConfig
+from tuneline.gate import Decision, GateEvidence, ReferenceRole, decide
+from tuneline.metrics import paired_test
+from tuneline.tracking import CHAMPION, PREVIOUS, ModelVersionRecord, RegistryError
+
+DEFAULT_LOG = logging.getLogger("tuneline.promote")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the registry records about a candidate besides its scores."""
+
+    model_id: str
+    provider: str
+    base_model: str
+    dataset_hash: str | None = None
+    job_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    decision: Decision
+    version: str | None  # the new model version when promoted
+    champion: str | None  # the version holding `champion` after the decision
+
+
+@dataclass(frozen=True)
+class RollbackOutcome:
+    from_version: str
+    to_version: str
+    model_id: str
+
+
+def gate_evidence(result: EvaluationResult, promotion: PromotionConfig, seed: int = 0) -> GateEvidence:
+    """The gate's figures from an evaluation: the reference is the champion when one was evaluated,
+    the base model otherwise; the paired test runs on the primary metric over the task set."""
+    metric = promotion.primary_metric
+    reference: ReferenceRole = "champion" if "champion" in result.models else "base"
+    gated_roles: list[tuple[SetName, Role]] = [
+        ("task", "candidate"),
+        ("task", reference),
+        ("canary", "candidate"),
+        ("canary", "base"),
+    ]
+    few_shot = None
+    if "few_shot" in result.models:
+        few_shot = result.estimate("task", "few_shot", metric).mean
+        if promotion.beat_few_shot:
+            gated_roles.append(("task", "few_shot"))
+    samples = int(result.settings.get("bootstrap_samples", 1000))
+    return GateEvidence(
+        primary_metric=metric,
+        reference=reference,
+        reference_model=result.models[reference],
+        candidate_task=result.estimate("task", "candidate", metric).mean,
+        reference_task=result.estimate("task", reference, metric).mean,
+        paired=paired_test(
+            result.scores("task", "candidate", metric),
+            result.scores("task", reference, metric),
+            samples=samples,
+            seed=seed,
+        ),
+        candidate_canary=result.estimate("canary", "candidate", metric).mean,
+        base_canary=result.estimate("canary", "base", metric).mean,
+        few_shot_task=few_shot,
+        unanswered={
+            f"{role}/{set_name}": result.unanswered(set_name, role) for set_name, role in gated_roles
+        },
+    )
+
+
+def candidate_metrics(result: EvaluationResult) -> dict[str, float]:
+    """The candidate's own scores, as the registered model carries them (eval/<set>/<metric>)."""
+    return {
+        f"eval/{set_name}/{metric}": estimate.mean
+        for (set_name, role, metric), estimate in result.estimates.items()
+        if role == "candidate"
+    }
+
+
+def promote(
+    tracking_config: TrackingConfig,
+    promotion: PromotionConfig,
+    result: EvaluationResult,
+    candidate: Candidate,
+    run_id: str,
+    log: logging.Logger | logging.LoggerAdapter = DEFAULT_LOG,
+) -> PromotionOutcome:
+    """Decide, record the decision on the run, and move the aliases only when the gate passed."""
+    seed = int(result.settings.get("seed", 0))
+    decision = decide(gate_evidence(result, promotion, seed), promotion)
+    current = tracking.alias_version(tracking_config, CHAMPION)
+    current_version = current.version if current else None
+    if current_version != result.champion_version:
+        tracking.log_decision(
+            tracking_config,
+            run_id,
+            {**decision.as_dict(), "promoted": False, "aborted": "the champion moved during evaluation"},
+            {"tuneline.promotion": "aborted"},
+        )
+        raise RegistryError(
+            f"the champion of {tracking_config.registered_model!r} moved from version "
+            f"{result.champion_version or '(none)'} to {current_version or '(none)'} while this run was "
+            "evaluating; nothing was promoted: run again to compare with the new champion"
+        )
+    version: str | None = None
+    if decision.promoted:
+        record = register(tracking_config, result, candidate, run_id, decision)
+        version = record.version
+        if current is not None:
+            tracking.set_alias(tracking_config, PREVIOUS, current.version)
+        tracking.set_alias(tracking_config, CHAMPION, record.version)
+    tags = {
+        "tuneline.promotion": "promoted" if decision.promoted else "rejected",
+        "tuneline.promotion.reference": f"{decision.reference}:{decision.reference_model}",
+    }
+    if version is not None:
+        tags["tuneline.promotion.version"] = version
+    else:
+        tags["tuneline.promotion.reasons"] = "; ".join(r.rule for r in decision.failed_rules)[:5000]
+    tracking.log_decision(tracking_config, run_id, decision.as_dict(), tags)
+    log.info("%s", decision.summary())
+    if version is not None:
+        log.info(
+            "version %s of %r is now the champion (%s)%s",
+            version,
+            tracking_config.registered_model,
+            candidate.model_id,
+            f"; version {current.version} is `previous`" if current else "",
+        )
+    return PromotionOutcome(decision, version, version if version is not None else current_version)
+
+
+def register(
+    tracking_config: TrackingConfig,
+    result: EvaluationResult,
+    candidate: Candidate,
+    run_id: str,
+    decision: Decision,
+) -> ModelVersionRecord:
+    """The candidate as a registered external model version, carrying what it is and how it scored."""
+    facts = {
+        "provider": candidate.provider,
+        "model_id": candidate.model_id,
+        "base_model": candidate.base_model,
+        "dataset_hash": candidate.dataset_hash or "",
+        "job_id": candidate.job_id or "",
+    }
+    tags = {f"tuneline.{k}": v for k, v in facts.items() if k != "model_id"}
+    tags["tuneline.promoted_against"] = f"{decision.reference}:{decision.reference_model}"
+    return tracking.register_external_model(
+        tracking_config,
+        run_id,
+        candidate.model_id,
+        params=facts,
+        tags=tags,
+        metrics=candidate_metrics(result),
+    )
+
+
+def rollback(
+    tracking_config: TrackingConfig, to_version: str | None, by: str, reason: str, at: datetime
+) -> RollbackOutcome:
+    """Move `champion` to `to_version` (default: the `previous` version) and record who, when and why."""
+    champion = tracking.alias_version(tracking_config, CHAMPION)
+    name = tracking_config.registered_model
+    if champion is None:
+        raise RegistryError(f"registered model {name!r} has no champion: there is nothing to roll back")
+    if to_version is None:
+        target = tracking.alias_version(tracking_config, PREVIOUS)
+        if target is None:
+            versions = ", ".join(r.version for r in tracking.model_versions(tracking_config))
+            raise RegistryError(
+                f"registered model {name!r} has no `previous` version: pass --to VERSION (versions: {versions})"
+            )
+    else:
+        target = tracking.model_version(tracking_config, to_version)
+    if target.version == champion.version:
+        raise RegistryError(f"version {target.version} of {name!r} is already the champion: nothing to do")
+    when = at.isoformat(timespec="seconds")
+    tracking.set_version_tags(
+        tracking_config,
+        target.version,
+        {
+            "tuneline.rollback.by": by,
+            "tuneline.rollback.at": when,
+            "tuneline.rollback.reason": reason,
+            "tuneline.rollback.from_version": champion.version,
+        },
+    )
+    tracking.set_version_tags(
+        tracking_config,
+        champion.version,
+        {
+            "tuneline.demoted.by": by,
+            "tuneline.demoted.at": when,
+            "tuneline.demoted.reason": reason,
+            "tuneline.demoted.to_version": target.version,
+        },
+    )
+    tracking.set_alias(tracking_config, PREVIOUS, champion.version)
+    tracking.set_alias(tracking_config, CHAMPION, target.version)
+    return RollbackOutcome(champion.version, target.version, target.model_id)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(
+    config: Config, result: EvaluationResult, candidate: Candidate, run_id: str
+) -> PromotionOutcome:
+    return promote(config.tracking, config.promotion, result, candidate, run_id, log=get_run_logger())

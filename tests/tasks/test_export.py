@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import dedupe, export, ingest, validate
+from tuneline import records
+from tuneline.config import Config, load_config
+
+RUN = export.RunContext(
+    as_of="2025-03-10",
+    config_hash="c" * 64,
+    sources=[{"name": "s", "uri": "memory://x", "files": []}],
+    partitions=["2025-03-10"],
+)
+
+
+def config(**sections: dict[str, Any]) -> Config:
+    overrides = {
+        f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()
+    }
+    return load_config(overrides=overrides)
+
+
+BASE = config(export={"validation_fraction": 0.25, "general_mix_fraction": 0.0})
+
+
+def chat(i: int, question: str | None = None) -> dict[str, Any]:
+    return {
+        "messages": [
+            {"role": "user", "content": question or f"Question {i}: where is order {i * 7}?"},
+            {"role": "assistant", "content": f"Shipping: order {i * 7} ships today. ünïcode {i}"},
+        ]
+    }
+
+
+def prepared(lines: list[Any], cfg: Config = BASE) -> pd.DataFrame:
+    """Lines through the real ingest and validate stages."""
+    path = f"/export-{uuid.uuid4().hex}/part.jsonl"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(path, ("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n").encode())
+    try:
+        frame = ingest.read_files(
+            [ingest.InputFile("s", f"memory://{path}", "part.jsonl", "2025-03-10", "jsonl", None)], None
+        )
+    finally:
+        fs.rm(path)
+    return validate.validate(frame, cfg.model, cfg.validation)
+
+
+def test_canonical_lines() -> None:
+    example = {"b": 1, "a": {"z": "é", "y": [1, 2.5]}}
+    assert export.canonical_line(example) == (
+        json.dumps(example, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    )
+
+
+def test_split_is_stable_across_order_and_variants() -> None:
+    examples = [chat(i) for i in range(40)]
+    forward = export.build_dataset(prepared(examples), BASE)
+    backward = export.build_dataset(prepared(list(reversed(examples))), BASE)
+    assert forward.train_lines == backward.train_lines
+    assert forward.validation_lines == backward.validation_lines
+    assert forward.dataset_hash == backward.dataset_hash
+    assert 0 < len(forward.validation_lines) < 20  # about a quarter
+    # A case/whitespace/punctuation variant lands on the same side as the original.
+    variant = chat(3, "  QUESTION 3 -- where is ORDER 21 ")
+    assert export.split_key(variant) == export.split_key(chat(3))
+    assert export.split_key(chat(4)) != export.split_key(chat(3))
+    # Another run with more data never moves an example to the other side.
+    bigger = export.build_dataset(prepared([chat(i) for i in range(60)]), BASE)
+    assert set(forward.validation_lines) <= set(bigger.validation_lines)
+    assert set(forward.train_lines) <= set(bigger.train_lines)
+
+
+def test_the_split_reuses_dedupes_normalised_forms() -> None:
+    frame = dedupe.dedupe(prepared([chat(i) for i in range(30)]), [], BASE.dedupe)
+    assert frame[dedupe.NORMALIZED_PROMPT].notna().all()
+    with_forms = export.build_dataset(frame, BASE)
+    without = export.build_dataset(
+        frame.drop(columns=[dedupe.NORMALIZED_PROMPT, dedupe.NORMALIZED_ANSWER]), BASE
+    )
+    assert with_forms.train_lines == without.train_lines
+    assert with_forms.validation_lines == without.validation_lines
+
+
+def test_counts_invariant_and_files(tmp_path: Path) -> None:
+    lines: list[Any] = [chat(i) for i in range(30)]
+    lines += ["{broken", {"messages": [{"role": "bot", "content": "x"}]}, [1]]
+    frame = prepared(lines)
+    kept_rows = np.flatnonzero(records.kept_mask(frame).to_numpy())
+    records.quarantine(
+        frame,
+        np.isin(np.arange(len(frame)), kept_rows[:2]),
+        "exact_duplicate",
+        "same as line 3",
+        [frame[records.RECORD_ID].iloc[2]] * len(frame),
+    )
+    outcome = export.export(frame, BASE, RUN, tmp_path, gate_failures=[], report_html="<html>report</html>")
+    assert outcome.published and outcome.problems == []
+    counts = outcome.manifest["counts"]
+    assert counts["input_records"] == 33 == counts["kept"] + counts["quarantined"]
+    assert sum(counts["quarantined_by_reason"].values()) == counts["quarantined"] == 5
+    assert counts["quarantined_by_reason"] == {
+        "data_type": 1,
+        "exact_duplicate": 2,
+        "invalid_json": 1,
+        "unrecognized_role": 1,
+    }
+    assert counts["kept"] == counts["train"] - counts["general_mixed"] + counts["validation"]
+
+    train = (tmp_path / export.TRAIN_FILE).read_bytes()
+    validation = (tmp_path / export.VALIDATION_FILE).read_bytes()
+    assert outcome.manifest["dataset_hash"] == hashlib.sha256(train + b"\0" + validation).hexdigest()
+    assert len(train.splitlines()) == counts["train"] and len(validation.splitlines()) == counts["validation"]
+    for line in train.splitlines() + validation.splitlines():
+        assert export.canonical_line(json.loads(line)) == line + b"\n"
+
+    quarantined = [json.loads(x) for x in (tmp_path / export.QUARANTINE_FILE).read_text().splitlines()]
+    assert len(quarantined) == 5
+    assert set(quarantined[0]) == {
+        "record_id",
+        "source",
+        "partition",
+        "line",
+        "reason",
+        "detail",
+        "duplicate_of",
+        "raw",
+    }
+    by_reason = {q["reason"]: q for q in quarantined}
+    assert by_reason["invalid_json"]["raw"] == "{broken" and by_reason["invalid_json"]["line"] == 31
+    assert by_reason["exact_duplicate"]["duplicate_of"] == frame[records.RECORD_ID].iloc[2]
+    assert by_reason["invalid_json"]["duplicate_of"] is None
+
+    manifest = json.loads((tmp_path / export.MANIFEST_FILE).read_text())
+    assert manifest == json.loads(json.dumps(outcome.manifest))
+    for key in ("dataset_hash", "counts", "tokens", "cost", "sources", "partitions", "as_of", "config_hash"):
+        assert key in manifest
+    assert manifest["tokens"]["train_total"] > 0 and manifest["files"]["train"]["lines"] == counts["train"]
+    assert manifest["cost"]["model"] == "tuneline-tiny" and manifest["cost"]["within_cap"] is True
+    assert (tmp_path / export.REPORT_FILE).read_text() == "<html>report</html>"
+
+
+def test_general_mix_is_a_deterministic_share_of_train() -> None:
+    cfg = config(export={"validation_fraction": 0.2, "general_mix_fraction": 0.2})
+    general_lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ]
+        }
+        for i in range(50)
+    ]
+    general_lines.append(chat(1))  # already task data: never mixed in twice
+    general_frame = prepared(general_lines, cfg)
+    general = export.GeneralExamples(
+        source="general.jsonl",
+        examples=general_frame[records.EXAMPLE].tolist(),
+        n_tokens=[int(x) for x in general_frame[validate.N_TOKENS]],
+        n_assistant_tokens=[int(x) for x in general_frame[validate.N_ASSISTANT_TOKENS]],
+    )
+    task = prepared([chat(i) for i in range(40)], cfg)
+    first = export.build_dataset(task, cfg, general)
+    again = export.build_dataset(
+        task,
+        cfg,
+        export.GeneralExamples(
+            "general.jsonl",
+            *[list(reversed(x)) for x in (general.examples, general.n_tokens, general.n_assistant_tokens)],
+        ),
+    )
+    task_train = first.counts["train"] - first.counts["general_mixed"]
+    assert first.counts["general_mixed"] == round(task_train * 0.2 / 0.8) > 0
+    assert first.train_lines == again.train_lines and first.dataset_hash == again.dataset_hash
+    general_set = {export.canonical_line(e) for e in general.examples[:-1]}
+    assert sum(line in general_set for line in first.train_lines) == first.counts["general_mixed"]
+    assert not general_set & set(first.validation_lines)
+    assert first.tokens["general_total"] > 0
+    assert first.tokens["train_total"] == first.cost["billed_tokens_per_epoch"]
+
+
+def test_cost_cap_and_gate_failures_stop_publishing(tmp_path: Path) -> None:
+    (tmp_path / export.TRAIN_FILE).write_text("stale\n")
+    priced = config(model={"base": "gpt-4.1-mini"}, cost={"max_estimated_cost_usd": 0.0})
+    frame = prepared([chat(i) for i in range(20)], priced)
+    outcome = export.export(
+        frame, priced, RUN, tmp_path, gate_failures=["at least 10 examples kept: observed 3"], report_html="r"
+    )
+    assert not outcome.published
+    assert outcome.problems[0] == "gate: at least 10 examples kept: observed 3"
+    assert (
+        outcome.problems[1].startswith("cost: estimated training cost $")
+        and "cost.max_estimated_cost_usd = $0.00" in outcome.problems[1]
+    )
+    assert not (tmp_path / export.TRAIN_FILE).exists() and not (tmp_path / export.VALIDATION_FILE).exists()
+    manifest = json.loads((tmp_path / export.MANIFEST_FILE).read_text())
+    assert manifest["published"] is False and manifest["cost"]["within_cap"] is False
+    assert "train" not in manifest["files"] and (tmp_path / export.QUARANTINE_FILE).exists()
+
+
+@pytest.mark.parametrize("model", ["tuneline-tiny", "some-unpriced-model"])
+def test_free_or_unpriced_models_are_within_the_cap(model: str) -> None:
+    cfg = config(model={"base": model}, cost={"max_estimated_cost_usd": 0.0})
+    dataset = export.build_dataset(prepared([chat(i) for i in range(5)], cfg), cfg)
+    assert export.cost_problem(dataset) is None

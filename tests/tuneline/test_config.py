@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tuneline.config import DEFAULT_CONFIG, Config, ConfigError, load_config, parse_config
+
+MINIMAL: dict[str, Any] = {"data": {"sources": [{"name": "chat", "uri": "data/raw/*.jsonl"}]}}
+
+
+def with_(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {**MINIMAL, section: values}
+
+
+def message(raw: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    return str(caught.value)
+
+
+def test_the_default_config_loads() -> None:
+    config = load_config()
+    assert isinstance(config, Config)
+    assert config.model.base == "tuneline-tiny"
+    assert [s.name for s in config.data.sources] == ["support-chat", "support-csv"]
+    csv = config.data.sources[1].csv_mapping
+    assert csv is not None and (csv.user, csv.assistant) == ("customer_message", "agent_reply")
+
+
+def test_config_hash_ignores_layout_and_sees_values(tmp_path: Path) -> None:
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    reordered = tmp_path / "reordered.yaml"
+    reordered.write_text(yaml.safe_dump(dict(reversed(list(raw.items()))), sort_keys=False))
+    assert load_config(reordered).config_hash() == load_config().config_hash()
+    changed = load_config(overrides={"dedupe.near_duplicate_threshold": 0.9})
+    assert changed.config_hash() != load_config().config_hash()
+    assert len(changed.config_hash()) == 64
+
+
+def test_overrides_are_dotted_keys() -> None:
+    config = load_config(overrides={"data.as_of": "2025-03-04", "validation.too_long": "truncate"})
+    assert config.data.as_of == date(2025, 3, 4)
+    assert config.validation.too_long == "truncate"
+    with pytest.raises(ConfigError, match=r"data\.as_of"):
+        load_config(overrides={"data.as_of": "yesterday"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (with_("dedupe", {"near_duplicate_treshold": 0.9}), "dedupe.near_duplicate_treshold: unknown key"),
+        ({**MINIMAL, "extra_section": {}}, "extra_section: unknown key"),
+        ({}, "data: required key is missing"),
+        (
+            with_("dedupe", {"contradictions": "keep-first"}),
+            "dedupe.contradictions: should be 'keep-latest', 'keep-majority' or 'quarantine-all' (got 'keep-first')",
+        ),
+        (
+            with_("dedupe", {"near_duplicate_threshold": 2}),
+            "dedupe.near_duplicate_threshold: should be less than or equal to 1 (got 2)",
+        ),
+        (
+            with_("validation", {"too_long": "drop"}),
+            "validation.too_long: should be 'quarantine' or 'truncate'",
+        ),
+        (with_("export", {"validation_fraction": 1.0}), "export.validation_fraction: should be less than 1"),
+        (
+            with_("training", {"hyperparameters": {"n_epochs": 0}}),
+            "training.hyperparameters.n_epochs: should be 'auto' or should be greater than or equal to 1",
+        ),
+        ({"data": {"sources": []}}, "data.sources:"),
+        (
+            {"data": {"sources": [{"name": "a", "uri": "b", "csv_mapping": {"user": "u"}}]}},
+            "data.sources.0.csv_mapping: Value error, map either prompt+completion or user+assistant",
+        ),
+        ({"data": {"sources": [{"name": "a", "uri": "b", "format": "xml"}]}}, "data.sources.0.format:"),
+    ],
+)
+def test_errors_name_the_key_path_and_what_is_allowed(raw: dict[str, Any], expected: str) -> None:
+    got = message(raw)
+    assert got.startswith("config: ") and expected in got
+    assert "\n" not in got
+
+
+def test_more_errors_are_counted_not_listed() -> None:
+    got = message({"data": {"sources": [{"nmae": "a", "uri": "b"}]}, "dedupe": {"num_perm": 1}})
+    assert got.endswith("more keys to fix)") or got.endswith("more key to fix)")
+
+
+def test_csv_mapping_takes_one_shape() -> None:
+    both = {"prompt": "p", "completion": "c", "user": "u", "assistant": "a"}
+    assert "csv_mapping" in message({"data": {"sources": [{"name": "a", "uri": "b", "csv_mapping": both}]}})
+    ok = parse_config(
+        {"data": {"sources": [{"name": "a", "uri": "b", "csv_mapping": {"prompt": "q", "completion": "r"}}]}}
+    )
+    assert ok.data.sources[0].csv_mapping is not None
+
+
+def test_file_problems_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data:\n  sources: [\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listed)
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text(yaml.safe_dump({**MINIMAL, "cost": {"max_estimated_cost_usd": -1}}))
+    with pytest.raises(
+        ConfigError, match=rf"^{bad_key}: cost\.max_estimated_cost_usd: should be greater than or equal to 0"
+    ):
+        load_config(bad_key)
+
+
+def test_sections_are_frozen() -> None:
+    config = parse_config(MINIMAL)
+    with pytest.raises(ValueError, match="frozen"):
+        config.dedupe.num_perm = 1  # type: ignore[misc]

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+
+from tuneline import near_duplicates as nd
+from tuneline.near_duplicates import (
+    Documents,
+    TextTable,
+    banding_for,
+    candidate_pairs,
+    content_hashes,
+    find_exact_duplicates,
+    find_matches,
+    find_near_duplicates,
+    minhash,
+    shingles_of_words,
+    sketches,
+)
+from tuneline.normalize import jaccard, word_shingles
+
+VOCABULARY = [f"w{i}" for i in range(400)]
+
+
+def sentence(rng: random.Random, length: int = 40) -> str:
+    return " ".join(rng.choice(VOCABULARY) for _ in range(length))
+
+
+def changed(text: str, rng: random.Random, edits: int) -> str:
+    words = text.split()
+    for _ in range(edits):
+        words[rng.randrange(len(words))] = f"x{rng.randrange(10**6)}"
+    return " ".join(words)
+
+
+def brute_force(texts: list[str], threshold: float, size: int = 3) -> np.ndarray:
+    """The near-duplicate rule by definition: every earlier kept record, in order."""
+    sets = [word_shingles(t, size) for t in texts]
+    duplicate_of = np.full(len(texts), -1)
+    for i in range(len(texts)):
+        for j in range(i):
+            if duplicate_of[j] < 0 and sets[i] and jaccard(sets[i], sets[j]) >= threshold:
+                duplicate_of[i] = j
+                break
+    return duplicate_of
+
+
+def test_signatures_equal_datasketch_bit_for_bit() -> None:
+    rng = random.Random(1)
+    documents = Documents.of_texts([sentence(rng, n) for n in (1, 2, 3, 10, 57)] + [""])
+    shingles, offsets = shingles_of_words(*documents.words(), 3)
+    signatures = minhash(shingles, offsets, 64)
+    for i in range(len(documents)):
+        reference = MinHash(num_perm=64, scheme="affine32", hashfunc=lambda value: value)
+        reference.update_batch((shingles[offsets[i] : offsets[i + 1]] >> np.uint64(32)).tolist())
+        assert (signatures[i] == reference.hashvalues).all()
+
+
+def test_hashed_shingles_match_the_shingle_definition() -> None:
+    texts = ["a b c d", "a b c", "a b", "", "b c d a b c"]
+    shingles, offsets = shingles_of_words(*Documents.of_texts(texts).words(), 3)
+    for i, text in enumerate(texts):
+        assert len(set(shingles[offsets[i] : offsets[i + 1]].tolist())) == len(word_shingles(text, 3))
+    # "a b c" occurs in the first and last text and hashes equal there; "a b" (short text) is its own.
+    assert shingles[offsets[0]] == shingles[offsets[4] + 3]
+    assert shingles[offsets[2]] not in set(shingles[offsets[0] : offsets[1]].tolist())
+
+
+def test_documents_join_their_parts_and_keep_word_hashes_stable() -> None:
+    table = TextTable()
+    documents = Documents.build(table, [["user", "hello there"], ["user", "", "hello", "there"]])
+    assert documents.text(0) == documents.text(1) == "user hello there"
+    assert list(documents.word_counts()) == [3, 3]
+    first, _ = documents.words()
+    again, _ = Documents.of_texts(["user hello there"]).words()
+    assert (first[:3] == again).all()  # blake2b of the words: the same in any table or process
+    assert documents.subset(np.array([1])).text(0) == "user hello there"
+
+
+def test_exact_duplicates_are_equal_texts_whatever_their_parts() -> None:
+    table = TextTable()
+    documents = Documents.build(table, [["a b", "c"], ["x"], ["a", "b c"], ["x"], ["a b c d"]])
+    assert len(set(content_hashes(documents).tolist())) == 3
+    rank = np.array([4, 3, 2, 1, 0])  # the last records come first
+    assert list(find_exact_duplicates(documents, rank)) == [2, 3, -1, -1, -1]
+
+
+def test_banding_meets_the_recall_at_the_threshold() -> None:
+    banding = banding_for(64, 0.85)
+    assert banding.bands * banding.rows <= 64
+    assert banding.candidate_probability(0.85) >= nd.RECALL
+    assert banding.candidate_probability(0.5) < 0.5  # its 50% point lies below the threshold
+
+
+def test_candidate_pairs_are_bounded_per_record() -> None:
+    # Every record in one bucket of every band: the worst case stays linear.
+    n = 500
+    keys = np.zeros((12, n), dtype=np.uint64)
+    later, earlier = candidate_pairs(keys, np.arange(n), np.ones(n, dtype=bool))
+    assert len(later) <= n * (nd.NEIGHBOURS + 2)
+    assert (later > earlier).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_near_duplicates_equal_the_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    originals = [sentence(rng) for _ in range(150)]
+    texts = list(originals)
+    for _ in range(150):  # variants at every distance from their original: 1 to 12 words changed
+        texts.append(changed(rng.choice(originals), rng, rng.randint(1, 12)))
+    rng.shuffle(texts)
+    expected = brute_force(texts, 0.85)
+    found = find_near_duplicates(
+        Documents.of_texts(texts), np.arange(len(texts)), threshold=0.85, num_perm=64, shingle_size=3
+    )
+    assert ((found.duplicate_of >= 0) == (expected >= 0)).all()
+    for i in np.flatnonzero(found.duplicate_of >= 0):
+        j = found.duplicate_of[i]
+        assert j < i and found.duplicate_of[j] < 0
+        value = jaccard(word_shingles(texts[i], 3), word_shingles(texts[j], 3))
+        assert value >= 0.85 and found.similarity[i] == value
+
+
+def test_the_decision_is_exact_around_the_threshold() -> None:
+    rng = random.Random(7)
+    original = sentence(rng, 60)
+    variants = [changed(original, rng, edits) for edits in (1, 2, 3, 4, 5, 6)]
+    values = [jaccard(word_shingles(original, 3), word_shingles(v, 3)) for v in variants]
+    # Threshold between two variants' exact similarity: one just above it, one just below.
+    ordered = sorted(values, reverse=True)
+    threshold = (ordered[2] + ordered[3]) / 2
+    texts = [original, *variants]
+    found = find_near_duplicates(
+        Documents.of_texts(texts), np.arange(len(texts)), threshold=threshold, num_perm=64, shingle_size=3
+    )
+    for index, value in enumerate(values, start=1):
+        similar_to_kept_variant = any(
+            found.duplicate_of[k] < 0
+            and jaccard(word_shingles(texts[index], 3), word_shingles(texts[k], 3)) >= threshold
+            for k in range(1, index)
+        )
+        assert (found.duplicate_of[index] >= 0) == (value >= threshold or similar_to_kept_variant)
+
+
+def test_a_near_duplicate_of_a_near_duplicate_is_kept_unless_near_the_kept_one() -> None:
+    rng = random.Random(3)
+    a = sentence(rng, 40)
+    b = changed(a, rng, 1)
+    # c is near b but not near a: b is not kept, so c stays.
+    words = b.split()
+    c = None
+    for attempt in range(200):
+        candidate = changed(b, random.Random(attempt), 2)
+        sa, sb, sc = (word_shingles(t, 3) for t in (a, b, candidate))
+        if jaccard(sc, sb) >= 0.85 > jaccard(sc, sa):
+            c = candidate
+            break
+    assert c is not None and words
+    found = find_near_duplicates(
+        Documents.of_texts([a, b, c]), np.arange(3), threshold=0.85, num_perm=64, shingle_size=3
+    )
+    assert list(found.duplicate_of) == [-1, 0, -1]
+
+
+def test_rank_decides_which_record_is_kept() -> None:
+    rng = random.Random(5)
+    a = sentence(rng, 40)
+    b = changed(a, rng, 1)
+    found = find_near_duplicates(
+        Documents.of_texts([a, b]), np.array([1, 0]), threshold=0.85, num_perm=64, shingle_size=3
+    )
+    assert list(found.duplicate_of) == [1, -1]
+
+
+def test_matches_are_exact_equal_or_most_similar_reference() -> None:
+    rng = random.Random(11)
+    references = [sentence(rng, 60) for _ in range(20)]
+    near = changed(references[4], rng, 1)  # at most 3 of 58 shingles differ: Jaccard >= 55/61
+    far = changed(references[9], rng, 8)
+    table = TextTable()
+    queries = [references[3], near, far, "", sentence(rng, 60)]
+    matches = find_matches(
+        Documents.of_texts(queries, table),
+        Documents.of_texts(references, table),
+        threshold=0.85,
+        shingle_size=3,
+    )
+    assert list(matches.reference) == [3, 4, -1, -1, -1]
+    assert matches.similarity[0] == 1.0
+    assert matches.similarity[1] == jaccard(word_shingles(near, 3), word_shingles(references[4], 3))
+
+
+def test_matches_equal_the_definition_on_many_queries() -> None:
+    rng = random.Random(13)
+    references = [sentence(rng, 25) for _ in range(30)]
+    queries = [changed(rng.choice(references), rng, rng.randint(0, 6)) for _ in range(300)]
+    table = TextTable()
+    matches = find_matches(
+        Documents.of_texts(queries, table),
+        Documents.of_texts(references, table),
+        threshold=0.8,
+        shingle_size=3,
+    )
+    reference_sets = [word_shingles(r, 3) for r in references]
+    for q, query in enumerate(queries):
+        values = [jaccard(word_shingles(query, 3), s) for s in reference_sets]
+        best = max(range(len(values)), key=lambda r: (values[r], -r))
+        assert matches.reference[q] == (best if values[best] >= 0.8 else -1)
+
+
+def test_sketches_keep_the_shingles_of_each_record() -> None:
+    documents = Documents.of_texts(["a b c d e", "", "a b"])
+    sketch = sketches(documents, 16, 3)
+    assert list(sketch.counts) == [3, 0, 1]
+    assert (sketch.signatures[1] == np.iinfo(np.uint32).max).all()

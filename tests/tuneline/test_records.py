@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tuneline import records
+
+
+def frame(n: int) -> pd.DataFrame:
+    rows = [
+        {
+            records.RECORD_ID: records.make_record_id("a.jsonl", "2025-01-01", i + 1, f"line {i}"),
+            records.SOURCE: "a.jsonl",
+            records.PARTITION: "2025-01-01",
+            records.LINE: i + 1,
+            records.RAW: f"line {i}",
+            records.EXAMPLE: {"i": i},
+            records.REASON: None,
+            records.DETAIL: None,
+            records.DUPLICATE_OF: None,
+        }
+        for i in range(n)
+    ]
+    return pd.DataFrame(rows, columns=records.BASE_COLUMNS).astype(
+        {records.REASON: object, records.DETAIL: object, records.DUPLICATE_OF: object}
+    )
+
+
+def test_record_id_is_stable_and_depends_on_every_part() -> None:
+    base = records.make_record_id("a.jsonl", "2025-01-01", 3, '{"x":1}')
+    assert base == records.make_record_id("a.jsonl", "2025-01-01", 3, '{"x":1}')
+    assert len(base) == 24 and int(base, 16) >= 0
+    variants = {
+        records.make_record_id("b.jsonl", "2025-01-01", 3, '{"x":1}'),
+        records.make_record_id("a.jsonl", "2025-01-02", 3, '{"x":1}'),
+        records.make_record_id("a.jsonl", "2025-01-01", 4, '{"x":1}'),
+        records.make_record_id("a.jsonl", "2025-01-01", 3, '{"x":2}'),
+    }
+    assert base not in variants and len(variants) == 4
+    # Fields cannot run into each other: the separator is not part of any path or line number.
+    assert records.make_record_id("a", "b", 1, "c") != records.make_record_id("a\x1fb", "", 1, "c")
+    assert records.make_record_id("s", "", 1, "bad \udcff byte")  # a lone surrogate does not crash
+
+
+def test_empty_frame_has_the_columns() -> None:
+    empty = records.empty_frame()
+    assert list(empty.columns) == records.BASE_COLUMNS
+    assert empty[records.LINE].dtype == np.int64
+    assert records.counts_by_reason(empty) == {}
+    assert records.kept_mask(empty).empty
+
+
+def test_quarantine_keeps_the_first_reason() -> None:
+    data = frame(5)
+    assert (
+        records.quarantine(data, np.array([True, True, False, False, False]), "invalid_json", "broken") == 2
+    )
+    # Row 1 is already quarantined: it keeps invalid_json; only row 2 is newly quarantined.
+    details = ["d0", "d1", "d2", "d3", "d4"]
+    dupes = ["", "x", "id-of-0", "", ""]
+    assert (
+        records.quarantine(
+            data, pd.Series([False, True, True, False, False]), "exact_duplicate", details, dupes
+        )
+        == 1
+    )
+    assert data[records.REASON].tolist() == ["invalid_json", "invalid_json", "exact_duplicate", None, None]
+    assert data[records.DETAIL].tolist() == ["broken", "broken", "d2", None, None]
+    assert data[records.DUPLICATE_OF].tolist() == [None, None, "id-of-0", None, None]
+    assert records.kept_mask(data).tolist() == [False, False, False, True, True]
+    assert records.quarantine(data, np.zeros(5, dtype=bool), "too_long", "x") == 0
+
+
+def test_counts_by_reason_sum_to_quarantined() -> None:
+    data = frame(6)
+    records.quarantine(data, np.array([1, 0, 1, 0, 0, 0], dtype=bool), "too_long", "t")
+    records.quarantine(data, np.array([0, 1, 0, 0, 0, 1], dtype=bool), "contradiction", "c")
+    counts = records.counts_by_reason(data)
+    assert counts == {"contradiction": 2, "too_long": 2}
+    assert list(counts) == sorted(counts)
+    assert sum(counts.values()) == int((~records.kept_mask(data)).sum())

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tuneline import tokens
+
+ENCODING = tokens.get_encoding("o200k_base")
+
+
+def n(text: str) -> int:
+    return len(ENCODING.encode_ordinary(text))
+
+
+def test_vocabulary_is_installed_offline_and_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    tokens.get_encoding.cache_clear()
+    try:
+        url, expected = tokens.VOCABULARIES["cl100k_base"]
+        cached = tmp_path / hashlib.sha1(url.encode()).hexdigest()
+        cached.write_bytes(b"tampered")  # a bad cache file is replaced by the verified vocabulary
+        encoding = tokens.get_encoding("cl100k_base")
+        assert hashlib.sha256(cached.read_bytes()).hexdigest() == expected
+        assert encoding.decode(encoding.encode_ordinary("refund my order")) == "refund my order"
+    finally:
+        tokens.get_encoding.cache_clear()
+    with pytest.raises(tokens.TokenizerUnavailable, match="unknown tokenizer"):
+        tokens.get_encoding("p50k_base")
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-4o-mini", "o200k_base"),
+        ("gpt-4.1-nano-2025-04-14", "o200k_base"),
+        ("ft:gpt-4.1-mini:acme:support:abc", "o200k_base"),
+        ("gpt-3.5-turbo-0125", "cl100k_base"),
+        ("davinci-002", "cl100k_base"),
+        ("babbage-002", "cl100k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("tuneline-tiny", "o200k_base"),
+    ],
+)
+def test_encoding_by_model(model: str, expected: str) -> None:
+    assert tokens.encoding_name_for_model(model) == expected
+    assert tokens.encoding_name_for_model(model, "cl100k_base") == "cl100k_base"
+
+
+def test_count_follows_the_cookbook() -> None:
+    example = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Where is my parcel?", "name": "ana"},
+            {"role": "assistant", "content": "Shipping: today.", "weight": 1},
+        ]
+    }
+    expected = 3  # per example
+    expected += 3 + n("system") + n("Be brief.")
+    expected += 3 + n("user") + n("Where is my parcel?") + n("ana") + 1  # name costs one more
+    expected += 3 + n("assistant") + n("Shipping: today.")  # weight is not text
+    legacy = {"prompt": "Where?", "completion": "Here."}
+    assert tokens.count_tokens([example, legacy], ENCODING) == [expected, n("Where?") + n("Here.")]
+
+
+def test_tools_and_tool_calls_are_counted() -> None:
+    call = [{"id": "c1", "type": "function", "function": {"name": "track", "arguments": "{}"}}]
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    with_call = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": call}],
+        "tools": [{"type": "function", "function": {"name": "track"}}],
+    }
+    plain_count, call_count = tokens.count_tokens([plain, with_call], ENCODING)
+    assert call_count > plain_count
+
+
+def test_assistant_tokens_are_what_is_trained_on() -> None:
+    example = {
+        "messages": [
+            {"role": "user", "content": "a b c"},
+            {"role": "assistant", "content": "first answer", "weight": 0},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "second answer"},
+        ]
+    }
+    legacy = {"prompt": "a long prompt here", "completion": "short"}
+    preference = {
+        "input": {"messages": [{"role": "user", "content": "q"}]},
+        "preferred_output": [{"role": "assistant", "content": "good"}],
+        "non_preferred_output": [{"role": "assistant", "content": "bad one"}],
+    }
+    assert tokens.count_assistant_tokens([example, legacy, preference], ENCODING) == [
+        n("second answer"),
+        n("short"),
+        n("good") + n("bad one"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("examples", "epochs"),
+    [(0, 3), (1, 25), (5, 20), (10, 10), (33, 3), (34, 3), (100, 3), (8333, 3), (8334, 2), (30000, 1)],
+)
+def test_default_epochs(examples: int, epochs: int) -> None:
+    assert tokens.default_epochs(examples) == epochs
+
+
+def test_context_limit_takes_the_longest_family() -> None:
+    limits = {"gpt-4o": 65536, "gpt-4o-mini": 1000, "gpt-4.1-nano": 32768}
+    assert tokens.context_limit("gpt-4o-mini-2024-07-18", limits, 9) == 1000
+    assert tokens.context_limit("gpt-4o-2024-08-06", limits, 9) == 65536
+    assert tokens.context_limit("ft:gpt-4.1-nano:acme::x", limits, 9) == 32768
+    assert tokens.context_limit("gpt-4ox", limits, 9) == 9  # a prefix is not a family
+    assert tokens.context_limit("llama", limits, 9) == 9
+
+
+def test_cost_estimate() -> None:
+    prices = {"gpt-4.1-mini": 5.0}
+    estimate = tokens.estimate_cost(
+        [100, 200, 5000],
+        model="gpt-4.1-mini-2025-04-14",
+        limit=1000,
+        prices=prices,
+        prices_as_of="2025-07-01",
+    )
+    assert estimate.n_epochs == tokens.default_epochs(3) == 25  # min(25, 100 // 3)
+    assert estimate.billed_tokens_per_epoch == 100 + 200 + 1000  # capped at the context limit
+    assert estimate.billed_tokens == 25 * 1300
+    assert estimate.estimated_cost_usd == pytest.approx(25 * 1300 * 5.0 / 1e6)
+    fixed = tokens.estimate_cost(
+        [10] * 4, model="gpt-4.1-mini", limit=100, prices=prices, prices_as_of="x", n_epochs=2
+    )
+    assert (fixed.n_epochs, fixed.billed_tokens) == (2, 80)
+    unknown = tokens.estimate_cost([10], model="llama", limit=100, prices=prices, prices_as_of="x")
+    assert unknown.price_per_1m_tokens is None and unknown.estimated_cost_usd is None
+    assert unknown.as_dict()["model"] == "llama"

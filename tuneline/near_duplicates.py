@@ -1,0 +1,730 @@
+"""Duplicate search over normalised texts: exact duplicates by hashing, near-duplicates by MinHash LSH
+with an exact Jaccard decision, and exact matching against a small reference set (an eval set).
+
+Records are `Documents`: each is the space-joined sequence of some distinct normalised texts (its
+parts: a role, a message text, ...), held once in a `TextTable`. The system prompt and templated
+replies recur in most records, so each distinct text is split into words and hashed once, and a
+record's words are gathered from its parts with numpy instead of being split again in Python.
+
+Near-duplicates, in four steps, each linear in the records:
+1. MinHash signatures, datasketch's (scheme "affine32": 32-bit shingle hashes pre-mixed with the
+   MurmurHash3 finalizer, then `a * h + b mod 2^32` with datasketch's own permutation parameters),
+   computed for a batch at once with numpy instead of one `MinHash.update` per shingle; a test holds
+   the two equal bit for bit;
+2. LSH banding with sorted arrays (datasketch's MinHashLSH inserts one key at a time in Python, too
+   slow for a million records), bounded per record (`candidate_pairs`);
+3. a signature-agreement filter, then the Jaccard of the hashed shingle sets of the surviving pairs,
+   all pairs at once (a merge by sort);
+4. a decision in rank order on the exact Jaccard of the words themselves.
+
+Guarantees: no false positives (a near-duplicate is reported only after the exact Jaccard of the two
+records' word shingles, recomputed from their text, is at or above the threshold; an exact duplicate
+only after the two normalised texts compared equal). A pair at the threshold becomes a candidate with
+probability at least `RECALL` (the banding is chosen for that), unless its bucket is crowded, and
+passes the agreement filter with probability at least 1 - `PREFILTER_MISS`; more similar pairs more
+surely. Matching against references is exact: no sketch, no probability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasketch import MinHash
+from scipy.stats import binom
+
+from tuneline.normalize import jaccard, word_shingles
+
+# datasketch's default seed: the permutation parameters are MinHash(num_perm, seed=1).permutations.
+PERMUTATION_SEED = 1
+# A pair exactly at the threshold shares at least one band with this probability.
+RECALL = 0.995
+# The chance that a pair exactly at the threshold is dropped by the signature-agreement pre-filter.
+PREFILTER_MISS = 1e-3
+# Within a band bucket, each record is paired with two run heads and this many predecessors (see
+# candidate_pairs). 2 finds 99.9% of the near-duplicates that 12 finds in 300,000 synthetic chats.
+NEIGHBOURS = 2
+# Records per batch when words and shingles are materialised (bounds the memory of those arrays).
+BATCH = 1 << 14
+# Shingles per block of the MinHash computation: the permuted block (4 bytes each) stays in cache.
+_BLOCK = 1 << 16
+
+_U64 = np.uint64
+_MIX_1 = _U64(0xBF58476D1CE4E5B9)
+_MIX_2 = _U64(0x94D049BB133111EB)
+_PRIME_64 = _U64(0x100000001B3)  # FNV-1a 64-bit prime
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place on a uint64 array (wrapping arithmetic is intended)."""
+    h ^= h >> _U64(30)
+    h *= _MIX_1
+    h ^= h >> _U64(27)
+    h *= _MIX_2
+    h ^= h >> _U64(31)
+    return h
+
+
+def _seeded(count: int, salt: int) -> np.ndarray:
+    """`count` well-mixed uint64 values derived from their index and a salt."""
+    values = np.arange(1, count + 1, dtype=np.uint64)
+    values *= _GOLDEN
+    values ^= _U64(salt)
+    return _mix64(values)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(start, start + length) for each pair, as one int64 array."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths) + np.arange(
+        int(ends[-1]) if len(ends) else 0, dtype=np.int64
+    )
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy's hash-based unique is several times slower on large int arrays)."""
+    values = np.sort(values)
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
+def _word_hash(word: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
+    )
+
+
+class TextTable:
+    """Distinct normalised texts, each with an id, and the stable 64-bit hashes of their words (the same
+    in every process and run: blake2b of each distinct word)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self._ids: dict[str, int] = {}
+        self._words: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def intern(self, normalized: str) -> int:
+        """The id of a normalised text (single spaces between words, none at the ends)."""
+        found = self._ids.get(normalized)
+        if found is None:
+            found = self._ids[normalized] = len(self.texts)
+            self.texts.append(normalized)
+            self._words = None
+        return found
+
+    def words(self) -> tuple[np.ndarray, np.ndarray]:
+        """(word hashes of all texts, flat uint64; offsets, int64, len(self) + 1)."""
+        if self._words is None:
+            split = pc.split_pattern(pa.array(self.texts, type=pa.large_string()), " ")
+            lengths = pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
+            empty = np.flatnonzero(
+                np.fromiter((not t for t in self.texts), dtype=bool, count=len(self.texts))
+            )
+            flat = split.flatten()
+            if len(empty):  # "" splits into one empty word; an empty text has none
+                keep = np.ones(len(flat), dtype=bool)
+                keep[np.concatenate([[0], np.cumsum(lengths)[:-1]])[empty]] = False
+                flat = flat.filter(pa.array(keep))
+                lengths[empty] = 0
+            encoded = pc.dictionary_encode(flat)
+            distinct = encoded.dictionary.to_pylist()
+            table = np.fromiter((_word_hash(w) for w in distinct), dtype=np.uint64, count=len(distinct))
+            codes = encoded.indices.to_numpy(zero_copy_only=False)
+            offsets = np.zeros(len(self.texts) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            self._words = (table[codes] if len(codes) else np.zeros(0, dtype=np.uint64), offsets)
+        return self._words
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Records as sequences of texts of a TextTable: record i is the space-joined texts
+    table.texts[parts[offsets[i]:offsets[i + 1]]]. Parts are never empty texts."""
+
+    table: TextTable
+    parts: np.ndarray  # int64 text ids
+    offsets: np.ndarray  # int64, len(self) + 1
+
+    @classmethod
+    def build(cls, table: TextTable, records: Iterable[Sequence[str]]) -> Documents:
+        """Documents from normalised texts per record (empty texts are left out)."""
+        parts: list[int] = []
+        offsets = [0]
+        intern = table.intern
+        for texts in records:
+            parts.extend(intern(t) for t in texts if t)
+            offsets.append(len(parts))
+        return cls(table, np.asarray(parts, dtype=np.int64), np.asarray(offsets, dtype=np.int64))
+
+    @classmethod
+    def of_texts(cls, texts: Sequence[str], table: TextTable | None = None) -> Documents:
+        """One document per normalised text."""
+        return cls.build(table or TextTable(), ([t] for t in texts))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def text(self, index: int) -> str:
+        """The normalised text of one record."""
+        texts = self.table.texts
+        return " ".join(texts[p] for p in self.parts[self.offsets[index] : self.offsets[index + 1]].tolist())
+
+    def subset(self, indices: np.ndarray) -> Documents:
+        """The records at `indices`, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        counts = self.offsets[indices + 1] - self.offsets[indices]
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return Documents(self.table, self.parts[_ranges(self.offsets[indices], counts)], offsets)
+
+    def concat(self, other: Documents) -> Documents:
+        if other.table is not self.table:
+            raise ValueError("documents of different text tables cannot be combined")
+        return Documents(
+            self.table,
+            np.concatenate([self.parts, other.parts]),
+            np.concatenate([self.offsets, other.offsets[1:] + self.offsets[-1]]),
+        )
+
+    def word_counts(self) -> np.ndarray:
+        _, text_offsets = self.table.words()
+        per_part = np.diff(text_offsets)[self.parts]
+        cumulative = np.zeros(len(per_part) + 1, dtype=np.int64)
+        np.cumsum(per_part, out=cumulative[1:])
+        return np.diff(cumulative[self.offsets])
+
+    def words(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(word hashes of records start..stop, flat; their offsets, from 0)."""
+        stop = len(self) if stop is None else stop
+        word_hash, text_offsets = self.table.words()
+        parts = self.parts[self.offsets[start] : self.offsets[stop]]
+        part_lengths = np.diff(text_offsets)[parts]
+        cumulative = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(part_lengths, out=cumulative[1:])
+        offsets = cumulative[self.offsets[start : stop + 1] - self.offsets[start]]
+        if not len(parts):
+            return np.zeros(0, dtype=np.uint64), offsets
+        return word_hash[_ranges(text_offsets[parts], part_lengths)], offsets
+
+    def batches(self) -> Iterable[tuple[int, int]]:
+        for start in range(0, len(self), BATCH):
+            yield start, min(start + BATCH, len(self))
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact duplicates.
+
+
+def content_hashes(documents: Documents) -> np.ndarray:
+    """A 64-bit hash of each record's word sequence: equal normalised texts hash equal."""
+    result = np.zeros(len(documents), dtype=np.uint64)
+    for start, stop in documents.batches():
+        words, offsets = documents.words(start, stop)
+        counts = np.diff(offsets)
+        if not len(words):
+            result[start:stop] = _mix64(counts.astype(np.uint64) * _GOLDEN)
+            continue
+        position = np.arange(len(words), dtype=np.int64) - np.repeat(offsets[:-1], counts)
+        weighted = words * (_seeded(int(counts.max()), 0x5EED)[position] | _U64(1))
+        sums = np.add.reduceat(weighted, np.minimum(offsets[:-1], len(words) - 1))
+        sums[counts == 0] = 0
+        sums ^= counts.astype(np.uint64) * _GOLDEN
+        result[start:stop] = _mix64(sums)
+    return result
+
+
+def find_exact_duplicates(documents: Documents, rank: np.ndarray) -> np.ndarray:
+    """For each record, the index of the first (lowest rank) record with the same normalised text, or
+    -1 when it is that first record itself. Hash groups are confirmed by comparing the texts."""
+    n = len(documents)
+    first = np.full(n, -1, dtype=np.int64)
+    if n < 2:
+        return first
+    keys = content_hashes(documents)
+    order = np.lexsort((rank, keys))
+    sorted_keys = keys[order]
+    same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
+    if not len(same):
+        return first
+    # Members of hash groups of two or more, grouped by key, each group in rank order.
+    members = _sorted_unique(np.concatenate([same, same + 1]))
+    texts: dict[str, int] = {}
+    for position, index in enumerate(order[members].tolist()):
+        if position and sorted_keys[members[position]] != sorted_keys[members[position - 1]]:
+            texts = {}
+        earliest = texts.setdefault(documents.text(index), index)
+        if earliest != index:
+            first[index] = earliest
+    return first
+
+
+# --------------------------------------------------------------------------------------------------
+# Shingles and MinHash.
+
+
+@dataclass(frozen=True)
+class Banding:
+    """`bands` bands of `rows` signature values each: two records are candidates when a band agrees."""
+
+    bands: int
+    rows: int
+
+    def candidate_probability(self, similarity: float) -> float:
+        return float(1.0 - (1.0 - similarity**self.rows) ** self.bands)
+
+
+@cache
+def banding_for(num_perm: int, threshold: float, recall: float = RECALL) -> Banding:
+    """The most selective banding (most rows per band) under which a pair of Jaccard `threshold` becomes
+    a candidate with probability >= `recall`; its 50% point lies below the threshold."""
+    for rows in range(num_perm, 0, -1):
+        banding = Banding(num_perm // rows, rows)
+        if banding.candidate_probability(threshold) >= recall:
+            return banding
+    return Banding(num_perm, 1)
+
+
+@cache
+def min_agreement(num_perm: int, threshold: float, miss: float = PREFILTER_MISS) -> int:
+    """The number of equal signature values below which a pair of Jaccard >= threshold falls with
+    probability < miss."""
+    if threshold <= 0:
+        return 0
+    return int(binom.ppf(miss, num_perm, threshold))
+
+
+@cache
+def permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's affine32 permutation parameters (a, b) for `num_perm` permutations."""
+    a, b = MinHash(num_perm=num_perm, seed=PERMUTATION_SEED, scheme="affine32").permutations
+    return np.asarray(a, dtype=np.uint32), np.asarray(b, dtype=np.uint32)
+
+
+def shingles_of_words(words: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the word shingles of each record (runs of `size` words; a shorter record is one
+    shingle of all its words; an empty one has none), as `normalize.word_shingles` defines them; and
+    the offsets of each record's shingles."""
+    counts = np.diff(offsets)
+    n_shingles = np.where(counts >= size, counts - size + 1, np.minimum(counts, 1))
+    shingle_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(n_shingles, out=shingle_offsets[1:])
+    total = int(shingle_offsets[-1])
+    if not total:
+        return np.zeros(0, dtype=np.uint64), shingle_offsets
+    first_word = _ranges(offsets[:-1], n_shingles)
+    owner_count = np.repeat(counts, n_shingles)
+    padded = np.append(words, _U64(0))  # the last index stands for "past the end of a short record"
+    h = np.full(total, _GOLDEN, dtype=np.uint64)
+    h ^= _U64(size)
+    past_end = len(words)
+    for j in range(size):
+        index = first_word + j
+        if j:
+            # Only a record shorter than `size` has a shingle that runs past its last word.
+            index[owner_count <= j] = past_end
+        h ^= padded[index]
+        h *= _PRIME_64
+    return _mix64(h), shingle_offsets
+
+
+def _fmix32(values: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (datasketch's pre-mix of the affine32 scheme), in place."""
+    values ^= values >> np.uint32(16)
+    values *= np.uint32(0x85EBCA6B)
+    values ^= values >> np.uint32(13)
+    values *= np.uint32(0xC2B2AE35)
+    values ^= values >> np.uint32(16)
+    return values
+
+
+def minhash(shingles: np.ndarray, offsets: np.ndarray, num_perm: int) -> np.ndarray:
+    """The MinHash signature of each record, shape (records, num_perm), uint32: row i equals the
+    hashvalues of datasketch's MinHash(num_perm, scheme="affine32", hashfunc=identity) updated with
+    the record's 32-bit shingle hashes (the high half of the 64-bit ones). A record without shingles
+    gets the empty signature (all 2**32 - 1)."""
+    a, b = permutations(num_perm)
+    n = len(offsets) - 1
+    out = np.full((num_perm, n), np.iinfo(np.uint32).max, dtype=np.uint32)
+    mixed = _fmix32((shingles >> _U64(32)).astype(np.uint32))
+    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    starts = offsets[nonempty]
+    ends = offsets[nonempty + 1]
+    buffer = np.empty(_BLOCK, dtype=np.uint32)
+    first = 0
+    while first < len(nonempty):
+        # A block of whole records holding about _BLOCK shingles (at least one record).
+        last = max(first + 1, int(np.searchsorted(ends, starts[first] + _BLOCK, side="right")))
+        low, high = int(starts[first]), int(ends[last - 1])
+        block = mixed[low:high]
+        permuted = buffer[: high - low] if high - low <= _BLOCK else np.empty(high - low, dtype=np.uint32)
+        relative = starts[first:last] - low
+        columns = nonempty[first:last]
+        for p in range(num_perm):
+            np.multiply(block, a[p], out=permuted)
+            permuted += b[p]
+            out[p, columns] = np.minimum.reduceat(permuted, relative)
+        first = last
+    # One row per record, so that a pair's two signatures are two contiguous reads.
+    return np.ascontiguousarray(out.T)
+
+
+@dataclass(frozen=True)
+class Sketches:
+    """MinHash signatures of records, shape (records, num_perm), and the 32-bit shingle hashes they
+    were computed from (record i owns shingles[offsets[i]:offsets[i + 1]])."""
+
+    signatures: np.ndarray
+    shingles: np.ndarray  # uint32
+    offsets: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def sketches(documents: Documents, num_perm: int, shingle_size: int) -> Sketches:
+    """The MinHash signature and the shingles of every record."""
+    result = np.empty((len(documents), num_perm), dtype=np.uint32)
+    counts = np.zeros(len(documents), dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    for start, stop in documents.batches():
+        shingles, offsets = shingles_of_words(*documents.words(start, stop), shingle_size)
+        result[start:stop] = minhash(shingles, offsets, num_perm)
+        counts[start:stop] = np.diff(offsets)
+        pieces.append((shingles >> _U64(32)).astype(np.uint32))
+    offsets = np.zeros(len(documents) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    shingles = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
+    return Sketches(result, shingles, offsets)
+
+
+def band_keys(signatures: np.ndarray, banding: Banding) -> np.ndarray:
+    """A 64-bit key per band and record, shape (bands, records): equal bands give equal keys."""
+    n = signatures.shape[0]
+    keys = np.empty((banding.bands, n), dtype=np.uint64)
+    step = 4096  # records per block: a block of signatures stays in cache while its bands are hashed
+    for start in range(0, n, step):
+        block = signatures[start : start + step]
+        for band in range(banding.bands):
+            h = np.full(len(block), _GOLDEN, dtype=np.uint64)
+            h ^= _U64(band)
+            for row in range(band * banding.rows, (band + 1) * banding.rows):
+                h ^= block[:, row]
+                h *= _PRIME_64
+            keys[band, start : start + step] = _mix64(h)
+    return keys
+
+
+def agreement(signatures: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """How many signature values each pair (first[k], second[k]) shares; over num_perm, an estimate
+    of its Jaccard."""
+    result = np.empty(len(first), dtype=np.int16)
+    step = 1 << 15
+    for start in range(0, len(first), step):
+        stop = start + step
+        equal = signatures[first[start:stop]] == signatures[second[start:stop]]
+        result[start:stop] = equal.sum(axis=1)
+    return result
+
+
+def candidate_pairs(
+    keys: np.ndarray, rank: np.ndarray, eligible: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (later, earlier) by rank of eligible records that share a band bucket, each pair once.
+
+    A bucket can hold thousands of records that share a template (system prompt, house reply), so not
+    all its pairs are proposed: within the bucket of band b, records are ordered by their key of band
+    b + 1 (then by rank), which puts records that also share that band, the likely near-duplicates,
+    side by side; each record is paired with the first record of its bucket, the first of its run of
+    equal band-(b + 1) keys, and its NEIGHBOURS predecessors in that order. At most
+    bands * (NEIGHBOURS + 2) pairs per record: linear."""
+    n = keys.shape[1]
+    bands = keys.shape[0]
+    members = np.flatnonzero(eligible)
+    empty = np.zeros(0, dtype=np.int64)
+    if len(members) < 2:
+        return empty, empty
+    members = members[np.argsort(rank[members], kind="stable")]
+    found: list[np.ndarray] = []
+    position = np.arange(len(members))
+    for band in range(bands):
+        key, following = keys[band], keys[(band + 1) % bands]
+        # Stable sorts: by the next band's key within a bucket, and by rank within a run.
+        order = members[np.argsort(following[members], kind="stable")]
+        order = order[np.argsort(key[order], kind="stable")]
+        sorted_key, sorted_following = key[order], following[order]
+        new_bucket = np.empty(len(order), dtype=bool)
+        new_bucket[0] = True
+        np.not_equal(sorted_key[1:], sorted_key[:-1], out=new_bucket[1:])
+        new_run = new_bucket.copy()
+        new_run[1:] |= sorted_following[1:] != sorted_following[:-1]
+        bucket_head = np.maximum.accumulate(np.where(new_bucket, position, 0))
+        run_head = np.maximum.accumulate(np.where(new_run, position, 0))
+        shared = np.flatnonzero(~new_bucket)
+        if not len(shared):
+            continue
+        for head in (bucket_head, run_head):
+            inside = shared[head[shared] != shared]
+            found.append(_pair_codes(order[inside], order[head[inside]], rank, n))
+        for distance in range(1, NEIGHBOURS + 1):
+            behind = shared[shared - distance >= bucket_head[shared]]
+            found.append(_pair_codes(order[behind], order[behind - distance], rank, n))
+    if not found:
+        return empty, empty
+    pairs = np.concatenate(found)
+    del found  # a million records make tens of millions of pairs: one copy at a time
+    pairs.sort()
+    keep = np.ones(len(pairs), dtype=bool)
+    np.not_equal(pairs[1:], pairs[:-1], out=keep[1:])
+    pairs = pairs[keep]
+    return pairs // n, pairs % n
+
+
+def _pair_codes(first: np.ndarray, second: np.ndarray, rank: np.ndarray, n: int) -> np.ndarray:
+    """later * n + earlier for each pair, whichever of the two comes later by rank."""
+    later_first = rank[first] > rank[second]
+    return np.where(later_first, first, second) * n + np.where(later_first, second, first)
+
+
+class _ShingleSets:
+    """Exact shingle sets of some records, computed on demand from their text (and kept)."""
+
+    def __init__(self, documents: Documents, size: int) -> None:
+        self.documents = documents
+        self.size = size
+        self._sets: dict[int, frozenset[tuple[str, ...]]] = {}
+
+    def __call__(self, index: int) -> frozenset[tuple[str, ...]]:
+        found = self._sets.get(index)
+        if found is None:
+            found = self._sets[index] = word_shingles(self.documents.text(index), self.size)
+        return found
+
+
+@dataclass(frozen=True)
+class _DistinctShingles:
+    """The distinct 32-bit shingle hashes of some records, each record's sorted."""
+
+    hashes: np.ndarray  # uint64 holding the 32-bit hashes, so that a pair id fits above them
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, sketches: Sketches, indices: np.ndarray) -> _DistinctShingles:
+        counts = sketches.counts[indices]
+        owner = np.repeat(np.arange(len(indices), dtype=np.uint64), counts)
+        keys = (owner << _U64(32)) | sketches.shingles[_ranges(sketches.offsets[indices], counts)]
+        keys.sort()
+        keep = np.ones(len(keys), dtype=bool)
+        np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+        keys = keys[keep]
+        sizes = np.bincount((keys >> _U64(32)).astype(np.int64), minlength=len(indices))
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        return cls(keys & _U64(0xFFFFFFFF), offsets, sizes)
+
+    def shared(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """For each pair (first[k], second[k]) of positions: how many hashes the two records share."""
+        result = np.zeros(len(first), dtype=np.int64)
+        step = 1 << 15
+        for start in range(0, len(first), step):
+            a, b = first[start : start + step], second[start : start + step]
+            starts = np.stack([self.offsets[a], self.offsets[b]], axis=1).ravel()
+            lengths = np.stack([self.sizes[a], self.sizes[b]], axis=1).ravel()
+            pair = np.repeat(np.arange(len(a), dtype=np.uint64), self.sizes[a] + self.sizes[b])
+            keys = (pair << _U64(32)) | self.hashes[_ranges(starts, lengths)]
+            # Two sorted runs per pair, pairs in order: the stable sort (timsort) merges them in
+            # about linear time.
+            keys.sort(kind="stable")
+            equal = keys[1:] == keys[:-1]
+            result[start : start + len(a)] = np.bincount(
+                (keys[1:][equal] >> _U64(32)).astype(np.int64), minlength=len(a)
+            )
+        return result
+
+
+@dataclass(frozen=True)
+class NearDuplicates:
+    """For each record: the index of the earlier kept record it nearly duplicates (-1: kept) and their
+    exact Jaccard similarity (nan when kept); and how much work finding them took."""
+
+    duplicate_of: np.ndarray
+    similarity: np.ndarray
+    candidates: int  # pairs proposed by LSH
+    compared: int  # pairs whose shingle sets were compared (those that passed the signature filter)
+    confirmed: int  # pairs whose Jaccard was computed on the words themselves
+
+
+def find_near_duplicates(
+    documents: Documents, rank: np.ndarray, *, threshold: float, num_perm: int, shingle_size: int
+) -> NearDuplicates:
+    """Mark each record whose word-shingle Jaccard with an earlier (lower rank) *kept* record is >=
+    threshold; the earlier one stays kept. Records are decided in rank order, so a record similar only
+    to a record that is itself a near-duplicate stays kept. Records without words are never
+    near-duplicates (exact duplicates are another rule)."""
+    n = len(documents)
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, np.nan)
+    if n < 2:
+        return NearDuplicates(duplicate_of, similarity, 0, 0, 0)
+    rank = np.asarray(rank)
+    sketch = sketches(documents, num_perm, shingle_size)
+    keys = band_keys(sketch.signatures, banding_for(num_perm, threshold))
+    later, earlier = candidate_pairs(keys, rank, sketch.counts > 0)
+    proposed = len(later)
+    # Being a candidate only raises a pair's agreement, so this cutoff misses a pair at the threshold
+    # with probability below PREFILTER_MISS.
+    close = agreement(sketch.signatures, later, earlier) >= min_agreement(num_perm, threshold)
+    del keys
+    later, earlier = later[close], earlier[close]
+    involved = _sorted_unique(np.concatenate([later, earlier]))
+    shingles = _DistinctShingles.of(sketch, involved)
+    del sketch
+    at_later, at_earlier = np.searchsorted(involved, later), np.searchsorted(involved, earlier)
+    shared = shingles.shared(at_later, at_earlier)
+    union = shingles.sizes[at_later] + shingles.sizes[at_earlier] - shared
+    # The Jaccard of the 32-bit hashed shingles: pairs under the threshold are not duplicates (unless
+    # two of their shingles share a 32-bit hash, about 4e-6 per pair, and the pair sits within a
+    # shingle of the threshold).
+    bound = np.divide(shared, union, out=np.ones(len(shared)), where=union > 0)
+    similar = bound >= threshold
+    later, earlier, bound = later[similar], earlier[similar], bound[similar]
+    # Decide records in rank order; for each, try its candidates from the most to the least similar.
+    order = np.lexsort((rank[earlier], -bound, rank[later]))
+    exact = _ShingleSets(documents, shingle_size)
+    confirmed = 0
+    tried: set[int] = set()
+    current = -1
+    for later_index, earlier_index in zip(later[order].tolist(), earlier[order].tolist(), strict=True):
+        if later_index != current:
+            current, tried = later_index, set()
+        if duplicate_of[later_index] >= 0:
+            continue
+        # A near-duplicate of a record that is itself a near-duplicate is compared with the kept
+        # record that one duplicates.
+        target = earlier_index if duplicate_of[earlier_index] < 0 else int(duplicate_of[earlier_index])
+        if target in tried:
+            continue
+        tried.add(target)
+        confirmed += 1
+        # Decided on the words themselves, so a hash collision can never make a duplicate.
+        value = jaccard(exact(later_index), exact(target))
+        if value >= threshold:
+            duplicate_of[later_index] = target
+            similarity[later_index] = value
+    return NearDuplicates(duplicate_of, similarity, proposed, len(close.nonzero()[0]), confirmed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Matching against a small reference set.
+
+
+@dataclass(frozen=True)
+class Matches:
+    """For each query: the index of its most similar reference at or above the threshold (-1: none)
+    and their exact Jaccard similarity (1.0 for equal texts, nan for none)."""
+
+    reference: np.ndarray
+    similarity: np.ndarray
+    candidates: int = 0  # queries that passed the containment filter
+
+
+def distinct_shingles(shingles: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's shingle hashes sorted and without repeats, and their offsets."""
+    counts = np.diff(offsets)
+    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    order = np.lexsort((shingles, owner))
+    values, owners = shingles[order], owner[order]
+    keep = np.ones(len(values), dtype=bool)
+    if len(values) > 1:
+        keep[1:] = (values[1:] != values[:-1]) | (owners[1:] != owners[:-1])
+    distinct_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owners[keep], minlength=len(counts)), out=distinct_offsets[1:])
+    return values[keep], distinct_offsets
+
+
+def find_matches(
+    queries: Documents, references: Documents, *, threshold: float, shingle_size: int
+) -> Matches:
+    """Match each query to the reference whose normalised text it equals or, failing that, to the
+    reference with the highest word-shingle Jaccard >= threshold (ties: the first reference). Empty
+    queries match nothing. Exact, with no sketch: a query can reach Jaccard t with some reference only
+    if at least t of its distinct shingles occur among the references' shingles, so only queries that
+    pass that count are compared, reference by reference. Linear in the queries; meant for a small
+    reference set (an eval set)."""
+    n, m = len(queries), len(references)
+    matched = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, np.nan)
+    if not n or not m:
+        return Matches(matched, similarity)
+    reference_keys = content_hashes(references)
+    reference_by_key: dict[int, list[int]] = {}
+    for index, key in enumerate(reference_keys.tolist()):
+        reference_by_key.setdefault(key, []).append(index)
+    query_keys = content_hashes(queries)
+    for query in np.flatnonzero(np.isin(query_keys, reference_keys)).tolist():
+        text = queries.text(query)
+        for reference in reference_by_key[int(query_keys[query])]:
+            if text and references.text(reference) == text:
+                matched[query], similarity[query] = reference, 1.0
+                break
+
+    reference_shingles, reference_offsets = distinct_shingles(
+        *shingles_of_words(*references.words(), shingle_size)
+    )
+    reference_lists = reference_shingles.tolist()
+    bounds = reference_offsets.tolist()
+    reference_sizes = np.diff(reference_offsets)
+    postings: dict[int, list[int]] = {}
+    for reference in range(m):
+        for shingle in reference_lists[bounds[reference] : bounds[reference + 1]]:
+            postings.setdefault(shingle, []).append(reference)
+    vocabulary = _sorted_unique(reference_shingles)
+    exact = _ShingleSets(references, shingle_size)
+    query_sets = _ShingleSets(queries, shingle_size)
+    candidates = 0
+    for start, stop in queries.batches():
+        shingles, offsets = distinct_shingles(*shingles_of_words(*queries.words(start, stop), shingle_size))
+        sizes = np.diff(offsets)
+        where = np.searchsorted(vocabulary, shingles)
+        hit = vocabulary[np.minimum(where, len(vocabulary) - 1)] == shingles if len(vocabulary) else where < 0
+        hits = np.bincount(np.repeat(np.arange(stop - start), sizes)[hit], minlength=stop - start)
+        open_ = (matched[start:stop] < 0) & (sizes > 0) & (hits >= threshold * sizes)
+        chosen = np.flatnonzero(open_)
+        candidates += len(chosen)
+        values = shingles.tolist()
+        hit_list = hit.tolist()
+        for local in chosen.tolist():
+            shared: dict[int, int] = {}
+            for k in range(int(offsets[local]), int(offsets[local + 1])):
+                if hit_list[k]:
+                    for reference in postings[values[k]]:
+                        shared[reference] = shared.get(reference, 0) + 1
+            size = int(sizes[local])
+            scored = sorted(
+                ((common / (size + int(reference_sizes[r]) - common), r) for r, common in shared.items()),
+                key=lambda pair: (-pair[0], pair[1]),
+            )
+            for value, reference in scored:
+                if value < threshold:
+                    break
+                # Confirmed on the words themselves: a hash collision can never make a match.
+                confirmed = jaccard(query_sets(start + local), exact(reference))
+                if confirmed >= threshold:
+                    matched[start + local], similarity[start + local] = reference, confirmed
+                    break
+    return Matches(matched, similarity, candidates)

@@ -1,0 +1,311 @@
+"""The built-in base model `tuneline-tiny`: no download, built once from the general corpus.
+
+The build is deterministic (same corpus, canary set and recipe -> same tokenizer and weights):
+1. a byte-level BPE tokenizer (the `tokenizers` library) trained on the corpus's texts, with the chat
+   special tokens of tuneline/server/chat_template.py and its chat template;
+2. a small Llama-style causal LM (transformers) from seeded random weights, trained on the corpus
+   (and on any canary example the corpus lacks) with the very trainer that fine-tunes it later,
+   until it answers every canary question exactly under greedy decoding (or `max_epochs`);
+3. saved as an ordinary Hugging Face checkpoint directory with a model card (tuneline_model.json:
+   recipe, corpus fingerprint, the base learning rate fine-tunes start from, the canary score).
+
+It is cached at state_dir/models/tuneline-tiny and rebuilt only when the corpus, the canary set or the
+recipe changes. Concurrent callers (threads or processes) wait on a file lock; the directory appears
+complete or not at all (built aside, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneline.config import DataConfig
+from tuneline.formats import check_example
+from tuneline.paths import resolve
+from tuneline.server.chat_template import (
+    BUILTIN_END,
+    BUILTIN_PAD,
+    BUILTIN_SPECIAL_TOKENS,
+    BUILTIN_TEMPLATE,
+    chat_messages,
+)
+from tuneline.server.modeling import BUILTIN_MODEL, MODEL_CARD, ChatModel
+from tuneline.server.training import Hyperparameters, Trainer, cpu_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinRecipe:
+    """How tuneline-tiny is made. Any change here changes the fingerprint, so caches rebuild."""
+
+    version: int = 1
+    vocab_size: int = 2048  # an upper bound: BPE stops early once the corpus has no pair left to merge
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 384
+    context_length: int = 512
+    tie_embeddings: bool = False
+    seed: int = 0
+    pretrain_learning_rate: float = 1e-3
+    pretrain_batch_size: int = 16
+    min_epochs: int = 4
+    max_epochs: int = 40
+    # The base learning rate of fine-tunes (times the job's learning_rate_multiplier).
+    fine_tune_learning_rate: float = 2e-3
+
+
+DEFAULT_RECIPE = BuiltinRecipe()
+
+
+def default_general_corpus() -> Path:
+    return resolve(DataConfig.model_fields["general_corpus"].default)
+
+
+def default_canary_set() -> Path:
+    return resolve(DataConfig.model_fields["canary_set"].default)
+
+
+def read_chat_lines(path: Path) -> list[dict[str, Any]]:
+    """The valid chat (or legacy prompt/completion, converted) lines of a JSONL file; a line that
+    breaks a format rule stops the build with its line number, rule and file."""
+    examples = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            example = json.loads(raw)
+            issue = check_example(example, allowed=("chat", "completion"))
+            if issue is not None:
+                raise ValueError(f"line {number} of {path}: {issue} - fix the line or regenerate the file")
+            examples.append({"messages": chat_messages(example)})
+    return examples
+
+
+def fingerprint(corpus: Path, canary: Path | None, recipe: BuiltinRecipe) -> str:
+    digest = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
+    for path in (corpus, canary):
+        digest.update(b"\0")
+        if path is not None and path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def train_tokenizer(texts: Sequence[str], recipe: BuiltinRecipe) -> Any:
+    """A byte-level BPE tokenizer over `texts`, wrapped for transformers, with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(BUILTIN_SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=BUILTIN_END,
+        pad_token=BUILTIN_PAD,
+        additional_special_tokens=[t for t in BUILTIN_SPECIAL_TOKENS if t not in (BUILTIN_END, BUILTIN_PAD)],
+        model_max_length=recipe.context_length,
+    )
+    wrapped.chat_template = BUILTIN_TEMPLATE
+    return wrapped
+
+
+def new_model(tokenizer: Any, recipe: BuiltinRecipe) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_heads,
+        max_position_embeddings=recipe.context_length,
+        tie_word_embeddings=recipe.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(config)
+
+
+def canary_exact_match(chat: ChatModel, canary: Sequence[dict[str, Any]]) -> float:
+    """The share of canary questions answered exactly (greedy, stripped text == expected)."""
+    if not canary:
+        return 1.0
+    right = 0
+    for example in canary:
+        messages = example["messages"]
+        answer = chat.generate(messages[:-1], temperature=0.0, max_tokens=48).text.strip()
+        right += answer == str(messages[-1]["content"]).strip()
+    return right / len(canary)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    directory: Path
+    seconds: float
+    epochs: int
+    parameters: int
+    vocabulary: int
+    canary_exact_match: float
+
+
+def build_builtin_model(
+    out_dir: Path,
+    general_corpus: Path | None = None,
+    canary_set: Path | None = None,
+    recipe: BuiltinRecipe = DEFAULT_RECIPE,
+) -> BuildReport:
+    """Build tuneline-tiny into `out_dir` (which must not exist yet)."""
+    started = time.monotonic()
+    corpus_path = Path(general_corpus) if general_corpus else default_general_corpus()
+    canary_path = Path(canary_set) if canary_set else default_canary_set()
+    if not corpus_path.is_file():
+        raise FileNotFoundError(
+            f"the general corpus {corpus_path} is missing: the built-in model is built from it "
+            "(generate the demo data with `python -m tuneline.demo_data`)"
+        )
+    corpus = read_chat_lines(corpus_path)
+    canary = read_chat_lines(canary_path) if canary_path.is_file() else []
+    known = {json.dumps(e, sort_keys=True) for e in corpus}
+    examples = corpus + [e for e in canary if json.dumps(e, sort_keys=True) not in known]
+
+    torch.set_num_threads(cpu_threads())
+    tokenizer = train_tokenizer(
+        [str(m.get("content") or "") for e in examples for m in e["messages"]], recipe
+    )
+    model = new_model(tokenizer, recipe)
+    device = torch.device("cpu")  # small enough that a GPU would not pay for its start-up
+    trainer = Trainer(
+        model,
+        tokenizer,
+        examples,
+        [],
+        Hyperparameters(recipe.max_epochs, recipe.pretrain_batch_size, 1.0),
+        recipe.seed,
+        recipe.pretrain_learning_rate,
+        device,
+    )
+    chat = ChatModel(model, tokenizer, device)
+    score = 0.0
+    while trainer.epoch < recipe.max_epochs:
+        for indices in trainer.batches_left_in_epoch():
+            trainer.train_step(indices)
+        trainer.flush(None)
+        trainer.end_epoch()
+        if trainer.epoch >= recipe.min_epochs:
+            model.eval()
+            score = canary_exact_match(chat, canary)
+            if score == 1.0:
+                break
+    model.eval()
+    if score < 1.0:
+        log.warning("tuneline-tiny answers %.0f%% of the canary set after %d epochs", 100 * score, trainer.epoch)
+    out_dir.mkdir(parents=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    parameters = sum(p.numel() for p in model.parameters())
+    seconds = time.monotonic() - started
+    card = {
+        "model": BUILTIN_MODEL,
+        "fingerprint": fingerprint(corpus_path, canary_path, recipe),
+        "recipe": asdict(recipe),
+        "learning_rate": recipe.fine_tune_learning_rate,
+        "general_corpus": str(corpus_path),
+        "examples": len(examples),
+        "epochs": trainer.epoch,
+        "parameters": parameters,
+        "vocabulary": len(tokenizer),
+        "canary_exact_match": score,
+        "build_seconds": round(seconds, 2),
+    }
+    (out_dir / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return BuildReport(out_dir, seconds, trainer.epoch, parameters, len(tokenizer), score)
+
+
+def _is_current(directory: Path, expected: str) -> bool:
+    card = directory / MODEL_CARD
+    if not card.is_file():
+        return False
+    try:
+        return json.loads(card.read_text(encoding="utf-8")).get("fingerprint") == expected
+    except ValueError:
+        return False
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in [*directory.rglob("*"), directory]:
+        _fsync_dir(path)
+
+
+def ensure_builtin_model(
+    state_dir: Path,
+    general_corpus: Path | None = None,
+    canary_set: Path | None = None,
+    recipe: BuiltinRecipe = DEFAULT_RECIPE,
+) -> Path:
+    """state_dir/models/tuneline-tiny, built now if missing or made from another corpus or recipe."""
+    corpus_path = Path(general_corpus) if general_corpus else default_general_corpus()
+    canary_path = Path(canary_set) if canary_set else default_canary_set()
+    models = Path(state_dir) / "models"
+    target = models / BUILTIN_MODEL
+    expected = fingerprint(corpus_path, canary_path, recipe)
+    if _is_current(target, expected):
+        return target
+    models.mkdir(parents=True, exist_ok=True)
+    with open(models / f".{BUILTIN_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if _is_current(target, expected):
+            return target
+        for leftover in models.glob(f".build-{BUILTIN_MODEL}-*"):  # from a build that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = models / f".build-{BUILTIN_MODEL}-{secrets.token_hex(4)}"
+        report = build_builtin_model(staging, corpus_path, canary_path, recipe)
+        _fsync_tree(staging)
+        if target.exists():
+            retired = models / f".old-{BUILTIN_MODEL}-{secrets.token_hex(4)}"
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+        _fsync_dir(models)
+        log.info(
+            "built %s in %.1f s: %d parameters, %d epochs, canary exact match %.2f",
+            BUILTIN_MODEL,
+            report.seconds,
+            report.parameters,
+            report.epochs,
+            report.canary_exact_match,
+        )
+    return target
