@@ -41,8 +41,6 @@ from tuneline import tracking
 from tuneline.config import Config, load_config
 from tuneline.paths import resolve
 
-RUNS_DIR = ".tuneline/runs"  # per flow run: the prepared files (train.jsonl, manifest.json, ...)
-
 
 @dataclass(frozen=True)
 class RetrainResult:
@@ -160,7 +158,8 @@ def train_candidate(
 ) -> RetrainResult:
     """prepare -> upload -> train inside an open MLflow run; the part of `retrain` later stages build on."""
     logger = get_run_logger()
-    export_dir = Path(out_dir) if out_dir else resolve(RUNS_DIR) / str(prefect_runtime.flow_run.id or "local")
+    flow_run_id = str(prefect_runtime.flow_run.id or "local")
+    export_dir = Path(out_dir) if out_dir else resolve(config.training.runs_dir) / flow_run_id
     tracking.log_run_params(config.tracking, run_id, requested_params(config))
     manifest = prepare_data(config, export_dir, run_id).manifest
     estimated = (manifest.get("cost") or {}).get("estimated_cost_usd")
@@ -170,7 +169,7 @@ def train_candidate(
     if dry_run:
         logger.info("dry run: stopping after prepare; estimated training cost %s USD", estimated)
         return result
-    api_key = _secret_block_key(config)
+    api_key = secret_block_key(config)
     with providers.connect(config, config_path=_path(config_path), api_key=api_key, log=logger) as provider:
         tracking.log_run_params(config.tracking, run_id, {"provider_name": provider.name})
         files = upload(provider, export_dir, dataset_hash, config.provider)
@@ -189,7 +188,9 @@ def train_candidate(
             config,
             provider,
             run_id,
-            Candidate(outcome.candidate.model, provider.name, config.model.base, dataset_hash, outcome.job_id),
+            Candidate(
+                outcome.candidate.model, provider.name, config.model.base, dataset_hash, outcome.job_id
+            ),
             train_file=str(export_dir / "train.jsonl"),
         )
     return RetrainResult(
@@ -214,7 +215,7 @@ def _path(config_path: str | None) -> Path | None:
     return Path(config_path) if config_path else None
 
 
-def _secret_block_key(config: Config) -> str | None:
+def secret_block_key(config: Config) -> str | None:
     """The key from the configured Prefect Secret block, or None to use the environment variable."""
     name = config.provider.api_key_secret_block
     if not name:

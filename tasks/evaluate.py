@@ -58,6 +58,7 @@ SetName = Literal["task", "canary"]
 SETS: tuple[SetName, ...] = ("task", "canary")
 # A provider answer with these statuses means the model or the key is wrong: no example can succeed.
 FATAL_STATUSES = frozenset({401, 403, 404})
+CONTEXT_EXCEEDED = "context_length_exceeded"  # the API's code for a prompt longer than the model's context
 
 DEFAULT_LOG = logging.getLogger("tuneline.evaluate")
 
@@ -147,8 +148,10 @@ def load_eval_set(name: SetName, path: str | Path, system_prompt: str | None = N
 
 
 def select_few_shot(train_examples: Iterable[Mapping[str, Any]], k: int) -> tuple[FewShot, ...]:
-    """k single-turn examples, one per label in turn (labels in order of first appearance) so that the
-    prompt shows as many categories as it can; deterministic for a given training file."""
+    """k single-turn examples, one per label in turn (labels in order of first appearance, the shortest
+    examples of each label first) so that the prompt shows as many categories as fit; when some examples
+    are labelled, unlabelled ones (general data mixed into training) are not shots. Deterministic for a
+    given training file."""
     by_label: dict[str | None, list[FewShot]] = {}
     for example in train_examples:
         messages = [m for m in example.get("messages", ()) if m.get("role") != "system"]
@@ -157,6 +160,10 @@ def select_few_shot(train_examples: Iterable[Mapping[str, Any]], k: int) -> tupl
         shot = FewShot(message_text(dict(messages[0])), message_text(dict(messages[1])))
         if shot.user and shot.assistant:
             by_label.setdefault(answer_label(shot.assistant), []).append(shot)
+    if any(label is not None for label in by_label):
+        by_label.pop(None, None)  # labelled task examples exist: general (unlabelled) ones are not the task
+    for shots in by_label.values():
+        shots.sort(key=lambda shot: len(shot.user) + len(shot.assistant))  # stable: ties keep file order
     chosen: list[FewShot] = []
     depth = 0
     while len(chosen) < k and any(depth < len(shots) for shots in by_label.values()):
@@ -194,12 +201,17 @@ class Answer:
     text: str
     error: str | None
     latency_s: float
+    fallback: int = 0  # how many shorter variants were needed (few-shot: shots dropped)
 
 
 @dataclass(frozen=True)
 class ChatRequest:
+    """One prompt for one model. `shorter` are variants to send, in turn, when the provider says the
+    prompt exceeds the model's context (a few-shot prompt with fewer shots)."""
+
     model: str
     messages: tuple[Mapping[str, Any], ...]
+    shorter: tuple[tuple[Mapping[str, Any], ...], ...] = ()
 
     def key(self) -> str:
         return json.dumps([self.model, self.messages], sort_keys=True)
@@ -215,24 +227,29 @@ def ask(provider: Provider, request: ChatRequest, settings: EvaluationConfig) ->
     """One chat completion; transient failures are retried, the last one becomes the answer's error.
     Raises EvaluationError when the model or the key is refused (no answer could ever come)."""
     started = time.perf_counter()
+    variants = (request.messages, *request.shorter)
+    for fallback, messages in enumerate(variants):
 
-    def attempt() -> Any:
-        return provider.client.chat.completions.create(
-            model=request.model,
-            messages=[dict(m) for m in request.messages],  # type: ignore[misc]
-            temperature=settings.temperature,
-            seed=settings.seed,
-            max_completion_tokens=settings.max_tokens,
-        )
+        def attempt(messages: tuple[Mapping[str, Any], ...] = messages) -> Any:
+            return provider.client.chat.completions.create(
+                model=request.model,
+                messages=[dict(m) for m in messages],  # type: ignore[misc]
+                temperature=settings.temperature,
+                seed=settings.seed,
+                max_completion_tokens=settings.max_tokens,
+            )
 
-    try:
-        response = retrying(provider, f"chat completion with {request.model}", attempt)
-    except ProviderError as exc:
-        if exc.status in FATAL_STATUSES:
-            raise EvaluationError(f"evaluating {request.model}: {exc}") from exc
-        return Answer("", str(exc), time.perf_counter() - started)
-    text = (response.choices[0].message.content or "") if response.choices else ""
-    return Answer(text, None, time.perf_counter() - started)
+        try:
+            response = retrying(provider, f"chat completion with {request.model}", attempt)
+        except ProviderError as exc:
+            if exc.status in FATAL_STATUSES:
+                raise EvaluationError(f"evaluating {request.model}: {exc}") from exc
+            if exc.code == CONTEXT_EXCEEDED and fallback + 1 < len(variants):
+                continue
+            return Answer("", str(exc), time.perf_counter() - started, fallback)
+        text = (response.choices[0].message.content or "") if response.choices else ""
+        return Answer(text, None, time.perf_counter() - started, fallback)
+    raise AssertionError("unreachable: the last variant returns")
 
 
 def ask_all(
@@ -330,6 +347,8 @@ class EvaluationResult:
             mine = rows[rows["role"] == role].sort_values("position").reset_index(drop=True)
             table[f"{role}_answer"] = mine["answer"]
             table[f"{role}_exact_match"] = mine["exact_match"]
+            if role == "few_shot":
+                table["few_shot_shots"] = mine["shots"]  # fewer than k where the prompt had to shrink
             if mine["error"].notna().any():
                 table[f"{role}_error"] = mine["error"]
         if set_name == "task":
@@ -454,8 +473,12 @@ def evaluate(
             if role == "few_shot" and eval_set.name != "task":
                 continue  # the shots are task examples: on the canary set they would only mislead
             for position, item in enumerate(eval_set.items):
-                messages = with_few_shot(item, shots) if role == "few_shot" else item.messages
-                requests.append(ChatRequest(model, messages))
+                if role == "few_shot":
+                    # Fewer shots when the prompt exceeds the model's context (down to one shot).
+                    shorter = tuple(with_few_shot(item, shots[:k]) for k in range(len(shots) - 1, 0, -1))
+                    requests.append(ChatRequest(model, with_few_shot(item, shots), shorter))
+                else:
+                    requests.append(ChatRequest(model, item.messages))
                 records.append(
                     {
                         "set": eval_set.name,
@@ -480,6 +503,9 @@ def evaluate(
     frame["answer"] = [a.text for a in answers]
     frame["error"] = pd.Series([a.error for a in answers], dtype=object)
     frame["latency_s"] = [a.latency_s for a in answers]
+    frame["shots"] = [
+        len(shots) - a.fallback if role == "few_shot" else 0 for a, role in zip(answers, frame["role"], strict=True)
+    ]
     frame = score_frame(frame)
     estimates, labels = summarize(frame, settings)
 

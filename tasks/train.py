@@ -477,11 +477,16 @@ def concurrency_limit_name(provider: Provider) -> str:
     return f"tuneline-jobs-{provider.name}"
 
 
-def _flow_run_cancelling(flow_run_id: str | None) -> bool:
+def flow_run_cancelling(flow_run_id: str | None) -> bool:
+    """True when the flow run was asked to cancel. An unreachable Prefect API counts as "no": a hiccup
+    of the orchestrator must not cancel (or fail) a job that is paid for."""
     if flow_run_id is None:
         return False
-    with get_client(sync_client=True) as prefect:
-        state = prefect.read_flow_run(UUID(flow_run_id)).state
+    try:
+        with get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(UUID(flow_run_id)).state
+    except Exception:
+        return False
     return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
@@ -513,7 +518,7 @@ def train(
         on_metrics=lambda step, metrics: tracking.log_run_metrics(
             config.tracking, mlflow_run_id, metrics, step=step
         ),
-        should_cancel=lambda: _flow_run_cancelling(flow_run_id),
+        should_cancel=lambda: flow_run_cancelling(flow_run_id),
         job_slot=lambda: concurrency(limit, occupy=1, strict=True),
     )
     try:
@@ -522,6 +527,9 @@ def train(
         # A cancellation arrives as a signal (the runner's SIGTERM) or as the polled state: either way the
         # provider job is cancelled, so nobody pays for a run that was called off. A crash is not a
         # cancellation: the job keeps training and the next run reattaches to it.
-        if started and not isinstance(exc, TrainingFailed) and _flow_run_cancelling(flow_run_id):
-            cancel_job(provider, started[0])
+        if started and not isinstance(exc, TrainingFailed) and flow_run_cancelling(flow_run_id):
+            try:
+                cancel_job(provider, started[0])
+            except ProviderError as failed:
+                logger.error("could not cancel job %s on the provider: %s", started[0], failed)
         raise

@@ -100,13 +100,13 @@ def prefect_api(tmp_path: Path) -> Iterator[tuple[dict[str, str], httpx.Client]]
                 except httpx.TransportError:
                     return False
 
-            wait_until(healthy, 120, "prefect server start", server, log)
+            wait_until(healthy, 240, "prefect server start", server, log)
             yield env, api
     finally:
         stop(server)
 
 
-def prefect(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+def prefect(env: dict[str, str], *args: str, timeout: float = 240) -> str:
     done = subprocess.run(
         [PREFECT, "--no-prompt", *args],
         env=env,
@@ -134,7 +134,7 @@ def test_prefect_yaml_deploys_and_a_worker_runs_the_backfill_deployment(
     config = support_project(tmp_path / "project", {"2026-11-01": 14, "2026-11-02": 14})
 
     prefect(env, "work-pool", "create", POOL, "--type", "process")
-    prefect(env, "deploy", "--all", timeout=240)
+    prefect(env, "deploy", "--all", timeout=360)
 
     declared = {d["name"] for d in yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())["deployments"]}
     deployed = deployments_by_name(api)
@@ -182,7 +182,7 @@ def test_prefect_yaml_deploys_and_a_worker_runs_the_backfill_deployment(
             run = api.get(f"/flow_runs/{flow_run_id.group(1)}").json()
             return run if run["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
 
-        run = wait_until(finished, 240, "the backfill flow run", log=worker_log)
+        run = wait_until(finished, 420, "the backfill flow run", log=worker_log)
         worker.wait(timeout=60)
     finally:
         stop(worker)

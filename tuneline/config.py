@@ -157,6 +157,8 @@ class TrainingConfig(Section):
     seed: int | None = Field(default=42, ge=0, le=2**31 - 1)
     # Overfitting guard: pick the checkpoint with the lowest full validation loss as the candidate.
     choose_best_checkpoint: bool = True
+    # `tuneline run` writes each flow run's prepared files (train.jsonl, manifest.json, ...) under here.
+    runs_dir: str = ".tuneline/runs"
 
 
 class JudgeConfig(Section):

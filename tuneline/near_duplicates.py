@@ -44,11 +44,15 @@ from tuneline.normalize import jaccard, word_shingles
 PERMUTATION_SEED = 1
 # A pair exactly at the threshold shares at least one band with this probability.
 RECALL = 0.995
-# The chance that a pair exactly at the threshold is dropped by the signature-agreement pre-filter.
-PREFILTER_MISS = 1e-3
+# The chance that a pair exactly at the threshold is dropped by the signature-agreement filter (its
+# two stages together). Pairs that share a template but no more (Jaccard ~0.65) multiply with the
+# data; this filter is what keeps their exact comparison from dominating.
+PREFILTER_MISS = 1e-2
+# The filter's first stage reads only this many signature values per record (one cache line).
+_FIRST_STAGE = 16
 # Within a band bucket, each record is paired with two run heads and this many predecessors (see
-# candidate_pairs). 2 finds 99.9% of the near-duplicates that 12 finds in 300,000 synthetic chats.
-NEIGHBOURS = 2
+# candidate_pairs). 1 finds 99.75% of the near-duplicates that 12 finds in 300,000 synthetic chats.
+NEIGHBOURS = 1
 # Records per batch when words and shingles are materialised (bounds the memory of those arrays).
 BATCH = 1 << 14
 # Shingles per block of the MinHash computation: the permuted block (4 bytes each) stays in cache.
@@ -441,6 +445,24 @@ def agreement(signatures: np.ndarray, first: np.ndarray, second: np.ndarray) -> 
     return result
 
 
+def agreeing(signatures: np.ndarray, first: np.ndarray, second: np.ndarray, threshold: float) -> np.ndarray:
+    """Which pairs agree on enough signature values to be at or above the threshold: a pair at the
+    threshold fails with probability below PREFILTER_MISS. Being a candidate only raises a pair's
+    agreement, so the binomial cutoffs hold for candidates too. A first stage on the first
+    _FIRST_STAGE values drops most pairs after one cache line per record."""
+    num_perm = signatures.shape[1]
+    if num_perm <= 2 * _FIRST_STAGE:
+        return agreement(signatures, first, second) >= min_agreement(num_perm, threshold)
+    quick = agreement(signatures[:, :_FIRST_STAGE], first, second)
+    passed = np.flatnonzero(quick >= min_agreement(_FIRST_STAGE, threshold, PREFILTER_MISS / 10))
+    full = agreement(signatures, first[passed], second[passed]) >= min_agreement(
+        num_perm, threshold, PREFILTER_MISS * 9 / 10
+    )
+    result = np.zeros(len(first), dtype=bool)
+    result[passed[full]] = True
+    return result
+
+
 def candidate_pairs(
     keys: np.ndarray, rank: np.ndarray, eligible: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -477,7 +499,7 @@ def candidate_pairs(
         shared = np.flatnonzero(~new_bucket)
         if not len(shared):
             continue
-        for head in (bucket_head, run_head):
+        for head in (run_head,):
             inside = shared[head[shared] != shared]
             found.append(_pair_codes(order[inside], order[head[inside]], rank, n))
         for distance in range(1, NEIGHBOURS + 1):
@@ -586,9 +608,7 @@ def find_near_duplicates(
     keys = band_keys(sketch.signatures, banding_for(num_perm, threshold))
     later, earlier = candidate_pairs(keys, rank, sketch.counts > 0)
     proposed = len(later)
-    # Being a candidate only raises a pair's agreement, so this cutoff misses a pair at the threshold
-    # with probability below PREFILTER_MISS.
-    close = agreement(sketch.signatures, later, earlier) >= min_agreement(num_perm, threshold)
+    close = agreeing(sketch.signatures, later, earlier, threshold)
     del keys
     later, earlier = later[close], earlier[close]
     involved = _sorted_unique(np.concatenate([later, earlier]))
@@ -643,18 +663,27 @@ class Matches:
     candidates: int = 0  # queries that passed the containment filter
 
 
+_KEPT_BITS = 40  # of a shingle hash, when a record number has to fit above it
+
+
 def distinct_shingles(shingles: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each record's shingle hashes sorted and without repeats, and their offsets."""
+    """Each record's distinct shingles (their hashes' top 40 bits), sorted, and their offsets. At most
+    2**24 records at a time: the record number sits above the 40 bits, so one plain sort suffices."""
     counts = np.diff(offsets)
-    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    order = np.lexsort((shingles, owner))
-    values, owners = shingles[order], owner[order]
-    keep = np.ones(len(values), dtype=bool)
-    if len(values) > 1:
-        keep[1:] = (values[1:] != values[:-1]) | (owners[1:] != owners[:-1])
+    if len(counts) > 1 << (64 - _KEPT_BITS):
+        raise ValueError("distinct_shingles takes at most 2**24 records at a time")
+    owner = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+    keys = (owner << _U64(_KEPT_BITS)) | (shingles >> _U64(64 - _KEPT_BITS))
+    keys.sort()
+    keep = np.ones(len(keys), dtype=bool)
+    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+    keys = keys[keep]
     distinct_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owners[keep], minlength=len(counts)), out=distinct_offsets[1:])
-    return values[keep], distinct_offsets
+    np.cumsum(
+        np.bincount((keys >> _U64(_KEPT_BITS)).astype(np.int64), minlength=len(counts)),
+        out=distinct_offsets[1:],
+    )
+    return keys & _U64((1 << _KEPT_BITS) - 1), distinct_offsets
 
 
 def find_matches(
@@ -683,17 +712,21 @@ def find_matches(
                 matched[query], similarity[query] = reference, 1.0
                 break
 
-    reference_shingles, reference_offsets = distinct_shingles(
-        *shingles_of_words(*references.words(), shingle_size)
-    )
-    reference_lists = reference_shingles.tolist()
-    bounds = reference_offsets.tolist()
-    reference_sizes = np.diff(reference_offsets)
+    # Shingles are compared by the top 40 bits of their hash: a collision can only add a candidate,
+    # and every match is confirmed on the words.
     postings: dict[int, list[int]] = {}
-    for reference in range(m):
-        for shingle in reference_lists[bounds[reference] : bounds[reference + 1]]:
-            postings.setdefault(shingle, []).append(reference)
-    vocabulary = _sorted_unique(reference_shingles)
+    reference_sizes = np.zeros(m, dtype=np.int64)
+    for start, stop in references.batches():
+        reference_shingles, reference_offsets = distinct_shingles(
+            *shingles_of_words(*references.words(start, stop), shingle_size)
+        )
+        reference_sizes[start:stop] = np.diff(reference_offsets)
+        bounds = reference_offsets.tolist()
+        values = reference_shingles.tolist()
+        for local in range(stop - start):
+            for shingle in values[bounds[local] : bounds[local + 1]]:
+                postings.setdefault(shingle, []).append(start + local)
+    vocabulary = np.sort(np.fromiter(postings, dtype=np.uint64, count=len(postings)))
     exact = _ShingleSets(references, shingle_size)
     query_sets = _ShingleSets(queries, shingle_size)
     candidates = 0
@@ -706,14 +739,12 @@ def find_matches(
         open_ = (matched[start:stop] < 0) & (sizes > 0) & (hits >= threshold * sizes)
         chosen = np.flatnonzero(open_)
         candidates += len(chosen)
-        values = shingles.tolist()
-        hit_list = hit.tolist()
         for local in chosen.tolist():
             shared: dict[int, int] = {}
-            for k in range(int(offsets[local]), int(offsets[local + 1])):
-                if hit_list[k]:
-                    for reference in postings[values[k]]:
-                        shared[reference] = shared.get(reference, 0) + 1
+            segment = slice(int(offsets[local]), int(offsets[local + 1]))
+            for shingle in shingles[segment][hit[segment]].tolist():
+                for reference in postings[shingle]:
+                    shared[reference] = shared.get(reference, 0) + 1
             size = int(sizes[local])
             scored = sorted(
                 ((common / (size + int(reference_sizes[r]) - common), r) for r, common in shared.items()),

@@ -23,12 +23,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.retrain import retrain
+from flows.retrain import retrain, secret_block_key
 from tasks.train import FINAL_STATUSES, TrainingFailed, training_config_hash
 from tuneline import tracking
 from tuneline.cli import app
 from tuneline.config import load_config
 from tuneline.paths import PROJECT_ROOT
+from tuneline.provider import ProviderError, connect
 from tuneline.server.launcher import ServerProcess, start_server
 
 KEY = "sk-retrain-tests-0a1b2c3d4e5f"
@@ -77,12 +78,22 @@ def write_config(
         ]
     }
     (folder / "eval.jsonl").write_text(json.dumps(eval_example) + "\n", encoding="utf-8")
+    canary = {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    }
+    (folder / "canary.jsonl").write_text(json.dumps(canary) + "\n", encoding="utf-8")
     config: dict[str, Any] = {
         "data": {
             "sources": [{"name": "support", "uri": str(folder / "input.jsonl")}],
             "as_of": "2026-11-20",
             "eval_set": str(folder / "eval.jsonl"),
+            "canary_set": str(folder / "canary.jsonl"),
         },
+        # Evaluation (after train) kept to one task and one canary question: these tests are about training.
+        "evaluation": {"few_shot_k": 0, "bootstrap_samples": 100, "max_tokens": 16},
         "validation": {"min_examples": 5},
         "export": {"validation_fraction": 0.25, "general_mix_fraction": 0.0},
         "provider": {
@@ -93,7 +104,10 @@ def write_config(
             "max_poll_interval_s": 1.0,
             "job_timeout_s": 300,
         },
-        "training": {"hyperparameters": {"n_epochs": n_epochs, "batch_size": 4}},
+        "training": {
+            "hyperparameters": {"n_epochs": n_epochs, "batch_size": 4},
+            "runs_dir": str(folder / "runs"),
+        },
         "tracking": {
             "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
             "artifact_location": str(folder / "mlartifacts"),
@@ -284,6 +298,10 @@ def test_the_embedded_server_with_faults_is_survived_and_the_retries_are_logged(
         time.sleep(0.5)
     assert retries, "no retry in the flow run's Prefect log"
     assert any(code in m for m in retries for code in ("429", "500", "503"))
+    # Jobs on this provider are bounded by a Prefect global concurrency limit from the config.
+    with get_client(sync_client=True) as prefect:
+        limit = prefect.read_global_concurrency_limit_by_name("tuneline-jobs-local")
+    assert limit.limit == config.provider.max_concurrent_jobs
 
 
 def test_a_file_only_the_server_refuses_fails_the_run_with_its_code(
@@ -362,3 +380,28 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
     assert "data.as_of" in outcome.output
     missing = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "config file not found" in missing.output
+
+
+def test_the_key_can_come_from_a_prefect_secret_block(
+    prefect_server: None, server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.blocks.system import Secret
+
+    Secret(value=KEY).save("tuneline-test-provider-key", overwrite=True)
+    config_path = write_config(
+        tmp_path,
+        support_examples(12, "s"),
+        base_url=server.base_url,
+        **{"provider.api_key_secret_block": "tuneline-test-provider-key"},
+    )
+    config = load_config(config_path)
+    monkeypatch.delenv("TUNELINE_API_KEY")
+    with (
+        pytest.raises(ProviderError, match="set TUNELINE_API_KEY or create the Prefect Secret block"),
+        connect(config),
+    ):
+        pass
+    key = secret_block_key(config)
+    assert key == KEY
+    with connect(config, api_key=key) as provider:
+        assert list(provider.client.models.list())

@@ -149,7 +149,8 @@ def builtin_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tuneline-tiny, built once per test session (about 20 s) instead of once per state directory."""
     from tuneline.server.builtin import ensure_builtin_model
 
-    return ensure_builtin_model(tmp_path_factory.mktemp("builtin-cache"))
+    # The same folder as test_builtin.py's fixture: whichever runs first builds, the other reuses it.
+    return ensure_builtin_model(tmp_path_factory.getbasetemp() / "tuneline-tiny-state")
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,33 @@ the OpenAPI contract."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+
+UPLOAD_LIMIT = 20_000
+
+
+@pytest.fixture(scope="module")
+def server(server_state: Path) -> Iterator[Any]:
+    """This module's server takes uploads up to 20 kB (server.max_upload_bytes in its config)."""
+    import yaml
+
+    from tuneline.config import DEFAULT_CONFIG
+    from tuneline.server.launcher import start_server
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    config.setdefault("server", {})["max_upload_bytes"] = UPLOAD_LIMIT
+    config_path = server_state / "small-limit.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with start_server(
+        server_state, api_key="sk-files-test", extra_args=["--config", str(config_path)]
+    ) as process:
+        yield process
 
 
 def raw(client: Any, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -85,36 +107,16 @@ def test_bad_uploads_are_refused_with_a_clear_message(
     assert needle in response.json()["error"]["message"]
 
 
-def test_uploads_over_the_size_limit_get_413(server_state: Any, examples: Any, to_jsonl: Any) -> None:
-    from openai import OpenAI
-
-    from tuneline.server.launcher import start_server
-
-    with start_server(
-        server_state.parent / "small-limit",
-        api_key="k",
-        extra_args=["--config", str(_small_limit_config(server_state))],
-    ) as small:
-        client = OpenAI(base_url=small.base_url, api_key=small.api_key, max_retries=0)
-        ok = client.files.create(file=("ok.jsonl", io.BytesIO(b"{}\n" * 100)), purpose="fine-tune")
-        assert ok.bytes == 300
-        with pytest.raises(openai.APIStatusError) as caught:
-            client.files.create(file=("big.jsonl", io.BytesIO(b"{}\n" * 400)), purpose="fine-tune")
-        assert caught.value.status_code == 413
-        assert "1000 bytes" in caught.value.message
-        assert [f.id for f in client.files.list()] == [ok.id]
-
-
-def _small_limit_config(folder: Any) -> Any:
-    import yaml
-
-    from tuneline.config import DEFAULT_CONFIG
-
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
-    config.setdefault("server", {})["max_upload_bytes"] = 1000
-    path = folder / "small-limit.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+def test_uploads_over_the_size_limit_get_413(client: Any) -> None:
+    ok = client.files.create(file=("ok.jsonl", io.BytesIO(b"{}\n" * 3000)), purpose="fine-tune")
+    assert ok.bytes == 9000
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.files.create(file=("too-big.jsonl", io.BytesIO(b"{}\n" * 7000)), purpose="fine-tune")
+    assert caught.value.status_code == 413
+    assert (
+        f"{UPLOAD_LIMIT} bytes" in caught.value.message and "server.max_upload_bytes" in caught.value.message
+    )
+    assert "too-big.jsonl" not in {f.filename for f in client.files.list()}
 
 
 def test_unknown_ids_and_stale_cursors_are_404_and_400(client: Any, validate: Any) -> None:

@@ -7,7 +7,7 @@ import io
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +112,14 @@ def test_few_shot_covers_labels_in_turn_and_goes_after_the_system_prompt() -> No
         },
         chat("hello there", "General kenobi", system=False),
     ]
+    # One per label in turn, shortest first; the unlabelled general chat is not a task example.
     shots = select_few_shot(train, 3)
-    assert [s.user for s in shots] == ["charged twice", "late parcel", "hello there"]
-    assert select_few_shot(train, 4)[3].user == "charged twice again"
+    assert [s.user for s in shots] == ["charged twice", "late parcel", "charged twice again"]
+    assert len(select_few_shot(train, 8)) == 3
     assert select_few_shot(train, 0) == ()
+    # Without labels, every single-turn example may be a shot.
+    unlabelled = [chat("hello there, how are you", "Fine"), chat("hi", "Hello")]
+    assert [s.user for s in select_few_shot(unlabelled, 2)] == ["hi", "hello there, how are you"]
 
     item = EvalItem(
         "task:1", ({"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q"}), BILLING
@@ -135,8 +139,10 @@ def test_few_shot_covers_labels_in_turn_and_goes_after_the_system_prompt() -> No
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    state = tmp_path_factory.mktemp("server")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, seeded_state: Callable[[Path], Path]
+) -> Iterator[ServerProcess]:
+    state = seeded_state(tmp_path_factory.mktemp("server"))
     with start_server(state, api_key=secrets.token_urlsafe(16)) as running:
         yield running
 
@@ -237,9 +243,9 @@ def test_unreachable_provider_leaves_answers_unanswered_not_lost(tmp_path: Path)
     assert answers[0].error is not None and "could not connect" in answers[0].error
 
 
-def test_transient_faults_are_retried_until_answered(tmp_path: Path) -> None:
+def test_transient_faults_are_retried_until_answered(tmp_path: Path, seeded_state: Callable[[Path], Path]) -> None:
     key = secrets.token_urlsafe(16)
-    with start_server(tmp_path / "faulty", api_key=key, fault_rate=0.3) as faulty:
+    with start_server(seeded_state(tmp_path / "faulty"), api_key=key, fault_rate=0.3) as faulty:
         config = config_for(faulty.base_url, tmp_path, max_retries=10, concurrency=4)
         requests = [
             ChatRequest("tuneline-tiny", ({"role": "user", "content": f"question {i}"},)) for i in range(12)

@@ -201,7 +201,11 @@ def test_shipped_hosted_configs_connect(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", SECRET)
     with connect(load_config(PROJECT_ROOT / "configs" / "openai.yaml")) as hosted:
-        assert (hosted.kind, hosted.base_url, hosted.key_env) == ("openai", "https://api.openai.com/v1", "OPENAI_API_KEY")
+        assert (hosted.kind, hosted.base_url, hosted.key_env) == (
+            "openai",
+            "https://api.openai.com/v1",
+            "OPENAI_API_KEY",
+        )
     with connect(load_config(PROJECT_ROOT / "configs" / "azure.yaml")) as azure:
         assert isinstance(azure.client, openai.AzureOpenAI)
         assert azure.key_env == "AZURE_OPENAI_API_KEY"

@@ -123,7 +123,7 @@ class ChatFormat:
         return self._ids(self.render(messages, add_generation_prompt=True))
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def trained_spans(self, messages: Sequence[Mapping[str, Any]], text: str) -> list[tuple[int, int]]:
         """Character spans of `text` (the whole conversation rendered) that the loss is taken on."""
@@ -175,7 +175,7 @@ class ChatFormat:
     def _ids_and_starts(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
         """Token ids of `text` and the character offset where each token starts."""
         if getattr(self.tokenizer, "is_fast", False):
-            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             return list(encoded["input_ids"]), [start for start, _ in encoded["offset_mapping"]]
         # Slow tokenizers have no offsets: encode the text piecewise at the span boundaries.
         cuts = sorted({0, len(text), *(p for span in spans for p in span)})

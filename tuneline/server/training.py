@@ -13,8 +13,9 @@ What `train` guarantees:
 - models above `lora_above_params` parameters train LoRA adapters (peft) instead of all weights.
 
 "auto" hyperparameters: n_epochs by the hosted service's rule (tuneline.tokens.default_epochs);
-batch_size the power of two nearest to n_examples / 64, between 1 and 32 (about 64 steps per epoch,
-enough steps to learn from a few hundred examples, and batches big enough to keep a CPU busy);
+batch_size the largest power of two not above n_examples / 64, between 1 and 32 (64 to 128 steps per
+epoch: a small model needs a few hundred steps to learn from a few hundred examples, and larger
+batches keep a CPU or GPU busier);
 learning_rate_multiplier 1.0 (each model's base rate is tuned for its auto batch sizes).
 
 `python -m tuneline.server.training --demo` fine-tunes the built-in model on the demo support data
@@ -71,10 +72,10 @@ class Hyperparameters:
 
 
 def auto_batch_size(n_examples: int) -> int:
-    """The power of two nearest to n_examples / 64, between 1 and 32."""
-    if n_examples <= 64:
+    """The largest power of two not above n_examples / 64, between 1 and 32."""
+    if n_examples < 128:
         return 1
-    return int(min(32, 2 ** round(math.log2(n_examples / 64))))
+    return int(min(32, 2 ** math.floor(math.log2(n_examples / 64))))
 
 
 def resolve_hyperparameters(

@@ -1,0 +1,192 @@
+"""Base model ids, model directories, and generation: greedy and seeded sampling, stop strings and
+tokens, max_tokens, usage counts, streaming, the context limit, and Hugging Face checkpoints with and
+without a chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneline.server.builtin import ensure_builtin_model
+from tuneline.server.chat_template import ChatFormat
+from tuneline.server.modeling import (
+    BUILTIN_MODEL,
+    ChatModel,
+    ContextLengthExceeded,
+    base_model_ids,
+    resolve_base_model,
+)
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in model, built once per test session (the build caches it by corpus fingerprint)."""
+    return ensure_builtin_model(tmp_path_factory.getbasetemp() / "tuneline-tiny-state")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir: Path) -> ChatModel:
+    return ChatModel.load(tiny_dir)
+
+
+def save_gpt2(folder: Path, chat_template: str | None) -> Path:
+    """A 2-layer GPT-2 with a byte-level BPE tokenizer of its own, saved as a hub-style checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    bpe = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=specials
+    )
+    tokenizer.train_from_iterator(["User: hello there\nAssistant: general kenobi", "what is the capital"], bpe)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        additional_special_tokens=specials[1:] if chat_template else [],
+    )
+    if chat_template:
+        wrapped.chat_template = chat_template
+    config = GPT2Config(vocab_size=len(wrapped), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(str(folder))
+    wrapped.save_pretrained(str(folder))
+    return folder
+
+
+# -- ids and directories -------------------------------------------------------------------------
+
+
+def test_base_model_ids_are_the_builtin_and_each_checkpoint_folder(tmp_path: Path) -> None:
+    good = save_gpt2(tmp_path / "gpt2-small-test", None)
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    shadow = tmp_path / "other" / "gpt2-small-test"
+    shadow.mkdir(parents=True)
+    (shadow / "config.json").write_text("{}")
+    assert base_model_ids([]) == [BUILTIN_MODEL]
+    assert base_model_ids([good, empty, shadow]) == [BUILTIN_MODEL, "gpt2-small-test"]
+    assert resolve_base_model("gpt2-small-test", tmp_path / "state", [good]) == good.resolve()
+    with pytest.raises(KeyError):
+        resolve_base_model("gpt-4o-mini", tmp_path / "state", [good])
+    with pytest.raises(KeyError):
+        resolve_base_model("not-a-model", tmp_path / "state", [empty])
+
+
+def test_the_builtin_model_resolves_to_a_cached_checkpoint_directory(tiny_dir: Path) -> None:
+    state = tiny_dir.parent.parent
+    assert resolve_base_model(BUILTIN_MODEL, state, []) == tiny_dir
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (tiny_dir / name).is_file(), name
+
+
+# -- generation on the built-in model ------------------------------------------------------------
+
+
+def test_greedy_generation_answers_a_canary_question_with_real_usage(tiny: ChatModel) -> None:
+    first = tiny.generate(FRANCE, temperature=0)
+    assert first.text == "Paris."
+    assert first.finish_reason == "stop"
+    assert first.prompt_tokens == len(tiny.format.encode_prompt(FRANCE))
+    assert first.completion_tokens == len(tiny.tokenizer("Paris.", add_special_tokens=False)["input_ids"])
+    assert tiny.count_tokens(FRANCE, first.text) == (first.prompt_tokens, first.completion_tokens)
+    assert tiny.generate(FRANCE, temperature=0) == first
+
+
+def test_max_tokens_cuts_the_answer_with_finish_reason_length(tiny: ChatModel) -> None:
+    generation = tiny.generate(FRANCE, temperature=0, max_tokens=1)
+    assert generation.completion_tokens == 1 and generation.finish_reason == "length"
+    assert "Paris.".startswith(generation.text) and generation.text
+
+
+def test_a_stop_string_ends_the_answer_before_it(tiny: ChatModel) -> None:
+    generation = tiny.generate(FRANCE, temperature=0, stop=["is."])
+    assert generation.text == "Par" and generation.finish_reason == "stop"
+    assert tiny.generate(FRANCE, temperature=0, stop=["zzz"]).text == "Paris."
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny: ChatModel) -> None:
+    question = [{"role": "user", "content": "Tell me something."}]
+    runs = [tiny.generate(question, temperature=1.5, max_tokens=12, seed=s).text for s in (1, 1, 2, 3, 4)]
+    assert runs[0] == runs[1]
+    assert len(set(runs[1:])) > 1  # different seeds sample different answers
+    nucleus = [tiny.generate(question, temperature=1.0, top_p=1e-6, max_tokens=12, seed=s).text for s in (5, 6)]
+    greedy = tiny.generate(question, temperature=0, max_tokens=12).text
+    assert nucleus == [greedy, greedy]  # a vanishing top_p keeps only the most likely token
+
+
+def test_streamed_deltas_join_to_the_generated_text(tiny: ChatModel) -> None:
+    question = [{"role": "user", "content": "Tell me a joke."}]
+    pieces = list(tiny.stream(question, temperature=0.8, max_tokens=40, seed=11))
+    assert len(pieces) > 1 and all(pieces)
+    assert "".join(pieces) == tiny.generate(question, temperature=0.8, max_tokens=40, seed=11).text
+    assert "".join(tiny.stream(FRANCE, temperature=0, stop=["is."])) == "Par"
+
+
+def test_a_prompt_over_the_context_is_refused(tiny: ChatModel) -> None:
+    long_question = [{"role": "user", "content": "word " * 2000}]
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 512 tokens"):
+        tiny.generate(long_question)
+
+
+def test_special_tokens_end_a_turn_and_never_appear_in_text(tiny: ChatModel) -> None:
+    end = tiny.tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end in tiny.format.stop_token_ids
+    text = tiny.format.render([*FRANCE, {"role": "assistant", "content": "Paris."}], add_generation_prompt=False)
+    assert text == "<|user|>What is the capital of France?<|end|><|assistant|>Paris.<|end|>"
+
+
+# -- Hugging Face checkpoints --------------------------------------------------------------------
+
+
+def test_a_checkpoint_without_a_chat_template_uses_the_plain_fallback(tmp_path: Path) -> None:
+    model = ChatModel.load(save_gpt2(tmp_path / "plain", None))
+    assert not model.format.uses_template
+    conversation = [{"role": "system", "content": "Be kind."}, *FRANCE, {"role": "assistant", "content": "Paris."}]
+    assert model.format.render(conversation, add_generation_prompt=False) == (
+        "System: Be kind.\nUser: What is the capital of France?\nAssistant: Paris.<|endoftext|>\n"
+    )
+    assert model.format.render(FRANCE, add_generation_prompt=True).endswith("\nAssistant:")
+    generation = model.generate(FRANCE, temperature=0, max_tokens=5)
+    assert generation.completion_tokens <= 5
+    assert generation.prompt_tokens == len(model.format.encode_prompt(FRANCE))
+
+
+def test_a_checkpoint_with_a_chat_template_renders_and_masks_with_it(tmp_path: Path) -> None:
+    model = ChatModel.load(save_gpt2(tmp_path / "chatml", CHATML))
+    assert model.format.uses_template
+    im_end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in model.format.stop_token_ids
+    example = {"messages": [*FRANCE, {"role": "assistant", "content": "Paris."}]}
+    encoded = model.format.encode_example(example, 64)
+    trained = model.tokenizer.decode([t for t in encoded.labels if t != -100])
+    assert trained == "Paris.<|im_end|>\n"
+    assert model.tokenizer.decode(encoded.input_ids).startswith("<|im_start|>user\nWhat is the capital")
+
+
+def test_chat_format_of_tool_calls_and_content_parts(tiny_dir: Path) -> None:
+    from tuneline.server.modeling import load_tokenizer
+
+    fmt = ChatFormat(load_tokenizer(tiny_dir))
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"id": 1}'}}
+    messages = [
+        {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+        {"role": "user", "content": "Order 1?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "shipped"},
+        {"role": "assistant", "content": "It shipped."},
+    ]
+    text = fmt.render(messages, add_generation_prompt=False)
+    assert text.startswith("<|system|>Use tools.<|end|><|user|>Order 1?<|end|><|assistant|>")
+    assert json.dumps([call]) in text and "<|tool|>shipped<|end|>" in text
