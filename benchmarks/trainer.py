@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -35,7 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tuneline.server.chat_template import ChatFormat  # noqa: E402
-from tuneline.server.modeling import context_length, load_causal_lm, load_tokenizer, pick_device  # noqa: E402
+from tuneline.server.modeling import (  # noqa: E402
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    parameter_count,
+    pick_device,
+)
 from tuneline.server.training import (  # noqa: E402
     GRADIENT_CLIP,
     Hyperparameters,
@@ -114,7 +119,9 @@ def synthetic_checkpoint(name: str, folder: Path, texts: list[str]) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     bpe = trainers.BpeTrainer(
-        vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+        vocab_size=4096,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
     )
     tokenizer.train_from_iterator(texts, bpe)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
@@ -146,7 +153,9 @@ def baseline(model_dir: Path, lines: list[bytes], batch_size: int, seed: int, lr
     started = time.perf_counter()
     for batch in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            loss = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+            ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
         optimizer.step()
@@ -175,11 +184,10 @@ def tuneline_run(
 def mfu(model_dir: Path, tokens_per_second: float, mean_length: float) -> str:
     if not torch.cuda.is_available():
         return ""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    with torch.device("meta"):  # shapes only: counting parameters allocates nothing
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    parameters = parameter_count(model_dir)
     layers = getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0))
     width = getattr(config, "hidden_size", getattr(config, "n_embd", 0))
     flops_per_token = 6 * parameters + 12 * layers * width * mean_length
@@ -192,8 +200,12 @@ def mfu(model_dir: Path, tokens_per_second: float, mean_length: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, help="a Hugging Face checkpoint directory (default: tuneline-tiny)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, help="a Hugging Face checkpoint directory (default: tuneline-tiny)"
+    )
     parser.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="a random-weight GPT-2 of this size")
     parser.add_argument("--examples", type=int, default=480)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -227,6 +239,11 @@ def main() -> int:
             f"{threads} CPU threads, model {model_dir.name}, {args.examples} examples, batch {args.batch_size}",
             flush=True,
         )
+        if device.type == "cuda":  # kernel selection and allocator warm-up, untimed, for both
+            warm = work / "warm.jsonl"
+            warm.write_bytes(b"\n".join(lines[: 4 * args.batch_size]) + b"\n")
+            baseline(model_dir, lines[: 4 * args.batch_size], args.batch_size, args.seed, lr)
+            tuneline_run(model_dir, warm, work / "run-warm", args.batch_size, args.seed, threads)
         plain: list[float] = []
         ours_loop: list[float] = []
         ours_total: list[float] = []

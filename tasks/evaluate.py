@@ -504,7 +504,8 @@ def evaluate(
     frame["error"] = pd.Series([a.error for a in answers], dtype=object)
     frame["latency_s"] = [a.latency_s for a in answers]
     frame["shots"] = [
-        len(shots) - a.fallback if role == "few_shot" else 0 for a, role in zip(answers, frame["role"], strict=True)
+        len(shots) - a.fallback if role == "few_shot" else 0
+        for a, role in zip(answers, frame["role"], strict=True)
     ]
     frame = score_frame(frame)
     estimates, labels = summarize(frame, settings)

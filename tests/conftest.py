@@ -22,7 +22,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-openai", action="store_true", help="run tests that call api.openai.com (costs money)")
+    parser.addoption(
+        "--run-openai", action="store_true", help="run tests that call api.openai.com (costs money)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

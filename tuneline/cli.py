@@ -233,17 +233,27 @@ def ui(
 def serve(
     config: Path | None = ConfigOption,
     host: str | None = typer.Option(None, "--host", help="Address to bind (config server.host, 127.0.0.1)."),
-    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Port (config server.port, 8000)."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help="Files, jobs and models (server.state_dir)."),
+    port: int | None = typer.Option(
+        None, "--port", min=1, max=65535, help="Port (config server.port, 8000)."
+    ),
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="Files, jobs and models (server.state_dir)."
+    ),
     model_dir: list[Path] | None = typer.Option(
         None, "--model-dir", help="A Hugging Face checkpoint directory to serve as a base model (repeatable)."
     ),
     fault_rate: float | None = typer.Option(
         None, "--fault-rate", min=0.0, max=1.0, help="Answer this fraction of requests with 429/500/503."
     ),
-    fault_seed: int | None = typer.Option(None, "--fault-seed", help="Seed of the fault RNG (reproducible faults)."),
-    latency: float | None = typer.Option(None, "--latency", min=0.0, help="Milliseconds added to chat completions."),
-    concurrent_jobs: int | None = typer.Option(None, "--concurrent-jobs", min=1, max=16, help="Jobs trained at once."),
+    fault_seed: int | None = typer.Option(
+        None, "--fault-seed", help="Seed of the fault RNG (reproducible faults)."
+    ),
+    latency: float | None = typer.Option(
+        None, "--latency", min=0.0, help="Milliseconds added to chat completions."
+    ),
+    concurrent_jobs: int | None = typer.Option(
+        None, "--concurrent-jobs", min=1, max=16, help="Jobs trained at once."
+    ),
 ) -> None:
     """Run the OpenAI-compatible fine-tuning server (needs the `server` extra of tuneline).
 
@@ -257,13 +267,17 @@ def serve(
         from tuneline.server.app import run_server
         from tuneline.server.settings import API_KEY_ENV, ServerSettings, startup_problem
     except ImportError as exc:
-        usage_error(f"the server needs its extra dependencies ({exc.name} is missing): pip install 'tuneline\\[server]'")
+        usage_error(
+            f"the server needs its extra dependencies ({exc.name} is missing): pip install 'tuneline\\[server]'"
+        )
     try:
         settings = ServerSettings(
             state_dir=state_dir.resolve() if state_dir else resolve(cfg.state_dir),
             host=host or cfg.host,
             port=port or cfg.port,
-            model_dirs=tuple(p.resolve() for p in model_dir) if model_dir else tuple(resolve(p) for p in cfg.model_dirs),
+            model_dirs=tuple(p.resolve() for p in model_dir)
+            if model_dir
+            else tuple(resolve(p) for p in cfg.model_dirs),
             api_key=os.environ.get(API_KEY_ENV) or None,
             fault_rate=cfg.fault_rate if fault_rate is None else fault_rate,
             fault_seed=fault_seed,
@@ -286,7 +300,9 @@ def serve(
 @app.command()
 def run(
     config: Path | None = ConfigOption,
-    as_of: str | None = typer.Option(None, "--as-of", help="Last day of data to train on (YYYY-MM-DD; default today)."),
+    as_of: str | None = typer.Option(
+        None, "--as-of", help="Last day of data to train on (YYYY-MM-DD; default today)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Stop after prepare and print the cost estimate."),
 ) -> None:
     """prepare -> upload -> train (the `retrain` flow); prints the candidate model id on stdout."""
@@ -300,12 +316,16 @@ def run(
     except Exception as exc:
         console.print(f"[red]run failed:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    console.print(f"MLflow run {result.mlflow_run_id}; files in {result.export_dir}", highlight=False, soft_wrap=True)
+    console.print(
+        f"MLflow run {result.mlflow_run_id}; files in {result.export_dir}", highlight=False, soft_wrap=True
+    )
     if dry_run:
         estimate = result.estimated_cost_usd
         cost = "unknown (no price for this model)" if estimate is None else f"${estimate:,.4f}"
         console.print(
-            f"dry run: dataset {result.dataset_hash}, estimated training cost {cost}", highlight=False, soft_wrap=True
+            f"dry run: dataset {result.dataset_hash}, estimated training cost {cost}",
+            highlight=False,
+            soft_wrap=True,
         )
         typer.echo(cost)
         return
@@ -315,20 +335,25 @@ def run(
         highlight=False,
         soft_wrap=True,
     )
-    if result.decision is not None:
-        # Promoted or rejected, the run succeeded: the gate's decision and every rule's figures.
-        verdict = "PROMOTED" if result.promoted else "REJECTED"
-        rules = "\n".join(
-            f"  {'PASS' if rule['passed'] else 'FAIL'} {rule['rule']}: {rule['detail']}"
-            for rule in result.decision["rules"]
-        )
-        console.print(
-            f"{verdict} against the {result.decision['reference']} ({result.decision['reference_model']}); "
-            f"champion: version {result.champion_version or '(none)'}\n{rules}",
-            highlight=False,
-            soft_wrap=True,
-        )
+    _print_decision(result)
     typer.echo(result.candidate_model)
+
+
+def _print_decision(result: Any) -> None:
+    """Promoted or rejected, the run succeeded: the gate's decision and every rule's figures."""
+    if result.decision is None:
+        return
+    verdict = "PROMOTED" if result.promoted else "REJECTED"
+    rules = "\n".join(
+        f"  {'PASS' if rule['passed'] else 'FAIL'} {rule['rule']}: {rule['detail']}"
+        for rule in result.decision["rules"]
+    )
+    console.print(
+        f"{verdict} {result.candidate_model} against the {result.decision['reference']} "
+        f"({result.decision['reference_model']}); champion: version {result.champion_version or '(none)'}\n{rules}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -344,7 +369,9 @@ def evaluate(
     """Evaluate one model against the base model (zero- and few-shot) and the champion; promotes nothing."""
     read_config(config)
     if train_file is not None and not train_file.is_file():
-        usage_error(f"--train-file {train_file}: no such file (give a train.jsonl written by `tuneline prepare`)")
+        usage_error(
+            f"--train-file {train_file}: no such file (give a train.jsonl written by `tuneline prepare`)"
+        )
     from flows.evaluate import evaluate as evaluate_flow
 
     try:
@@ -362,7 +389,9 @@ def evaluate(
 @app.command()
 def rollback(
     config: Path | None = ConfigOption,
-    to: str | None = typer.Option(None, "--to", help="Version to make champion (default: the `previous` version)."),
+    to: str | None = typer.Option(
+        None, "--to", help="Version to make champion (default: the `previous` version)."
+    ),
     reason: str = typer.Option("manual rollback", "--reason", help="Why (recorded on the model version)."),
 ) -> None:
     """Move the registry's `champion` alias back to `previous` (or --to VERSION), recording who, when and why."""
@@ -378,6 +407,50 @@ def rollback(
     typer.echo(
         f"champion: version {outcome.to_version} ({outcome.model_id}); previous: version {outcome.from_version}"
     )
+
+
+DEMO_NIGHTS = ("2026-11-21", "2026-11-22")  # two consecutive days of the demo data in data/raw/support
+
+
+@app.command()
+def demo(config: Path | None = ConfigOption) -> None:
+    """Two nights of the nightly job on the demo data: night 1 trains and promotes the first champion,
+    night 2 sees a new day of data, trains a candidate, compares it with the champion and decides."""
+    import time
+
+    from flows.retrain import retrain
+
+    cfg = read_config(config)
+    started = time.monotonic()
+    for night, as_of in enumerate(DEMO_NIGHTS, start=1):
+        console.rule(f"night {night}: retrain as of {as_of}")
+        try:
+            result = retrain(config_path=str(config) if config else None, as_of=as_of, dry_run=False)
+        except Exception as exc:
+            console.print(f"[red]night {night} failed:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        _print_decision(result)
+    from tuneline.tracking import store_location
+
+    console.rule("done")
+    console.print(
+        f"two nights in {time.monotonic() - started:.0f} s. MLflow store: {store_location(cfg.tracking)}\n"
+        f"open the UI with: .venv/bin/tuneline ui{f' --config {config}' if config else ''}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Path = typer.Option(Path("data"), "--out", help="Where to write the demo data."),
+    seed: int | None = typer.Option(None, "--seed", help="Generator seed (default: the committed data's)."),
+) -> None:
+    """Regenerate the demo data (partitions with planted dirt, eval, canary and general sets)."""
+    from tuneline import demo_data as generator
+
+    generator.generate(out, seed if seed is not None else generator.DEFAULT_SEED)
+    console.print(f"demo data written to {out}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -254,7 +254,9 @@ def log_run_params(tracking: TrackingConfig, run_id: str, params: Mapping[str, A
         mlflow_client.log_batch(run_id, params=fresh[start : start + 100])
 
 
-def log_run_metrics(tracking: TrackingConfig, run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
+def log_run_metrics(
+    tracking: TrackingConfig, run_id: str, metrics: Mapping[str, float], *, step: int = 0
+) -> None:
     """Metrics at one step (step metrics draw the loss curves in the MLflow UI)."""
     now = int(time.time() * 1000)
     batch = [mlflow.entities.Metric(key, float(value), now, step) for key, value in metrics.items()]
@@ -274,11 +276,20 @@ def log_run_artifact(tracking: TrackingConfig, run_id: str, data: bytes | str, a
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder) / path.name
         local.write_bytes(data.encode() if isinstance(data, str) else data)
-        client(tracking).log_artifact(run_id, str(local), str(path.parent) if str(path.parent) != "." else None)
+        client(tracking).log_artifact(
+            run_id, str(local), str(path.parent) if str(path.parent) != "." else None
+        )
 
 
 def log_run_dataset(
-    tracking: TrackingConfig, run_id: str, *, name: str, dataset_hash: str, source: str, context: str, profile: Mapping[str, Any]
+    tracking: TrackingConfig,
+    run_id: str,
+    *,
+    name: str,
+    dataset_hash: str,
+    source: str,
+    context: str,
+    profile: Mapping[str, Any],
 ) -> None:
     """Record a dataset as an input of the run. Its digest is the dataset hash cut to the store's 36
     characters (log the full hash as a param beside it); `profile` holds counts and the full hash."""
@@ -303,7 +314,9 @@ def log_run_dataset(
 
 def read_run(tracking: TrackingConfig, run_id: str) -> RunRecord:
     run = client(tracking).get_run(run_id)
-    return RunRecord(run_id, run.info.status, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+    return RunRecord(
+        run_id, run.info.status, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags)
+    )
 
 
 def metric_history(tracking: TrackingConfig, run_id: str, key: str) -> list[tuple[int, float]]:

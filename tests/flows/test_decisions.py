@@ -1,11 +1,12 @@
 """The promotion gate decides right on real models: fine-tunes trained by a real `tuneline serve` on the
 demo support data, evaluated through the provider and promoted in a real MLflow registry.
 
-Models (trained once for the module; each later one continues from `decent`, which keeps it cheap):
-- decent:    the built-in model fine-tuned on four support intents with the canary facts mixed in;
-- good:      decent trained further on the same mix (clearly better on the task, canary kept);
-- forgetful: decent trained further, harder, on support data alone (better on the task, canary lost);
-- worse:     decent trained further on wrong answers (each intent answered with another's reply).
+Models (trained once for the module; each later one continues from an earlier one, which keeps it cheap):
+- decent:    the built-in model fine-tuned for two epochs on four support intents with the canary
+             facts mixed in (the house style begun, full of mistakes);
+- good:      decent trained five more epochs on the same mix (clearly better on the task, canary kept);
+- forgetful: good trained two more epochs, harder, on support data alone (task kept, canary lost);
+- worse:     good trained one more epoch on wrong answers (each intent answered with another's reply).
 The task set is every held-out question of those intents: the demo eval set's and raw records no
 model trains on. The champion then moves exactly when it should, and `tuneline rollback` moves it back.
 """
@@ -37,9 +38,14 @@ from tuneline.provider import Provider, connect
 from tuneline.server.launcher import ServerProcess, start_server
 from tuneline.tracking import CHAMPION, PREVIOUS
 
-INTENTS = ("billing/double_charge", "shipping/where_is_order", "account/password_reset", "technical/app_crash")
+INTENTS = (
+    "billing/double_charge",
+    "shipping/where_is_order",
+    "account/password_reset",
+    "technical/app_crash",
+)
 TRAIN_PER_INTENT = 30
-HELD_OUT_PER_INTENT = 8
+HELD_OUT_PER_INTENT = 2
 TRAINING_TIMEOUT_S = 600
 
 
@@ -82,8 +88,12 @@ class Project:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, seeded_state: Callable[[Path], Path]) -> Iterator[ServerProcess]:
-    with start_server(seeded_state(tmp_path_factory.mktemp("server")), api_key=secrets.token_urlsafe(16)) as running:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, seeded_state: Callable[[Path], Path]
+) -> Iterator[ServerProcess]:
+    with start_server(
+        seeded_state(tmp_path_factory.mktemp("server")), api_key=secrets.token_urlsafe(16)
+    ) as running:
         yield running
 
 
@@ -106,7 +116,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> 
         for index, intent in enumerate(INTENTS):
             answer_with = INTENTS[(index + 1) % len(INTENTS)] if wrong else intent
             for messages in chats[intent][:TRAIN_PER_INTENT]:
-                examples.append({"messages": [*messages[:2], {"role": "assistant", "content": house[answer_with]}]})
+                examples.append(
+                    {"messages": [*messages[:2], {"role": "assistant", "content": house[answer_with]}]}
+                )
         return examples
 
     def shuffled(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,7 +133,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> 
     for name, examples in files.items():
         (root / f"{name}.jsonl").write_text(jsonl(examples))
 
-    demo_eval = [json.loads(line) for line in (DATA_DIR / "eval" / "support_eval.jsonl").read_text().splitlines()]
+    demo_eval = [
+        json.loads(line) for line in (DATA_DIR / "eval" / "support_eval.jsonl").read_text().splitlines()
+    ]
     task = [e for e in demo_eval if answer_label(e["messages"][-1]["content"]) in INTENTS]
     for intent in INTENTS:  # raw records after the training ones: same phrasebook, never trained on
         task += [{"messages": m} for m in chats[intent][-HELD_OUT_PER_INTENT:]]
@@ -136,6 +150,11 @@ def project(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> 
         },
         "provider": {"kind": "compatible", "base_url": server.base_url, "max_retries": 2},
         "evaluation": {"bootstrap_samples": 300, "concurrency": 8},
+        # Token F1: a two-epoch fine-tune of tuneline-tiny already writes the house style with typos
+        # (exact match near 0, run to run), so F1 is what separates these models reliably. And tiny
+        # loses a few canary answers to any fine-tune (about 0.9 of 1.0 kept): 0.15 keeps good models
+        # promotable while a forgetful one (about 0.3) is stopped.
+        "promotion": {"primary_metric": "token_f1", "max_canary_drop": 0.15},
         "tracking": {
             "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
             "artifact_location": str(root / "mlartifacts"),
@@ -144,6 +163,15 @@ def project(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> 
     }
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(document))
+    # The same project with three questions per set, for the command-line smoke test.
+    (root / "task_smoke.jsonl").write_text(jsonl(task[:3]))
+    canary_lines = (DATA_DIR / "general" / "canary.jsonl").read_text().splitlines(keepends=True)
+    (root / "canary_smoke.jsonl").write_text("".join(canary_lines[:3]))
+    document["data"] |= {
+        "eval_set": str(root / "task_smoke.jsonl"),
+        "canary_set": str(root / "canary_smoke.jsonl"),
+    }
+    (root / "smoke.yaml").write_text(yaml.safe_dump(document))
     return Project(config_path, root / "mixed.jsonl", server.api_key)
 
 
@@ -175,13 +203,18 @@ def provider(project: Project) -> Iterator[Provider]:
 @pytest.fixture(scope="module")
 def models(project: Project, provider: Provider) -> dict[str, str]:
     root = project.config_path.parent
-    decent = fine_tune(provider, root / "mixed.jsonl", "tuneline-tiny", {"n_epochs": 6, "batch_size": 8})
-    further = {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 2.0}
+    decent = fine_tune(provider, root / "mixed.jsonl", "tuneline-tiny", {"n_epochs": 2, "batch_size": 8})
+    good = fine_tune(provider, root / "mixed.jsonl", decent, {"n_epochs": 5, "batch_size": 8})
     return {
         "decent": decent,
-        "good": fine_tune(provider, root / "mixed.jsonl", decent, further),
-        "forgetful": fine_tune(provider, root / "support_only.jsonl", decent, further),
-        "worse": fine_tune(provider, root / "wrong.jsonl", decent, {"n_epochs": 2, "batch_size": 8}),
+        "good": good,
+        "forgetful": fine_tune(
+            provider,
+            root / "support_only.jsonl",
+            good,
+            {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 2.0},
+        ),
+        "worse": fine_tune(provider, root / "wrong.jsonl", good, {"n_epochs": 1, "batch_size": 8}),
     }
 
 
@@ -198,7 +231,11 @@ def decide_on(project: Project, provider: Provider, model: str) -> Decided:
     run_id = tracking.start_run(config.tracking, run_name=f"decide {model}", tags={})
     result = run_evaluation(config, provider, model, run_id, str(project.train_file))
     outcome = promote(
-        config.tracking, config.promotion, result, Candidate(model, "local", "tuneline-tiny", "cafe" * 16, "ftjob-x"), run_id
+        config.tracking,
+        config.promotion,
+        result,
+        Candidate(model, "local", "tuneline-tiny", "cafe" * 16, "ftjob-x"),
+        run_id,
     )
     print(outcome.decision.summary())  # shown by pytest on failure: the figures behind the decision
     print(result.summary_table().to_string(index=False))
@@ -214,7 +251,11 @@ def failed(decided: Decided) -> set[str]:
 
 
 def test_the_gate_decides_right_and_rollback_restores(
-    project: Project, provider: Provider, models: dict[str, str], prefect_server: None, monkeypatch: pytest.MonkeyPatch
+    project: Project,
+    provider: Provider,
+    models: dict[str, str],
+    prefect_server: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # No champion yet: the candidate that forgot the canary set beats the base model on the task, and
     # only the forgetting guard stops it.
@@ -239,9 +280,10 @@ def test_the_gate_decides_right_and_rollback_restores(
     # Worse than the champion: rejected, nothing moves.
     worse = decide_on(project, provider, models["worse"])
     assert {"min_delta", "significant"} <= failed(worse)
-    assert worse.result.estimate("task", "candidate", "exact_match").mean < good.result.estimate(
-        "task", "candidate", "exact_match"
-    ).mean
+    assert (
+        worse.result.estimate("task", "candidate", "token_f1").mean
+        < good.result.estimate("task", "candidate", "token_f1").mean
+    )
 
     # A tie (the champion's own model again): the same answers, so no gain and nothing significant.
     tie = decide_on(project, provider, models["good"])
@@ -276,8 +318,31 @@ def test_evaluate_command_scores_any_model_and_promotes_nothing(
 ) -> None:
     monkeypatch.setenv("TUNELINE_API_KEY", project.api_key)
     before = champion(project)
-    result = CliRunner().invoke(app, ["evaluate", "--model", models["worse"], "--config", str(project.config_path)])
+    smoke = project.config_path.parent / "smoke.yaml"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            models["worse"],
+            "--config",
+            str(smoke),
+            "--train-file",
+            str(project.train_file),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert "candidate" in result.output and models["worse"] in result.output
+    for role in ("candidate", "base", "few_shot"):
+        assert role in result.output
+    assert models["worse"] in result.output
+    runs = tracking.client(project.config().tracking).search_runs(
+        [tracking.configure(project.config().tracking)], "tags.`tuneline.flow` = 'evaluate'"
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["eval/task/n_examples"] == 3
+    missing = CliRunner().invoke(
+        app, ["evaluate", "--model", "ft:tuneline-tiny:tuneline::missing0", "--config", str(smoke)]
+    )
+    assert missing.exit_code == 1 and "404" in missing.output
     after = champion(project)
     assert (after.version if after else None) == (before.version if before else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,9 +105,11 @@ def write_config(
             "max_poll_interval_s": 1.0,
             "job_timeout_s": 300,
         },
+        # A suffix per test folder: each test's jobs have their own training config hash on the shared server.
         "training": {
             "hyperparameters": {"n_epochs": n_epochs, "batch_size": 4},
             "runs_dir": str(folder / "runs"),
+            "suffix": re.sub(r"[^a-z0-9]+", "-", folder.name.lower())[-40:].strip("-"),
         },
         "tracking": {
             "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
@@ -163,14 +166,14 @@ def subprocess_env() -> dict[str, str]:
 
 
 def start_run_process(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "tuneline.cli", "run", "--config", str(config_path)],
-        cwd=PROJECT_ROOT,
-        env=subprocess_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tuneline.cli", "run", "--config", str(config_path)],
+            cwd=PROJECT_ROOT,
+            env=subprocess_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_for_active_job(

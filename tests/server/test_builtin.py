@@ -13,6 +13,7 @@ import pytest
 
 from tuneline.server.builtin import (
     DEFAULT_RECIPE,
+    MODEL_CACHE_ENV,
     BuiltinRecipe,
     build_builtin_model,
     canary_exact_match,
@@ -44,7 +45,12 @@ def tree_digest(directory: Path) -> str:
 
 def small_corpus(folder: Path, facts: int = 12) -> tuple[Path, Path]:
     lines = [
-        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
         for i in range(facts)
     ]
     corpus = folder / "general.jsonl"
@@ -121,7 +127,9 @@ def test_a_missing_corpus_names_the_file_and_the_fix(tmp_path: Path) -> None:
 
 def test_a_broken_corpus_line_names_the_line_and_the_rule(tmp_path: Path) -> None:
     corpus, canary = small_corpus(tmp_path)
-    corpus.write_text(corpus.read_text() + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    corpus.write_text(
+        corpus.read_text() + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n"
+    )
     with pytest.raises(ValueError, match=r"line 13 of .*example_missing_assistant_message"):
         build_builtin_model(tmp_path / "out", corpus, canary, recipe=QUICK)
 
@@ -135,3 +143,20 @@ def test_recipes_are_part_of_the_cache_key(tmp_path: Path) -> None:
     ensure_builtin_model(state, corpus, canary, recipe=other)
     second = json.loads((state / "models" / BUILTIN_MODEL / MODEL_CARD).read_text())
     assert first["fingerprint"] != second["fingerprint"] and second["recipe"]["hidden_size"] == 64
+
+
+def test_a_model_cache_shares_one_build_between_state_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus, canary = small_corpus(tmp_path)
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    first = ensure_builtin_model(tmp_path / "one", corpus, canary, recipe=QUICK)
+    second = ensure_builtin_model(tmp_path / "two", corpus, canary, recipe=QUICK)
+    entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and entries[0].name.startswith(f"{BUILTIN_MODEL}-")
+    assert (
+        (first / MODEL_CARD).read_bytes()
+        == (second / MODEL_CARD).read_bytes()
+        == (entries[0] / MODEL_CARD).read_bytes()
+    )
+    assert tree_digest(first) == tree_digest(second)

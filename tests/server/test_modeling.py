@@ -50,7 +50,9 @@ def save_gpt2(folder: Path, chat_template: str | None) -> Path:
     bpe = trainers.BpeTrainer(
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=specials
     )
-    tokenizer.train_from_iterator(["User: hello there\nAssistant: general kenobi", "what is the capital"], bpe)
+    tokenizer.train_from_iterator(
+        ["User: hello there\nAssistant: general kenobi", "what is the capital"], bpe
+    )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|endoftext|>",
@@ -121,7 +123,9 @@ def test_sampling_is_reproducible_with_a_seed(tiny: ChatModel) -> None:
     runs = [tiny.generate(question, temperature=1.5, max_tokens=12, seed=s).text for s in (1, 1, 2, 3, 4)]
     assert runs[0] == runs[1]
     assert len(set(runs[1:])) > 1  # different seeds sample different answers
-    nucleus = [tiny.generate(question, temperature=1.0, top_p=1e-6, max_tokens=12, seed=s).text for s in (5, 6)]
+    nucleus = [
+        tiny.generate(question, temperature=1.0, top_p=1e-6, max_tokens=12, seed=s).text for s in (5, 6)
+    ]
     greedy = tiny.generate(question, temperature=0, max_tokens=12).text
     assert nucleus == [greedy, greedy]  # a vanishing top_p keeps only the most likely token
 
@@ -143,7 +147,9 @@ def test_a_prompt_over_the_context_is_refused(tiny: ChatModel) -> None:
 def test_special_tokens_end_a_turn_and_never_appear_in_text(tiny: ChatModel) -> None:
     end = tiny.tokenizer.convert_tokens_to_ids("<|end|>")
     assert end in tiny.format.stop_token_ids
-    text = tiny.format.render([*FRANCE, {"role": "assistant", "content": "Paris."}], add_generation_prompt=False)
+    text = tiny.format.render(
+        [*FRANCE, {"role": "assistant", "content": "Paris."}], add_generation_prompt=False
+    )
     assert text == "<|user|>What is the capital of France?<|end|><|assistant|>Paris.<|end|>"
 
 
@@ -153,7 +159,11 @@ def test_special_tokens_end_a_turn_and_never_appear_in_text(tiny: ChatModel) -> 
 def test_a_checkpoint_without_a_chat_template_uses_the_plain_fallback(tmp_path: Path) -> None:
     model = ChatModel.load(save_gpt2(tmp_path / "plain", None))
     assert not model.format.uses_template
-    conversation = [{"role": "system", "content": "Be kind."}, *FRANCE, {"role": "assistant", "content": "Paris."}]
+    conversation = [
+        {"role": "system", "content": "Be kind."},
+        *FRANCE,
+        {"role": "assistant", "content": "Paris."},
+    ]
     assert model.format.render(conversation, add_generation_prompt=False) == (
         "System: Be kind.\nUser: What is the capital of France?\nAssistant: Paris.<|endoftext|>\n"
     )

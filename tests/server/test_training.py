@@ -35,8 +35,14 @@ from tuneline.tokens import default_epochs
 
 SYSTEM = "You are the Acme support assistant."
 INTENTS = {
-    "refund": ("Where is my refund for order {n}?", "Category: billing/refund\nReply: Your refund is on its way."),
-    "password": ("I forgot the password of account {n}.", "Category: account/password\nReply: Use the reset link."),
+    "refund": (
+        "Where is my refund for order {n}?",
+        "Category: billing/refund\nReply: Your refund is on its way.",
+    ),
+    "password": (
+        "I forgot the password of account {n}.",
+        "Category: account/password\nReply: Use the reset link.",
+    ),
     "late": ("Parcel {n} has not arrived yet.", "Category: shipping/late\nReply: It ships within two days."),
 }
 
@@ -175,7 +181,9 @@ def test_only_assistant_turns_with_weight_are_trained(tiny_dir: Path) -> None:
     example["messages"][2]["weight"] = 1
     assert trained_text(fmt, example) == "Hello there.<|end|>Paris.<|end|>"
     encoded = fmt.encode_example(example, 512)
-    assert fmt.tokenizer.decode(encoded.input_ids) == fmt.render(example["messages"], add_generation_prompt=False)
+    assert fmt.tokenizer.decode(encoded.input_ids) == fmt.render(
+        example["messages"], add_generation_prompt=False
+    )
 
 
 def test_legacy_prompt_completion_lines_train_on_the_completion(tiny_dir: Path) -> None:
@@ -204,11 +212,13 @@ def test_the_loss_on_trained_positions_equals_the_full_logits_loss(tiny_dir: Pat
     loss, correct, count = loss_function(batch)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     reference = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        batch.labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
     )
     assert torch.allclose(loss, reference, atol=1e-5)
-    assert int(count) == sum(e.trained_tokens for e in examples) - 0  # labels never sit on position 0
-    assert 0 <= int(correct) <= int(count)
+    assert count == sum(e.trained_tokens for e in examples)
+    assert 0 <= int(correct) <= count
 
 
 # -- training the built-in model -----------------------------------------------------------------
@@ -245,7 +255,9 @@ def test_train_reports_metrics_checkpoints_and_learns(tiny_dir: Path, support_fi
     assert ChatModel.load(outcome.model_dir).generate([{"role": "user", "content": "Hi"}], max_tokens=3).text
 
 
-def test_same_seed_same_weights_and_another_seed_other_weights(tiny_dir: Path, support_files, tmp_path) -> None:
+def test_same_seed_same_weights_and_another_seed_other_weights(
+    tiny_dir: Path, support_files, tmp_path
+) -> None:
     digests = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         outcome = train(spec_for(tiny_dir, support_files, tmp_path / name, seed=seed), RecordingReporter())
@@ -271,20 +283,25 @@ def test_resuming_from_an_epoch_checkpoint_ends_where_an_uninterrupted_run_ends(
     assert weights_digest(resumed.model_dir) == weights_digest(whole.model_dir)
 
 
-def test_a_stop_mid_epoch_leaves_a_state_that_resumes_exactly(tiny_dir: Path, support_files, tmp_path) -> None:
+def test_a_stop_mid_epoch_leaves_a_state_that_resumes_exactly(
+    tiny_dir: Path, support_files, tmp_path
+) -> None:
     whole = train(spec_for(tiny_dir, support_files, tmp_path / "whole"), RecordingReporter())
     stopping = RecordingReporter(stop_after=2)
     stopped = train(spec_for(tiny_dir, support_files, tmp_path / "stopped"), stopping)
     assert stopped.stopped and stopped.steps == 2 and stopping.checkpoints == []
     assert stopped.model_dir is not None and (stopped.model_dir / STATE_FILE).is_file()
     resumed = train(
-        spec_for(tiny_dir, support_files, tmp_path / "resumed", resume_from=stopped.model_dir), RecordingReporter()
+        spec_for(tiny_dir, support_files, tmp_path / "resumed", resume_from=stopped.model_dir),
+        RecordingReporter(),
     )
     assert resumed.model_dir is not None and whole.model_dir is not None
     assert weights_digest(resumed.model_dir) == weights_digest(whole.model_dir)
 
 
-def test_a_stop_is_honoured_before_the_next_step_within_seconds(tiny_dir: Path, support_files, tmp_path) -> None:
+def test_a_stop_is_honoured_before_the_next_step_within_seconds(
+    tiny_dir: Path, support_files, tmp_path
+) -> None:
     reporter = RecordingReporter(stop_after=1)
     started = time.monotonic()
     outcome = train(spec_for(tiny_dir, support_files, tmp_path / "run"), reporter)
@@ -294,11 +311,19 @@ def test_a_stop_is_honoured_before_the_next_step_within_seconds(tiny_dir: Path, 
 
 def test_resuming_with_other_data_is_refused(tiny_dir: Path, support_files, tmp_path: Path) -> None:
     reporter = RecordingReporter()
-    train(spec_for(tiny_dir, support_files, tmp_path / "run", hyperparameters=Hyperparameters(1, 4, 1.0)), reporter)
+    train(
+        spec_for(tiny_dir, support_files, tmp_path / "run", hyperparameters=Hyperparameters(1, 4, 1.0)),
+        reporter,
+    )
     other = write_jsonl(tmp_path / "other.jsonl", [support_line("late", i) for i in range(12)])
     with pytest.raises(ValueError, match="other data"):
         train(
-            spec_for(tiny_dir, (other, support_files[1]), tmp_path / "again", resume_from=reporter.checkpoints[0][1]),
+            spec_for(
+                tiny_dir,
+                (other, support_files[1]),
+                tmp_path / "again",
+                resume_from=reporter.checkpoints[0][1],
+            ),
             RecordingReporter(),
         )
 
@@ -317,7 +342,9 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("gpt2-tiny")
-    texts = [support_line(k, n)["messages"][i]["content"] for k in INTENTS for n in range(5) for i in range(3)]
+    texts = [
+        support_line(k, n)["messages"][i]["content"] for k in INTENTS for n in range(5) for i in range(3)
+    ]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -338,16 +365,24 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_full_fine_tuning_of_a_hugging_face_checkpoint(gpt2_dir: Path, support_files, tmp_path: Path) -> None:
     reporter = RecordingReporter()
-    outcome = train(spec_for(gpt2_dir, support_files, tmp_path / "run", hyperparameters=GPT2_HYPERPARAMETERS), reporter)
+    outcome = train(
+        spec_for(gpt2_dir, support_files, tmp_path / "run", hyperparameters=GPT2_HYPERPARAMETERS), reporter
+    )
     assert outcome.model_dir is not None and (outcome.model_dir / "config.json").is_file()
     assert weights_digest(outcome.model_dir) != weights_digest(gpt2_dir)
     assert "full fine-tuning" in reporter.messages[0][1]
     chat = ChatModel.load(outcome.model_dir)
-    generation = chat.generate([{"role": "user", "content": "Where is my refund?"}], temperature=0, max_tokens=4)
-    assert generation.prompt_tokens == len(chat.format.encode_prompt([{"role": "user", "content": "Where is my refund?"}]))
+    generation = chat.generate(
+        [{"role": "user", "content": "Where is my refund?"}], temperature=0, max_tokens=4
+    )
+    assert generation.prompt_tokens == len(
+        chat.format.encode_prompt([{"role": "user", "content": "Where is my refund?"}])
+    )
 
 
-def test_lora_above_the_size_threshold_saves_a_loadable_adapter(gpt2_dir: Path, support_files, tmp_path) -> None:
+def test_lora_above_the_size_threshold_saves_a_loadable_adapter(
+    gpt2_dir: Path, support_files, tmp_path
+) -> None:
     reporter = RecordingReporter()
     spec = spec_for(
         gpt2_dir, support_files, tmp_path / "run", lora_above_params=0, hyperparameters=GPT2_HYPERPARAMETERS
@@ -392,19 +427,22 @@ def test_fine_tuning_raises_exact_match_on_a_slice_of_the_demo_data(tiny_dir: Pa
         pytest.skip(f"the demo data {raw} is not generated (python -m tuneline.demo_data)")
     lines = demo_training_lines(raw, [])
     examples = [json.loads(line) for line in lines]
-    answers = [json.dumps(e.get("messages", [{}])[-1].get("content") or e.get("completion")) for e in examples]
+    answers = [
+        json.dumps(e.get("messages", [{}])[-1].get("content") or e.get("completion")) for e in examples
+    ]
     chosen = sorted({a for a in answers if a.startswith('"Category:')})[:3]
     picked = [line for line, answer in zip(lines, answers, strict=True) if answer in chosen]
     train_lines, held_out = picked[12:], picked[:12]
     train_file = tmp_path / "train.jsonl"
     train_file.write_bytes(b"\n".join(train_lines) + b"\n")
     held_out_examples = [json.loads(line) for line in held_out]
-    base_em = exact_match(ChatModel.load(tiny_dir), held_out_examples)
-    hyperparameters = resolve_hyperparameters(len(train_lines), "auto", "auto", "auto")
+    base_em = exact_match(ChatModel.load(tiny_dir), held_out_examples, max_tokens=160)
+    # About 130 examples: batch 2 for three epochs (the auto batch size would be 1: twice the steps).
+    hyperparameters = Hyperparameters(3, 2, 1.0)
     outcome = train(
         TrainingSpec(tiny_dir, train_file, None, tmp_path / "run", hyperparameters, 42), RecordingReporter()
     )
     assert outcome.model_dir is not None
-    tuned_em = exact_match(ChatModel.load(outcome.model_dir), held_out_examples)
+    tuned_em = exact_match(ChatModel.load(outcome.model_dir), held_out_examples, max_tokens=160)
     assert base_em == 0.0
     assert tuned_em >= 0.75, f"exact match {base_em:.2f} -> {tuned_em:.2f}"

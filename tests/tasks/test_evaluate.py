@@ -243,7 +243,9 @@ def test_unreachable_provider_leaves_answers_unanswered_not_lost(tmp_path: Path)
     assert answers[0].error is not None and "could not connect" in answers[0].error
 
 
-def test_transient_faults_are_retried_until_answered(tmp_path: Path, seeded_state: Callable[[Path], Path]) -> None:
+def test_transient_faults_are_retried_until_answered(
+    tmp_path: Path, seeded_state: Callable[[Path], Path]
+) -> None:
     key = secrets.token_urlsafe(16)
     with start_server(seeded_state(tmp_path / "faulty"), api_key=key, fault_rate=0.3) as faulty:
         config = config_for(faulty.base_url, tmp_path, max_retries=10, concurrency=4)

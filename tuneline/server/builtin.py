@@ -10,7 +10,7 @@ The build is deterministic (same corpus, canary set and recipe -> same tokenizer
    recipe, corpus fingerprint, the base learning rate fine-tunes start from, the canary score).
 
 It is cached at state_dir/models/tuneline-tiny and rebuilt only when the corpus, the canary set or the
-recipe changes. Concurrent callers (threads or processes) wait on a file lock; the directory appears
+recipe changes (and, with TUNELINE_MODEL_CACHE set, shared between state directories). Concurrent callers (threads or processes) wait on a file lock; the directory appears
 complete or not at all (built aside, then renamed into place).
 """
 
@@ -24,7 +24,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ from tuneline.server.modeling import BUILTIN_MODEL, MODEL_CARD, ChatModel
 from tuneline.server.training import Hyperparameters, Trainer, cpu_threads
 
 log = logging.getLogger(__name__)
+
+MODEL_CACHE_ENV = "TUNELINE_MODEL_CACHE"
 
 
 @dataclass(frozen=True)
@@ -187,12 +189,21 @@ def build_builtin_model(
             f"the general corpus {corpus_path} is missing: the built-in model is built from it "
             "(generate the demo data with `python -m tuneline.demo_data`)"
         )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    try:
+        return _build(out_dir, corpus_path, canary_path, recipe, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(
+    out_dir: Path, corpus_path: Path, canary_path: Path, recipe: BuiltinRecipe, started: float
+) -> BuildReport:
     corpus = read_chat_lines(corpus_path)
     canary = read_chat_lines(canary_path) if canary_path.is_file() else []
     known = {json.dumps(e, sort_keys=True) for e in corpus}
     examples = corpus + [e for e in canary if json.dumps(e, sort_keys=True) not in known]
-
-    torch.set_num_threads(cpu_threads())
     tokenizer = train_tokenizer(
         [str(m.get("content") or "") for e in examples for m in e["messages"]], recipe
     )
@@ -222,7 +233,9 @@ def build_builtin_model(
                 break
     model.eval()
     if score < 1.0:
-        log.warning("tuneline-tiny answers %.0f%% of the canary set after %d epochs", 100 * score, trainer.epoch)
+        log.warning(
+            "tuneline-tiny answers %.0f%% of the canary set after %d epochs", 100 * score, trainer.epoch
+        )
     out_dir.mkdir(parents=True)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
@@ -268,38 +281,50 @@ def _fsync_tree(directory: Path) -> None:
         _fsync_dir(path)
 
 
+def _install(folder: Path, name: str, expected: str, make: Callable[[Path], None]) -> Path:
+    """folder/name, made by `make` into a staging directory and renamed into place under a file lock,
+    unless it is already there with the expected fingerprint."""
+    target = folder / name
+    if _is_current(target, expected):
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if _is_current(target, expected):
+            return target
+        for leftover in folder.glob(f".build-{name}-*"):  # from a build that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = folder / f".build-{name}-{secrets.token_hex(4)}"
+        make(staging)
+        _fsync_tree(staging)
+        if target.exists():
+            retired = folder / f".old-{name}-{secrets.token_hex(4)}"
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+        _fsync_dir(folder)
+    return target
+
+
 def ensure_builtin_model(
     state_dir: Path,
     general_corpus: Path | None = None,
     canary_set: Path | None = None,
     recipe: BuiltinRecipe = DEFAULT_RECIPE,
 ) -> Path:
-    """state_dir/models/tuneline-tiny, built now if missing or made from another corpus or recipe."""
+    """state_dir/models/tuneline-tiny, built now if missing or made from another corpus or recipe.
+
+    With TUNELINE_MODEL_CACHE set to a directory, builds are kept there by fingerprint and copied
+    into each state directory, so many state directories (a test suite's servers) cost one build.
+    """
     corpus_path = Path(general_corpus) if general_corpus else default_general_corpus()
     canary_path = Path(canary_set) if canary_set else default_canary_set()
-    models = Path(state_dir) / "models"
-    target = models / BUILTIN_MODEL
     expected = fingerprint(corpus_path, canary_path, recipe)
-    if _is_current(target, expected):
-        return target
-    models.mkdir(parents=True, exist_ok=True)
-    with open(models / f".{BUILTIN_MODEL}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
-        if _is_current(target, expected):
-            return target
-        for leftover in models.glob(f".build-{BUILTIN_MODEL}-*"):  # from a build that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = models / f".build-{BUILTIN_MODEL}-{secrets.token_hex(4)}"
+
+    def build(staging: Path) -> None:
         report = build_builtin_model(staging, corpus_path, canary_path, recipe)
-        _fsync_tree(staging)
-        if target.exists():
-            retired = models / f".old-{BUILTIN_MODEL}-{secrets.token_hex(4)}"
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-        _fsync_dir(models)
         log.info(
             "built %s in %.1f s: %d parameters, %d epochs, canary exact match %.2f",
             BUILTIN_MODEL,
@@ -308,4 +333,13 @@ def ensure_builtin_model(
             report.epochs,
             report.canary_exact_match,
         )
-    return target
+
+    make = build
+    cache = os.environ.get(MODEL_CACHE_ENV)
+    if cache:
+        entry = _install(Path(cache), f"{BUILTIN_MODEL}-{expected[:16]}", expected, build)
+
+        def make(staging: Path) -> None:
+            shutil.copytree(entry, staging)
+
+    return _install(Path(state_dir) / "models", BUILTIN_MODEL, expected, make)

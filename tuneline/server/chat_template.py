@@ -26,7 +26,13 @@ from tuneline.formats import completion_to_chat, message_text
 IGNORE_INDEX = -100
 
 # The role header of the built-in model's template for each role a training line may carry.
-BUILTIN_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+BUILTIN_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 BUILTIN_END = "<|end|>"
 BUILTIN_PAD = "<|pad|>"
 BUILTIN_SPECIAL_TOKENS = (BUILTIN_PAD, BUILTIN_END, "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
@@ -54,10 +60,16 @@ def _normalized(message: Mapping[str, Any]) -> dict[str, str]:
     text = message_text(dict(message))
     calls = message.get("tool_calls")
     if calls:
-        text = f"{text}\n{json.dumps(calls, ensure_ascii=False)}" if text else json.dumps(calls, ensure_ascii=False)
+        text = (
+            f"{text}\n{json.dumps(calls, ensure_ascii=False)}"
+            if text
+            else json.dumps(calls, ensure_ascii=False)
+        )
     elif message.get("function_call"):
-        text = f"{text}\n{json.dumps(message['function_call'], ensure_ascii=False)}" if text else json.dumps(
-            message["function_call"], ensure_ascii=False
+        text = (
+            f"{text}\n{json.dumps(message['function_call'], ensure_ascii=False)}"
+            if text
+            else json.dumps(message["function_call"], ensure_ascii=False)
         )
     return {"role": role, "content": text}
 
@@ -83,11 +95,22 @@ class ChatFormat:
         eos = getattr(tokenizer, "eos_token", None)
         self.eos_text: str = eos if isinstance(eos, str) else ""
         self.stop_token_ids: set[int] = set()
-        for token in (BUILTIN_END, self.eos_text, "<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>"):
+        for token in (
+            BUILTIN_END,
+            self.eos_text,
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_turn|>",
+            "<end_of_turn>",
+        ):
             if not token:
                 continue
             token_id = tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id >= 0 and token_id != getattr(tokenizer, "unk_token_id", None):
+            if (
+                isinstance(token_id, int)
+                and token_id >= 0
+                and token_id != getattr(tokenizer, "unk_token_id", None)
+            ):
                 self.stop_token_ids.add(token_id)
         # Without an end-of-turn token the plain fallback stops on the next turn's header instead.
         self.stop_strings: list[str] = [] if self.stop_token_ids else ["\nUser:"]
@@ -175,7 +198,9 @@ class ChatFormat:
     def _ids_and_starts(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
         """Token ids of `text` and the character offset where each token starts."""
         if getattr(self.tokenizer, "is_fast", False):
-            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            encoded = self.tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+            )
             return list(encoded["input_ids"]), [start for start, _ in encoded["offset_mapping"]]
         # Slow tokenizers have no offsets: encode the text piecewise at the span boundaries.
         cuts = sorted({0, len(text), *(p for span in spans for p in span)})

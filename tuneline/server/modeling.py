@@ -51,7 +51,9 @@ def base_model_ids(model_dirs: Sequence[Path]) -> list[str]:
     for directory in model_dirs:
         path = Path(directory)
         if not is_model_dir(path):
-            log.warning("--model-dir %s holds no config.json or %s: not a model, ignored", path, ADAPTER_CONFIG)
+            log.warning(
+                "--model-dir %s holds no config.json or %s: not a model, ignored", path, ADAPTER_CONFIG
+            )
             continue
         if path.name in ids:
             log.warning("--model-dir %s: the id %r is taken, ignored", path, path.name)
@@ -146,6 +148,19 @@ def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
     model.to(device)
     model.eval()
     return model
+
+
+def parameter_count(path: Path) -> int:
+    """The number of parameters of the model in a directory, counted without loading its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        return parameter_count(adapter_base(path))
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def context_length(config: Any, default: int = 2048) -> int:

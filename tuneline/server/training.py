@@ -44,6 +44,7 @@ from tuneline.server.modeling import (
     context_length,
     load_causal_lm,
     load_tokenizer,
+    parameter_count,
     pick_device,
 )
 from tuneline.tokens import default_epochs
@@ -89,7 +90,9 @@ def resolve_hyperparameters(
     batch = auto_batch_size(n_examples) if batch_size == "auto" else int(batch_size)
     multiplier = 1.0 if learning_rate_multiplier == "auto" else float(learning_rate_multiplier)
     if epochs < 1 or batch < 1 or not multiplier > 0:
-        raise ValueError(f"hyperparameters out of range: n_epochs={epochs}, batch_size={batch}, lr x{multiplier}")
+        raise ValueError(
+            f"hyperparameters out of range: n_epochs={epochs}, batch_size={batch}, lr x{multiplier}"
+        )
     return Hyperparameters(epochs, batch, multiplier)
 
 
@@ -169,7 +172,12 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    # Where the loss is taken: flat indices into the (rows x (width - 1)) next-token predictions, and
+    # the tokens to predict there. Built on the CPU, so picking them never waits on a GPU.
+    trained_positions: torch.Tensor
+    targets: torch.Tensor
     tokens: int  # non-padding tokens
+    trained_tokens: int
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int, device: torch.device) -> Batch:
@@ -182,8 +190,24 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, device: torch.devic
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
+    shifted = labels[:, 1:].reshape(-1)
+    positions = torch.nonzero(shifted != IGNORE_INDEX).flatten()
+    targets = shifted[positions]
     tokens = sum(len(e.input_ids) for e in examples)
-    return Batch(input_ids.to(device), attention_mask.to(device), labels.to(device), tokens)
+    pin = device.type == "cuda"
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=pin)
+
+    return Batch(
+        input_ids=moved(input_ids),
+        attention_mask=moved(attention_mask),
+        labels=moved(labels),
+        trained_positions=moved(positions),
+        targets=moved(targets),
+        tokens=tokens,
+        trained_tokens=int(positions.numel()),
+    )
 
 
 # -- the model's loss ----------------------------------------------------------------------------
@@ -197,29 +221,28 @@ class LossFunction:
         prefix = getattr(inner, "base_model_prefix", "")
         backbone = getattr(inner, prefix, None) if prefix else None
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-        scaled = any(getattr(inner.config, name, None) not in (None, 1, 1.0) for name in SCALED_LOGITS_ATTRIBUTES)
+        scaled = any(
+            getattr(inner.config, name, None) not in (None, 1, 1.0) for name in SCALED_LOGITS_ATTRIBUTES
+        )
         self.model = model
         self.backbone = backbone if backbone is not None and backbone is not inner and not scaled else None
         self.head = head
 
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(mean loss, correct predictions, trained positions) of the batch."""
-        targets = batch.labels[:, 1:]
-        trained = targets != IGNORE_INDEX
         if self.backbone is not None and self.head is not None:
             hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-            logits = self.head(hidden[:, :-1][trained]).float()
+            picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch.trained_positions)
+            logits = self.head(picked).float()
         else:
             output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            logits = output.logits[:, :-1][trained].float()
-        picked = targets[trained]
-        count = picked.new_tensor(picked.numel())
-        if picked.numel() == 0:
-            zero = logits.sum() * 0.0
-            return zero, count * 0, count
-        loss = F.cross_entropy(logits, picked)
-        correct = (logits.detach().argmax(dim=-1) == picked).sum()
-        return loss, correct, count
+            every = output.logits[:, :-1]
+            logits = every.reshape(-1, every.shape[-1]).index_select(0, batch.trained_positions).float()
+        if batch.trained_tokens == 0:
+            return logits.sum() * 0.0, batch.targets.new_zeros(()), 0
+        loss = F.cross_entropy(logits, batch.targets)
+        correct = (logits.detach().argmax(dim=-1) == batch.targets).sum()
+        return loss, correct, batch.trained_tokens
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -282,9 +305,7 @@ def make_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.opt
 class _Metrics:
     """Per-step figures, kept as tensors until flushed so a GPU is not synchronised every step."""
 
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]] = field(
-        default_factory=list
-    )
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, int, dict[str, float]]] = field(default_factory=list)
     last: dict[str, float] = field(default_factory=dict)
 
 
@@ -324,7 +345,7 @@ class Trainer:
         self.loss = LossFunction(model)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.parameters, peak_learning_rate)
-        self.autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+        self.autocast = device.type == "cuda"
         self.step = 0
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches of the current epoch already trained
@@ -397,7 +418,7 @@ class Trainer:
         for step, loss, correct, count, extra in self._metrics.pending:
             data = {
                 "train_loss": float(loss),
-                "train_mean_token_accuracy": float(correct) / max(1, int(count)),
+                "train_mean_token_accuracy": float(correct) / max(1, count),
                 **extra,
             }
             self._metrics.last = {"step": float(step), **data}
@@ -415,7 +436,7 @@ class Trainer:
         self.model.eval()
         total_loss = torch.zeros((), device=self.device)
         total_correct = torch.zeros((), device=self.device)
-        total_count = torch.zeros((), device=self.device)
+        total_count = 0
         size = max(self.hyperparameters.batch_size, 16)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         for begin in range(0, len(order), size):
@@ -425,7 +446,7 @@ class Trainer:
             total_loss += loss.float() * count
             total_correct += correct
             total_count += count
-        count = max(1.0, float(total_count))
+        count = max(1, total_count)
         return float(total_loss) / count, float(total_correct) / count
 
     def validation_batch(self) -> dict[str, float]:
@@ -493,36 +514,46 @@ def _link_or_copy_model(source: Path, target: Path) -> None:
 def load_for_training(spec: TrainingSpec, device: torch.device) -> tuple[Any, Any, bool]:
     """(model, tokenizer, uses LoRA): the base model, or the state to resume from, ready to train."""
     tokenizer = load_tokenizer(spec.base_model_dir)
-    dtype = torch.float32
-    base = load_causal_lm(spec.base_model_dir, device, dtype)
-    n_parameters = sum(p.numel() for p in base.parameters())
-    lora = n_parameters > spec.lora_above_params
-    resume = spec.resume_from
-    if lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
+    lora = parameter_count(spec.base_model_dir) > spec.lora_above_params
+    if not lora:
+        return (
+            load_causal_lm(spec.resume_from or spec.base_model_dir, device, torch.float32),
+            tokenizer,
+            False,
+        )
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            base.to(torch.bfloat16)  # frozen base weights in bf16; the adapters stay float32
-        if resume is not None:
-            model = PeftModel.from_pretrained(base, str(resume), is_trainable=True)
-        else:
-            config = LoraConfig(
-                r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-            )
-            model = get_peft_model(base, config)
-    elif resume is not None:
-        model = load_causal_lm(resume, device, dtype)
+    # The frozen base in bf16 on a GPU that has it; the adapters are kept in float32 by peft.
+    frozen = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    base = load_causal_lm(spec.base_model_dir, device, frozen)
+    if spec.resume_from is not None:
+        model = PeftModel.from_pretrained(base, str(spec.resume_from), is_trainable=True)
     else:
-        model = base
+        config = LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=2 * LORA_RANK,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, config)
     model.to(device)
-    return model, tokenizer, lora
+    return model, tokenizer, True
 
 
 def train(spec: TrainingSpec, reporter: TrainingReporter) -> TrainingOutcome:
     """Fine-tune `spec.base_model_dir` on `spec.train_file` (see the module docstring for guarantees)."""
+    threads = torch.get_num_threads()
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(spec.cpu_threads))
+    try:
+        return _train(spec, reporter, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device) -> TrainingOutcome:
     torch.manual_seed(spec.seed)
     fingerprint = data_fingerprint(spec)
     state: dict[str, Any] | None = None
@@ -574,7 +605,9 @@ def train(spec: TrainingSpec, reporter: TrainingReporter) -> TrainingOutcome:
                 trainer.flush(reporter)
                 if trainer.step > saved_at_step:
                     last_saved = save_state(output_dir / f"resume-step-{trainer.step}")
-                return TrainingOutcome(last_saved, trainer.tokens_seen, trainer.step, hp, True, trainer.last_metrics)
+                return TrainingOutcome(
+                    last_saved, trainer.tokens_seen, trainer.step, hp, True, trainer.last_metrics
+                )
             trainer.train_step(indices, end_of_epoch=position == len(batches) - 1)
             trainer.maybe_flush(reporter)
         trainer.end_epoch()
@@ -631,7 +664,10 @@ def demo_training_lines(raw_dir: Path, eval_examples: Sequence[dict[str, Any]]) 
                 example = json.loads(raw)
             except ValueError:
                 continue
-            if check_example(example, allowed=("chat", "completion")) is None and prompt_key(example) not in asked:
+            if (
+                check_example(example, allowed=("chat", "completion")) is None
+                and prompt_key(example) not in asked
+            ):
                 lines.append(raw)
     return lines
 
@@ -683,7 +719,9 @@ def demo(
     canary = read_examples(data / "general" / "canary.jsonl")
     if train_file is None:
         train_file = work_dir / "train.jsonl"
-        train_file.write_bytes(b"\n".join(demo_training_lines(data / "raw" / "support", eval_examples)) + b"\n")
+        train_file.write_bytes(
+            b"\n".join(demo_training_lines(data / "raw" / "support", eval_examples)) + b"\n"
+        )
     n_examples = len(read_examples(train_file))
     base = ChatModel.load(base_dir)
     base_em, base_canary = exact_match(base, eval_examples), exact_match(base, canary)
@@ -714,10 +752,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tempfile
 
     parser = argparse.ArgumentParser(prog="python -m tuneline.server.training", description=__doc__)
-    parser.add_argument("--demo", action="store_true", help="fine-tune tuneline-tiny on the demo support data")
+    parser.add_argument(
+        "--demo", action="store_true", help="fine-tune tuneline-tiny on the demo support data"
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="the demo data (default data/)")
     parser.add_argument("--train-file", type=Path, default=None, help="a prepared train.jsonl to use instead")
-    parser.add_argument("--work-dir", type=Path, default=None, help="where to build and train (default: a temp dir)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="where to build and train (default: a temp dir)"
+    )
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     if not args.demo:
