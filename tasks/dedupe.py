@@ -116,7 +116,8 @@ class _Stage:
 
 def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig) -> pd.DataFrame:
     """The frame with the dedupe rules applied (see the module docstring for the guarantees)."""
-    out = frame.copy()
+    # Copy-on-write: only the columns written here are copied (raw text stays shared).
+    out = frame.copy(deep=False)
     stage = _Stage(out)
     rank = record_order(out)
     examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)

@@ -103,14 +103,18 @@ def _word_hash(word: str) -> int:
 
 
 class TextTable:
-    """Distinct normalised texts, each with an id, and the stable 64-bit hashes of their words (the same
-    in every process and run: blake2b of each distinct word)."""
+    """Distinct normalised texts, each with an id; the stable 64-bit hashes of their words (the same in
+    every process and run: blake2b of each distinct word), and per text, the hashes and MinHash of the
+    shingles that lie wholly inside it. Computed on demand, once per text, as texts are added."""
 
     def __init__(self) -> None:
         self.texts: list[str] = []
         self._ids: dict[str, int] = {}
-        self._words: tuple[np.ndarray, np.ndarray] | None = None
-        self._hashes: tuple[np.ndarray, np.ndarray] | None = None
+        self._word_hash: dict[str, int] = {}
+        self._words = _Growing(np.uint64)
+        self._hashes = _Growing(np.uint64)
+        self._inner: dict[int, _Growing] = {}
+        self._signatures: dict[tuple[int, int], list[np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -121,42 +125,106 @@ class TextTable:
         if found is None:
             found = self._ids[normalized] = len(self.texts)
             self.texts.append(normalized)
-            self._words = self._hashes = None
         return found
 
     def words(self) -> tuple[np.ndarray, np.ndarray]:
         """(word hashes of all texts, flat uint64; offsets, int64, len(self) + 1)."""
-        if self._words is None:
-            split = pc.split_pattern(pa.array(self.texts, type=pa.large_string()), " ")
+        while self._words.count < len(self.texts):
+            start = self._words.count
+            chunk = self.texts[start : start + BATCH]
+            split = pc.split_pattern(pa.array(chunk, type=pa.large_string()), " ")
             lengths = pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
-            empty = np.flatnonzero(
-                np.fromiter((not t for t in self.texts), dtype=bool, count=len(self.texts))
-            )
             flat = split.flatten()
-            if len(empty):  # "" splits into one empty word; an empty text has none
+            empty = [k for k, text in enumerate(chunk) if not text]
+            if empty:  # "" splits into one empty word; an empty text has none
                 keep = np.ones(len(flat), dtype=bool)
-                keep[np.concatenate([[0], np.cumsum(lengths)[:-1]])[empty]] = False
+                keep[(np.cumsum(lengths) - lengths)[empty]] = False
                 flat = flat.filter(pa.array(keep))
                 lengths[empty] = 0
             encoded = pc.dictionary_encode(flat)
+            known = self._word_hash
             distinct = encoded.dictionary.to_pylist()
-            table = np.fromiter((_word_hash(w) for w in distinct), dtype=np.uint64, count=len(distinct))
+            for word in distinct:
+                if word not in known:
+                    known[word] = _word_hash(word)
+            table = np.fromiter((known[w] for w in distinct), dtype=np.uint64, count=len(distinct))
             codes = encoded.indices.to_numpy(zero_copy_only=False)
-            offsets = np.zeros(len(self.texts) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            self._words = (table[codes] if len(codes) else np.zeros(0, dtype=np.uint64), offsets)
-        return self._words
+            self._words.add(table[codes] if len(codes) else np.zeros(0, dtype=np.uint64), lengths)
+        return self._words.values()
 
     def hashes(self) -> tuple[np.ndarray, np.ndarray]:
         """(the polynomial hash of each text's word sequence, see content_hashes; its word count)."""
-        if self._hashes is None:
-            word_hash, offsets = self.words()
-            lengths = np.diff(offsets)
+        word_hash, offsets = self.words()
+        while self._hashes.count < len(self.texts):
+            start, stop = self._hashes.count, min(self._hashes.count + BATCH, len(self.texts))
+            words = word_hash[offsets[start] : offsets[stop]]
+            local = offsets[start : stop + 1] - offsets[start]
+            lengths = np.diff(local)
             owner = np.repeat(np.arange(len(lengths)), lengths)
-            after = (offsets[1:][owner] - 1) - np.arange(len(word_hash), dtype=np.int64)
+            after = (local[1:][owner] - 1) - np.arange(len(words), dtype=np.int64)
             powers = _powers(int(lengths.max(initial=0)) + 1)
-            self._hashes = (_segment_sums(word_hash * powers[after], offsets), lengths)
-        return self._hashes
+            self._hashes.add(
+                _segment_sums(words * powers[after], local), np.ones(stop - start, dtype=np.int64)
+            )
+        return self._hashes.values()[0], np.diff(offsets)
+
+    def inner_shingles(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(64-bit hashes of the shingles wholly inside each text: runs of `size` words, none for a
+        text shorter than that; offsets)."""
+        word_hash, offsets = self.words()
+        inner = self._inner.setdefault(size, _Growing(np.uint64))
+        while inner.count < len(self.texts):
+            start, stop = inner.count, min(inner.count + BATCH, len(self.texts))
+            local = offsets[start : stop + 1] - offsets[start]
+            counts = np.diff(local)
+            windows = np.maximum(counts - size + 1, 0)
+            first = _ranges(local[:-1], windows)
+            inner.add(
+                _combine(word_hash[offsets[start] : offsets[stop]], first, np.full(len(first), size), size),
+                windows,
+            )
+        return inner.values()
+
+    def signatures(self, size: int, num_perm: int) -> np.ndarray:
+        """The MinHash of each text's inner shingles, shape (texts, num_perm); all 2**32 - 1 for none."""
+        shingles, offsets = self.inner_shingles(size)
+        pieces = self._signatures.setdefault((size, num_perm), [])
+        done = sum(len(p) for p in pieces)
+        while done < len(self.texts):
+            stop = min(done + BATCH, len(self.texts))
+            local = offsets[done : stop + 1] - offsets[done]
+            pieces.append(minhash(shingles[offsets[done] : offsets[stop]], local, num_perm))
+            done = stop
+        if len(pieces) > 1:
+            pieces[:] = [np.concatenate(pieces)]
+        return pieces[0] if pieces else np.zeros((0, num_perm), dtype=np.uint32)
+
+
+class _Growing:
+    """Per-text arrays of a TextTable, appended a chunk of texts at a time: values and offsets."""
+
+    def __init__(self, dtype: type) -> None:
+        self.dtype = dtype
+        self.count = 0
+        self._values: list[np.ndarray] = []
+        self._lengths: list[np.ndarray] = []
+        self._joined: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        self._values.append(values)
+        self._lengths.append(lengths)
+        self.count += len(lengths)
+        self._joined = None
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._joined is None:
+            values = np.concatenate(self._values) if self._values else np.zeros(0, dtype=self.dtype)
+            lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            self._values, self._lengths = [values], [lengths]
+            self._joined = (values, offsets)
+        return self._joined
 
 
 @dataclass(frozen=True)
@@ -327,6 +395,22 @@ def permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(a, dtype=np.uint32), np.asarray(b, dtype=np.uint32)
 
 
+def _combine(words: np.ndarray, first: np.ndarray, length: np.ndarray, size: int) -> np.ndarray:
+    """The 64-bit hash of each shingle: `length` (<= size) words of `words` from index `first`; a
+    shingle shorter than `size` (a record shorter than that) is padded with zeros."""
+    padded = np.append(words, _U64(0))  # the last index stands for "past the end of a short record"
+    h = np.full(len(first), _GOLDEN, dtype=np.uint64)
+    h ^= _U64(size)
+    past_end = len(words)
+    for j in range(size):
+        index = first + j
+        if j:
+            index[length <= j] = past_end
+        h ^= padded[index]
+        h *= _PRIME_64
+    return _mix64(h)
+
+
 def shingles_of_words(words: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of the word shingles of each record (runs of `size` words; a shorter record is one
     shingle of all its words; an empty one has none), as `normalize.word_shingles` defines them; and
@@ -335,23 +419,10 @@ def shingles_of_words(words: np.ndarray, offsets: np.ndarray, size: int) -> tupl
     n_shingles = np.where(counts >= size, counts - size + 1, np.minimum(counts, 1))
     shingle_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(n_shingles, out=shingle_offsets[1:])
-    total = int(shingle_offsets[-1])
-    if not total:
+    if not shingle_offsets[-1]:
         return np.zeros(0, dtype=np.uint64), shingle_offsets
-    first_word = _ranges(offsets[:-1], n_shingles)
-    owner_count = np.repeat(counts, n_shingles)
-    padded = np.append(words, _U64(0))  # the last index stands for "past the end of a short record"
-    h = np.full(total, _GOLDEN, dtype=np.uint64)
-    h ^= _U64(size)
-    past_end = len(words)
-    for j in range(size):
-        index = first_word + j
-        if j:
-            # Only a record shorter than `size` has a shingle that runs past its last word.
-            index[owner_count <= j] = past_end
-        h ^= padded[index]
-        h *= _PRIME_64
-    return _mix64(h), shingle_offsets
+    first = _ranges(offsets[:-1], n_shingles)
+    return _combine(words, first, np.repeat(np.minimum(counts, size), n_shingles), size), shingle_offsets
 
 
 def _fmix32(values: np.ndarray) -> np.ndarray:
@@ -395,34 +466,73 @@ def minhash(shingles: np.ndarray, offsets: np.ndarray, num_perm: int) -> np.ndar
     return np.ascontiguousarray(out.T)
 
 
-@dataclass(frozen=True)
-class Sketches:
-    """MinHash signatures of records, shape (records, num_perm), and the 32-bit shingle hashes they
-    were computed from (record i owns shingles[offsets[i]:offsets[i + 1]])."""
-
-    signatures: np.ndarray
-    shingles: np.ndarray  # uint32
-    offsets: np.ndarray
-
-    @property
-    def counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
+_MAX32 = np.iinfo(np.uint32).max
 
 
-def sketches(documents: Documents, num_perm: int, shingle_size: int) -> Sketches:
-    """The MinHash signature and the shingles of every record."""
-    result = np.empty((len(documents), num_perm), dtype=np.uint32)
-    counts = np.zeros(len(documents), dtype=np.int64)
-    pieces: list[np.ndarray] = []
+def sketches(documents: Documents, num_perm: int, shingle_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the MinHash signature of every record, shape (records, num_perm), equal to `minhash` over its
+    `shingles_of_words`; every record's word count).
+
+    A record's shingles are those wholly inside one of its parts, plus those that cross a boundary
+    between parts (plus, for a record shorter than a shingle, the one shingle of all its words).
+    MinHash of a union is the elementwise minimum, so each distinct text's inner MinHash is computed
+    once (TextTable.signatures) and a record only adds its few boundary shingles: a system prompt or
+    a house reply shared by a million records is hashed once, not a million times."""
+    size = shingle_size
+    table = documents.table
+    word_hash, text_offsets = table.words()
+    text_lengths = np.diff(text_offsets)
+    text_signatures = table.signatures(size, num_perm)
+    signatures = np.empty((len(documents), num_perm), dtype=np.uint32)
+    word_counts = np.zeros(len(documents), dtype=np.int64)
     for start, stop in documents.batches():
-        shingles, offsets = shingles_of_words(*documents.words(start, stop), shingle_size)
-        result[start:stop] = minhash(shingles, offsets, num_perm)
-        counts[start:stop] = np.diff(offsets)
-        pieces.append((shingles >> _U64(32)).astype(np.uint32))
-    offsets = np.zeros(len(documents) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    shingles = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
-    return Sketches(result, shingles, offsets)
+        records = stop - start
+        parts = documents.parts[documents.offsets[start] : documents.offsets[stop]]
+        part_offsets = documents.offsets[start : stop + 1] - documents.offsets[start]
+        part_lengths = text_lengths[parts]
+        part_start = np.zeros(len(parts) + 1, dtype=np.int64)  # word positions within the batch
+        np.cumsum(part_lengths, out=part_start[1:])
+        record_start = part_start[part_offsets]
+        lengths = np.diff(record_start)
+        word_counts[start:stop] = lengths
+        # The minimum over each record's parts, a part position at a time (numpy's 2-d reduceat is slow).
+        inner = np.full((records, num_perm), _MAX32, dtype=np.uint32)
+        part_counts = np.diff(part_offsets)
+        for k in range(int(part_counts.max(initial=0))):
+            having = np.flatnonzero(part_counts > k)
+            inner[having] = np.minimum(inner[having], text_signatures[parts[part_offsets[having] + k]])
+        # Windows crossing a boundary: those starting in the size - 1 words before a part's start.
+        part_record = np.repeat(np.arange(records), np.diff(part_offsets))
+        later_parts = np.flatnonzero(np.arange(len(parts)) != part_offsets[part_record])
+        window = np.repeat(part_start[later_parts] - size + 1, size - 1) + np.tile(
+            np.arange(size - 1), len(later_parts)
+        )
+        owner = np.repeat(part_record[later_parts], size - 1)
+        valid = (window >= record_start[owner]) & (window + size <= record_start[owner + 1])
+        window = _sorted_unique(window[valid])
+        # Records shorter than a shingle: one shingle of all their words, padded.
+        short = np.flatnonzero((lengths > 0) & (lengths < size))
+        starts = np.concatenate([window, record_start[short]])
+        widths = np.concatenate([np.full(len(window), size), lengths[short]])
+        order = np.argsort(starts, kind="stable")
+        starts, widths = starts[order], widths[order]
+        position = starts[:, None] + np.arange(size)[None, :]
+        inside = np.arange(size)[None, :] < widths[:, None]
+        position = np.where(inside, position, 0)
+        part = np.searchsorted(part_start, position, side="right") - 1
+        words = np.where(
+            inside, word_hash[text_offsets[parts[part]] + (position - part_start[part])], _U64(0)
+        )
+        h = np.full(len(starts), _GOLDEN, dtype=np.uint64)
+        h ^= _U64(size)
+        for j in range(size):
+            h ^= words[:, j]
+            h *= _PRIME_64
+        window_owner = np.searchsorted(record_start, starts, side="right") - 1
+        window_offsets = np.zeros(records + 1, dtype=np.int64)
+        np.cumsum(np.bincount(window_owner, minlength=records), out=window_offsets[1:])
+        np.minimum(inner, minhash(_mix64(h), window_offsets, num_perm), out=signatures[start:stop])
+    return signatures, word_counts
 
 
 def band_keys(signatures: np.ndarray, banding: Banding) -> np.ndarray:
@@ -554,18 +664,26 @@ class _DistinctShingles:
     sizes: np.ndarray
 
     @classmethod
-    def of(cls, sketches: Sketches, indices: np.ndarray) -> _DistinctShingles:
-        counts = sketches.counts[indices]
-        owner = np.repeat(np.arange(len(indices), dtype=np.uint64), counts)
-        keys = (owner << _U64(32)) | sketches.shingles[_ranges(sketches.offsets[indices], counts)]
-        keys.sort()
-        keep = np.ones(len(keys), dtype=bool)
-        np.not_equal(keys[1:], keys[:-1], out=keep[1:])
-        keys = keys[keep]
-        sizes = np.bincount((keys >> _U64(32)).astype(np.int64), minlength=len(indices))
+    def of(cls, documents: Documents, indices: np.ndarray, size: int) -> _DistinctShingles:
+        pieces: list[np.ndarray] = []
+        sizes = np.zeros(len(indices), dtype=np.int64)
+        for start in range(0, len(indices), BATCH):
+            chunk = indices[start : start + BATCH]
+            shingles, offsets = shingles_of_words(*documents.subset(chunk).words(), size)
+            owner = np.repeat(np.arange(len(chunk), dtype=np.uint64), np.diff(offsets))
+            keys = (owner << _U64(32)) | (shingles >> _U64(32))
+            keys.sort()
+            keep = np.ones(len(keys), dtype=bool)
+            np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+            keys = keys[keep]
+            sizes[start : start + len(chunk)] = np.bincount(
+                (keys >> _U64(32)).astype(np.int64), minlength=len(chunk)
+            )
+            pieces.append(keys & _U64(0xFFFFFFFF))
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
-        return cls(keys & _U64(0xFFFFFFFF), offsets, sizes)
+        hashes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint64)
+        return cls(hashes, offsets, sizes)
 
     def shared(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """For each pair (first[k], second[k]) of positions: how many hashes the two records share."""
@@ -612,16 +730,16 @@ def find_near_duplicates(
     if n < 2:
         return NearDuplicates(duplicate_of, similarity, 0, 0, 0)
     rank = np.asarray(rank)
-    sketch = sketches(documents, num_perm, shingle_size)
-    keys = band_keys(sketch.signatures, banding_for(num_perm, threshold))
-    later, earlier = candidate_pairs(keys, rank, sketch.counts > 0)
-    proposed = len(later)
-    close = agreeing(sketch.signatures, later, earlier, threshold)
+    signatures, word_counts = sketches(documents, num_perm, shingle_size)
+    keys = band_keys(signatures, banding_for(num_perm, threshold))
+    later, earlier = candidate_pairs(keys, rank, word_counts > 0)
     del keys
+    proposed = len(later)
+    close = agreeing(signatures, later, earlier, threshold)
+    del signatures
     later, earlier = later[close], earlier[close]
     involved = _sorted_unique(np.concatenate([later, earlier]))
-    shingles = _DistinctShingles.of(sketch, involved)
-    del sketch
+    shingles = _DistinctShingles.of(documents, involved, shingle_size)
     at_later, at_earlier = np.searchsorted(involved, later), np.searchsorted(involved, earlier)
     shared = shingles.shared(at_later, at_earlier)
     union = shingles.sizes[at_later] + shingles.sizes[at_earlier] - shared

@@ -86,31 +86,30 @@ def example_turns(example: dict[str, Any]) -> list[tuple[str, str]]:
     Preference (DPO) lines give their input turns, then the preferred and non-preferred answers under
     those names; legacy lines give `prompt` and `completion`.
     """
-    turns: list[tuple[str, str]] = []
     if "messages" in example:
-        for message in example["messages"]:
-            _add_turns(turns, str(message.get("role", "")), message)
-    elif "input" in example:
-        for message in example["input"]["messages"]:
-            _add_turns(turns, str(message.get("role", "")), message)
+        return _turns(example["messages"], None)
+    if "input" in example:
+        turns = _turns(example["input"]["messages"], None)
         for key in ("preferred_output", "non_preferred_output"):
-            for message in example[key]:
-                _add_turns(turns, key, message)
-    else:
-        turns.append(("prompt", str(example.get("prompt", ""))))
-        turns.append(("completion", str(example.get("completion", ""))))
+            turns.extend(_turns(example[key], key))
+        return turns
+    return [("prompt", str(example.get("prompt", ""))), ("completion", str(example.get("completion", "")))]
+
+
+def _turns(messages: list[dict[str, Any]], role: str | None) -> list[tuple[str, str]]:
+    """The turns of messages, under their own roles or under `role`."""
+    turns: list[tuple[str, str]] = []
+    for message in messages:
+        name = role if role is not None else message.get("role", "")
+        name = name if isinstance(name, str) else str(name)
+        turns.append((name, message_text(message)))
+        if "tool_calls" in message or "function_call" in message:
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                turns.append((name, f"{function.get('name', '')} {function.get('arguments', '')}"))
+            if message.get("function_call"):
+                turns.append((name, json.dumps(message["function_call"], sort_keys=True)))
     return turns
-
-
-def _add_turns(turns: list[tuple[str, str]], role: str, message: dict[str, Any]) -> None:
-    turns.append((role, message_text(message)))
-    calls = message.get("tool_calls")
-    if calls:
-        for call in calls:
-            function = call.get("function") or {}
-            turns.append((role, f"{function.get('name', '')} {function.get('arguments', '')}"))
-    if message.get("function_call"):
-        turns.append((role, json.dumps(message["function_call"], sort_keys=True)))
 
 
 def normalized_example(example: dict[str, Any], normalize: Normalizer | None = None) -> str:

@@ -2,9 +2,9 @@
 demo support data, evaluated through the provider and promoted in a real MLflow registry.
 
 Models (trained once for the module; each later one continues from an earlier one, which keeps it cheap):
-- decent:    the built-in model fine-tuned for two epochs on four support intents with the canary
+- decent:    the built-in model fine-tuned for four epochs on four support intents with the canary
              facts mixed in (the house style begun, full of mistakes);
-- good:      decent trained five more epochs on the same mix (clearly better on the task, canary kept);
+- good:      decent trained four more epochs on the same mix (clearly better on the task, canary kept);
 - forgetful: good trained two more epochs, harder, on support data alone (task kept, canary lost);
 - worse:     good trained one more epoch on wrong answers (each intent answered with another's reply).
 The task set is every held-out question of those intents: the demo eval set's and raw records no
@@ -203,8 +203,8 @@ def provider(project: Project) -> Iterator[Provider]:
 @pytest.fixture(scope="module")
 def models(project: Project, provider: Provider) -> dict[str, str]:
     root = project.config_path.parent
-    decent = fine_tune(provider, root / "mixed.jsonl", "tuneline-tiny", {"n_epochs": 2, "batch_size": 8})
-    good = fine_tune(provider, root / "mixed.jsonl", decent, {"n_epochs": 5, "batch_size": 8})
+    decent = fine_tune(provider, root / "mixed.jsonl", "tuneline-tiny", {"n_epochs": 4, "batch_size": 8})
+    good = fine_tune(provider, root / "mixed.jsonl", decent, {"n_epochs": 4, "batch_size": 8})
     return {
         "decent": decent,
         "good": good,

@@ -218,8 +218,20 @@ def test_matches_equal_the_definition_on_many_queries() -> None:
         assert matches.reference[q] == (best if values[best] >= 0.8 else -1)
 
 
-def test_sketches_keep_the_shingles_of_each_record() -> None:
-    documents = Documents.of_texts(["a b c d e", "", "a b"])
-    sketch = sketches(documents, 16, 3)
-    assert list(sketch.counts) == [3, 0, 1]
-    assert (sketch.signatures[1] == np.iinfo(np.uint32).max).all()
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_sketches_from_parts_equal_minhash_of_the_whole_record(size: int) -> None:
+    rng = random.Random(size)
+    table = TextTable()
+    shared = [sentence(rng, 12), "user", "assistant", "a", sentence(rng, 2)]
+    records = []
+    for _ in range(300):
+        parts = [
+            rng.choice(shared) if rng.random() < 0.6 else sentence(rng, rng.randint(1, 9))
+            for _ in range(rng.randint(0, 7))
+        ]
+        records.append(parts)
+    documents = Documents.build(table, records)
+    signatures, word_counts = sketches(documents, 32, size)
+    words, offsets = documents.words()
+    assert (word_counts == np.diff(offsets)).all()
+    assert (signatures == minhash(*shingles_of_words(words, offsets, size), 32)).all()
