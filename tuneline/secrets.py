@@ -265,8 +265,8 @@ def find_secrets_and_pii(texts: Sequence[str]) -> tuple[dict[int, SecretFinding]
 
 def redact_text(text: str) -> str:
     """The text with every email replaced by [email] and every phone number by [phone]."""
-    for placeholder, pattern in REDACTIONS:
-        text = pattern.sub(placeholder, text)
+    for replacement, pattern in REDACTIONS:
+        text = pattern.sub(replacement, text)
     return text
 
 
