@@ -6,9 +6,11 @@ Target: ratio = measured / ideal <= 1.25 for N=500, latency 200 ms, C=16.
 
 The requests go through the evaluate stage's own path (tasks/evaluate.py `ask_all`: bounded thread
 pool, per-request retries, a provider from tuneline/provider.py) to the built-in model. Every request is
-distinct (the eval set's questions, numbered), since `ask_all` sends identical requests only once.
-`--max-tokens` bounds generation so that the figure measures the client's concurrency rather than the
-CPU speed of the model; the time per request (injected latency included) is printed beside it.
+distinct (the eval questions, numbered), since `ask_all` sends identical requests only once. The
+canary questions (short prompts) and `--max-tokens` keep the model's own work small, so that the
+figure measures the client's concurrency rather than the CPU speed of the model; the time per request
+(injected latency included) is printed beside it. On a CPU-starved machine the server's generation
+itself becomes the bottleneck: compare with `--latency-ms 0`, which prints the generation-only time.
 
     .venv/bin/python benchmarks/evaluate.py [--requests 500] [--concurrency 16] [--latency-ms 200]
 """
@@ -32,7 +34,7 @@ from tuneline.server.launcher import start_server
 
 
 def requests_for(n: int, model: str, eval_set: str) -> list[ChatRequest]:
-    items = load_eval_set("task", eval_set).items
+    items = load_eval_set("canary", eval_set).items
     requests = []
     for number in range(n):
         item = items[number % len(items)]
@@ -50,6 +52,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument(
+        "--eval-set", default=None, help="JSONL of eval questions (default: the config's canary set, short prompts)"
+    )
     parser.add_argument("--target", type=float, default=1.25)
     args = parser.parse_args()
 
@@ -65,7 +70,7 @@ def main() -> int:
                     "evaluation.max_tokens": args.max_tokens,
                 },
             )
-            requests = requests_for(args.requests, config.model.base, config.data.eval_set)
+            requests = requests_for(args.requests, config.model.base, args.eval_set or config.data.canary_set)
             with connect(config, api_key=key) as provider:
                 ask_all(provider, requests[:1], config.evaluation)  # loads the model: not timed
                 started = time.perf_counter()
@@ -75,7 +80,7 @@ def main() -> int:
         per_request = [a.latency_s for a in answers]
 
     ideal = args.requests * args.latency_ms / 1000 / args.concurrency
-    ratio = elapsed / ideal
+    ratio = elapsed / ideal if ideal else float("inf")
     print(
         f"{args.requests} requests, concurrency {args.concurrency}, server latency {args.latency_ms:g} ms, "
         f"max_tokens {args.max_tokens}"

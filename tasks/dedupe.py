@@ -42,7 +42,7 @@ from tuneline.near_duplicates import (
     find_matches,
     find_near_duplicates,
 )
-from tuneline.normalize import Normalizer, example_turns
+from tuneline.normalize import Normalizer, example_turns, normalize_text
 from tuneline.secrets import find_secrets_and_pii, redact_example
 
 SECRET_DETECTED = "secret_detected"
@@ -207,7 +207,6 @@ def normalized_documents(
 ) -> tuple[Documents, list[str], list[str]]:
     """The normalised example of each record as Documents (parts: each turn's role and text), and its
     normalised prompt and answer."""
-    normalize = Normalizer()
     ids: dict[str, int] = {}  # raw text -> id of its normalised text in the table (-1: empty)
     intern, texts = table.intern, table.texts
     parts: list[int] = []
@@ -216,7 +215,7 @@ def normalized_documents(
     answers: list[str] = []
 
     def text_id(raw: str) -> int:
-        normalized = normalize(raw)
+        normalized = normalize_text(raw)
         found = ids[raw] = intern(normalized) if normalized else -1
         return found
 
@@ -224,7 +223,7 @@ def normalized_documents(
         # A single-turn prompt is the user's text itself, and the answer the assistant's: seen already.
         found = ids.get(raw)
         if found is None:
-            return normalize(raw)
+            return normalize_text(raw)
         return texts[found] if found >= 0 else ""
 
     for example in examples:
@@ -399,11 +398,12 @@ def _contradictions(
             latest_with[answer_of[k]] = k
             count[answer_of[k]] = count.get(answer_of[k], 0) + 1
         if policy == "quarantine-all":
+            # Each record names the latest record that answers differently: the latest of all, or,
+            # for the records that share its answer, the latest of the other answers.
+            by_recency = sorted(latest_with.values(), key=lambda m: rank[positions[considered[m]]])
+            latest, runner_up = by_recency[-1], by_recency[-2]
             for k in members:
-                other = max(
-                    (m for m in members if answer_of[m] != answer_of[k]),
-                    key=lambda m: rank[positions[considered[m]]],
-                )
+                other = latest if answer_of[k] != answer_of[latest] else runner_up
                 rows.append(k)
                 others.append(other)
                 details.append(

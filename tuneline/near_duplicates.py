@@ -9,12 +9,13 @@ record's words are gathered from its parts with numpy instead of being split aga
 Near-duplicates, in four steps, each linear in the records:
 1. MinHash signatures, datasketch's (scheme "affine32": 32-bit shingle hashes pre-mixed with the
    MurmurHash3 finalizer, then `a * h + b mod 2^32` with datasketch's own permutation parameters),
-   computed for a batch at once with numpy instead of one `MinHash.update` per shingle; a test holds
-   the two equal bit for bit;
+   computed with numpy for a batch at once instead of one `MinHash.update` per shingle, and once per
+   distinct text for the shingles inside it (`sketches`); tests hold them equal to datasketch's bit
+   for bit;
 2. LSH banding with sorted arrays (datasketch's MinHashLSH inserts one key at a time in Python, too
    slow for a million records), bounded per record (`candidate_pairs`);
-3. a signature-agreement filter, then the Jaccard of the hashed shingle sets of the surviving pairs,
-   all pairs at once (a merge by sort);
+3. a signature-agreement filter, then the Jaccard of the 32-bit hashed shingle sets of the pairs
+   that pass, all pairs at once (a merge by sort);
 4. a decision in rank order on the exact Jaccard of the words themselves.
 
 Guarantees: no false positives (a near-duplicate is reported only after the exact Jaccard of the two
