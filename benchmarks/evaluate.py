@@ -53,7 +53,9 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument(
-        "--eval-set", default=None, help="JSONL of eval questions (default: the config's canary set, short prompts)"
+        "--eval-set",
+        default=None,
+        help="JSONL of eval questions (default: the config's canary set, short prompts)",
     )
     parser.add_argument("--target", type=float, default=1.25)
     args = parser.parse_args()
