@@ -7,8 +7,7 @@ Models (trained once for the module; each later one continues from an earlier on
 - good:      decent trained four more epochs on the same mix (clearly better on the task, canary kept);
 - forgetful: good trained two more epochs, harder, on support data alone (task kept, canary lost);
 - worse:     good trained one more epoch on wrong answers (each intent answered with another's reply).
-The task set is every held-out question of those intents: the demo eval set's and raw records no
-model trains on. The champion then moves exactly when it should, and `tuneline rollback` moves it back.
+The task set is the demo eval set's questions of those intents (written in phrasings training never uses). The champion then moves exactly when it should, and `tuneline rollback` moves it back.
 """
 
 from __future__ import annotations
@@ -45,8 +44,9 @@ INTENTS = (
     "technical/app_crash",
 )
 TRAIN_PER_INTENT = 30
-HELD_OUT_PER_INTENT = 2
 TRAINING_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow  # trains four models: minutes on two shared cores
 
 
 def clean_support_chats() -> dict[str, list[list[dict[str, Any]]]]:
@@ -137,9 +137,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> 
         json.loads(line) for line in (DATA_DIR / "eval" / "support_eval.jsonl").read_text().splitlines()
     ]
     task = [e for e in demo_eval if answer_label(e["messages"][-1]["content"]) in INTENTS]
-    for intent in INTENTS:  # raw records after the training ones: same phrasebook, never trained on
-        task += [{"messages": m} for m in chats[intent][-HELD_OUT_PER_INTENT:]]
-    assert all(len(chats[i]) >= TRAIN_PER_INTENT + HELD_OUT_PER_INTENT for i in INTENTS)
+    assert len(task) >= 20 and all(len(chats[i]) >= TRAIN_PER_INTENT for i in INTENTS)
     (root / "task_eval.jsonl").write_text(jsonl(task))
 
     document = {

@@ -239,7 +239,11 @@ def test_train_reports_metrics_checkpoints_and_learns(tiny_dir: Path, support_fi
     assert sorted(epoch_ends) == [3, 6]
     assert [s for s, _, _ in reporter.checkpoints] == [3, 6]
     for step, directory, metrics in reporter.checkpoints:
-        assert metrics["full_valid_loss"] == epoch_ends[step]["full_valid_loss"]
+        assert metrics["full_valid_loss"] == epoch_ends[step]["full_valid_loss"] and metrics["step"] == step
+        assert set(metrics) == {
+            "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+            "full_valid_loss", "full_valid_mean_token_accuracy",
+        }  # fmt: skip
         assert (directory / STATE_FILE).is_file()
     first, last = reporter.metrics_events[0][2], reporter.metrics_events[-1][2]
     assert last["train_loss"] < first["train_loss"]

@@ -23,9 +23,11 @@ from tasks.evaluate import (
     ask_all,
     comparison_chart,
     evaluate,
+    judge_request,
     load_eval_set,
     log_result,
     report_document,
+    run_judge,
     select_few_shot,
     with_few_shot,
 )
@@ -291,3 +293,41 @@ def test_results_are_logged_for_a_reviewer(provider: Provider, tmp_path: Path) -
     comparison_chart(result).savefig(png, format="png")
     assert Image.open(io.BytesIO(png.getvalue())).size[0] > 500
     assert report_document(result)["models"] == {"candidate": "tuneline-tiny", "base": "tuneline-tiny"}
+
+
+def test_the_judge_sees_each_pair_in_both_orders(
+    server: ServerProcess, provider: Provider, tmp_path: Path
+) -> None:
+    settings = EvaluationConfig(bootstrap_samples=200, judge={"enabled": True, "model": "tuneline-tiny"})  # type: ignore[arg-type]
+    items = small_sets(tmp_path)[0].items
+    first = judge_request(settings.judge, items[0], "mine", "theirs").messages[1]["content"]
+    swapped = judge_request(settings.judge, items[0], "theirs", "mine").messages[1]["content"]
+    assert first.index("Answer A:\nmine") < first.index("Answer B:\ntheirs")
+    assert swapped.index("Answer A:\ntheirs") < swapped.index("Answer B:\nmine")
+
+    before = chat_requests_logged(server)
+    scores = run_judge(
+        provider, items, ["Category: billing", "no idea"], ["Paris", "Category: shipping"], settings
+    )
+    deadline = time.monotonic() + 10
+    while chat_requests_logged(server) - before < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chat_requests_logged(server) - before == 4  # two examples, each judged in both orders
+    assert len(scores) == 2 and set(scores) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+
+    # Within an evaluation: identical answers score 0.5 whatever the judge's position preference.
+    result = evaluate(
+        provider, {"candidate": "tuneline-tiny", "base": "tuneline-tiny"}, small_sets(tmp_path), [], settings
+    )
+    assert list(result.judge_scores["candidate_vs_base"]) == [0.5, 0.5]
+    assert result.metrics()["eval/task/judge/candidate_vs_base"] == 0.5
+    assert "judge_candidate_vs_base" in result.side_by_side("task").columns
+    no_model = EvaluationConfig(judge={"enabled": True})  # type: ignore[arg-type]
+    with pytest.raises(EvaluationError, match=r"needs evaluation\.judge\.model"):
+        evaluate(
+            provider,
+            {"candidate": "tuneline-tiny", "base": "tuneline-tiny"},
+            small_sets(tmp_path),
+            [],
+            no_model,
+        )

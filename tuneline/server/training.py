@@ -421,14 +421,15 @@ class Trainer:
         self._metrics.pending.append((self.step, loss.detach(), correct, count, extra))
 
     def flush(self, reporter: TrainingReporter | None) -> None:
-        """Report the buffered per-step metrics."""
+        """Report the buffered per-step metrics. `last_metrics` keeps the latest of each figure (the
+        validation figures of the latest validation batch), as a checkpoint's metrics show them."""
         for step, loss, correct, count, extra in self._metrics.pending:
             data = {
                 "train_loss": float(loss),
                 "train_mean_token_accuracy": float(correct) / max(1, count),
                 **extra,
             }
-            self._metrics.last = {"step": float(step), **data}
+            self._metrics.last = {**self._metrics.last, "step": float(step), **data}
             if reporter is not None:
                 reporter.metrics(step, self.total_steps, data)
         self._metrics.pending.clear()
