@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[server,dev]"
 	touch $(STAMP)
 
+# Prefect creates its home folder without parents: make it first (a fresh clone has no .tuneline/).
 demo: $(STAMP)
+	mkdir -p $(PREFECT_HOME)
 	$(BIN)/tuneline demo
 
 lint: $(STAMP)
@@ -32,6 +34,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck
+	mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

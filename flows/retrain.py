@@ -23,9 +23,10 @@ from typing import Any, cast
 from openai.types.fine_tuning import FineTuningJob
 from prefect import flow, get_run_logger
 from prefect import runtime as prefect_runtime
+from prefect.artifacts import create_markdown_artifact
 
 from flows.evaluate import evaluate_and_promote
-from flows.prepare import PrepareFailed, PrepareResult, prepare_dataset
+from flows.prepare import PrepareFailed, PrepareResult, manifest_of, prepare_dataset
 from tasks.promote import Candidate
 from tasks.train import (
     TrainingFailed,
@@ -40,6 +41,7 @@ from tuneline import provider as providers
 from tuneline import tracking
 from tuneline.config import Config, load_config
 from tuneline.paths import resolve
+from tuneline.reporting import RunSummary, render_run_summary
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,8 @@ def retrain(
     try:
         result = train_candidate(config, config_path, dry_run=dry_run, run_id=run_id, out_dir=out_dir)
     except BaseException as exc:
+        if isinstance(exc, PrepareFailed):
+            publish_summary(config, run_id, exc.result.manifest, outcome="stopped by the data gate")
         # A cancelled or interrupted flow run is KILLED in MLflow; a failure says why in a tag.
         failure = {"tuneline.failure": getattr(exc, "code", None) or type(exc).__name__}
         if isinstance(exc, TrainingFailed):
@@ -261,5 +265,58 @@ def retrain(
             config.tracking, run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED"
         )
         raise
+    publish_summary(config, run_id, manifest_of(result.export_dir), result=result)
     tracking.finish_run(config.tracking, run_id)
     return result
+
+
+def publish_summary(
+    config: Config,
+    run_id: str,
+    manifest: dict[str, Any] | None,
+    *,
+    result: RetrainResult | None = None,
+    outcome: str | None = None,
+) -> None:
+    """The flow run's markdown artifact: counts by reason, tokens and cost, the job, the evaluation
+    figures, the decision and the link to the MLflow run (read back from the store, never restated)."""
+    if not prefect_runtime.flow_run.id:
+        return
+    if outcome is None and result is not None:
+        outcome = (
+            "dry run: prepared only"
+            if result.candidate_model is None
+            else ("candidate promoted" if result.promoted else "candidate rejected by the gate")
+        )
+    job = None
+    if result is not None and result.job_id:
+        job = {
+            "job id": result.job_id,
+            "fine-tuned model": result.fine_tuned_model,
+            "candidate": result.candidate_model,
+            "trained tokens": result.trained_tokens,
+            "champion version": result.champion_version,
+        }
+    metrics = {
+        name: value
+        for name, value in tracking.read_run(config.tracking, run_id).metrics.items()
+        if name.startswith("eval/") and name.endswith("/exact_match")
+    }
+    summary = RunSummary(
+        flow="retrain",
+        as_of=config.data.as_of.isoformat() if config.data.as_of else None,
+        flow_run_name=str(prefect_runtime.flow_run.name or ""),
+        outcome=outcome,
+        manifest=manifest,
+        job=job,
+        actual_cost_usd=result.actual_cost_usd if result else None,
+        metrics=metrics,
+        decision=result.decision if result else None,
+        mlflow_run_url=tracking.run_url(config.tracking, run_id),
+        mlflow_hint=None if tracking.has_tracking_server(config.tracking) else "open it with `tuneline ui`",
+    )
+    create_markdown_artifact(
+        render_run_summary(summary),
+        key="retrain-summary",
+        description="retrain: data, job, evaluation, decision",
+    )

@@ -11,6 +11,9 @@ Guarantees:
   reported with its line number and rule, never silently skipped. A model the provider does not know,
   or a key it refuses, stops the evaluation with the provider's answer;
 - identical requests (same model, same messages) are sent once, e.g. when the candidate is the champion;
+  with `evaluation.answer_cache` set, a request some earlier run already had answered by the same model
+  (same id and `created` time) is not sent again (tuneline/answer_cache.py): the base model, the few-shot
+  baseline and the champion are asked once, not every night;
 - every metric comes with a bootstrap confidence interval; labels (`Category: x`) get per-label accuracy.
 """
 
@@ -34,6 +37,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneline import tracking
+from tuneline.answer_cache import AnswerCache, answer_key
 from tuneline.config import Config, EvaluationConfig, JudgeConfig
 from tuneline.formats import check_example, completion_to_chat, detect_kind, message_text
 from tuneline.metrics import (
@@ -202,6 +206,7 @@ class Answer:
     error: str | None
     latency_s: float
     fallback: int = 0  # how many shorter variants were needed (few-shot: shots dropped)
+    cached: bool = False  # taken from the answer cache, not asked in this run
 
 
 @dataclass(frozen=True)
@@ -252,27 +257,75 @@ def ask(provider: Provider, request: ChatRequest, settings: EvaluationConfig) ->
     raise AssertionError("unreachable: the last variant returns")
 
 
+def model_created(provider: Provider, model: str) -> int:
+    """The provider's `created` time of a model (with its id, what names its weights)."""
+    try:
+        found = retrying(provider, f"retrieve model {model}", lambda: provider.client.models.retrieve(model))
+    except ProviderError as exc:
+        if exc.status in FATAL_STATUSES:
+            raise EvaluationError(f"evaluating {model}: {exc}") from exc
+        raise
+    return int(found.created)
+
+
+@dataclass(frozen=True)
+class CachedAnswers:
+    """The answer cache as one evaluation uses it: the store, and each model's `created` time."""
+
+    store: AnswerCache
+    created: Mapping[str, int]
+
+    def key(self, provider: Provider, request: ChatRequest, settings: EvaluationConfig) -> str:
+        # The local server's port changes from run to run; its models' created times do not.
+        where = provider.name if provider.kind == "local" else provider.base_url
+        asked = {
+            "messages": request.messages,
+            "shorter": request.shorter,
+            "temperature": settings.temperature,
+            "seed": settings.seed,
+            "max_tokens": settings.max_tokens,
+        }
+        return answer_key(where, request.model, self.created[request.model], asked)
+
+
 def ask_all(
     provider: Provider,
     requests: Sequence[ChatRequest],
     settings: EvaluationConfig,
     on_answer: Callable[[int, int], None] | None = None,
+    cache: CachedAnswers | None = None,
 ) -> list[Answer]:
     """Answers aligned with `requests`, at most `settings.concurrency` in flight; identical requests
-    are sent once. A fatal provider answer cancels the rest and raises."""
+    are sent once, and with a cache, requests it has answers for are not sent at all. A fatal provider
+    answer cancels the rest and raises."""
     unique: dict[str, ChatRequest] = {}
     for request in requests:
         unique.setdefault(request.key(), request)
-    client = eval_provider(provider, settings)
     answers: dict[str, Answer] = {}
+    cache_keys: dict[str, str] = {}
+    if cache is not None:
+        cache_keys = {key: cache.key(provider, request, settings) for key, request in unique.items()}
+        stored = cache.store.get_many(list(cache_keys.values()))
+        for key, cache_key in cache_keys.items():
+            if cache_key in stored:
+                text, fallback = stored[cache_key]
+                answers[key] = Answer(text, None, 0.0, fallback, cached=True)
+    client = eval_provider(provider, settings)
     pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="tuneline-eval")
     try:
-        futures = {pool.submit(ask, client, request, settings): key for key, request in unique.items()}
+        futures = {
+            pool.submit(ask, client, request, settings): key
+            for key, request in unique.items()
+            if key not in answers
+        }
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in done:
-                answers[futures[future]] = future.result()  # re-raises a fatal error
+                key = futures[future]
+                answer = answers[key] = future.result()  # re-raises a fatal error
+                if cache is not None and answer.error is None:
+                    cache.store.put(cache_keys[key], answer.text, answer.fallback)
                 if on_answer:
                     on_answer(len(answers), len(unique))
     finally:
@@ -456,6 +509,7 @@ def evaluate(
     settings: EvaluationConfig,
     champion_version: str | None = None,
     log: logging.Logger | logging.LoggerAdapter = DEFAULT_LOG,
+    cache: AnswerCache | None = None,
 ) -> EvaluationResult:
     """Ask every model every eval question and score the answers (see the module docstring).
 
@@ -497,8 +551,18 @@ def evaluate(
             log.info("evaluation: %d/%d distinct requests answered", done, total)
 
     started = time.perf_counter()
-    answers = ask_all(provider, requests, settings, on_answer)
-    log.info("evaluation: %d requests in %.1fs", len(requests), time.perf_counter() - started)
+    cached = None
+    if cache is not None:
+        cached = CachedAnswers(
+            cache, {model: model_created(provider, model) for model in set(roles.values())}
+        )
+    answers = ask_all(provider, requests, settings, on_answer, cached)
+    log.info(
+        "evaluation: %d requests in %.1fs (%d distinct answers from the answer cache)",
+        len(requests),
+        time.perf_counter() - started,
+        len({r.key() for r, a in zip(requests, answers, strict=True) if a.cached}),
+    )
     frame = pd.DataFrame.from_records(records)
     frame["answer"] = [a.text for a in answers]
     frame["error"] = pd.Series([a.error for a in answers], dtype=object)
@@ -652,15 +716,22 @@ def run_evaluation(
         models["champion"] = champion.model_id
     if train_file is None and config.evaluation.few_shot_k > 0:
         log.warning("no training file given: the few-shot baseline is skipped")
-    result = evaluate(
-        provider,
-        models,
-        eval_sets,
-        shots,
-        config.evaluation,
-        champion_version=champion.version if champion else None,
-        log=log,
-    )
+    cache_path = config.evaluation.answer_cache
+    cache = AnswerCache(resolve(cache_path)) if cache_path else None
+    try:
+        result = evaluate(
+            provider,
+            models,
+            eval_sets,
+            shots,
+            config.evaluation,
+            champion_version=champion.version if champion else None,
+            log=log,
+            cache=cache,
+        )
+    finally:
+        if cache is not None:
+            cache.close()
     if run_id is not None:
         log_result(config, run_id, result)
     return result

@@ -31,7 +31,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tuneline import records, tokens
-from tuneline.config import Config
+from tuneline.config import Config, ExportConfig
 from tuneline.normalize import Normalizer, normalized_prompt_and_answer
 
 TRAIN_FILE = "train.jsonl"
@@ -157,7 +157,7 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
         records.quarantine(frame, mask, "data_type", "the example holds a value JSON cannot represent")
 
     task_tokens = [t[2] for t in train] + [v[2] for v in validation]
-    mixed = _general_mix(train, validation, general, config.export.general_mix_fraction)
+    mixed = _general_mix(train, validation, general, config.export)
     train.extend(mixed)
     train.sort()
     validation.sort()
@@ -240,12 +240,13 @@ def _general_mix(
     train: list[tuple[bytes, bytes, int, int]],
     validation: list[tuple[bytes, bytes, int, int]],
     general: GeneralExamples | None,
-    fraction: float,
+    export: ExportConfig,
 ) -> list[tuple[bytes, bytes, int, int]]:
-    """General examples making up `fraction` of the training file, the same ones for the same corpus."""
-    if general is None or fraction <= 0 or not train:
+    """General examples making up `export.general_mix_fraction` of the training file, the same ones for
+    the same corpus."""
+    if general is None or export.general_mix_fraction <= 0 or not train:
         return []
-    wanted = round(len(train) * fraction / (1 - fraction))
+    wanted = export.general_examples_for(len(train))
     task_lines = {t[1] for t in train} | {v[1] for v in validation}
     pool: dict[bytes, tuple[bytes, bytes, int, int]] = {}
     normalizer = Normalizer()

@@ -58,6 +58,7 @@ ACTIVE_STATUSES = frozenset({"validating_files", "queued", "running", "paused"})
 REATTACH_STATUSES = ACTIVE_STATUSES | {"succeeded"}
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 EVENT_PAGE_SIZE = 100
+LOG_EVERY_STEPS = 25
 HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
@@ -368,8 +369,11 @@ def forward_event(
     provider: Provider, job_id: str, event: FineTuningJobEvent, hooks: JobHooks, history: LossHistory
 ) -> None:
     level = {"warn": 30, "error": 40}.get(event.level, 20)
-    provider.log.log(level, "[%s] %s", job_id, event.message)
     metrics = step_metrics(event)
+    # Every event reaches MLflow; of the per-step metrics events, only every LOG_EVERY_STEPS-th and
+    # the epoch ends (full validation) are logged, so a run's log stays readable.
+    if metrics is None or metrics[0] % LOG_EVERY_STEPS == 0 or "full_valid_loss" in metrics[1]:
+        provider.log.log(level, "[%s] %s", job_id, event.message)
     if metrics is not None and metrics[1]:
         step, values = metrics
         history.add(step, values)

@@ -104,7 +104,14 @@ class DedupeConfig(Section):
 
 class ExportConfig(Section):
     validation_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    # The share of the training file that is general data (replayed against forgetting).
     general_mix_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    def general_examples_for(self, n_task_examples: int) -> int:
+        """How many general examples make up `general_mix_fraction` of a training file that holds
+        `n_task_examples` task examples."""
+        fraction = self.general_mix_fraction
+        return round(n_task_examples * fraction / (1 - fraction))
 
 
 class CostConfig(Section):
@@ -179,6 +186,9 @@ class EvaluationConfig(Section):
     # Retries per eval request (429, 5xx, timeouts; backoff honours retry-after); then it counts as unanswered.
     max_retries: int = Field(default=4, ge=0, le=20)
     request_timeout_s: float = Field(default=60.0, gt=0)
+    # A SQLite file of answers kept across runs (tuneline/answer_cache.py): a model whose id and created
+    # time are unchanged is not asked the same request again. None: every request is sent every run.
+    answer_cache: str | None = None
     judge: JudgeConfig = JudgeConfig()
 
 

@@ -34,7 +34,7 @@ import re
 import string
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ CSV_DAY = "2026-11-19"
 CSV_COLUMNS = ("ticket_id", "created_at", "customer_message", "agent_reply")
 RAW_ROOT = "raw/support"
 EVAL_PATH = "eval/support_eval.jsonl"
+PARAPHRASE_PATH = "eval/support_paraphrases.jsonl"
 CANARY_PATH = "general/canary.jsonl"
 GENERAL_PATH = "general/general_chat.jsonl"
 ANSWER_KEY_PATH = "planted_defects.json"
@@ -118,8 +119,8 @@ REQUIRED_KINDS = tuple(k for k in DIRT_KINDS if k not in ("contradiction_kept", 
 class Intent:
     name: str
     reply: str
-    train: tuple[str, ...]  # core sentences the training data is written with
-    held_out: tuple[str, ...]  # core sentences only the eval set uses
+    train: tuple[str, ...]  # core sentences the training data and the eval set are written with
+    held_out: tuple[str, ...]  # core sentences only the paraphrase stress set uses
     details: tuple[str, ...]
     held_out_details: tuple[str, ...]
 
@@ -504,19 +505,22 @@ MONTHS = ("Oct", "Nov", "October", "November")
 
 @dataclass(frozen=True)
 class Phrasebook:
-    """The framing around a core sentence; training and eval messages draw from disjoint books."""
+    """The framing around a core sentence; training and eval messages draw their framing from disjoint
+    books. `held_out` marks an eval book; `paraphrases` also takes the intent's held-out core sentences
+    and details, which no training message uses."""
 
     greetings: tuple[str, ...]
     contexts: tuple[str, ...]
     asks: tuple[str, ...]
     signoffs: tuple[str, ...]
     held_out: bool
+    paraphrases: bool = False
 
     def cores(self, intent: Intent) -> tuple[str, ...]:
-        return intent.held_out if self.held_out else intent.train
+        return intent.held_out if self.paraphrases else intent.train
 
     def details(self, intent: Intent) -> tuple[str, ...]:
-        return intent.held_out_details if self.held_out else intent.details
+        return intent.held_out_details if self.paraphrases else intent.details
 
 
 TRAIN_BOOK = Phrasebook(
@@ -550,6 +554,7 @@ EVAL_BOOK = Phrasebook(
     signoffs=("Kind regards", "Much appreciated", "Ta"),
     held_out=True,
 )
+PARAPHRASE_BOOK = replace(EVAL_BOOK, paraphrases=True)
 
 # Words a near-duplicate swaps for another (one word changed, everything else kept).
 WORD_SWAPS = {
@@ -986,12 +991,17 @@ def pasted_log(rng: random.Random, lines: int) -> str:
 # The eval set, the canary set and the general corpus.
 
 
-def make_eval_set(rng: random.Random, registry: PromptRegistry) -> list[tuple[Intent, str]]:
-    """N_EVAL held-out questions over every intent, written from the held-out phrasebook."""
+def make_eval_set(
+    rng: random.Random, registry: PromptRegistry, book: Phrasebook = EVAL_BOOK
+) -> list[tuple[Intent, str]]:
+    """N_EVAL held-out tickets over every intent. With EVAL_BOOK they are what a team holds out of its
+    ticket stream: the intents' usual sentences with fresh values, framed by greetings, contexts and
+    sign-offs no training message uses, and far from every training message. With PARAPHRASE_BOOK they
+    say the same things in sentences training never shows (a stress test of language knowledge)."""
     examples = []
     for index in range(N_EVAL):
         intent = INTENTS[index % len(INTENTS)]
-        user = registry.new_message(intent, rng, EVAL_BOOK)
+        user = registry.new_message(intent, rng, book)
         registry.add_eval(user)
         examples.append((intent, user))
     return examples
@@ -2151,7 +2161,12 @@ Every chat example carries the system prompt of `configs/local.yaml` (`model.sys
 - `raw/support/dt={CSV_DAY}/crm_export.csv`: a CRM export with columns {", ".join(CSV_COLUMNS)},
   mapped by `csv_mapping: {{user: customer_message, assistant: agent_reply}}` in `configs/local.yaml`.
 - `eval/support_eval.jsonl`: the held-out task eval set, [system, user, expected house answer], every
-  intent, written from phrasings the training data does not use.
+  intent: tickets held out of the stream, as a team keeps them (the intents' usual sentences with fresh
+  order numbers, products and amounts, framed by greetings, contexts and sign-offs no training message
+  uses, each far from every training message).
+- `eval/support_paraphrases.jsonl`: a stress set in the same shape, written from sentences the training
+  data never uses ("My banking app lists the payment two times"): it measures language knowledge that a
+  model pretrained only on `general/` cannot have; `python -m tuneline.server.training --demo` reports it.
 - `general/canary.jsonl`: general questions with short fixed answers (no system prompt), to detect forgetting.
 - `general/general_chat.jsonl`: the small general corpus (no system prompt): every canary fact in five
   phrasings (the canary question among them), more facts, arithmetic and small talk. The server's
@@ -2209,6 +2224,7 @@ def build(seed: int = DEFAULT_SEED) -> DemoData:
     eval_set = make_eval_set(random.Random(f"{seed}/eval"), registry)
     layout = Planter(random.Random(f"{seed}/raw"), registry, eval_set).run()
     eval_examples = [chat_example(user, intent.answer) for intent, user in eval_set]
+    paraphrases = make_eval_set(random.Random(f"{seed}/paraphrases"), registry, PARAPHRASE_BOOK)
     records = _assign_positions(layout)
     apply_contract(records, eval_examples)
     check_plants(records, eval_examples)
@@ -2223,6 +2239,7 @@ def build(seed: int = DEFAULT_SEED) -> DemoData:
             if files[path].count(b"\n") != len(file_records):
                 raise RuntimeError(f"{path}: a record has no JSONL line")
     files[EVAL_PATH] = _jsonl(eval_examples)
+    files[PARAPHRASE_PATH] = _jsonl([chat_example(user, intent.answer) for intent, user in paraphrases])
     files[CANARY_PATH] = _jsonl(canary_set())
     files[GENERAL_PATH] = _jsonl(general_corpus(random.Random(f"{seed}/general")))
     files[ANSWER_KEY_PATH] = (json.dumps(key, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

@@ -7,7 +7,8 @@ Models (trained once for the module; each later one continues from an earlier on
 - good:      decent trained four more epochs on the same mix (clearly better on the task, canary kept);
 - forgetful: good trained two more epochs, harder, on support data alone (task kept, canary lost);
 - worse:     good trained one more epoch on wrong answers (each intent answered with another's reply).
-The task set is the demo eval set's questions of those intents (written in phrasings training never uses). The champion then moves exactly when it should, and `tuneline rollback` moves it back.
+The task set is the demo eval set's questions of those intents (held-out tickets, never trained on). The
+champion then moves exactly when it should, and `tuneline rollback` moves it back.
 """
 
 from __future__ import annotations
@@ -147,7 +148,13 @@ def project(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> 
             "canary_set": str(DATA_DIR / "general" / "canary.jsonl"),
         },
         "provider": {"kind": "compatible", "base_url": server.base_url, "max_retries": 2},
-        "evaluation": {"bootstrap_samples": 300, "concurrency": 8},
+        # The answer cache, as configs/local.yaml has it: each model answers each question once, however
+        # often it is evaluated (base, few-shot and champion answers are reused from decision to decision).
+        "evaluation": {
+            "bootstrap_samples": 300,
+            "concurrency": 16,
+            "answer_cache": str(root / "answers.sqlite"),
+        },
         # Token F1: a two-epoch fine-tune of tuneline-tiny already writes the house style with typos
         # (exact match near 0, run to run), so F1 is what separates these models reliably. And tiny
         # loses a few canary answers to any fine-tune (about 0.9 of 1.0 kept): 0.15 keeps good models

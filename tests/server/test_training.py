@@ -131,9 +131,10 @@ def spec_for(base: Path, files: tuple[Path, Path | None], out: Path, **overrides
 
 
 @pytest.mark.parametrize(
-    ("n", "batch"), [(10, 1), (127, 1), (128, 2), (300, 4), (700, 8), (743, 8), (1400, 16), (5000, 32)]
+    ("n", "batch"),
+    [(10, 1), (399, 1), (400, 2), (799, 2), (800, 4), (1076, 4), (1600, 8), (6400, 32), (50000, 32)],
 )
-def test_auto_batch_size_is_the_largest_power_of_two_up_to_n_over_64(n: int, batch: int) -> None:
+def test_auto_batch_size_is_the_largest_power_of_two_up_to_n_over_200(n: int, batch: int) -> None:
     assert auto_batch_size(n) == batch
 
 

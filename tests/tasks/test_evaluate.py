@@ -32,6 +32,7 @@ from tasks.evaluate import (
     with_few_shot,
 )
 from tuneline import tracking
+from tuneline.answer_cache import AnswerCache, answer_key
 from tuneline.config import Config, EvaluationConfig, load_config
 from tuneline.provider import Provider, connect
 from tuneline.server.launcher import ServerProcess, free_port, start_server
@@ -220,6 +221,49 @@ def test_evaluate_asks_every_model_once_per_prompt_and_scores_it(
     table = result.side_by_side("task")
     assert list(table.columns[:3]) == ["example_id", "question", "reference"]
     assert {"candidate_answer", "base_answer", "few_shot_answer"} <= set(table.columns)
+
+
+def test_the_answer_cache_asks_an_unchanged_model_nothing_twice(
+    server: ServerProcess, provider: Provider, tmp_path: Path
+) -> None:
+    cache = AnswerCache(tmp_path / "answers.sqlite")
+    models: dict[Any, str] = {"candidate": "tuneline-tiny", "base": "tuneline-tiny"}
+    shots = [FewShot("My card was billed twice", BILLING)]
+    settings = EvaluationConfig(bootstrap_samples=200, concurrency=4)
+    before = chat_requests_logged(server)
+
+    def requests_reach(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while chat_requests_logged(server) - before < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    first = evaluate(provider, models, small_sets(tmp_path), shots, settings, cache=cache)
+    requests_reach(5)
+    assert len(cache) == 5  # 2 task + 1 canary + 2 few-shot prompts, each answered once
+
+    # The same models (same id, same created time) and the same requests: nothing is sent.
+    again = evaluate(provider, models, small_sets(tmp_path), shots, settings, cache=cache)
+    assert again.answers["answer"].tolist() == first.answers["answer"].tolist()
+    assert len(cache) == 5
+
+    # Another seed is another request: all five are sent and kept. The server then counts exactly the
+    # ten requests of the first and the last run, so the second sent none.
+    reseeded = settings.model_copy(update={"seed": settings.seed + 1})
+    evaluate(provider, models, small_sets(tmp_path), shots, reseeded, cache=cache)
+    requests_reach(10)
+    assert len(cache) == 10
+    assert chat_requests_logged(server) - before == 10
+    cache.close()
+
+
+def test_an_answer_key_changes_with_everything_the_answer_depends_on() -> None:
+    asked = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.0, "seed": 1}
+    key = answer_key("local", "tuneline-tiny", 1700000000, asked)
+    assert key == answer_key("local", "tuneline-tiny", 1700000000, dict(reversed(asked.items())))
+    assert key != answer_key("local", "tuneline-tiny", 1700000001, asked)  # rebuilt weights
+    assert key != answer_key("openai-api.openai.com", "tuneline-tiny", 1700000000, asked)
+    assert key != answer_key("local", "ft:tuneline-tiny:x", 1700000000, asked)
+    assert key != answer_key("local", "tuneline-tiny", 1700000000, {**asked, "seed": 2})
 
 
 def test_unknown_model_stops_the_evaluation_with_the_providers_answer(

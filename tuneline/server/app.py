@@ -112,9 +112,21 @@ class ModelCatalog:
     def describe(self, model_id: str) -> dict[str, Any] | None:
         if model_id in self.base_ids():
             owner = BUILTIN_OWNER if model_id == self._builtin() else "system"
-            return {"id": model_id, "object": "model", "created": self.started, "owned_by": owner}
+            return {"id": model_id, "object": "model", "created": self._made(model_id), "owned_by": owner}
         own = self.store.get_model(model_id)
         return own.to_api() if own else None
+
+    def _made(self, base_id: str) -> int:
+        """When a base model's weights were written (a rebuilt or replaced model gets a new time, as a
+        new snapshot would); the server's start while the built-in model is not built yet."""
+        if base_id == self._builtin():
+            directory = self.store.state_dir / "models" / base_id
+        else:
+            directory = next((Path(d) for d in self.settings.model_dirs if Path(d).name == base_id), Path())
+        for name in ("config.json", "adapter_config.json"):
+            if (directory / name).is_file():
+                return int((directory / name).stat().st_mtime)
+        return self.started
 
     def listing(self) -> list[dict[str, Any]]:
         base = [self.describe(model_id) for model_id in self.base_ids()]

@@ -14,7 +14,9 @@ import inspect
 import json
 import logging
 import os
+import queue
 import secrets
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,9 +214,131 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass(eq=False)
+class _Row:
+    """One request's token loop inside a batch: its prompt, sampling settings and the queue its tokens
+    go to (None ends it, an exception is raised in the reader)."""
+
+    prompt: list[int]
+    temperature: float
+    top_p: float
+    budget: int
+    generator: torch.Generator
+    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+    produced: int = 0
+
+
+class BatchedDecoder:
+    """Decodes the concurrent requests to one model together: requests that wait while a batch runs
+    form the next batch (up to MAX_BATCH rows, prompts left-padded, one forward pass per token for all
+    of them), so a server answering an evaluation's concurrent requests pays a small model's per-step
+    overhead once per batch instead of once per request. Each row keeps its own temperature, top_p,
+    seed and budget; a row ends at a stop token, its budget, or when its reader stops reading. The
+    worker thread runs only while there is work."""
+
+    MAX_BATCH = 16
+
+    def __init__(self, model: Any, device: torch.device, pad_id: int, stop_ids: frozenset[int]) -> None:
+        self.model = model
+        self.device = device
+        self.pad_id = pad_id
+        self.stop_ids = stop_ids
+        self._cache_keyword = cache_keyword(model)
+        self._waiting: list[_Row] = []
+        self._lock = threading.Lock()
+        self._working = False
+
+    def tokens(
+        self, prompt: list[int], temperature: float, top_p: float, budget: int, seed: int | None
+    ) -> Iterator[int]:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        row = _Row(prompt, temperature, top_p, budget, generator)
+        with self._lock:
+            self._waiting.append(row)
+            if not self._working:
+                self._working = True
+                threading.Thread(target=self._work, name="tuneline-decode", daemon=True).start()
+        try:
+            while (item := row.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            row.cancelled = True
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    self._working = False
+                    return
+                batch = self._waiting[: self.MAX_BATCH]
+                del self._waiting[: self.MAX_BATCH]
+            try:
+                self._decode(batch)
+            except BaseException as exc:  # handed to every reader of the batch, never lost
+                for row in batch:
+                    row.out.put(exc)
+
+    @torch.inference_mode()
+    def _decode(self, batch: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # transformers 4.x
+            cache = DynamicCache()
+        width = max(len(row.prompt) for row in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for index, row in enumerate(batch):
+            ids[index, width - len(row.prompt) :] = torch.tensor(row.prompt)
+            mask[index, width - len(row.prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        active = [row.budget > 0 for row in batch]
+        for index, row in enumerate(batch):
+            if not active[index]:
+                row.out.put(None)
+        while any(active):
+            output = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_keyword: cache},
+            )
+            logits = output.logits[:, -1].float()
+            greedy = logits.argmax(dim=-1).tolist()
+            chosen = []
+            for index, row in enumerate(batch):
+                token = self.pad_id
+                if active[index] and row.cancelled:
+                    active[index] = False
+                    row.out.put(None)
+                elif active[index]:
+                    token = (
+                        greedy[index]
+                        if row.temperature <= 0
+                        else _sample(logits[index], row.temperature, row.top_p, row.generator)
+                    )
+                    row.produced += 1
+                    row.out.put(token)
+                    if token in self.stop_ids or row.produced >= row.budget:
+                        active[index] = False
+                        row.out.put(None)
+                chosen.append(token)
+            ids = torch.tensor(chosen, device=self.device).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            positions = positions[:, -1:] + 1
+
+
 class ChatModel:
     """A loaded model that answers chat messages: greedy at temperature 0, seeded sampling otherwise,
-    stopping at the end-of-turn token, a `stop` string or `max_tokens`; usage counts are real tokens."""
+    stopping at the end-of-turn token, a `stop` string or `max_tokens`; usage counts are real tokens.
+    Concurrent requests are decoded together (BatchedDecoder)."""
 
     def __init__(self, model: Any, tokenizer: Any, device: torch.device | None = None) -> None:
         self.model = model
@@ -222,7 +346,10 @@ class ChatModel:
         self.device = device or next(model.parameters()).device
         self.format = ChatFormat(tokenizer)
         self.context_length = context_length(model.config)
-        self._cache_keyword = cache_keyword(model)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.decoder = BatchedDecoder(
+            model, self.device, int(pad or 0), frozenset(self.format.stop_token_ids)
+        )
 
     @classmethod
     def load(cls, path: Path) -> ChatModel:
@@ -313,24 +440,10 @@ class ChatModel:
         if len(text) > emitted:
             yield text[emitted:]
 
-    @torch.inference_mode()
     def _tokens(
         self, prompt: list[int], temperature: float, top_p: float, budget: int, seed: int | None
     ) -> Iterator[int]:
-        from transformers import DynamicCache
-
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        try:
-            cache = DynamicCache(config=self.model.config)
-        except TypeError:  # transformers 4.x
-            cache = DynamicCache()
-        inputs = torch.tensor([prompt], device=self.device)
-        for _ in range(budget):
-            output = self.model(input_ids=inputs, use_cache=True, **{self._cache_keyword: cache})
-            token = _sample(output.logits[0, -1].float(), temperature, top_p, generator)
-            yield token
-            inputs = torch.tensor([[token]], device=self.device)
+        return self.decoder.tokens(prompt, temperature, top_p, budget, seed)
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:
