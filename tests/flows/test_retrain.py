@@ -265,6 +265,40 @@ def test_a_killed_run_is_reattached_and_the_rerun_pays_nothing_twice(
         local = tracking.download_artifact(config.tracking, result.mlflow_run_id, path, tmp_path / "all")
         assert KEY.encode() not in local.read_bytes(), path
 
+    # What a person reads first on the Prefect flow run: data, job, evaluation, decision, MLflow link.
+    summary = retrain_summary(run.tags["prefect.flow_run_id"])
+    assert f"**Dataset hash:** `{result.dataset_hash}`" in summary
+    manifest = json.loads(
+        tracking.download_artifact(
+            config.tracking, result.mlflow_run_id, "prepare/manifest.json", tmp_path / "m"
+        ).read_text()
+    )
+    assert f"| kept | {manifest['counts']['kept']} |" in summary and "### Quarantined by reason" in summary
+    assert f"| job id | {job.id} |" in summary and str(result.candidate_model) in summary
+    assert "`eval/task/candidate/exact_match`" in summary
+    verdict = "PROMOTED" if result.promoted else "REJECTED"
+    assert f"## Decision\n\n**{verdict}** against the base" in summary
+    assert tracking.run_url(config.tracking, result.mlflow_run_id) in summary
+    assert KEY not in summary
+
+
+def retrain_summary(flow_run_id: str) -> str:
+    """The markdown artifact of a retrain flow run."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]),
+                key=ArtifactFilterKey(any_=["retrain-summary"]),
+            )
+        )
+    assert len(found) == 1, found
+    return str(found[0].data)
+
 
 def test_the_embedded_server_with_faults_is_survived_and_the_retries_are_logged(
     prefect_server: None, tmp_path: Path, seeded_state: Callable[[Path], Path]
