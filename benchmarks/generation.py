@@ -3,13 +3,14 @@
 Both answer the same prompts (the demo eval set's questions, greedy, up to --max-tokens) with the same
 model (tuneline-tiny fine-tuned by a short job, or --model-dir), on the same device and threads:
 
-- baseline: what a server does when each request decodes alone: a KV-cached loop, one forward pass
-  per token per request, C requests in C threads (`model(...)` with a DynamicCache);
+- baselines: each request decoded alone by a KV-cached loop, one forward pass per token per request
+  (`model(...)` with a DynamicCache): C requests in C threads (what the server did before), and the
+  same requests one after another (no thread contention at all);
 - tuneline: `ChatModel.generate` from C threads, whose concurrent requests the BatchedDecoder decodes
   as one batch (one forward pass per token for all of them).
 
-Printed: completion tokens per second of each, the ratio tuneline / baseline, and how many answers
-agree (greedy decoding in a batch and alone must give the same text).
+Printed: completion tokens per second of each, the ratio of tuneline to each baseline, and how many
+answers agree (greedy decoding in a batch and alone must give the same text).
 
     .venv/bin/python benchmarks/generation.py [--requests 64] [--concurrency 16] [--model-dir DIR]
 """
@@ -91,6 +92,9 @@ def main() -> int:
         prompts = [questions[i % len(questions)] for i in range(args.requests)]
         per_request_answer(chat, prompts[0], 4)  # warm-up: first-call allocations and lazy imports
         chat.generate(prompts[0], temperature=0.0, max_tokens=4)
+        started = time.perf_counter()
+        sequential = [per_request_answer(chat, m, args.max_tokens) for m in prompts]
+        sequential_s = time.perf_counter() - started
         with ThreadPoolExecutor(args.concurrency) as pool:
             started = time.perf_counter()
             baseline = list(pool.map(lambda m: per_request_answer(chat, m, args.max_tokens), prompts))
@@ -104,13 +108,18 @@ def main() -> int:
     batched_tokens = sum(g.completion_tokens for g in batched)
     agree = sum(text == g.text for (text, _), g in zip(baseline, batched, strict=True))
     baseline_rate, batched_rate = baseline_tokens / baseline_s, batched_tokens / batched_s
+    sequential_rate = sum(n for _, n in sequential) / sequential_s
     print(
         f"{args.requests} requests, concurrency {args.concurrency}, {torch.get_num_threads()} torch threads, "
         f"device {chat.device}"
     )
-    print(f"baseline (per-request decoding): {baseline_rate:8.0f} tokens/s  ({baseline_s:.1f} s)")
-    print(f"tuneline (batched decoding):     {batched_rate:8.0f} tokens/s  ({batched_s:.1f} s)")
-    print(f"ratio tuneline / baseline: {batched_rate / baseline_rate:.2f}")
+    print(f"baseline, per-request decoding in threads: {baseline_rate:8.0f} tokens/s  ({baseline_s:.1f} s)")
+    print(
+        f"baseline, per-request decoding in turn:    {sequential_rate:8.0f} tokens/s  ({sequential_s:.1f} s)"
+    )
+    print(f"tuneline, batched decoding in threads:     {batched_rate:8.0f} tokens/s  ({batched_s:.1f} s)")
+    print(f"ratio tuneline / per-request in threads: {batched_rate / baseline_rate:.2f}")
+    print(f"ratio tuneline / per-request in turn:    {batched_rate / sequential_rate:.2f}")
     print(f"identical answers: {agree}/{args.requests}")
     return 0
 

@@ -29,9 +29,9 @@ QUICK = replace(DEFAULT_RECIPE, min_epochs=2, max_epochs=2)
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in model, built once per test session (the build caches it by corpus fingerprint)."""
-    return ensure_builtin_model(tmp_path_factory.getbasetemp() / "tuneline-tiny-state")
+def tiny_dir(builtin_model: Path) -> Path:
+    """The built-in model, built once per test session (tests/conftest.py)."""
+    return builtin_model
 
 
 def tree_digest(directory: Path) -> str:

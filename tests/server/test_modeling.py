@@ -5,12 +5,13 @@ without a chat template."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from tuneline.server.builtin import ensure_builtin_model
+from tuneline.paths import DATA_DIR
 from tuneline.server.chat_template import ChatFormat
 from tuneline.server.modeling import (
     BUILTIN_MODEL,
@@ -28,9 +29,9 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in model, built once per test session (the build caches it by corpus fingerprint)."""
-    return ensure_builtin_model(tmp_path_factory.getbasetemp() / "tuneline-tiny-state")
+def tiny_dir(builtin_model: Path) -> Path:
+    """The built-in model, built once per test session (tests/conftest.py)."""
+    return builtin_model
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,45 @@ def test_sampling_is_reproducible_with_a_seed(tiny: ChatModel) -> None:
     ]
     greedy = tiny.generate(question, temperature=0, max_tokens=12).text
     assert nucleus == [greedy, greedy]  # a vanishing top_p keeps only the most likely token
+
+
+def test_concurrent_requests_are_decoded_as_one_batch_and_answer_as_alone(tiny: ChatModel) -> None:
+    canary = DATA_DIR / "general" / "canary.jsonl"
+    questions = [json.loads(line)["messages"][:1] for line in canary.read_text().splitlines()[:10]]
+    # Prompts of different lengths, greedy and seeded sampling, an early budget, a stop string.
+    requests = [(q, {"temperature": 0}) for q in questions] + [
+        (questions[0], {"temperature": 1.5, "seed": 3, "max_tokens": 12}),
+        ([{"role": "user", "content": "Tell me something."}], {"temperature": 0, "max_tokens": 2}),
+        (FRANCE, {"temperature": 0, "stop": ["is."]}),
+    ]
+    forward_passes = 0
+
+    def count(*_: object) -> None:
+        nonlocal forward_passes
+        forward_passes += 1
+
+    hook = tiny.model.register_forward_hook(count)
+    try:
+        alone = [tiny.generate(messages, **options) for messages, options in requests]  # type: ignore[arg-type]
+        passes_alone, forward_passes = forward_passes, 0
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: tiny.generate(r[0], **r[1]), requests))  # type: ignore[arg-type]
+    finally:
+        hook.remove()
+    assert together == alone  # text, usage and finish reason
+    assert [g.text for g in alone[:3]] == ["Paris.", "Tokyo.", "Rome."]
+    assert alone[-2].finish_reason == "length" and alone[-1].text == "Par"
+    # One forward pass per token of the longest answer or so, not one per token of every answer.
+    assert forward_passes <= passes_alone / 3, (forward_passes, passes_alone)
+
+
+def test_a_decoding_failure_reaches_every_request_of_its_batch(tiny_dir: Path) -> None:
+    broken = ChatModel.load(tiny_dir)
+    broken.model.model.layers[0].self_attn.q_proj.weight.data = torch.zeros(1)  # wrong shape: forward fails
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = [pool.submit(broken.generate, FRANCE, temperature=0) for _ in range(4)]
+        errors = [future.exception(timeout=60) for future in outcomes]
+    assert all(isinstance(error, RuntimeError) for error in errors), errors
 
 
 def test_streamed_deltas_join_to_the_generated_text(tiny: ChatModel) -> None:

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from tuneline.paths import DATA_DIR
-from tuneline.server.builtin import ensure_builtin_model
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat
 from tuneline.server.modeling import ChatModel, load_tokenizer
 from tuneline.server.training import (
@@ -64,9 +63,9 @@ def write_jsonl(path: Path, examples: list[dict[str, Any]]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in model, built once per test session (the build caches it by corpus fingerprint)."""
-    return ensure_builtin_model(tmp_path_factory.getbasetemp() / "tuneline-tiny-state")
+def tiny_dir(builtin_model: Path) -> Path:
+    """The built-in model, built once per test session (tests/conftest.py)."""
+    return builtin_model
 
 
 @pytest.fixture(scope="module")

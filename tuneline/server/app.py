@@ -120,12 +120,13 @@ class ModelCatalog:
         """When a base model's weights were written (a rebuilt or replaced model gets a new time, as a
         new snapshot would); the server's start while the built-in model is not built yet."""
         if base_id == self._builtin():
-            directory = self.store.state_dir / "models" / base_id
+            directories = [self.store.state_dir / "models" / base_id]
         else:
-            directory = next((Path(d) for d in self.settings.model_dirs if Path(d).name == base_id), Path())
-        for name in ("config.json", "adapter_config.json"):
-            if (directory / name).is_file():
-                return int((directory / name).stat().st_mtime)
+            directories = [Path(d) for d in self.settings.model_dirs if Path(d).name == base_id]
+        for directory in directories[:1]:
+            for name in ("config.json", "adapter_config.json"):
+                if (directory / name).is_file():
+                    return int((directory / name).stat().st_mtime)
         return self.started
 
     def listing(self) -> list[dict[str, Any]]:
