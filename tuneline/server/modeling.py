@@ -374,7 +374,8 @@ class ChatModel:
         seed: int | None = None,
     ) -> Generation:
         progress = _Progress()
-        for piece in self._pieces(messages, temperature, top_p, max_tokens, stop, seed, progress):
+        pieces = self._pieces(messages, temperature, top_p, max_tokens, stop, seed, progress, streaming=False)
+        for piece in pieces:
             progress.text.append(piece)
         return Generation(
             "".join(progress.text), progress.prompt_tokens, progress.completion_tokens, progress.finish_reason
@@ -402,6 +403,7 @@ class ChatModel:
         stop: list[str] | None,
         seed: int | None,
         progress: _Progress,
+        streaming: bool = True,
     ) -> Iterator[str]:
         prompt = self.format.encode_prompt(messages)
         progress.prompt_tokens = len(prompt)
@@ -423,6 +425,8 @@ class ChatModel:
                 break
             ids.append(token)
             progress.completion_tokens = len(ids)
+            if not (streaming or stops):
+                continue  # nothing to cut or send before the end: the text is decoded once, below
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             cut = _first_stop(text, stops, max(0, emitted - hold))
             if cut is not None:
