@@ -27,9 +27,7 @@ def evaluate_and_promote(
 ) -> PromotionOutcome:
     """evaluate -> promote for a candidate trained in this flow run (see the module docstring)."""
     result = evaluate_task(config, provider, candidate.model_id, run_id, train_file)
-    outcome = promote_task(config, result, candidate, run_id)
-    print(outcome.decision.summary())
-    return outcome
+    return promote_task(config, result, candidate, run_id)  # the task logs the decision and its rules
 
 
 @flow(name="evaluate", log_prints=True)
