@@ -224,9 +224,11 @@ class _Row:
     top_p: float
     budget: int
     generator: torch.Generator
+    # Whole: its tokens are handed over once, at its end (no reader wakes up for each token).
+    whole: bool = False
     out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
-    produced: int = 0
+    produced: list[int] = field(default_factory=list)
 
 
 class BatchedDecoder:
@@ -250,11 +252,19 @@ class BatchedDecoder:
         self._working = False
 
     def tokens(
-        self, prompt: list[int], temperature: float, top_p: float, budget: int, seed: int | None
+        self,
+        prompt: list[int],
+        temperature: float,
+        top_p: float,
+        budget: int,
+        seed: int | None,
+        whole: bool = False,
     ) -> Iterator[int]:
+        """The row's tokens as they come, or with `whole` all at its end (for a reader that needs none
+        before then: fewer thread switches while the batch decodes)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        row = _Row(prompt, temperature, top_p, budget, generator)
+        row = _Row(prompt, temperature, top_p, budget, generator, whole)
         with self._lock:
             self._waiting.append(row)
             if not self._working:
@@ -264,7 +274,10 @@ class BatchedDecoder:
             while (item := row.out.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                if isinstance(item, list):
+                    yield from item
+                else:
+                    yield item
         finally:
             row.cancelled = True
 
@@ -299,9 +312,15 @@ class BatchedDecoder:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         active = [row.budget > 0 for row in batch]
+
+        def end(row: _Row) -> None:
+            if row.whole:
+                row.out.put(row.produced)
+            row.out.put(None)
+
         for index, row in enumerate(batch):
             if not active[index]:
-                row.out.put(None)
+                end(row)
         while any(active):
             output = self.model(
                 input_ids=ids,
@@ -317,18 +336,19 @@ class BatchedDecoder:
                 token = self.pad_id
                 if active[index] and row.cancelled:
                     active[index] = False
-                    row.out.put(None)
+                    end(row)
                 elif active[index]:
                     token = (
                         greedy[index]
                         if row.temperature <= 0
                         else _sample(logits[index], row.temperature, row.top_p, row.generator)
                     )
-                    row.produced += 1
-                    row.out.put(token)
-                    if token in self.stop_ids or row.produced >= row.budget:
+                    row.produced.append(token)
+                    if not row.whole:
+                        row.out.put(token)
+                    if token in self.stop_ids or len(row.produced) >= row.budget:
                         active[index] = False
-                        row.out.put(None)
+                        end(row)
                 chosen.append(token)
             ids = torch.tensor(chosen, device=self.device).unsqueeze(1)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -419,7 +439,9 @@ class ChatModel:
         ids: list[int] = []
         emitted = 0
         progress.finish_reason = "length"
-        for token in self._tokens(prompt, temperature, top_p, budget, seed):
+        for token in self.decoder.tokens(
+            prompt, temperature, top_p, budget, seed, whole=not (streaming or stops)
+        ):
             if token in self.format.stop_token_ids:
                 progress.finish_reason = "stop"
                 break
@@ -443,11 +465,6 @@ class ChatModel:
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
         if len(text) > emitted:
             yield text[emitted:]
-
-    def _tokens(
-        self, prompt: list[int], temperature: float, top_p: float, budget: int, seed: int | None
-    ) -> Iterator[int]:
-        return self.decoder.tokens(prompt, temperature, top_p, budget, seed)
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:
