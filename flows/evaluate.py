@@ -14,12 +14,14 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect import runtime as prefect_runtime
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.evaluate import EvaluationResult, evaluate_task
 from tasks.promote import Candidate, PromotionOutcome, promote_task
 from tuneline import provider as providers
 from tuneline import tracking
 from tuneline.config import Config, load_config
+from tuneline.reporting import RunSummary, headline_metrics, render_run_summary
 
 
 def evaluate_and_promote(
@@ -63,4 +65,15 @@ def evaluate(model: str, config: str | None = None, train_file: str | None = Non
         )
         raise
     tracking.finish_run(settings.tracking, run_id)
+    summary = RunSummary(
+        flow="evaluate",
+        flow_run_name=str(prefect_runtime.flow_run.name or ""),
+        outcome=f"evaluated {model} (nothing was promoted)",
+        metrics=headline_metrics(result.metrics()),
+        mlflow_run_url=tracking.run_url(settings.tracking, run_id),
+        mlflow_hint=None if tracking.has_tracking_server(settings.tracking) else "open it with `tuneline ui`",
+    )
+    create_markdown_artifact(
+        render_run_summary(summary), key="evaluate-summary", description=f"evaluate {model}"
+    )
     return result

@@ -41,7 +41,7 @@ from tuneline import provider as providers
 from tuneline import tracking
 from tuneline.config import Config, load_config
 from tuneline.paths import resolve
-from tuneline.reporting import RunSummary, render_run_summary
+from tuneline.reporting import RunSummary, headline_metrics, render_run_summary
 
 
 @dataclass(frozen=True)
@@ -297,11 +297,7 @@ def publish_summary(
             "trained tokens": result.trained_tokens,
             "champion version": result.champion_version,
         }
-    metrics = {
-        name: value
-        for name, value in tracking.read_run(config.tracking, run_id).metrics.items()
-        if name.startswith("eval/") and name.endswith("/exact_match")
-    }
+    metrics = headline_metrics(tracking.read_run(config.tracking, run_id).metrics)
     summary = RunSummary(
         flow="retrain",
         as_of=config.data.as_of.isoformat() if config.data.as_of else None,

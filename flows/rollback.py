@@ -10,10 +10,12 @@ import getpass
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.promote import RollbackOutcome
 from tasks.promote import rollback as move_champion_back
 from tuneline.config import load_config
+from tuneline.reporting import render_rollback_summary
 
 
 @flow(name="rollback", log_prints=True)
@@ -35,5 +37,17 @@ def rollback(
         outcome.model_id,
         who,
         reason,
+    )
+    create_markdown_artifact(
+        render_rollback_summary(
+            settings.tracking.registered_model,
+            outcome.from_version,
+            outcome.to_version,
+            outcome.model_id,
+            who,
+            reason,
+        ),
+        key="rollback-summary",
+        description="rollback: where champion moved, by whom and why",
     )
     return outcome

@@ -119,6 +119,24 @@ def render_backfill_summary(
     return "\n".join(lines).rstrip() + "\n"
 
 
+def headline_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The figures a run summary shows of an evaluation: exact match of every model on every set."""
+    return {k: v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/exact_match")}
+
+
+def render_rollback_summary(
+    registered_model: str, from_version: str, to_version: str, model_id: str, by: str, reason: str
+) -> str:
+    """Markdown for a rollback: where `champion` moved, who moved it and why."""
+    return (
+        f"# rollback of {registered_model}\n\n"
+        f"**Champion:** version {_cell(from_version)} -> **version {_cell(to_version)}** (`{_cell(model_id)}`)  \n"
+        f"**Previous:** version {_cell(from_version)}  \n"
+        f"**By:** {_cell(by)}  \n"
+        f"**Why:** {_cell(reason)}\n"
+    )
+
+
 def training_tokens(manifest: Mapping[str, Any]) -> int | None:
     """Tokens in the training file (the figure the price applies to), as the manifest states it."""
     return (manifest.get("tokens") or {}).get("train_total")

@@ -316,6 +316,25 @@ def test_the_gate_decides_right_and_rollback_restores(
     assert restored.tags["tuneline.rollback.from_version"] == "2"
     assert restored.tags["tuneline.rollback.by"]
     assert tracking.alias_version(project.config().tracking, PREVIOUS).version == "2"  # type: ignore[union-attr]
+    summary = latest_artifact("rollback-summary")
+    assert f"**Champion:** version 2 -> **version 1** (`{models['decent']}`)" in summary
+    assert "**Why:** refund answers regressed" in summary
+
+
+def latest_artifact(key: str) -> str:
+    """The newest markdown artifact with `key` on the test session's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    assert found, f"no {key} artifact"
+    return str(found[0].data)
 
 
 def test_evaluate_command_scores_any_model_and_promotes_nothing(
@@ -345,6 +364,9 @@ def test_evaluate_command_scores_any_model_and_promotes_nothing(
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["eval/task/n_examples"] == 3
+    summary = latest_artifact("evaluate-summary")
+    assert f"evaluated {models['worse']} (nothing was promoted)" in summary
+    assert "`eval/task/candidate/exact_match`" in summary and runs[0].info.run_id in summary
     missing = CliRunner().invoke(
         app, ["evaluate", "--model", "ft:tuneline-tiny:tuneline::missing0", "--config", str(smoke)]
     )

@@ -7,7 +7,14 @@ import re
 from tuneline.config import PromotionConfig
 from tuneline.gate import GateEvidence, decide
 from tuneline.metrics import paired_test
-from tuneline.reporting import BackfillDay, RunSummary, render_backfill_summary, render_run_summary
+from tuneline.reporting import (
+    BackfillDay,
+    RunSummary,
+    headline_metrics,
+    render_backfill_summary,
+    render_rollback_summary,
+    render_run_summary,
+)
 
 RUN_URL = "http://127.0.0.1:5000/#/experiments/1/runs/0123abcd"
 
@@ -148,6 +155,29 @@ def test_job_and_metrics_tables_and_pipes_inside_cells_stay_in_their_cell() -> N
         "`eval/task/candidate/exact_match`": "0.75",
         "`train_loss`": "0.1235",
     }
+
+
+def test_a_summary_shows_exact_match_of_each_model_and_set_only() -> None:
+    metrics = {
+        "eval/task/candidate/exact_match": 0.84,
+        "eval/task/candidate/exact_match_ci_low": 0.75,
+        "eval/canary/base/exact_match": 1.0,
+        "eval/task/candidate/token_f1": 0.9,
+        "train_loss": 0.1,
+    }
+    assert headline_metrics(metrics) == {
+        "eval/task/candidate/exact_match": 0.84,
+        "eval/canary/base/exact_match": 1.0,
+    }
+
+
+def test_rollback_summary_says_where_champion_moved_who_and_why() -> None:
+    markdown = render_rollback_summary(
+        "support-assistant", "2", "1", "ft:tiny:x|y", "oncall", "bad | refunds"
+    )
+    assert markdown.startswith("# rollback of support-assistant\n")
+    assert "**Champion:** version 2 -> **version 1** (`ft:tiny:x\\|y`)" in markdown
+    assert "**By:** oncall" in markdown and "**Why:** bad \\| refunds" in markdown
 
 
 def test_backfill_summary_one_row_per_date_in_date_order() -> None:

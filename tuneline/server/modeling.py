@@ -247,6 +247,10 @@ class BatchedDecoder:
         self.pad_id = pad_id
         self.stop_ids = stop_ids
         self._cache_keyword = cache_keyword(model)
+        # Only the last position's logits are needed: a large vocabulary's prefill logits for a whole
+        # batch of prompts would take gigabytes.
+        parameters = inspect.signature(model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self._waiting: list[_Row] = []
         self._lock = threading.Lock()
         self._working = False
@@ -328,6 +332,7 @@ class BatchedDecoder:
                 position_ids=positions,
                 use_cache=True,
                 **{self._cache_keyword: cache},
+                **self._last_logits_only,
             )
             logits = output.logits[:, -1].float()
             greedy = logits.argmax(dim=-1).tolist()
