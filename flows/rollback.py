@@ -29,8 +29,7 @@ def rollback(
     settings = load_config(config)
     who = by or getpass.getuser()
     outcome = move_champion_back(settings.tracking, to_version, by=who, reason=reason, at=datetime.now(UTC))
-    get_run_logger().info(
-        "champion of %r moved from version %s to version %s (%s) by %s: %s",
+    summary = render_rollback_summary(
         settings.tracking.registered_model,
         outcome.from_version,
         outcome.to_version,
@@ -38,16 +37,8 @@ def rollback(
         who,
         reason,
     )
+    get_run_logger().info("%s", summary)
     create_markdown_artifact(
-        render_rollback_summary(
-            settings.tracking.registered_model,
-            outcome.from_version,
-            outcome.to_version,
-            outcome.model_id,
-            who,
-            reason,
-        ),
-        key="rollback-summary",
-        description="rollback: where champion moved, by whom and why",
+        summary, key="rollback-summary", description="rollback: where champion moved, by whom and why"
     )
     return outcome
