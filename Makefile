@@ -35,7 +35,7 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	mkdir -p $(PREFECT_HOME)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_plane.py 100000

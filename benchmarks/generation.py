@@ -7,7 +7,8 @@ model (tuneline-tiny fine-tuned by a short job, or --model-dir), on the same dev
   (`model(...)` with a DynamicCache): C requests in C threads (what the server did before), and the
   same requests one after another (no thread contention at all);
 - tuneline: `ChatModel.generate` from C threads, whose concurrent requests the BatchedDecoder decodes
-  as one batch (one forward pass per token for all of them).
+  as one batch (one forward pass per token for all of them; a request that arrives while others decode
+  joins them between two tokens).
 
 Printed: completion tokens per second of each, the ratio of tuneline to each baseline, and how many
 answers agree (greedy decoding in a batch and alone must give the same text).

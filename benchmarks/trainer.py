@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from tuneline.server.chat_template import ChatFormat  # noqa: E402
 from tuneline.server.modeling import (  # noqa: E402
     context_length,
+    cpu_threads,
     load_causal_lm,
     load_tokenizer,
     parameter_count,
@@ -47,7 +48,6 @@ from tuneline.server.training import (  # noqa: E402
     TrainingSpec,
     base_learning_rate,
     collate,
-    cpu_threads,
     epoch_batches,
     make_optimizer,
     train,

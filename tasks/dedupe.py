@@ -1,10 +1,10 @@
 """Dedupe: credentials, PII, eval leakage, exact and near duplicates, and contradictions.
 
-Guarantees of `dedupe` (DATA_CONTRACT.md):
+Guarantees of `dedupe` (the precedence of reasons: data/README.md):
 - it returns a new frame with the same rows in the same order; only rows still kept on entry are
   looked at, and a row is never dropped: it is quarantined with `records.quarantine`, so a row
   already quarantined keeps its first reason;
-- the rules run in the contract's order, each on the rows the earlier ones kept:
+- the rules run in the order of that precedence, each on the rows the earlier ones kept:
   1. `secret_detected`: a credential in any text of the example (tuneline/secrets.py);
      PII (emails, phone numbers) by `dedupe.pii`: allow (kept as is), redact (kept; `example` becomes a
      new dict with [email]/[phone] in place; the input's objects are never modified), quarantine
@@ -17,6 +17,9 @@ Guarantees of `dedupe` (DATA_CONTRACT.md):
      answer, resolved by `dedupe.contradictions` (keep-latest | keep-majority | quarantine-all);
 - "earlier" and "latest" mean the (partition, source, line) order; `duplicate_of` is the record_id of
   the record kept in a duplicate's place (for contradictions: the record it contradicts);
+- a duplicate follows the record it names when a later rule quarantines that record: an exact
+  duplicate of a near duplicate is a near duplicate of the record kept in their place, and a duplicate
+  of a record that rule 5 quarantines is a contradiction, with that record's `duplicate_of`;
 - columns `normalized_prompt` and `normalized_answer` (tuneline/normalize.py) are set on every row
   that was kept when the duplicate rules began, null elsewhere.
 """
@@ -141,6 +144,7 @@ def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: Ded
     alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
     alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config)
     _contradictions(stage, positions, prompts, answers, rank, alive, config)
+    _duplicates_of_quarantined_records(stage)
     log.info("dedupe: %s", records.counts_by_reason(out))
     return out
 
@@ -433,6 +437,48 @@ def _contradictions(
         details,
         positions[considered[others]].tolist(),
     )
+
+
+def _duplicates_of_quarantined_records(stage: _Stage) -> None:
+    """A duplicate names the record kept in its place; when a later rule quarantined that record, the
+    duplicate follows it: an exact duplicate of a near duplicate becomes a near duplicate of the record
+    kept in their place, and a duplicate of a record rule 5 quarantined becomes a contradiction of the
+    record that one contradicts (it repeats the answer that lost)."""
+    frame = stage.frame
+    at = {record_id: position for position, record_id in enumerate(stage.record_id.tolist())}
+    while True:  # a chain is at most exact -> near -> contradiction long
+        reason = frame[records.REASON].to_numpy(dtype=object)
+        original = frame[records.DUPLICATE_OF].to_numpy(dtype=object)
+        detail = frame[records.DETAIL].to_numpy(dtype=object)
+        rows: list[int] = []
+        moved: list[tuple[str, object, str]] = []  # (reason, duplicate_of, detail)
+        for position in np.flatnonzero(np.isin(reason, [EXACT_DUPLICATE, NEAR_DUPLICATE])).tolist():
+            lost = at[original[position]]
+            how = (
+                "the same normalised example as"
+                if reason[position] == EXACT_DUPLICATE
+                else "a near-duplicate of"
+            )
+            if reason[lost] == CONTRADICTION:
+                rows.append(position)
+                moved.append(
+                    (
+                        CONTRADICTION,
+                        original[lost],
+                        f"{how} {stage.describe(lost)}, which gives an answer that lost: {detail[lost]}",
+                    )
+                )
+            elif reason[lost] == NEAR_DUPLICATE and reason[position] == EXACT_DUPLICATE:
+                rows.append(position)
+                moved.append(
+                    (NEAR_DUPLICATE, original[lost], f"{how} {stage.describe(lost)}, {detail[lost]}")
+                )
+        if not rows:
+            return
+        index = frame.index[rows]
+        frame.loc[index, records.REASON] = [m[0] for m in moved]
+        frame.loc[index, records.DUPLICATE_OF] = [m[1] for m in moved]
+        frame.loc[index, records.DETAIL] = [m[2] for m in moved]
 
 
 @task(name="dedupe", cache_policy=NO_CACHE, persist_result=False)

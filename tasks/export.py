@@ -283,7 +283,7 @@ def _plain(value: Any) -> Any:
 def manifest(
     dataset: Dataset, config: Config, context: RunContext, problems: Sequence[str], published: bool
 ) -> dict[str, Any]:
-    """manifest.json (DATA_CONTRACT.md): hash, counts, tokens, cost, sources, partitions, config hash."""
+    """manifest.json: hash, counts, tokens, cost, sources, partitions, config hash."""
 
     def described(name: str, lines: list[bytes]) -> dict[str, Any]:
         body = b"".join(lines)

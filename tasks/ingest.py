@@ -34,7 +34,7 @@ from tuneline.paths import PROJECT_ROOT, is_url, resolve
 
 FileFormat = Literal["jsonl", "csv", "parquet"]
 
-# Reasons this stage quarantines with (DATA_CONTRACT.md).
+# Reasons this stage quarantines with (their precedence: data/README.md).
 INVALID_JSON = "invalid_json"
 INVALID_ENCODING = "invalid_encoding"
 CSV_MAPPING = "csv_mapping"

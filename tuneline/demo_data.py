@@ -1958,7 +1958,7 @@ def _parse(record: DemoRecord) -> tuple[str | None, dict[str, Any] | None]:
 
 
 def apply_contract(records: list[DemoRecord], eval_examples: list[dict[str, Any]]) -> None:
-    """Give every record the reason DATA_CONTRACT.md's precedence gives it (None: kept)."""
+    """Give every record the reason the precedence (data/README.md) gives it (None: kept)."""
     encoding = tokens.get_encoding(ENCODING)
     parsed = []
     for record in records:
@@ -2177,7 +2177,7 @@ Every chat example carries the system prompt of `configs/local.yaml` (`model.sys
 
 {len(records)} raw records: {kept} are kept, {len(records) - kept} are quarantined. The answer key lists every
 planted record: `source` (path from the repository root), `line` (1-based; for the CSV the data row,
-header not counted), `kind`, `reason` (the quarantine reason of DATA_CONTRACT.md, null when the record
+header not counted), `kind`, `reason` (the quarantine reason by the precedence below, null when the record
 is kept), `duplicate_of` (`{{source, line}}` of the record it duplicates or contradicts; for
 contradictions the kept, latest record), `eval_example` (the eval line a leak copies) and `note`.
 Every record not in the key is clean and distinct from every other kept record: no exact or normalised
@@ -2190,7 +2190,7 @@ contradiction, no eval leak, no PII, no credential, at most {CONTEXT_LIMIT} {ENC
 
 Quarantined by reason: {", ".join(f"`{k}` {v}" for k, v in sorted(by_reason.items()))}.
 
-Precedence (DATA_CONTRACT.md): the first rule a record breaks is its reason: ingest, then format rules
+Precedence: the first rule a record breaks is its reason: ingest, then format rules
 and `too_long`, then secrets, eval leakage, exact duplicates (normalised: NFKC, casefold, punctuation
 removed, whitespace collapsed, all roles and texts), near-duplicates, contradictions (keep-latest: the
 earlier answers are quarantined). Of two duplicates the later one, in (partition, source, line) order,

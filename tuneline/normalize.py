@@ -1,7 +1,7 @@
 """The normalised forms the dedupe rules compare, and the word shingles near-duplicates are measured on.
 
-Normalised text (DATA_CONTRACT.md): NFKC, casefold, punctuation removed, whitespace collapsed. So case,
-whitespace and punctuation variants of a text normalise to the same string. "Punctuation" is every
+Normalised text: NFKC, casefold, punctuation removed, whitespace collapsed. So case, whitespace and
+punctuation variants of a text normalise to the same string. "Punctuation" is every
 character of Unicode category P*; invisible format characters (category Cf: zero-width spaces, soft
 hyphens, byte-order marks) and control characters that are not whitespace go too, since they are
 invisible variants as well. Letters, marks, digits and symbols (S*: $, +, emoji) stay.

@@ -4,7 +4,9 @@ without a chat template."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,6 +161,78 @@ def test_concurrent_requests_are_decoded_as_one_batch_and_answer_as_alone(tiny: 
     assert alone[-2].finish_reason == "length" and alone[-1].text == "Par"
     # Requests that came in while a batch ran were decoded together: fewer forward passes in all.
     assert max(batch_sizes) > 1 and len(batch_sizes) < passes_alone, (batch_sizes, passes_alone)
+
+
+def test_requests_join_a_batch_between_two_of_its_tokens(tiny: ChatModel) -> None:
+    long_question = [{"role": "user", "content": "Tell me a joke."}]
+    long_options = {"temperature": 2.0, "seed": 3, "max_tokens": 40}
+    canary = DATA_DIR / "general" / "canary.jsonl"
+    questions = [json.loads(line)["messages"][:1] for line in canary.read_text().splitlines()[:4]]
+    long_alone = tiny.generate(long_question, **long_options)  # type: ignore[arg-type]
+    alone = [tiny.generate(q, temperature=0) for q in questions]
+    assert long_alone.completion_tokens > 5
+    shapes: list[tuple[int, int]] = []
+    third_step, release = threading.Event(), threading.Event()
+
+    def hold_third_step(
+        _module: object, _args: object, kwargs: dict[str, torch.Tensor], _out: object
+    ) -> None:
+        shapes.append((int(kwargs["input_ids"].shape[0]), int(kwargs["input_ids"].shape[1])))
+        if len(shapes) == 3:  # the long answer is decoding: hold it until the others are waiting
+            third_step.set()
+            assert release.wait(60)
+
+    hook = tiny.model.register_forward_hook(hold_third_step, with_kwargs=True)
+    try:
+        with ThreadPoolExecutor(1 + len(questions)) as pool:
+            long_answer = pool.submit(tiny.generate, long_question, **long_options)  # type: ignore[arg-type]
+            assert third_step.wait(60)
+            answers = [pool.submit(tiny.generate, q, temperature=0) for q in questions]
+            while len(tiny.decoder._waiting) < len(questions):
+                threading.Event().wait(0.01)
+            release.set()
+            together = [a.result(timeout=60) for a in answers]
+            assert long_answer.result(timeout=60) == long_alone
+    finally:
+        release.set()
+        hook.remove()
+    assert together == alone
+    # The long question's prompt, two of its tokens; then one pass for the four questions' prompts
+    # and the long answer's next token: they joined the running batch.
+    assert shapes[0][0] == 1 and shapes[0][1] > 1 and shapes[1:3] == [(1, 1), (1, 1)]
+    assert shapes[3][0] == 1 + len(questions) and shapes[3][1] > 1, shapes
+    assert shapes[4] == (1 + len(questions), 1), shapes
+
+
+def test_generate_async_answers_as_generate_does(tiny: ChatModel) -> None:
+    requests = [
+        (FRANCE, {"temperature": 0}),
+        (FRANCE, {"temperature": 0, "max_tokens": 1}),
+        (FRANCE, {"temperature": 0, "stop": ["is."]}),  # watched for its stop string in the executor
+        (
+            [{"role": "user", "content": "Tell me something."}],
+            {"temperature": 1.5, "seed": 3, "max_tokens": 9},
+        ),
+    ]
+    expected = [tiny.generate(m, **o) for m, o in requests]  # type: ignore[arg-type]
+
+    async def ask_all() -> list[object]:
+        with ThreadPoolExecutor(2) as executor:
+            # A reader that gives up leaves the batch without disturbing the others.
+            abandoned = asyncio.ensure_future(
+                tiny.generate_async(
+                    [{"role": "user", "content": "Tell me a joke."}], executor, max_tokens=300
+                )
+            )
+            answers = asyncio.gather(*(tiny.generate_async(m, executor, **o) for m, o in requests))  # type: ignore[arg-type]
+            await asyncio.sleep(0)
+            abandoned.cancel()
+            return list(await answers)
+
+    assert asyncio.run(ask_all()) == expected
+    assert expected[1].finish_reason == "length" and expected[2].text == "Par"
+    with pytest.raises(ContextLengthExceeded):
+        asyncio.run(tiny.generate_async([{"role": "user", "content": "word " * 2000}]))
 
 
 def test_a_decoding_failure_reaches_every_request_of_its_batch(tiny_dir: Path) -> None:

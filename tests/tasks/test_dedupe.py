@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -294,6 +295,36 @@ def test_contradictions_keep_latest() -> None:
     assert "keep-latest" in out[records.DETAIL].iloc[0]
 
 
+def test_copies_of_a_losing_answer_are_contradictions_too() -> None:
+    # Two copies of answer A, then answer B: the copy named record 0 as kept in its place, but
+    # keep-latest quarantines record 0; under quarantine-all no record of the prompt is kept.
+    frame = contradicting((ANSWER_A, SYSTEM), (ANSWER_A, SYSTEM), (ANSWER_B, SYSTEM))
+    latest = dedupe(frame, [], DedupeConfig(contradictions="keep-latest"))
+    assert reasons(latest) == ["contradiction", "contradiction", None, None]
+    assert duplicate_of(latest, 0) == 2 and duplicate_of(latest, 1) == 2
+    assert latest[records.DETAIL].iloc[1].startswith("the same normalised example as record")
+    everything = dedupe(frame, [], DedupeConfig(contradictions="quarantine-all"))
+    assert reasons(everything) == ["contradiction"] * 3 + [None]
+    assert duplicate_of(everything, 1) == duplicate_of(everything, 0) == 2
+
+
+def test_a_duplicate_follows_the_record_it_names_when_a_later_rule_quarantines_it() -> None:
+    long = question(21, 60)
+    edited = " ".join(["changed", *long.split()[1:]])  # one word of 60 changed: a near duplicate
+    # Record 2 is the same as record 1, which is a near duplicate of record 0: record 0 is kept in
+    # place of both.
+    chained = dedupe(frame_of(chat(long), chat(edited), chat(edited)), [], CONFIG)
+    assert reasons(chained) == [None, "near_duplicate", "near_duplicate"]
+    assert duplicate_of(chained, 1) == duplicate_of(chained, 2) == 0
+    assert chained[records.DETAIL].iloc[2].startswith("the same normalised example as record")
+    # Record 1 is a near duplicate of record 0, whose answer loses to record 2's: record 1 repeats
+    # the answer that lost, and contradicts record 2 too.
+    lost = dedupe(frame_of(chat(long, ANSWER_A), chat(edited, ANSWER_A), chat(long, ANSWER_B)), [], CONFIG)
+    assert reasons(lost) == ["contradiction", "contradiction", None]
+    assert duplicate_of(lost, 0) == duplicate_of(lost, 1) == 2
+    assert lost[records.DETAIL].iloc[1].startswith("a near-duplicate of record")
+
+
 def test_contradictions_keep_majority_and_its_tie_break() -> None:
     frame = contradicting((ANSWER_A, SYSTEM), (ANSWER_B, SYSTEM), (ANSWER_A, "Another system prompt."))
     out = dedupe(frame, [], DedupeConfig(near_duplicate_threshold=1.0, contradictions="keep-majority"))
@@ -397,6 +428,14 @@ def test_the_invariant_holds_on_generated_frames(rows: list, policy: str, pii: s
             assert record_order(out)[other] < record_order(out)[position]
         if row.reason == "contradiction":
             other = ids[row.duplicate_of]
+            copied = re.match(r"a near-duplicate of record (\S+) ", row.detail)
+            if copied:  # a near duplicate of a record that lost: it contradicts what that one does
+                lost = ids[copied.group(1)]
+                assert out[records.REASON].iloc[lost] == "contradiction"
+                assert out[records.DUPLICATE_OF].iloc[lost] == row.duplicate_of
+                a, b = (normalized_example(out[records.EXAMPLE].iloc[k]) for k in (position, lost))
+                assert jaccard(word_shingles(a, 3), word_shingles(b, 3)) >= config.near_duplicate_threshold
+                continue
             assert out[NORMALIZED_PROMPT].iloc[other] == out[NORMALIZED_PROMPT].iloc[position]
             assert out[NORMALIZED_ANSWER].iloc[other] != out[NORMALIZED_ANSWER].iloc[position]
     if pii != "allow":

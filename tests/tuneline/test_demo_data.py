@@ -21,7 +21,7 @@ from tuneline import demo_data, formats, tokens
 from tuneline.config import load_config
 from tuneline.paths import DATA_DIR, PROJECT_ROOT
 
-# Every kind of dirt the task asks for, with the quarantine reason DATA_CONTRACT.md gives it
+# Every kind of dirt the task asks for, with the quarantine reason the precedence in data/README.md gives it
 # (None: the record is kept).
 KIND_REASONS: dict[str, str | None] = {
     "malformed_json": "invalid_json",

@@ -152,12 +152,18 @@ class ModelCatalog:
         except KeyError:
             raise model_not_found(model_id) from None
 
-    def chat_model(self, model_id: str) -> Any:
-        """The loaded model (loading it once, in the calling thread, if needed)."""
+    def loaded(self, model_id: str) -> Any | None:
+        """The model if it is in memory (then it exists: a deleted model is forgotten), else None."""
         with self._lock:
             if model_id in self._loaded:
                 self._loaded.move_to_end(model_id)
                 return self._loaded[model_id]
+        return None
+
+    def chat_model(self, model_id: str) -> Any:
+        """The loaded model (loading it once, in the calling thread, if needed)."""
+        if (model := self.loaded(model_id)) is not None:
+            return model
         # One load at a time: transformers' lazy imports are not safe to run from two threads at once.
         with self._load_lock:
             with self._lock:
@@ -743,10 +749,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: Any = Depends(json_body)) -> Any:
         model_id, messages, options, stream, include_usage = chat_arguments(body)
-        if await in_thread(catalog.describe, model_id) is None:
-            raise model_not_found(model_id)
         loop = asyncio.get_running_loop()
-        chat_model = await loop.run_in_executor(generation_pool, catalog.chat_model, model_id)
+        chat_model: Any = catalog.loaded(model_id)
+        if chat_model is None:
+            if await in_thread(catalog.describe, model_id) is None:
+                raise model_not_found(model_id)
+            chat_model = await loop.run_in_executor(generation_pool, catalog.chat_model, model_id)
         if settings.latency_ms:
             await asyncio.sleep(settings.latency_ms / 1000)
         completion_id = new_id("chatcmpl-")
@@ -754,9 +762,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         done = object()
         try:
             if not stream:
-                generation = await loop.run_in_executor(
-                    generation_pool, lambda: chat_model.generate(messages, **options)
-                )
+                generation = await chat_model.generate_async(messages, generation_pool, **options)
             else:
                 # The first piece is computed before answering, so a prompt that does not fit gets a
                 # 400 instead of a stream that breaks off.

@@ -41,8 +41,8 @@ from tuneline.server.chat_template import (
     BUILTIN_TEMPLATE,
     chat_messages,
 )
-from tuneline.server.modeling import BUILTIN_MODEL, MODEL_CARD, ChatModel
-from tuneline.server.training import Hyperparameters, Trainer, cpu_threads
+from tuneline.server.modeling import BUILTIN_MODEL, MODEL_CARD, ChatModel, cpu_threads
+from tuneline.server.training import Hyperparameters, Trainer
 
 log = logging.getLogger(__name__)
 

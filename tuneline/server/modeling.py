@@ -10,6 +10,7 @@ hub is switched off for the whole process). A model directory is either a full c
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -18,7 +19,9 @@ import queue
 import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,28 @@ def resolve_base_model(
 def pick_device() -> torch.device:
     """CUDA when present, CPU otherwise."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+# torch's intra-op threads when this process started: OMP_NUM_THREADS, else one per core.
+TORCH_THREADS = torch.get_num_threads()
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """Threads for torch on the CPU (training, building, decoding): `requested`, else
+    TUNELINE_CPU_THREADS, else the cores not already busy by the 1-minute load average (at least 1).
+    On a shared machine, threads that wait on a core someone else holds stall every parallel op,
+    which costs far more than they bring."""
+    if requested:
+        return max(1, requested)
+    configured = os.environ.get("TUNELINE_CPU_THREADS")
+    if configured:
+        return max(1, int(configured))
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, TORCH_THREADS, cores - round(busy)))
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
@@ -216,27 +241,54 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 
 @dataclass(eq=False)
 class _Row:
-    """One request's token loop inside a batch: its prompt, sampling settings and the queue its tokens
-    go to (None ends it, an exception is raised in the reader)."""
+    """One request's token loop inside a batch: its prompt, sampling settings and where its tokens
+    go, by put(): each token, or with `whole` the list of them at its end; then None, which ends it
+    (an exception instead is raised in the reader)."""
 
     prompt: list[int]
     temperature: float
     top_p: float
     budget: int
     generator: torch.Generator
+    out: queue.SimpleQueue[Any] | _FutureSink
     # Whole: its tokens are handed over once, at its end (no reader wakes up for each token).
     whole: bool = False
-    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False
     produced: list[int] = field(default_factory=list)
 
 
+class _FutureSink:
+    """The out of a whole row read by an asyncio task: settles the task's future from the decoder
+    thread, so that no thread waits for the row."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[list[int]]) -> None:
+        self.loop = loop
+        self.future = future
+        self.tokens: list[int] = []
+
+    def put(self, item: Any) -> None:
+        if isinstance(item, list):
+            self.tokens = item
+        elif item is None or isinstance(item, BaseException):
+            self.loop.call_soon_threadsafe(self._settle, item)
+
+    def _settle(self, item: BaseException | None) -> None:
+        if self.future.done():  # cancelled by its reader, or settled by an earlier end
+            return
+        if item is None:
+            self.future.set_result(self.tokens)
+        else:
+            self.future.set_exception(item)
+
+
 class BatchedDecoder:
-    """Decodes the concurrent requests to one model together: requests that wait while a batch runs
-    form the next batch (up to MAX_BATCH rows, prompts left-padded, one forward pass per token for all
-    of them), so a server answering an evaluation's concurrent requests pays a small model's per-step
-    overhead once per batch instead of once per request. Each row keeps its own temperature, top_p,
-    seed and budget; a row ends at a stop token, its budget, or when its reader stops reading. The
+    """Decodes the concurrent requests to one model together, with continuous batching: one forward
+    pass per token for all running rows (up to MAX_BATCH), and a request that arrives while they run
+    joins them between two tokens, its prompt in the same pass as their next token (prompts
+    left-padded), instead of waiting for the batch to end. So a server answering an evaluation's
+    concurrent requests pays a small model's per-pass overhead once per batch instead of once per
+    request, and a short answer never waits for a long one. Each row keeps its own temperature, top_p,
+    seed and budget; a row leaves at a stop token, its budget, or when its reader stops reading. The
     worker thread runs only while there is work."""
 
     MAX_BATCH = 16
@@ -266,16 +318,11 @@ class BatchedDecoder:
     ) -> Iterator[int]:
         """The row's tokens as they come, or with `whole` all at its end (for a reader that needs none
         before then: fewer thread switches while the batch decodes)."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        row = _Row(prompt, temperature, top_p, budget, generator, whole)
-        with self._lock:
-            self._waiting.append(row)
-            if not self._working:
-                self._working = True
-                threading.Thread(target=self._work, name="tuneline-decode", daemon=True).start()
+        out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        row = _Row(prompt, temperature, top_p, budget, self._generator(seed), out, whole)
+        self._enqueue(row)
         try:
-            while (item := row.out.get()) is not None:
+            while (item := out.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, list):
@@ -285,79 +332,200 @@ class BatchedDecoder:
         finally:
             row.cancelled = True
 
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    self._working = False
-                    return
-                batch = self._waiting[: self.MAX_BATCH]
-                del self._waiting[: self.MAX_BATCH]
-            try:
-                self._decode(batch)
-            except BaseException as exc:  # handed to every reader of the batch, never lost
-                for row in batch:
-                    row.out.put(exc)
+    async def whole_tokens(
+        self, prompt: list[int], temperature: float, top_p: float, budget: int, seed: int | None
+    ) -> list[int]:
+        """All of the row's tokens, awaited in the event loop: the decoder thread settles the future,
+        no thread of the caller's waits (one thread switch per answer instead of two or more)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        sink = _FutureSink(loop, future)
+        row = _Row(prompt, temperature, top_p, budget, self._generator(seed), sink, whole=True)
+        self._enqueue(row)
+        try:
+            return await future
+        finally:
+            row.cancelled = True
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        return generator
+
+    def _enqueue(self, row: _Row) -> None:
+        with self._lock:
+            self._waiting.append(row)
+            if not self._working:
+                self._working = True
+                threading.Thread(target=self._work, name="tuneline-decode", daemon=True).start()
 
     @torch.inference_mode()
-    def _decode(self, batch: list[_Row]) -> None:
+    def _work(self) -> None:
+        if self.device.type == "cpu":
+            # Sized when a burst of requests starts: the HTTP side and local clients need cores too.
+            torch.set_num_threads(cpu_threads())
+        running: _Running | None = None
+        while True:
+            with self._lock:
+                joining: list[_Row] = []
+                if running is None or running.joinable:
+                    room = self.MAX_BATCH - (len(running.rows) if running else 0)
+                    joining = self._waiting[:room]
+                    del self._waiting[:room]
+                if running is None and not joining:
+                    self._working = False
+                    return
+            try:
+                running = self._advance(running, joining)
+            except BaseException as exc:  # handed to every reader of the batch, never lost
+                for row in dict.fromkeys([*(running.rows if running else []), *joining]):
+                    row.out.put(exc)
+                running = None
+
+    def _advance(self, batch: _Running | None, joining: list[_Row]) -> _Running | None:
+        """One forward pass: the next token of every running row, and the whole prompt of every
+        joining row, so that a request joins the batch between two of its tokens without a pass of
+        its own. The pass is as wide as the longest joining prompt (left-padded); a running row's
+        pending token comes last, after positions masked out for it. None when no row is left."""
+        for row in joining:
+            if row.budget <= 0:
+                _end(row)
+        joining = [row for row in joining if row.budget > 0]
+        if batch is None:
+            if not joining:
+                return None
+            batch = _Running(self._new_cache(), self.device)
+        running = len(batch.rows)
+        width = max([1, *(len(row.prompt) for row in joining)])
+        ids = torch.full((running + len(joining), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((running + len(joining), width), dtype=torch.long)
+        positions = torch.zeros((running + len(joining), width), dtype=torch.long)
+        if running:
+            ids[:running, -1] = batch.pending[:, 0].cpu()
+            mask[:running, -1] = 1
+            positions[:running] = batch.positions.cpu()
+        for index, row in enumerate(joining, start=running):
+            length = len(row.prompt)
+            ids[index, width - length :] = torch.tensor(row.prompt)
+            mask[index, width - length :] = 1
+            positions[index, width - length :] = torch.arange(length)
+        batch.add_rows(joining)
+        mask = torch.cat([batch.mask, mask.to(self.device)], dim=1)
+        self._forward(batch, ids.to(self.device), mask, positions.to(self.device))
+        return batch if batch.rows else None
+
+    def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
         try:
-            cache = DynamicCache(config=self.model.config)
+            return DynamicCache(config=self.model.config)
         except TypeError:  # transformers 4.x
-            cache = DynamicCache()
-        width = max(len(row.prompt) for row in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for index, row in enumerate(batch):
-            ids[index, width - len(row.prompt) :] = torch.tensor(row.prompt)
-            mask[index, width - len(row.prompt) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        active = [row.budget > 0 for row in batch]
+            return DynamicCache()
 
-        def end(row: _Row) -> None:
-            if row.whole:
-                row.out.put(row.produced)
-            row.out.put(None)
-
-        for index, row in enumerate(batch):
-            if not active[index]:
-                end(row)
-        while any(active):
-            output = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_keyword: cache},
-                **self._last_logits_only,
+    def _forward(
+        self, batch: _Running, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Runs `ids` through the model into the batch's cache, samples each row's next token, hands
+        it over, and drops the rows that ended (stop token, budget, or a reader that left)."""
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_keyword: batch.cache},
+            **self._last_logits_only,
+        )
+        batch.mask = mask
+        batch.positions = positions[:, -1:] + 1
+        logits = output.logits[:, -1].float()
+        greedy = logits.argmax(dim=-1).tolist()
+        chosen: list[int] = []
+        kept: list[int] = []
+        for index, row in enumerate(batch.rows):
+            if row.cancelled:
+                _end(row)
+                continue
+            token = (
+                greedy[index]
+                if row.temperature <= 0
+                else _sample(logits[index], row.temperature, row.top_p, row.generator)
             )
-            logits = output.logits[:, -1].float()
-            greedy = logits.argmax(dim=-1).tolist()
-            chosen = []
-            for index, row in enumerate(batch):
-                token = self.pad_id
-                if active[index] and row.cancelled:
-                    active[index] = False
-                    end(row)
-                elif active[index]:
-                    token = (
-                        greedy[index]
-                        if row.temperature <= 0
-                        else _sample(logits[index], row.temperature, row.top_p, row.generator)
-                    )
-                    row.produced.append(token)
-                    if not row.whole:
-                        row.out.put(token)
-                    if token in self.stop_ids or len(row.produced) >= row.budget:
-                        active[index] = False
-                        end(row)
-                chosen.append(token)
-            ids = torch.tensor(chosen, device=self.device).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-            positions = positions[:, -1:] + 1
+            row.produced.append(token)
+            if not row.whole:
+                row.out.put(token)
+            if token in self.stop_ids or len(row.produced) >= row.budget:
+                _end(row)
+                continue
+            chosen.append(token)
+            kept.append(index)
+        batch.pending = torch.tensor(chosen, dtype=torch.long, device=self.device).unsqueeze(1)
+        batch.keep(kept)
+
+
+def _end(row: _Row) -> None:
+    if row.whole:
+        row.out.put(row.produced)
+    row.out.put(None)
+
+
+class _Running:
+    """A batch being decoded: its rows, their KV cache, the attention mask over the cache (0 where a
+    row has nothing: left padding, or positions of a pass it joined late), the position of each row's
+    pending token, and the pending tokens themselves (chosen, not yet run through the model)."""
+
+    def __init__(self, cache: Any, device: torch.device) -> None:
+        self.rows: list[_Row] = []
+        self.cache = cache
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self.positions = torch.zeros((0, 1), dtype=torch.long, device=device)
+        self.pending = torch.zeros((0, 1), dtype=torch.long, device=device)
+
+    @property
+    def joinable(self) -> bool:
+        """Whether new rows can join this batch between two tokens: its cache is a plain dynamic
+        cache per layer (transformers >= 4.54) that rows can be added to. Sliding-window and older
+        caches decode to their end first (new rows wait for the next batch)."""
+        layers: list[Any] = getattr(self.cache, "layers", None) or []
+        return bool(layers) and all(_plain_layer(layer) for layer in layers)
+
+    def add_rows(self, rows: list[_Row]) -> None:
+        """Joining rows, with empty (masked) cache entries for what the batch decoded before them."""
+        if not rows:
+            return
+        if self.mask.shape[1]:
+            for layer in self.cache.layers:
+                layer.keys = torch.cat([layer.keys, _empty_rows(layer.keys, len(rows))])
+                layer.values = torch.cat([layer.values, _empty_rows(layer.values, len(rows))])
+        self.mask = torch.cat([self.mask, _empty_rows(self.mask, len(rows))])
+        self.rows = [*self.rows, *rows]
+
+    def keep(self, indices: list[int]) -> None:
+        """Keeps only these rows (ended rows leave the batch; `pending` holds the kept rows' tokens
+        already), then cuts the cache columns that are empty for every row left."""
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            return
+        selected = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(selected)
+        self.mask = self.mask[selected]
+        self.positions = self.positions[selected]
+        empty = int(self.mask.argmax(dim=1).min())  # leading columns no row attends to
+        if empty > 0 and self.joinable:
+            self.mask = self.mask[:, empty:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, empty:]
+                layer.values = layer.values[:, :, empty:]
+
+
+def _plain_layer(layer: Any) -> bool:
+    return type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
+
+
+def _empty_rows(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` rows of zeros shaped like the rows of `tensor` (batch is its first dimension)."""
+    return tensor.new_zeros((count, *tensor.shape[1:]))
 
 
 class ChatModel:
@@ -406,6 +574,40 @@ class ChatModel:
             "".join(progress.text), progress.prompt_tokens, progress.completion_tokens, progress.finish_reason
         )
 
+    async def generate_async(
+        self,
+        messages: list[dict[str, Any]],
+        executor: Executor | None = None,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> Generation:
+        """generate() for an asyncio caller: the answer is awaited, not waited for in a thread. An
+        answer that must be watched for stop strings as it grows runs generate() in `executor`."""
+        prompt, budget, stops = self._prepared(messages, max_tokens, stop)
+        if stops:
+            call = partial(
+                self.generate,
+                messages,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                stop=stop,
+                seed=seed,
+            )
+            return await asyncio.get_running_loop().run_in_executor(executor, call)
+        ids = await self.decoder.whole_tokens(prompt, temperature, top_p, budget, seed)
+        finish = "length"
+        for index, token in enumerate(ids):
+            if token in self.format.stop_token_ids:
+                ids, finish = ids[:index], "stop"
+                break
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        return Generation(text, len(prompt), len(ids), finish)
+
     def stream(
         self,
         messages: list[dict[str, Any]],
@@ -419,6 +621,21 @@ class ChatModel:
         """The answer as text deltas (never splitting a UTF-8 character or emitting part of a stop string)."""
         yield from self._pieces(messages, temperature, top_p, max_tokens, stop, seed, _Progress())
 
+    def _prepared(
+        self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None, stop: list[str] | None
+    ) -> tuple[list[int], int, list[str]]:
+        """(prompt ids, token budget, stop strings to watch for) of a request; ContextLengthExceeded
+        when the prompt leaves no room for an answer."""
+        prompt = self.format.encode_prompt(messages)
+        room = self.context_length - len(prompt)
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens. However, your "
+                f"messages resulted in {len(prompt)} tokens. Please reduce the length of the messages."
+            )
+        budget = room if max_tokens is None else min(max_tokens, room)
+        return prompt, budget, [s for s in [*(stop or []), *self.format.stop_strings] if s]
+
     def _pieces(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -430,16 +647,8 @@ class ChatModel:
         progress: _Progress,
         streaming: bool = True,
     ) -> Iterator[str]:
-        prompt = self.format.encode_prompt(messages)
+        prompt, budget, stops = self._prepared(messages, max_tokens, stop)
         progress.prompt_tokens = len(prompt)
-        room = self.context_length - len(prompt)
-        if room <= 0:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.context_length} tokens. However, your "
-                f"messages resulted in {len(prompt)} tokens. Please reduce the length of the messages."
-            )
-        budget = room if max_tokens is None else min(max_tokens, room)
-        stops = [s for s in [*(stop or []), *self.format.stop_strings] if s]
         hold = max((len(s) for s in stops), default=1) - 1
         ids: list[int] = []
         emitted = 0

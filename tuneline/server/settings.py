@@ -32,8 +32,9 @@ class ServerSettings:
     model_cache_size: int = 4
     # A job interrupted by server restarts this many times fails instead of being resumed again.
     max_job_attempts: int = 3
-    # Chat completions answered at once; a model's concurrent requests are decoded as one batch
-    # (tuneline/server/modeling.py BatchedDecoder), so these threads mostly wait for their tokens.
+    # Threads for streamed answers, answers watched for stop strings, and model loading. A model's
+    # concurrent requests are decoded as one batch by its own worker (tuneline/server/modeling.py
+    # BatchedDecoder); a plain answer is awaited without a thread of its own.
     generation_threads: int = 16
     # Load the built-in model in the background at start (when it is already built).
     warm_up: bool = True

@@ -50,6 +50,7 @@ from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat, EncodedExamp
 from tuneline.server.modeling import (
     MODEL_CARD,
     context_length,
+    cpu_threads,
     load_causal_lm,
     load_tokenizer,
     parameter_count,
@@ -254,23 +255,6 @@ class LossFunction:
 
 
 # -- the run -------------------------------------------------------------------------------------
-
-
-def cpu_threads(requested: int | None = None) -> int:
-    """Threads for CPU training: `requested`, else TUNELINE_CPU_THREADS, else the cores not already
-    busy by the 1-minute load average (at least 1). On a shared machine, threads that wait on a core
-    someone else holds stall every parallel op, which costs far more than they bring."""
-    if requested:
-        return max(1, requested)
-    configured = os.environ.get("TUNELINE_CPU_THREADS")
-    if configured:
-        return max(1, int(configured))
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, torch.get_num_threads(), cores - round(busy)))
 
 
 def data_fingerprint(spec: TrainingSpec) -> str:
