@@ -172,12 +172,14 @@ def test_requests_join_a_batch_between_two_of_its_tokens(tiny: ChatModel) -> Non
     alone = [tiny.generate(q, temperature=0) for q in questions]
     assert long_alone.completion_tokens > 5
     shapes: list[tuple[int, int]] = []
+    widths: list[int] = []  # of the attention mask: the cache the pass attends to, and its own tokens
     third_step, release = threading.Event(), threading.Event()
 
     def hold_third_step(
         _module: object, _args: object, kwargs: dict[str, torch.Tensor], _out: object
     ) -> None:
         shapes.append((int(kwargs["input_ids"].shape[0]), int(kwargs["input_ids"].shape[1])))
+        widths.append(int(kwargs["attention_mask"].shape[1]))
         if len(shapes) == 3:  # the long answer is decoding: hold it until the others are waiting
             third_step.set()
             assert release.wait(60)
@@ -197,11 +199,13 @@ def test_requests_join_a_batch_between_two_of_its_tokens(tiny: ChatModel) -> Non
         release.set()
         hook.remove()
     assert together == alone
-    # The long question's prompt, two of its tokens; then one pass for the four questions' prompts
-    # and the long answer's next token: they joined the running batch.
+    # The long question's prompt, two of its tokens; then one pass for the four questions' prompts,
+    # and the next token of all five: they joined the running batch.
     assert shapes[0][0] == 1 and shapes[0][1] > 1 and shapes[1:3] == [(1, 1), (1, 1)]
-    assert shapes[3][0] == 1 + len(questions) and shapes[3][1] > 1, shapes
+    assert shapes[3][0] == len(questions) and shapes[3][1] > 1, shapes
     assert shapes[4] == (1 + len(questions), 1), shapes
+    # Their cache was merged into the batch's, both right-aligned: as wide as the wider of the two.
+    assert widths[4] == max(widths[2], shapes[3][1]) + 1, widths
 
 
 def test_generate_async_answers_as_generate_does(tiny: ChatModel) -> None:

@@ -284,12 +284,12 @@ class _FutureSink:
 class BatchedDecoder:
     """Decodes the concurrent requests to one model together, with continuous batching: one forward
     pass per token for all running rows (up to MAX_BATCH), and a request that arrives while they run
-    joins them between two tokens, its prompt in the same pass as their next token (prompts
-    left-padded), instead of waiting for the batch to end. So a server answering an evaluation's
-    concurrent requests pays a small model's per-pass overhead once per batch instead of once per
-    request, and a short answer never waits for a long one. Each row keeps its own temperature, top_p,
-    seed and budget; a row leaves at a stop token, its budget, or when its reader stops reading. The
-    worker thread runs only while there is work."""
+    joins them between two tokens (the prompts that arrived meanwhile prefilled together,
+    left-padded, then merged into the batch), instead of waiting for the batch to end. So a server
+    answering an evaluation's concurrent requests pays a small model's per-pass overhead once per
+    batch instead of once per request, and a short answer never waits for a long one. Each row keeps
+    its own temperature, top_p, seed and budget; a row leaves at a stop token, its budget, or when its
+    reader stops reading. The worker thread runs only while there is work."""
 
     MAX_BATCH = 16
 
@@ -383,36 +383,41 @@ class BatchedDecoder:
                 running = None
 
     def _advance(self, batch: _Running | None, joining: list[_Row]) -> _Running | None:
-        """One forward pass: the next token of every running row, and the whole prompt of every
-        joining row, so that a request joins the batch between two of its tokens without a pass of
-        its own. The pass is as wide as the longest joining prompt (left-padded); a running row's
-        pending token comes last, after positions masked out for it. None when no row is left."""
+        """The joining rows' prompts in one prefill pass of their own (left-padded to the longest),
+        merged into the running batch between two of its tokens; then one decode pass: the next token
+        of every row. None when no row is left."""
         for row in joining:
             if row.budget <= 0:
                 _end(row)
         joining = [row for row in joining if row.budget > 0]
-        if batch is None:
-            if not joining:
-                return None
-            batch = _Running(self._new_cache(), self.device)
-        running = len(batch.rows)
-        width = max([1, *(len(row.prompt) for row in joining)])
-        ids = torch.full((running + len(joining), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((running + len(joining), width), dtype=torch.long)
-        positions = torch.zeros((running + len(joining), width), dtype=torch.long)
-        if running:
-            ids[:running, -1] = batch.pending[:, 0].cpu()
-            mask[:running, -1] = 1
-            positions[:running] = batch.positions.cpu()
-        for index, row in enumerate(joining, start=running):
+        if joining:
+            joined = self._prefill(joining)  # rows that ended at their first token have left it
+            if batch is None:
+                batch = joined
+            elif joined.rows:
+                batch.merge(joined)
+        if batch is None or not batch.rows:
+            return None
+        ids = batch.pending
+        mask = torch.cat([batch.mask, torch.ones_like(ids)], dim=1)
+        self._forward(batch, ids, mask, batch.positions)
+        return batch if batch.rows else None
+
+    def _prefill(self, rows: list[_Row]) -> _Running:
+        """A batch of these rows with their prompts run through the model and their first token chosen."""
+        width = max(len(row.prompt) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
             length = len(row.prompt)
             ids[index, width - length :] = torch.tensor(row.prompt)
             mask[index, width - length :] = 1
             positions[index, width - length :] = torch.arange(length)
-        batch.add_rows(joining)
-        mask = torch.cat([batch.mask, mask.to(self.device)], dim=1)
-        self._forward(batch, ids.to(self.device), mask, positions.to(self.device))
-        return batch if batch.rows else None
+        batch = _Running(self._new_cache(), self.device)
+        batch.rows = list(rows)
+        self._forward(batch, ids.to(self.device), mask.to(self.device), positions.to(self.device))
+        return batch
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -470,7 +475,7 @@ def _end(row: _Row) -> None:
 
 class _Running:
     """A batch being decoded: its rows, their KV cache, the attention mask over the cache (0 where a
-    row has nothing: left padding, or positions of a pass it joined late), the position of each row's
+    row has nothing: its left padding, or columns from before it joined), the position of each row's
     pending token, and the pending tokens themselves (chosen, not yet run through the model)."""
 
     def __init__(self, cache: Any, device: torch.device) -> None:
@@ -483,21 +488,25 @@ class _Running:
     @property
     def joinable(self) -> bool:
         """Whether new rows can join this batch between two tokens: its cache is a plain dynamic
-        cache per layer (transformers >= 4.54) that rows can be added to. Sliding-window and older
-        caches decode to their end first (new rows wait for the next batch)."""
+        cache per layer (transformers >= 4.54) that another batch's rows can be merged into.
+        Sliding-window and older caches decode to their end first (new rows wait for the next batch)."""
         layers: list[Any] = getattr(self.cache, "layers", None) or []
         return bool(layers) and all(_plain_layer(layer) for layer in layers)
 
-    def add_rows(self, rows: list[_Row]) -> None:
-        """Joining rows, with empty (masked) cache entries for what the batch decoded before them."""
-        if not rows:
-            return
-        if self.mask.shape[1]:
-            for layer in self.cache.layers:
-                layer.keys = torch.cat([layer.keys, _empty_rows(layer.keys, len(rows))])
-                layer.values = torch.cat([layer.values, _empty_rows(layer.values, len(rows))])
-        self.mask = torch.cat([self.mask, _empty_rows(self.mask, len(rows))])
-        self.rows = [*self.rows, *rows]
+    def merge(self, other: _Running) -> None:
+        """Takes in the rows of another batch (their prompts prefilled, first tokens pending): both
+        caches end at the same column, the right edge, so the shorter one gets empty (masked) columns
+        on its left."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_padded(mine.keys, width, 2), _left_padded(theirs.keys, width, 2)])
+            mine.values = torch.cat(
+                [_left_padded(mine.values, width, 2), _left_padded(theirs.values, width, 2)]
+            )
+        self.mask = torch.cat([_left_padded(self.mask, width, 1), _left_padded(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.pending = torch.cat([self.pending, other.pending])
+        self.rows = [*self.rows, *other.rows]
 
     def keep(self, indices: list[int]) -> None:
         """Keeps only these rows (ended rows leave the batch; `pending` holds the kept rows' tokens
@@ -523,9 +532,14 @@ def _plain_layer(layer: Any) -> bool:
     return type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
 
 
-def _empty_rows(tensor: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` rows of zeros shaped like the rows of `tensor` (batch is its first dimension)."""
-    return tensor.new_zeros((count, *tensor.shape[1:]))
+def _left_padded(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros prepended along `dim` up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class ChatModel:
