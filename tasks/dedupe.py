@@ -453,7 +453,9 @@ def _duplicates_of_quarantined_records(stage: _Stage) -> None:
         rows: list[int] = []
         moved: list[tuple[str, object, str]] = []  # (reason, duplicate_of, detail)
         for position in np.flatnonzero(np.isin(reason, [EXACT_DUPLICATE, NEAR_DUPLICATE])).tolist():
-            lost = at[original[position]]
+            lost = at.get(original[position])
+            if lost is None:  # named a record outside this frame: nothing here can move it
+                continue
             how = (
                 "the same normalised example as"
                 if reason[position] == EXACT_DUPLICATE
