@@ -443,14 +443,16 @@ def demo(config: Path | None = ConfigOption) -> None:
 
 @app.command("demo-data")
 def demo_data(
-    out: Path = typer.Option(Path("data"), "--out", help="Where to write the demo data."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the demo data (default: data/)."),
     seed: int | None = typer.Option(None, "--seed", help="Generator seed (default: the committed data's)."),
 ) -> None:
     """Regenerate the demo data (partitions with planted dirt, eval, canary and general sets)."""
-    from tuneline import demo_data as generator
+    from tuneline.demo import generator
+    from tuneline.paths import data_dir
 
-    generator.generate(out, seed if seed is not None else generator.DEFAULT_SEED)
-    console.print(f"demo data written to {out}", highlight=False)
+    target = out if out is not None else data_dir()
+    data = generator.generate(target, seed if seed is not None else generator.DEFAULT_SEED)
+    console.print(generator.summary(data, target), highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tuneline.paths import PROJECT_ROOT
+from tuneline.paths import project_root, resolve
 
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+# Relative to the project folder (tuneline/paths.py).
+DEFAULT_CONFIG = Path("configs") / "local.yaml"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Auto = Literal["auto"]
@@ -289,7 +290,14 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate a YAML config; `overrides` are dotted keys (`data.as_of`) set on top."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    if not path:
+        path = resolve(DEFAULT_CONFIG)
+        if not path.is_file():
+            raise ConfigError(
+                f"{project_root()}: no {DEFAULT_CONFIG.as_posix()} in the project folder (run tuneline in "
+                "the folder that holds configs/ and data/, or pass --project DIR or --config FILE)"
+            )
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (pass --config with an existing YAML file)")
     try:

@@ -196,16 +196,16 @@ def test_retries_are_bounded(scripted: Any, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_shipped_hosted_configs_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     from tuneline.config import load_config
-    from tuneline.paths import PROJECT_ROOT
+    from tuneline.paths import project_root
 
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", SECRET)
-    with connect(load_config(PROJECT_ROOT / "configs" / "openai.yaml")) as hosted:
+    with connect(load_config(project_root() / "configs" / "openai.yaml")) as hosted:
         assert (hosted.kind, hosted.base_url, hosted.key_env) == (
             "openai",
             "https://api.openai.com/v1",
             "OPENAI_API_KEY",
         )
-    with connect(load_config(PROJECT_ROOT / "configs" / "azure.yaml")) as azure:
+    with connect(load_config(project_root() / "configs" / "azure.yaml")) as azure:
         assert isinstance(azure.client, openai.AzureOpenAI)
         assert azure.key_env == "AZURE_OPENAI_API_KEY"
