@@ -1,6 +1,6 @@
 """Data-plane throughput: N synthetic support chats through ingest -> validate -> gate -> dedupe -> export.
 
-The N lines come from tuneline.demo_data.synthetic_chat_lines (about 5% dirt: exact duplicates,
+The N lines come from tuneline.demo.synthetic.synthetic_chat_lines (about 5% dirt: exact duplicates,
 near-duplicates, malformed JSON, format errors) and are written to a temporary JSONL file, which the
 real stages then read; only their pure functions are called (no Prefect). Printed: wall time per
 stage, examples/s, peak memory (max RSS of the process, taken before the baselines run), and two
@@ -45,7 +45,7 @@ import numpy as np
 from tasks import dedupe, export, ingest, validate
 from tuneline import records
 from tuneline.config import Source, load_config
-from tuneline.demo_data import synthetic_chat_lines
+from tuneline.demo.synthetic import synthetic_chat_lines
 from tuneline.near_duplicates import TextTable, find_exact_duplicates, find_near_duplicates
 from tuneline.tokens import encoding_name_for_model, get_encoding
 

@@ -105,7 +105,7 @@ def support_lines(n: int) -> list[bytes]:
             if check_example(example, allowed=("chat",)) is None:
                 lines.append(raw)
     if not lines:
-        raise SystemExit("no demo data under data/raw/support: run `python -m tuneline.demo_data` first")
+        raise SystemExit("no demo data under data/raw/support: run `tuneline demo-data` first")
     return [lines[i % len(lines)] for i in range(n)]
 
 

@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneline import records
 from tuneline.config import CsvMapping, Source
-from tuneline.paths import PROJECT_ROOT, is_url, resolve
+from tuneline.paths import is_url, project_root, resolve
 
 FileFormat = Literal["jsonl", "csv", "parquet"]
 
@@ -163,7 +163,7 @@ def _named(fs: Any, path: str, uri: str, *, explicit: bool) -> tuple[str, str, b
         return full, full, explicit
     local = PurePosixPath(path)
     try:
-        display = local.relative_to(PROJECT_ROOT.as_posix()).as_posix()
+        display = local.relative_to(project_root().as_posix()).as_posix()
     except ValueError:
         display = local.as_posix()
     return path, display, explicit

@@ -19,6 +19,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# The project folder of every test (tuneline/paths.py) is this repository, wherever pytest is started.
+os.environ["TUNELINE_PROJECT"] = str(Path(__file__).resolve().parents[1])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -18,7 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from tuneline.paths import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository
+
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "tuneline-process"

@@ -1,12 +1,22 @@
 """`tuneline`: one command per stage of the life cycle. The only module that reaches up to flows/.
 
 Exit codes: 0 success (a rejected candidate is a decision, not a failure), 1 a failed run or gate,
-2 bad usage or config (one line naming the key and the fix).
+2 bad usage or config (one line naming the key and the fix). Expected failures (a failed gate, a
+refused or failing provider, a failed job, a config error) are reported in a few lines without a
+traceback, Prefect's included; an unexpected one keeps its traceback. What can be checked before any
+work is: the config, the date window holding data, the provider's key and that its endpoint answers.
+
+Every command works on a project folder (configs/, data/, .tuneline/): the working directory, or
+`--project DIR` (tuneline/paths.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,7 +32,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A busy machine can take longer than Prefect's default to start its ephemeral API server.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# No local variables in tracebacks: they can hold an API key.
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False
+)
 console = Console(stderr=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config (default configs/local.yaml).")
@@ -41,6 +54,128 @@ def read_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
         usage_error(str(exc))
 
 
+@app.callback()
+def main(
+    project: Path | None = typer.Option(
+        None,
+        "--project",
+        "-P",
+        help="The project folder, holding configs/ and data/ (default: the working directory).",
+    ),
+) -> None:
+    from tuneline.paths import PROJECT_ENV
+
+    if project is not None:
+        if not project.is_dir():
+            usage_error(f"--project {project}: not a folder (give the folder that holds configs/ and data/)")
+        # In the environment, so that flows, the server a run starts and every subprocess agree.
+        os.environ[PROJECT_ENV] = str(project.resolve())
+
+
+def window_problem(cfg: Config, day: date) -> str | None:
+    """Why the date window holds no data (one line with the window, the newest partition and the fix),
+    or None. Lists the sources' files only; reads none."""
+    from tasks import ingest
+    from tuneline.paths import project_root
+
+    lookback = cfg.data.lookback_days
+    if ingest.select_files(cfg.data.sources, day, lookback).files:
+        return None
+    every = ingest.select_files(cfg.data.sources, date.max, (date.max - date.min).days)
+    if not every.files:
+        return (
+            f"data.sources name no data file in {project_root()} (check data.sources[].uri, or run in "
+            "the project folder, or pass --project DIR)"
+        )
+    start, end = ingest.window(day, lookback)
+    newest = every.partitions[-1] if every.partitions else None
+    fix = f"pass --as-of {newest} (or set data.as_of)" if newest else "pass --as-of YYYY-MM-DD"
+    return (
+        f"no partition of data.sources falls in the window ({start}, {end}] (as of {day}, "
+        f"data.lookback_days {lookback}); the newest partition found is {newest}: {fix}"
+    )
+
+
+def check_provider(cfg: Config) -> None:
+    """Exit 2 before any work when the run could not reach its provider: no API key, or an endpoint
+    that does not answer (refused, unknown host)."""
+    from tuneline import provider
+
+    problem = provider.key_problem(cfg.provider)
+    if problem:
+        usage_error(problem)
+    if cfg.provider.kind == "local" and not cfg.provider.base_url:
+        return  # the run starts its own server
+    try:
+        provider.check_reachable(cfg.provider)
+    except provider.ProviderError as exc:
+        usage_error(str(exc))
+
+
+def expected_failures() -> tuple[type[Exception], ...]:
+    """What a command reports in a few lines, without a traceback: a config or usage error, a failed
+    gate or cost cap, a provider that refused or kept failing after its retries, a failed job, an
+    evaluation that cannot produce a result, a refused registry move, an incomplete backfill."""
+    from flows.backfill import BackfillError, BackfillIncomplete
+    from flows.prepare import InputNotFound, PrepareFailed
+    from tasks.evaluate import EvaluationError
+    from tasks.train import TrainingFailed
+    from tuneline.provider import ProviderError
+    from tuneline.tracking import RegistryError
+
+    return (
+        ConfigError,
+        InputNotFound,
+        PrepareFailed,
+        ProviderError,
+        TrainingFailed,
+        EvaluationError,
+        RegistryError,
+        BackfillError,
+        BackfillIncomplete,
+    )
+
+
+class _WithoutTraceback(logging.Filter):
+    """Keeps Prefect's one-line record of an expected failure, drops its traceback."""
+
+    def __init__(self, expected: tuple[type[Exception], ...]) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.expected):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def reporting_failures() -> Iterator[tuple[type[Exception], ...]]:
+    """While a flow runs: Prefect logs an expected failure without its traceback (the command reports
+    it); yields the expected kinds for the command's `except`."""
+    expected = expected_failures()
+    quiet = _WithoutTraceback(expected)
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield expected
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def failed(what: str, exc: BaseException) -> NoReturn:
+    """An expected failure of a run: its message, exit 1 (2 for a config or usage error)."""
+    from flows.prepare import InputNotFound
+
+    if isinstance(exc, ConfigError | InputNotFound):
+        usage_error(str(exc))
+    console.print(f"[red]{what}:[/red] ", end="")
+    console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
 @app.command()
 def prepare(
     config: Path | None = ConfigOption,
@@ -55,35 +190,38 @@ def prepare(
     ),
 ) -> None:
     """Ingest, validate, deduplicate and export the data as a Prefect flow. Exit 1 when the gate fails."""
-    from datetime import date
-
     day = None
     if as_of is not None:
         try:
             day = date.fromisoformat(as_of)
         except ValueError:
             usage_error(f"--as-of: {as_of!r} is not a date (use YYYY-MM-DD)")
-    read_config(config)  # exit 2 on a bad config before anything starts
-    from flows.prepare import InputNotFound, PrepareFailed
+    cfg = read_config(config)  # exit 2 on a bad config before anything starts
+    if not inputs:
+        problem = window_problem(cfg, day or cfg.data.as_of or date.today())
+        if problem:
+            usage_error(problem)
+    from flows.prepare import PrepareFailed
     from flows.prepare import prepare as prepare_flow
 
-    try:
-        with console.status("preparing the dataset: ingest, validate, dedupe, export"):
-            result = prepare_flow(
-                config_path=str(config) if config else None,
-                as_of=day,
-                inputs=inputs or None,
-                out_dir=str(out),
-            )
-    except PrepareFailed as failed:
-        _print_prepare_summary(failed.result)
-        console.print("[red]stopped:[/red] nothing may be uploaded", highlight=False)
-        for problem in failed.result.problems:
-            console.print(f"  - {problem}", highlight=False, soft_wrap=True)
-        console.print(f"  see {failed.result.report_file}", highlight=False)
-        raise typer.Exit(1) from None
-    except (InputNotFound, ConfigError) as exc:
-        usage_error(str(exc))
+    with reporting_failures() as expected:
+        try:
+            with console.status("preparing the dataset: ingest, validate, dedupe, export"):
+                result = prepare_flow(
+                    config_path=str(config) if config else None,
+                    as_of=day,
+                    inputs=inputs or None,
+                    out_dir=str(out),
+                )
+        except PrepareFailed as stopped:
+            _print_prepare_summary(stopped.result)
+            console.print("[red]stopped:[/red] nothing may be uploaded", highlight=False)
+            for problem in stopped.result.problems:
+                console.print(f"  - {problem}", highlight=False, soft_wrap=True)
+            console.print(f"  see {stopped.result.report_file}", highlight=False)
+            raise typer.Exit(1) from None
+        except expected as exc:
+            failed("prepare failed", exc)
     _print_prepare_summary(result)
 
 
@@ -149,18 +287,23 @@ def backfill(
     except BackfillError as exc:
         usage_error(str(exc))
     cfg = read_config(config)  # exit 2 on a bad config before anything starts
+    if mode == "retrain":
+        check_provider(cfg)
     from flows.backfill import backfill as backfill_flow
 
-    try:
-        with console.status(f"backfill {start}..{end} ({mode})"):
-            result = backfill_flow(start=start, end=end, mode=mode, config=str(config) if config else None)
-    except BackfillIncomplete as incomplete:
-        _print_backfill(cfg, incomplete.result)
-        console.print("[red]not done:[/red] ", end="")
-        console.print(str(incomplete), highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except ConfigError as exc:
-        usage_error(str(exc))
+    with reporting_failures() as expected:
+        try:
+            with console.status(f"backfill {start}..{end} ({mode})"):
+                result = backfill_flow(
+                    start=start, end=end, mode=mode, config=str(config) if config else None
+                )
+        except BackfillIncomplete as incomplete:
+            _print_backfill(cfg, incomplete.result)
+            console.print("[red]not done:[/red] ", end="")
+            console.print(str(incomplete), highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except expected as exc:
+            failed("backfill failed", exc)
     _print_backfill(cfg, result)
 
 
@@ -306,16 +449,19 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Stop after prepare and print the cost estimate."),
 ) -> None:
     """prepare -> upload -> train (the `retrain` flow); prints the candidate model id on stdout."""
-    read_config(config, {"data.as_of": as_of})  # a bad config or date exits 2 before anything runs
+    cfg = read_config(config, {"data.as_of": as_of})  # a bad config or date exits 2 before anything runs
+    problem = window_problem(cfg, cfg.data.as_of or date.today())
+    if problem:
+        usage_error(problem)
+    if not dry_run:
+        check_provider(cfg)
     from flows.retrain import retrain
 
-    try:
-        result = retrain(config_path=str(config) if config else None, as_of=as_of, dry_run=dry_run)
-    except ConfigError as exc:  # e.g. an eval set the config names is missing
-        usage_error(str(exc))
-    except Exception as exc:
-        console.print(f"[red]run failed:[/red] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    with reporting_failures() as expected:
+        try:
+            result = retrain(config_path=str(config) if config else None, as_of=as_of, dry_run=dry_run)
+        except expected as exc:  # a ConfigError, e.g. an eval set the config names is missing, exits 2
+            failed("run failed", exc)
     console.print(
         f"MLflow run {result.mlflow_run_id}; files in {result.export_dir}", highlight=False, soft_wrap=True
     )
@@ -367,22 +513,23 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate one model against the base model (zero- and few-shot) and the champion; promotes nothing."""
-    read_config(config)
+    cfg = read_config(config)
     if train_file is not None and not train_file.is_file():
         usage_error(
             f"--train-file {train_file}: no such file (give a train.jsonl written by `tuneline prepare`)"
         )
+    check_provider(cfg)
     from flows.evaluate import evaluate as evaluate_flow
 
-    try:
-        result = evaluate_flow(
-            model=model,
-            config=str(config) if config else None,
-            train_file=str(train_file) if train_file else None,
-        )
-    except Exception as exc:
-        console.print(f"[red]evaluation failed:[/red] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    with reporting_failures() as expected:
+        try:
+            result = evaluate_flow(
+                model=model,
+                config=str(config) if config else None,
+                train_file=str(train_file) if train_file else None,
+            )
+        except expected as exc:
+            failed("evaluation failed", exc)
     typer.echo(result.summary_table().to_string(index=False))
 
 
@@ -397,13 +544,12 @@ def rollback(
     """Move the registry's `champion` alias back to `previous` (or --to VERSION), recording who, when and why."""
     read_config(config)
     from flows.rollback import rollback as rollback_flow
-    from tuneline.tracking import RegistryError
 
-    try:
-        outcome = rollback_flow(config=str(config) if config else None, to_version=to, reason=reason)
-    except RegistryError as exc:
-        console.print(f"[red]rollback refused:[/red] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+    with reporting_failures() as expected:
+        try:
+            outcome = rollback_flow(config=str(config) if config else None, to_version=to, reason=reason)
+        except expected as exc:
+            failed("rollback refused", exc)
     typer.echo(
         f"champion: version {outcome.to_version} ({outcome.model_id}); previous: version {outcome.from_version}"
     )
@@ -421,14 +567,19 @@ def demo(config: Path | None = ConfigOption) -> None:
     from flows.retrain import retrain
 
     cfg = read_config(config)
+    for as_of in DEMO_NIGHTS:
+        problem = window_problem(cfg, date.fromisoformat(as_of))
+        if problem:
+            usage_error(f"{problem} (generate the demo data with `tuneline demo-data`)")
+    check_provider(cfg)
     started = time.monotonic()
     for night, as_of in enumerate(DEMO_NIGHTS, start=1):
         console.rule(f"night {night}: retrain as of {as_of}")
-        try:
-            result = retrain(config_path=str(config) if config else None, as_of=as_of, dry_run=False)
-        except Exception as exc:
-            console.print(f"[red]night {night} failed:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+        with reporting_failures() as expected:
+            try:
+                result = retrain(config_path=str(config) if config else None, as_of=as_of, dry_run=False)
+            except expected as exc:
+                failed(f"night {night} failed", exc)
         _print_decision(result)
     from tuneline.tracking import store_location
 
@@ -443,14 +594,16 @@ def demo(config: Path | None = ConfigOption) -> None:
 
 @app.command("demo-data")
 def demo_data(
-    out: Path = typer.Option(Path("data"), "--out", help="Where to write the demo data."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the demo data (default: data/)."),
     seed: int | None = typer.Option(None, "--seed", help="Generator seed (default: the committed data's)."),
 ) -> None:
     """Regenerate the demo data (partitions with planted dirt, eval, canary and general sets)."""
-    from tuneline import demo_data as generator
+    from tuneline.demo import generator
+    from tuneline.paths import data_dir
 
-    generator.generate(out, seed if seed is not None else generator.DEFAULT_SEED)
-    console.print(f"demo data written to {out}", highlight=False)
+    target = out if out is not None else data_dir()
+    data = generator.generate(target, seed if seed is not None else generator.DEFAULT_SEED)
+    console.print(generator.summary(data, target), highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tuneline.paths import PROJECT_ROOT
+from tuneline.paths import project_root, resolve
 
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+# Relative to the project folder (tuneline/paths.py).
+DEFAULT_CONFIG = Path("configs") / "local.yaml"
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Auto = Literal["auto"]
@@ -256,6 +257,18 @@ class Config(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML without implicit timestamps: `as_of: 2026-11-22` stays a string until the schema parses it,
+    so an impossible date (2026-13-45) is an error naming its key, where PyYAML would raise a bare
+    ValueError from inside the parser."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def _field_path(error: Any) -> str:
     # Union branches appear in `loc` as tags like "literal['auto']" or "int": they are not keys.
     keys = [str(p) for p in error["loc"] if isinstance(p, int) or ("[" not in p and p not in _UNION_TAGS)]
@@ -282,6 +295,8 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
             got = first.get("input")
             if got is not None and not isinstance(got, dict | list):
                 problem += f" (got {got!r})"
+            if first["type"].startswith(("date_", "datetime_")):
+                problem += "; write a date as YYYY-MM-DD"
         more = len({_field_path(e) for e in errors}) - 1
         tail = f" (and {more} more key{'s' if more > 1 else ''} to fix)" if more else ""
         raise ConfigError(f"{origin}: {path}: {problem}{tail}") from None
@@ -289,15 +304,24 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate a YAML config; `overrides` are dotted keys (`data.as_of`) set on top."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    if not path:
+        path = resolve(DEFAULT_CONFIG)
+        if not path.is_file():
+            raise ConfigError(
+                f"{project_root()}: no {DEFAULT_CONFIG.as_posix()} in the project folder (run tuneline in "
+                "the folder that holds configs/ and data/, or pass --project DIR or --config FILE)"
+            )
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (pass --config with an existing YAML file)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where} (fix the syntax)") from None
+    except (ValueError, RecursionError) as exc:  # a value PyYAML itself cannot build
+        raise ConfigError(f"{path}: not valid YAML ({exc}; fix the value)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():

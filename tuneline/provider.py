@@ -9,8 +9,13 @@ api.openai.com (`openai`), at Azure OpenAI (`azure`) or at any OpenAI-compatible
   connection errors) `provider.max_retries` times, honouring `retry-after`; each such answer is logged,
   so retries are visible in the run's log;
 - a 429 with code `daily_rate_limit_exceeded` is never retried: waiting seconds cannot lift a daily cap;
-- provider errors become `ProviderError`s whose message says what happened and what to do
-  (`explain`), e.g. a 403 on job creation at OpenAI explains the self-serve fine-tuning wind-down.
+- provider errors become `ProviderError`s whose message says what happened, at which configured
+  endpoint, and what to do (`explain`), e.g. a 403 on job creation at OpenAI explains the self-serve
+  fine-tuning wind-down;
+- a missing key (`key_problem`) and an endpoint that refuses connections (`check_reachable`: a few
+  attempts within seconds) are found before any work, by the CLI; a connection refused mid-run is
+  retried once, briefly, and never checked for a landed POST (the request was never sent).
+The HTTP layer is httpx2, the client library of the `openai` SDK 3.x (declared in pyproject.toml).
 POSTs that create things (files, jobs) are not retried by the SDK: `retrying` retries them after
 checking whether the failed attempt landed anyway, so a lost response never pays twice.
 """
@@ -123,6 +128,71 @@ def _read_key(provider: ProviderConfig, api_key: str | None) -> str:
             where += f" or create the Prefect Secret block {provider.api_key_secret_block!r}"
         raise ProviderError(f"no API key for provider {provider.kind!r}: {where}")
     return key.strip()
+
+
+def key_problem(provider: ProviderConfig) -> str | None:
+    """Why a run could not authenticate, found before any work; None when a key is there (or the run
+    makes its own: the embedded server; or reads one from a Prefect Secret block, inside the flow)."""
+    if provider.kind == "local" and not provider.base_url:
+        return None
+    if provider.api_key_secret_block:
+        return None
+    name = key_env_name(provider)
+    if (os.environ.get(name) or "").strip():
+        return None
+    return (
+        f"no API key for provider.kind {provider.kind}: set the environment variable {name} "
+        "(or name another one with provider.api_key_env, or a Prefect Secret block with "
+        "provider.api_key_secret_block)"
+    )
+
+
+def endpoint(provider: ProviderConfig) -> str:
+    """The URL the configured provider is reached at (before the SDK adds its paths)."""
+    if provider.kind == "azure":
+        return (provider.azure_endpoint or provider.base_url or "").rstrip("/")
+    if provider.kind == "openai":
+        return (provider.base_url or OPENAI_BASE_URL).rstrip("/")
+    return (provider.base_url or "").rstrip("/")
+
+
+def refused(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) is a refused connection: nothing listens at the address."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConnectionRefusedError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def check_reachable(provider: ProviderConfig, *, attempts: int = 3, timeout_s: float = 5.0) -> None:
+    """Raise ProviderError unless the configured endpoint answers HTTP (any status will do: the request
+    carries no key). A few attempts half a second apart, so a server that is restarting is waited for,
+    a wrong address is reported within seconds. Goes through the SDK's own HTTP client (proxy settings
+    included)."""
+    url = endpoint(provider)
+    if not url:
+        return
+    problem = ""
+    with openai.DefaultHttpxClient(timeout=min(timeout_s, provider.timeout_s)) as http:
+        for attempt in range(attempts):
+            try:
+                http.get(url)
+                return
+            except httpx2.TransportError as exc:
+                problem = "connection refused" if refused(exc) else str(exc) or type(exc).__name__
+                if isinstance(exc, httpx2.TimeoutException):
+                    break
+            if attempt + 1 < attempts:
+                time.sleep(0.5)
+    key = "provider.azure_endpoint" if provider.kind == "azure" else "provider.base_url"
+    raise ProviderError(
+        f"could not connect to {url} ({problem}; {attempts} attempts): check {key} and that the "
+        "server is running and reachable"
+    )
 
 
 def _status_hook(route: LogRoute) -> Callable[[httpx2.Response], None]:
@@ -249,13 +319,14 @@ def connect(
 
 def explain(exc: openai.APIError, *, action: str, provider: Provider) -> ProviderError:
     """A provider error as one message naming the request, the provider's answer and the fix."""
-    where = "api.openai.com" if provider.kind == "openai" else provider.base_url
+    where = provider.base_url  # the configured endpoint, as the client was built with it
     if isinstance(exc, openai.APIConnectionError):
-        kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "could not connect"
-        return ProviderError(
-            f"{action}: {kind} to {where} after {provider.max_retries} retries "
-            "(check provider.base_url and the network, or raise provider.timeout_s)"
-        )
+        if isinstance(exc, openai.APITimeoutError):
+            kind, fix = "timed out", "check the network, or raise provider.timeout_s"
+        else:
+            kind = "could not connect (connection refused)" if refused(exc) else "could not connect"
+            fix = "check provider.base_url, that the server is running, and the network"
+        return ProviderError(f"{action}: {kind} to {where}, retries spent ({fix})")
     if not isinstance(exc, openai.APIStatusError):
         return ProviderError(f"{action}: {exc}")
     status, code = exc.status_code, exc.code
@@ -267,7 +338,7 @@ def explain(exc: openai.APIError, *, action: str, provider: Provider) -> Provide
             fix = f"set {provider.key_env} to a valid key for {where}"
         text = f"{action}: {where} rejected the API key ({answer}); {fix}"
     elif status == 403 and provider.kind == "openai" and action.startswith("create fine-tuning job"):
-        text = f"{action}: api.openai.com refused ({answer}). {WIND_DOWN}"
+        text = f"{action}: {where} refused ({answer}). {WIND_DOWN}"
     elif status == 403:
         text = f"{action}: {where} refused ({answer}); check the key's permissions for fine-tuning"
     elif status == 429 and code == DAILY_LIMIT_CODE:
@@ -336,8 +407,19 @@ def retrying(
         try:
             return attempt()
         except openai.APIError as exc:
-            if not is_transient(exc) or number > provider.max_retries:
+            # Nothing listens there: one more try after a short pause (a restarting server), not the
+            # whole budget, and nothing can have landed.
+            not_sent = refused(exc)
+            if not is_transient(exc) or number > (
+                min(1, provider.max_retries) if not_sent else provider.max_retries
+            ):
                 raise explain(exc, action=action, provider=provider) from exc
+            if not_sent:
+                provider.log.warning(
+                    "%s: connection refused by %s; one more try in 1s", action, provider.base_url
+                )
+                time.sleep(1.0)
+                continue
             delay = backoff_delay(number, retry_after=_retry_after(exc))
             provider.log.warning(
                 "%s failed (%s); retry %d of %d in %.1fs",

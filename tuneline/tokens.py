@@ -22,7 +22,7 @@ from typing import Any
 
 import tiktoken
 
-from tuneline.paths import PROJECT_ROOT
+from tuneline.paths import project_root
 
 # name -> (URL tiktoken would download, sha256 tiktoken pins for it)
 VOCABULARIES: dict[str, tuple[str, str]] = {
@@ -55,7 +55,7 @@ def encoding_name_for_model(model: str, configured: str = "auto") -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("TIKTOKEN_CACHE_DIR") or PROJECT_ROOT / ".tuneline" / "tiktoken")
+    return Path(os.environ.get("TIKTOKEN_CACHE_DIR") or project_root() / ".tuneline" / "tiktoken")
 
 
 @cache

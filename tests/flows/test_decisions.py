@@ -33,10 +33,12 @@ from tuneline.cli import app
 from tuneline.config import Config, load_config
 from tuneline.formats import check_example
 from tuneline.metrics import answer_label
-from tuneline.paths import DATA_DIR, PROJECT_ROOT
 from tuneline.provider import Provider, connect
 from tuneline.server.launcher import ServerProcess, start_server
 from tuneline.tracking import CHAMPION, PREVIOUS
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository
+DATA_DIR = PROJECT_ROOT / "data"
 
 INTENTS = (
     "billing/double_charge",

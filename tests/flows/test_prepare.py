@@ -27,7 +27,9 @@ from tasks import dedupe, export, ingest, validate
 from tuneline import formats, records, tracking
 from tuneline.cli import app
 from tuneline.config import DEFAULT_CONFIG, load_config
-from tuneline.paths import DATA_DIR
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's demo data
+
 
 ANSWER_KEY: list[dict[str, Any]] = json.loads((DATA_DIR / "planted_defects.json").read_text())
 DEMO_AS_OF = max(p.name.removeprefix("dt=") for p in (DATA_DIR / "raw" / "support").glob("dt=*"))

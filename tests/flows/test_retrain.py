@@ -29,9 +29,10 @@ from tasks.train import FINAL_STATUSES, TrainingFailed, training_config_hash
 from tuneline import tracking
 from tuneline.cli import app
 from tuneline.config import load_config
-from tuneline.paths import PROJECT_ROOT
 from tuneline.provider import ProviderError, connect
 from tuneline.server.launcher import ServerProcess, start_server
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 KEY = "sk-retrain-tests-0a1b2c3d4e5f"
 TOPICS = [

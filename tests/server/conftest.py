@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tuneline.paths import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository
+
 
 SPEC_PATH = (PROJECT_ROOT / ".." / "shared" / "spec" / "openai-openapi.yaml").resolve()
 API_KEY = "sk-tuneline-test-key"

@@ -121,7 +121,7 @@ def test_concurrent_callers_get_one_build_and_a_rebuild_follows_the_corpus(tmp_p
 
 
 def test_a_missing_corpus_names_the_file_and_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"general corpus .*missing.*tuneline.demo_data"):
+    with pytest.raises(FileNotFoundError, match=r"general corpus .*missing.*tuneline demo-data"):
         ensure_builtin_model(tmp_path / "state", tmp_path / "nope.jsonl", tmp_path / "canary.jsonl")
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneline.paths import DATA_DIR
 from tuneline.server.chat_template import ChatFormat
 from tuneline.server.modeling import (
     BUILTIN_MODEL,
@@ -22,6 +21,8 @@ from tuneline.server.modeling import (
     base_model_ids,
     resolve_base_model,
 )
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's demo data
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

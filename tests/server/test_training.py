@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuneline.paths import DATA_DIR
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat
 from tuneline.server.modeling import ChatModel, load_tokenizer
 from tuneline.server.training import (
@@ -31,6 +30,8 @@ from tuneline.server.training import (
     train,
 )
 from tuneline.tokens import default_epochs
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's demo data
 
 SYSTEM = "You are the Acme support assistant."
 INTENTS = {
@@ -428,7 +429,7 @@ def test_lora_above_the_size_threshold_saves_a_loadable_adapter(
 def test_fine_tuning_raises_exact_match_on_a_slice_of_the_demo_data(tiny_dir: Path, tmp_path: Path) -> None:
     raw = DATA_DIR / "raw" / "support"
     if not raw.is_dir():
-        pytest.skip(f"the demo data {raw} is not generated (python -m tuneline.demo_data)")
+        pytest.skip(f"the demo data {raw} is not generated (tuneline demo-data)")
     lines = demo_training_lines(raw, [])
     examples = [json.loads(line) for line in lines]
     answers = [

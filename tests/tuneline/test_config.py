@@ -123,3 +123,29 @@ def test_sections_are_frozen() -> None:
     config = parse_config(MINIMAL)
     with pytest.raises(ValueError, match="frozen"):
         config.dedupe.num_perm = 1  # type: ignore[misc]
+
+
+def test_dates_are_parsed_by_the_schema_so_an_impossible_one_names_its_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "data:\n  sources: [{name: a, uri: b}]\n  as_of: 2026-11-22\ncost:\n  prices_as_of: 2025-07-01\n"
+    )
+    loaded = load_config(config)
+    assert loaded.data.as_of == date(2026, 11, 22) and loaded.cost.prices_as_of == date(2025, 7, 1)
+    config.write_text("data:\n  sources: [{name: a, uri: b}]\n  as_of: 2026-13-45\n")
+    with pytest.raises(
+        ConfigError, match=r"data\.as_of: .*\(got '2026-13-45'\); write a date as YYYY-MM-DD$"
+    ):
+        load_config(config)
+
+
+def test_the_default_config_is_the_project_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNELINE_PROJECT", str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: no configs/local.yaml in the project folder"):
+        load_config()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "local.yaml").write_text(yaml.safe_dump({**MINIMAL, "project": "elsewhere"}))
+    assert load_config().project == "elsewhere"
+    monkeypatch.delenv("TUNELINE_PROJECT")
+    monkeypatch.chdir(tmp_path)  # without the variable: the working directory
+    assert load_config().project == "elsewhere"

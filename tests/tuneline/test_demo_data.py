@@ -1,8 +1,9 @@
-"""The committed demo data is exactly what the generator makes; its answer key covers every kind of
-dirt; every planted record shows its defect when read back from the files; every record the key does
-not quarantine is clean and distinct. The checks read the committed files and use their own plain,
-exact normalisation and Jaccard (punctuation replaced by a space, where the generator removes it),
-not the generator's or the dedupe stage's code."""
+"""The committed demo data is exactly what the generator (tuneline/demo/) makes; its answer key covers
+every kind of dirt; every planted record shows its defect when read back from the files; every record
+the key does not quarantine is clean and distinct. The checks read the committed files and use their
+own plain, exact normalisation and Jaccard (punctuation replaced by a space, where the generator
+removes it), not the generator's or the dedupe stage's code. The generator's own guarantee checks
+refuse data that breaks them (shown by breaking generated data on purpose)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from typing import Any
 
 import pytest
 
-from tuneline import demo_data, formats, tokens
+from tuneline import formats, tokens
 from tuneline.config import load_config
-from tuneline.paths import DATA_DIR, PROJECT_ROOT
+from tuneline.demo import content, generator, guarantees, synthetic
+from tuneline.demo.messages import chat_example
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+DATA_DIR = REPOSITORY / "data"
 
 # Every kind of dirt the task asks for, with the quarantine reason the precedence in data/README.md gives it
 # (None: the record is kept).
@@ -60,7 +65,7 @@ SECRET = re.compile(
 )
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 PHONE = re.compile(r"\+?\(?\d{2,4}\)?[ .-]\d{3,4}[ .-]\d{4}")
-LIMIT = demo_data.CONTEXT_LIMIT
+LIMIT = guarantees.CONTEXT_LIMIT
 DISTINCT_BELOW = 0.8
 PLANTED_AT_LEAST = 0.9
 
@@ -118,13 +123,13 @@ def read_raw(data_dir: Path) -> dict[tuple[str, int], bytes | dict[str, str]]:
 def as_line(raw: bytes | dict[str, str]) -> Any:
     """The record as the validate stage reads it (a JSON value), for records that are valid JSON."""
     if isinstance(raw, dict):
-        return demo_data.chat_example(raw["customer_message"], raw["agent_reply"])
+        return chat_example(raw["customer_message"], raw["agent_reply"])
     return json.loads(raw.decode("utf-8"))
 
 
 def as_chat(line: dict[str, Any]) -> dict[str, Any]:
     if formats.detect_kind(line) == "completion":
-        return formats.completion_to_chat(line, demo_data.SYSTEM_PROMPT)
+        return formats.completion_to_chat(line, content.SYSTEM_PROMPT)
     return line
 
 
@@ -144,18 +149,18 @@ def raw_records() -> dict[tuple[str, int], bytes | dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def encoding() -> Any:
-    return tokens.get_encoding(demo_data.ENCODING)
+    return tokens.get_encoding(guarantees.ENCODING)
 
 
 def test_regenerating_gives_the_committed_files_byte_for_byte(tmp_path: Path) -> None:
-    data = demo_data.generate(tmp_path)
+    data = generator.generate(tmp_path)
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert written == sorted(data.files)
     for relative in written:
         committed = DATA_DIR / relative
-        assert committed.is_file(), f"data/{relative} is missing: run python -m tuneline.demo_data"
+        assert committed.is_file(), f"data/{relative} is missing: run tuneline demo-data"
         assert committed.read_bytes() == (tmp_path / relative).read_bytes(), (
-            f"data/{relative} differs from what the generator makes: run python -m tuneline.demo_data"
+            f"data/{relative} differs from what the generator makes: run tuneline demo-data"
         )
     # No stray file in the raw partitions, where ingest would read it.
     committed_raw = sorted(
@@ -166,7 +171,7 @@ def test_regenerating_gives_the_committed_files_byte_for_byte(tmp_path: Path) ->
 
 def test_another_seed_makes_other_data_that_keeps_every_guarantee(tmp_path: Path) -> None:
     # main() refuses to write data that breaks a guarantee, so this runs every check for seed 7 too.
-    assert demo_data.main(["--seed", "7", "--out", str(tmp_path)]) == 0
+    assert generator.main(["--seed", "7", "--out", str(tmp_path)]) == 0
     for relative in ("raw/support/dt=2026-11-16/part-0000.jsonl", "eval/support_eval.jsonl"):
         assert (tmp_path / relative).read_bytes() != (DATA_DIR / relative).read_bytes()
     key = json.loads((tmp_path / "planted_defects.json").read_text(encoding="utf-8"))
@@ -176,17 +181,17 @@ def test_another_seed_makes_other_data_that_keeps_every_guarantee(tmp_path: Path
 
 def test_the_data_matches_the_default_config() -> None:
     config = load_config()
-    assert config.model.system_prompt == demo_data.SYSTEM_PROMPT
+    assert config.model.system_prompt == content.SYSTEM_PROMPT
     limit = tokens.context_limit(
         config.model.base, config.validation.context_limits, config.validation.default_context_limit
     )
-    assert limit == demo_data.CONTEXT_LIMIT == 512
-    assert config.data.eval_set == f"data/{demo_data.EVAL_PATH}"
-    assert config.data.canary_set == f"data/{demo_data.CANARY_PATH}"
-    assert config.data.general_corpus == f"data/{demo_data.GENERAL_PATH}"
+    assert limit == guarantees.CONTEXT_LIMIT == 512
+    assert config.data.eval_set == f"data/{generator.EVAL_PATH}"
+    assert config.data.canary_set == f"data/{generator.CANARY_PATH}"
+    assert config.data.general_corpus == f"data/{generator.GENERAL_PATH}"
     mappings = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
     assert [(m.user, m.assistant) for m in mappings] == [("customer_message", "agent_reply")]
-    assert {"customer_message", "agent_reply"} <= set(demo_data.CSV_COLUMNS)
+    assert {"customer_message", "agent_reply"} <= set(content.STREAM.csv_columns)
 
 
 def test_the_raw_partitions_hold_enough_records_of_every_format(
@@ -202,7 +207,7 @@ def test_the_raw_partitions_hold_enough_records_of_every_format(
         for s in sources
         if s.endswith(".csv")
     )
-    assert csv_text.startswith(",".join(demo_data.CSV_COLUMNS) + "\n")
+    assert csv_text.startswith(",".join(content.STREAM.csv_columns) + "\n")
     assert '"Category: ' in csv_text  # answers hold a newline, so they are quoted
 
 
@@ -234,7 +239,7 @@ def test_the_answer_key_covers_every_kind_of_dirt_three_times(answer_key: list[d
 def test_each_planted_record_shows_its_defect(
     answer_key: list[dict[str, Any]], raw_records: dict[tuple[str, int], Any], encoding: Any
 ) -> None:
-    evals = read_jsonl(demo_data.EVAL_PATH)
+    evals = read_jsonl(generator.EVAL_PATH)
     for entry in answer_key:
         where = f"line {entry['line']} of {entry['source']} ({entry['kind']}: {entry['note']})"
         raw = raw_records[(entry["source"], entry["line"])]
@@ -319,34 +324,34 @@ def test_kept_records_are_clean_and_distinct(
                 break
             assert jaccard(a, b) < DISTINCT_BELOW, f"{ref_a} and {ref_b} are near-duplicates"
 
-    eval_prompts = [shingle_set(prompt_and_answer(e)[0]) for e in read_jsonl(demo_data.EVAL_PATH)]
+    eval_prompts = [shingle_set(prompt_and_answer(e)[0]) for e in read_jsonl(generator.EVAL_PATH)]
     for ref, prompt in zip(refs, prompts, strict=True):
         mine = shingle_set(prompt)
         assert all(jaccard(mine, e) < DISTINCT_BELOW for e in eval_prompts), f"{ref} leaks an eval example"
 
 
 def test_the_eval_set_covers_every_intent_in_the_house_style() -> None:
-    evals = read_jsonl(demo_data.EVAL_PATH)
-    answers = {intent.answer: intent.name for intent in demo_data.INTENTS}
+    evals = read_jsonl(generator.EVAL_PATH)
+    answers = {intent.answer: intent.name for intent in content.INTENTS}
     assert 70 <= len(evals) <= 90
     covered: Counter[str] = Counter()
     for example in evals:
         assert formats.check_example(example) is None
         system, user, assistant = example["messages"]
-        assert (system["role"], system["content"]) == ("system", demo_data.SYSTEM_PROMPT)
+        assert (system["role"], system["content"]) == ("system", content.SYSTEM_PROMPT)
         assert user["role"] == "user" and 10 <= len(user["content"].split()) <= 60
         assert assistant["role"] == "assistant" and assistant["content"] in answers
         assert re.fullmatch(r"Category: [a-z]+/[a-z_]+\nReply: [^\n]+", assistant["content"])
         covered[answers[assistant["content"]]] += 1
-    assert set(covered) == {i.name for i in demo_data.INTENTS} and min(covered.values()) >= 3
+    assert set(covered) == {i.name for i in content.INTENTS} and min(covered.values()) >= 3
     assert len({normalized(e["messages"][1]["content"]) for e in evals}) == len(evals)
-    for intent in demo_data.INTENTS:
+    for intent in content.INTENTS:
         assert 15 <= len(intent.reply.split()) <= 30, intent.name
 
 
 def test_the_general_corpus_teaches_every_canary_fact() -> None:
-    canary = read_jsonl(demo_data.CANARY_PATH)
-    general = read_jsonl(demo_data.GENERAL_PATH)
+    canary = read_jsonl(generator.CANARY_PATH)
+    general = read_jsonl(generator.GENERAL_PATH)
     assert 30 <= len(canary) <= 50 and 400 <= len(general) <= 600
     for example in canary + general:
         assert formats.check_example(example) is None
@@ -372,7 +377,7 @@ def classify(lines: list[str]) -> Counter[str]:
     kinds: Counter[str] = Counter()
     seen: set[str] = set()
     stems: dict[str, str] = {}
-    house_answers = {intent.answer for intent in demo_data.INTENTS}
+    house_answers = {intent.answer for intent in content.INTENTS}
     for line in lines:
         try:
             example = json.loads(line)
@@ -396,13 +401,13 @@ def classify(lines: list[str]) -> Counter[str]:
 
 
 def test_synthetic_chat_lines_are_deterministic_with_about_five_percent_dirt() -> None:
-    lines = list(demo_data.synthetic_chat_lines(20000, seed=5))
+    lines = list(synthetic.synthetic_chat_lines(20000, seed=5))
     assert len(lines) == 20000
     assert all(line.endswith("\n") and line.count("\n") == 1 for line in lines)
-    assert lines == list(demo_data.synthetic_chat_lines(20000, seed=5))
-    assert lines[:100] == list(demo_data.synthetic_chat_lines(100, seed=5))
-    assert lines != list(demo_data.synthetic_chat_lines(20000, seed=6))
-    assert list(demo_data.synthetic_chat_lines(0)) == []
+    assert lines == list(synthetic.synthetic_chat_lines(20000, seed=5))
+    assert lines[:100] == list(synthetic.synthetic_chat_lines(100, seed=5))
+    assert lines != list(synthetic.synthetic_chat_lines(20000, seed=6))
+    assert list(synthetic.synthetic_chat_lines(0)) == []
     kinds = classify(lines)
     dirt = sum(n for kind, n in kinds.items() if kind != "clean") / len(lines)
     assert 0.04 <= dirt <= 0.06, kinds
@@ -410,10 +415,87 @@ def test_synthetic_chat_lines_are_deterministic_with_about_five_percent_dirt() -
         kinds[k] >= 0.005 * len(lines)
         for k in ("invalid_json", "format_error", "exact_duplicate", "near_duplicate")
     )
-    assert classify(list(demo_data.synthetic_chat_lines(5000, seed=1, dirt_fraction=0.0))) == {"clean": 5000}
+    assert classify(list(synthetic.synthetic_chat_lines(5000, seed=1, dirt_fraction=0.0))) == {"clean": 5000}
 
 
 def test_no_credential_is_written_literally_in_the_source() -> None:
-    # Credential-looking strings are made at run time: a hook greps Python diffs for them.
-    source = (PROJECT_ROOT / "tuneline" / "demo_data.py").read_text(encoding="utf-8")
-    assert not re.search(r"sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}", source)
+    # Credential-looking strings are made at run time: a hook greps diffs for them.
+    package = REPOSITORY / "tuneline" / "demo"
+    sources = [p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".template")]
+    assert len(sources) >= 10
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        assert not re.search(r"sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}", text), source
+
+
+def test_the_content_lives_in_data_files_installed_with_the_package() -> None:
+    pyproject = (REPOSITORY / "pyproject.toml").read_text(encoding="utf-8")
+    assert '"tuneline.demo" = ["content/*"]' in pyproject
+    files = {p.name for p in (REPOSITORY / "tuneline" / "demo" / "content").iterdir()}
+    assert {"support.yaml", "general.yaml", "dirt.yaml", "README.md.template"} <= files
+    # The code holds no sentence of the task: every house reply and core sentence comes from the YAML.
+    code = "".join(p.read_text(encoding="utf-8") for p in (REPOSITORY / "tuneline" / "demo").glob("*.py"))
+    for intent in content.INTENTS:
+        assert intent.reply[:40] not in code and intent.train[0] not in code
+
+
+@pytest.fixture(scope="module")
+def built() -> generator.DemoData:
+    return generator.build()
+
+
+def test_the_answer_key_is_what_was_planted(built: generator.DemoData) -> None:
+    planted = [r for r in built.records if r.kind is not None]
+    assert [(e["source"], e["line"], e["kind"], e["reason"]) for e in built.answer_key] == [
+        (r.path, r.line, r.kind, r.reason) for r in planted
+    ]
+    for entry, record in zip(built.answer_key, planted, strict=True):
+        target = record.duplicate_of
+        assert entry["duplicate_of"] == (
+            None if target is None else {"source": target.path, "line": target.line}
+        )
+
+
+def _broken(built: generator.DemoData, how: str) -> list[Any]:
+    """The built records with one guarantee broken on purpose (copies: `built` stays as it is)."""
+    import copy
+
+    records = copy.deepcopy(built.records)
+    kept = [r for r in records if r.kind is None and r.raw is not None]
+    if how == "a secret in a kept record":
+        example = json.loads(kept[0].raw)
+        example["messages"][1]["content"] += " my key: " + "sk-" + "proj-" + "A1b2C3d4" * 5
+        kept[0].raw = json.dumps(example).encode()
+    elif how == "an unplanted duplicate":
+        kept[1].raw = kept[0].raw
+    elif how == "a leak marked as kept":
+        next(r for r in records if r.kind == "eval_leak").reason = None
+    elif how == "a near-duplicate marked as an exact one":
+        next(r for r in records if r.kind == "near_duplicate").reason = "exact_duplicate"
+    elif how == "a format error marked with another rule":
+        next(r for r in records if r.kind == "wrong_role").reason = "missing_content"
+    elif how == "a contradiction kept earlier than its rival":
+        record = next(r for r in records if r.kind == "contradiction")
+        record.partition = "2026-12-31"
+    return records
+
+
+@pytest.mark.parametrize(
+    ("how", "found"),
+    [
+        ("a secret in a kept record", "secret:"),
+        ("an unplanted duplicate", "equal when normalised"),
+        ("a leak marked as kept", "like an eval prompt"),
+        ("a near-duplicate marked as an exact one", "differs from its original"),
+        ("a format error marked with another rule", "breaks format rule unrecognized_role"),
+        ("a contradiction kept earlier than its rival", "shares its question with"),
+    ],
+)
+def test_the_generator_refuses_data_that_breaks_a_guarantee(
+    built: generator.DemoData, how: str, found: str
+) -> None:
+    evals = [json.loads(line) for line in built.files[generator.EVAL_PATH].decode().splitlines()]
+    guarantees.check(built.records, evals)  # the data as built keeps every guarantee
+    with pytest.raises(RuntimeError, match="breaks its own guarantees") as refused:
+        guarantees.check(_broken(built, how), evals)
+    assert found in str(refused.value), str(refused.value)

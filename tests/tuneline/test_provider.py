@@ -5,13 +5,15 @@ upload, train and retrain tests."""
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from typing import Any
 
 import openai
 import pytest
 
 from tuneline.config import parse_config
-from tuneline.provider import ProviderError, connect, key_env_name, retrying
+from tuneline.provider import ProviderError, check_reachable, connect, key_env_name, key_problem, retrying
 
 SECRET = "sk-test-never-log-this-0123456789"
 
@@ -196,16 +198,62 @@ def test_retries_are_bounded(scripted: Any, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_shipped_hosted_configs_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     from tuneline.config import load_config
-    from tuneline.paths import PROJECT_ROOT
+    from tuneline.paths import project_root
 
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", SECRET)
-    with connect(load_config(PROJECT_ROOT / "configs" / "openai.yaml")) as hosted:
+    with connect(load_config(project_root() / "configs" / "openai.yaml")) as hosted:
         assert (hosted.kind, hosted.base_url, hosted.key_env) == (
             "openai",
             "https://api.openai.com/v1",
             "OPENAI_API_KEY",
         )
-    with connect(load_config(PROJECT_ROOT / "configs" / "azure.yaml")) as azure:
+    with connect(load_config(project_root() / "configs" / "azure.yaml")) as azure:
         assert isinstance(azure.client, openai.AzureOpenAI)
         assert azure.key_env == "AZURE_OPENAI_API_KEY"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_refused_connection_names_the_configured_endpoint_and_fails_fast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    endpoint = f"http://127.0.0.1:{closed_port()}/v1"
+    with connect(config_for("openai", endpoint)) as provider:  # max_retries 2
+        started = time.monotonic()
+        with pytest.raises(ProviderError) as failed:
+            retrying(provider, "list files", lambda: provider.client.files.list())
+        elapsed = time.monotonic() - started
+    message = str(failed.value)
+    assert endpoint in message and "connection refused" in message and "provider.base_url" in message
+    assert "api.openai.com" not in message
+    # The SDK's own retries and one more try, not the whole retry budget again and again.
+    assert elapsed < 10, f"{elapsed:.1f}s"
+
+
+def test_the_key_and_the_endpoint_are_checked_before_any_work(
+    scripted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    problem = key_problem(config_for("openai").provider)
+    assert problem is not None and "set the environment variable OPENAI_API_KEY" in problem
+    assert key_problem(config_for("openai", api_key_secret_block="openai-key").provider) is None
+    assert key_problem(config_for("local").provider) is None  # the run starts its own server with its own key
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert key_problem(config_for("openai").provider) is None
+
+    check_reachable(config_for("compatible", scripted.base_url).provider)  # any HTTP answer will do
+    assert scripted.seen and all("authorization" not in headers for _, _, headers in scripted.seen)
+    endpoint = f"http://127.0.0.1:{closed_port()}/v1"
+    started = time.monotonic()
+    with pytest.raises(ProviderError, match=rf"could not connect to {endpoint} \(connection refused"):
+        check_reachable(config_for("compatible", endpoint).provider)
+    assert time.monotonic() - started < 5
+    with pytest.raises(ProviderError, match=r"check provider\.azure_endpoint"):
+        check_reachable(config_for("azure", azure_endpoint=f"http://127.0.0.1:{closed_port()}").provider)

@@ -187,7 +187,7 @@ def build_builtin_model(
     if not corpus_path.is_file():
         raise FileNotFoundError(
             f"the general corpus {corpus_path} is missing: the built-in model is built from it "
-            "(generate the demo data with `python -m tuneline.demo_data`)"
+            "(generate the demo data with `tuneline demo-data`)"
         )
     threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads())

@@ -718,11 +718,11 @@ def demo(
     training never shows) and on the canary set, with the build and training times (wall clock and the
     CPU seconds of the training process, which a busy machine does not inflate)."""
     from tuneline.config import load_config
-    from tuneline.paths import DATA_DIR
+    from tuneline.paths import data_dir as project_data
     from tuneline.server.builtin import ensure_builtin_model
     from tuneline.server.modeling import ChatModel
 
-    data = Path(data_dir) if data_dir else DATA_DIR
+    data = Path(data_dir) if data_dir else project_data()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
