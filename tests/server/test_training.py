@@ -23,13 +23,12 @@ from tuneline.server.training import (
     TrainingSpec,
     auto_batch_size,
     collate,
-    demo_training_lines,
     epoch_batches,
-    exact_match,
     read_examples,
     resolve_hyperparameters,
     train,
 )
+from tuneline.server.training_demo import demo_training_lines, exact_match
 from tuneline.tokens import default_epochs
 
 SYSTEM = "You are the Acme support assistant."
