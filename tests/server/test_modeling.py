@@ -14,14 +14,10 @@ import pytest
 import torch
 
 from tuneline.paths import DATA_DIR
+from tuneline.server.builtin import resolve_base_model
+from tuneline.server.catalog import BUILTIN_MODEL, base_model_ids
 from tuneline.server.chat_template import ChatFormat
-from tuneline.server.modeling import (
-    BUILTIN_MODEL,
-    ChatModel,
-    ContextLengthExceeded,
-    base_model_ids,
-    resolve_base_model,
-)
+from tuneline.server.modeling import ChatModel, ContextLengthExceeded
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

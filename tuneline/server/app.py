@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneline.formats import message_text
+from tuneline.server.catalog import BUILTIN_MODEL, is_model_dir
 from tuneline.server.errors import (
     APIError,
     file_not_found,
@@ -91,7 +92,7 @@ class ModelCatalog:
 
     def base_ids(self) -> list[str]:
         if self._base_ids is None:
-            from tuneline.server.modeling import base_model_ids
+            from tuneline.server.catalog import base_model_ids
 
             self._base_ids = list(base_model_ids(self.settings.model_dirs))
         return self._base_ids
@@ -135,8 +136,6 @@ class ModelCatalog:
 
     @staticmethod
     def _builtin() -> str:
-        from tuneline.server.modeling import BUILTIN_MODEL
-
         return BUILTIN_MODEL
 
     def path_of(self, model_id: str) -> Path:
@@ -145,7 +144,7 @@ class ModelCatalog:
             return Path(own.path)
         if model_id not in self.base_ids():
             raise model_not_found(model_id)
-        from tuneline.server.modeling import resolve_base_model
+        from tuneline.server.builtin import resolve_base_model
 
         try:
             return resolve_base_model(model_id, self.store.state_dir, self.settings.model_dirs)
@@ -185,8 +184,6 @@ class ModelCatalog:
         """Load the built-in model when it is on disk already, so that the first chat request does not
         pay for importing the model code (many seconds). A failure here only logs a warning."""
         try:
-            from tuneline.server.modeling import BUILTIN_MODEL, is_model_dir
-
             if is_model_dir(self.store.models_dir / BUILTIN_MODEL):
                 self.chat_model(BUILTIN_MODEL)
         except Exception:

@@ -805,7 +805,7 @@ def base_model_dir(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> 
     own = store.get_model(job.model)
     if own is not None:
         return Path(own.path)
-    from tuneline.server.modeling import resolve_base_model
+    from tuneline.server.builtin import resolve_base_model
 
     try:
         return resolve_base_model(job.model, store.state_dir, model_dirs)

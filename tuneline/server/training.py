@@ -44,9 +44,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from tuneline.server.catalog import MODEL_CARD
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat, EncodedExample
 from tuneline.server.modeling import (
-    MODEL_CARD,
     context_length,
     cpu_threads,
     load_causal_lm,
