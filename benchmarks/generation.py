@@ -32,8 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tuneline.server.hyperparameters import Hyperparameters  # noqa: E402
 from tuneline.server.modeling import ChatModel, cache_keyword  # noqa: E402
-from tuneline.server.training import Hyperparameters, TrainingSpec, train  # noqa: E402
+from tuneline.server.training import TrainingSpec, train  # noqa: E402
 from tuneline.server.training_demo import PrintingReporter  # noqa: E402
 
 

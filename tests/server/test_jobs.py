@@ -1,5 +1,5 @@
-"""Jobs: the create request's rules, file validation with the pipeline's rules, the result file and
-restart recovery. The scheduler and its worker processes, with the real trainer, are exercised end
+"""Jobs: the create request's rules (tuneline/server/protocol.py and services/jobs.py), file validation
+with the pipeline's rules, the result file and restart recovery. The scheduler and its worker processes, with the real trainer, are exercised end
 to end through the API in test_api_jobs.py and test_api_durability.py."""
 
 from __future__ import annotations
@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from tuneline.server.errors import APIError
-from tuneline.server.jobs import JobRunner, file_error, parse_create_request, result_csv
+from tuneline.server.errors import APIError, validation_error
+from tuneline.server.protocol import CreateFineTuningJobRequest
+from tuneline.server.scheduler import JobRunner, file_error
+from tuneline.server.services.jobs import new_job
 from tuneline.server.settings import ServerSettings
 from tuneline.server.store import Store
+from tuneline.server.worker import result_csv
 
 
 @pytest.fixture
@@ -27,9 +31,14 @@ def train_file(store: Store, training_bytes: bytes) -> str:
 
 
 def parse(store: Store, body: Any) -> Any:
+    """The job a create request makes: the protocol model's rules, then the service's."""
     bases = ["tuneline-tiny"]
-    return parse_create_request(
-        body,
+    try:
+        request = CreateFineTuningJobRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None  # what the server's one validation handler answers
+    return new_job(
+        request,
         store=store,
         base_of=lambda model: model if model in bases else None,
         available_models=lambda: bases,

@@ -15,17 +15,15 @@ from safetensors.torch import load_file
 
 from tuneline.paths import DATA_DIR
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat
+from tuneline.server.hyperparameters import Hyperparameters, auto_batch_size, resolve_hyperparameters
 from tuneline.server.modeling import ChatModel, load_tokenizer
 from tuneline.server.training import (
     STATE_FILE,
-    Hyperparameters,
     LossFunction,
     TrainingSpec,
-    auto_batch_size,
     collate,
     epoch_batches,
     read_examples,
-    resolve_hyperparameters,
     train,
 )
 from tuneline.server.training_demo import demo_training_lines, exact_match

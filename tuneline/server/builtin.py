@@ -42,8 +42,9 @@ from tuneline.server.chat_template import (
     BUILTIN_TEMPLATE,
     chat_messages,
 )
+from tuneline.server.hyperparameters import Hyperparameters
 from tuneline.server.modeling import ChatModel, cpu_threads
-from tuneline.server.training import Hyperparameters, Trainer
+from tuneline.server.training import Trainer
 
 log = logging.getLogger(__name__)
 

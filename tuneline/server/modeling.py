@@ -5,6 +5,9 @@ are read from disk only (`local_files_only`, and the hub is switched off for the
 model directory is either a full checkpoint (config.json + safetensors + tokenizer files) or a LoRA
 adapter directory (adapter_config.json) whose `base_model_name_or_path` is the directory of the model
 it adapts (itself possibly an adapter).
+
+Loading and generation share one module (~650 lines, most of it the batched decoder): a loaded model
+is only ever used through the decoder built around it here.
 """
 
 from __future__ import annotations

@@ -12,12 +12,7 @@ What `train` guarantees:
   its context) x epochs;
 - models above `lora_above_params` parameters train LoRA adapters (peft) instead of all weights.
 
-"auto" hyperparameters: n_epochs by the hosted service's rule (tuneline.tokens.default_epochs);
-batch_size the largest power of two not above n_examples / 200, between 1 and 32 (at least 200 steps
-per epoch: a small model needs several hundred steps to learn from a few hundred examples; on ~1000
-demo examples, 3 epochs at batch 4 reach eval exact match 0.94 where batch 8 reaches 0.86, in the same
-time; larger sets get the larger batches that keep a CPU or GPU busier);
-learning_rate_multiplier 1.0 (each model's base rate is tuned for its auto batch sizes). Base rates:
+"auto" hyperparameters are resolved by tuneline/server/hyperparameters.py. Base learning rates:
 the model card's (`tuneline_model.json`; 2e-3 for tuneline-tiny), else 5e-5 for full fine-tuning
 and 2e-4 for LoRA.
 
@@ -46,6 +41,7 @@ import torch.nn.functional as F
 
 from tuneline.server.catalog import MODEL_CARD
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat, EncodedExample
+from tuneline.server.hyperparameters import Hyperparameters
 from tuneline.server.modeling import (
     context_length,
     cpu_threads,
@@ -54,7 +50,6 @@ from tuneline.server.modeling import (
     parameter_count,
     pick_device,
 )
-from tuneline.tokens import default_epochs
 
 STATE_FILE = "training_state.pt"
 # Base learning rates of checkpoints that do not state their own in tuneline_model.json.
@@ -70,37 +65,6 @@ LENGTH_WINDOW = 16
 # Models whose logits are the output embedding of the last hidden state, unscaled: their loss is taken
 # on the hidden states of trained positions only (the vocabulary projection of the others is skipped).
 SCALED_LOGITS_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    n_epochs: int
-    batch_size: int
-    learning_rate_multiplier: float
-
-
-def auto_batch_size(n_examples: int) -> int:
-    """The largest power of two not above n_examples / 200, between 1 and 32."""
-    if n_examples < 400:
-        return 1
-    return int(min(32, 2 ** math.floor(math.log2(n_examples / 200))))
-
-
-def resolve_hyperparameters(
-    n_examples: int,
-    n_epochs: int | str,
-    batch_size: int | str,
-    learning_rate_multiplier: float | str,
-) -> Hyperparameters:
-    """Every "auto" replaced by its rule (see the module docstring); explicit values kept."""
-    epochs = default_epochs(n_examples) if n_epochs == "auto" else int(n_epochs)
-    batch = auto_batch_size(n_examples) if batch_size == "auto" else int(batch_size)
-    multiplier = 1.0 if learning_rate_multiplier == "auto" else float(learning_rate_multiplier)
-    if epochs < 1 or batch < 1 or not multiplier > 0:
-        raise ValueError(
-            f"hyperparameters out of range: n_epochs={epochs}, batch_size={batch}, lr x{multiplier}"
-        )
-    return Hyperparameters(epochs, batch, multiplier)
 
 
 @dataclass

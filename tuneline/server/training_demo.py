@@ -25,8 +25,9 @@ from tuneline.paths import DATA_DIR
 from tuneline.server.builtin import ensure_builtin_model
 from tuneline.server.catalog import BUILTIN_MODEL
 from tuneline.server.chat_template import chat_messages
+from tuneline.server.hyperparameters import resolve_hyperparameters
 from tuneline.server.modeling import ChatModel
-from tuneline.server.training import TrainingSpec, read_examples, resolve_hyperparameters, train
+from tuneline.server.training import TrainingSpec, read_examples, train
 from tuneline.tokens import count_tokens, get_encoding
 
 
