@@ -254,3 +254,27 @@ def test_a_restart_requeues_running_jobs_and_gives_up_after_max_attempts(
     assert failed is not None and failed.status == "failed" and failed.error["code"] == "server_restarted"  # type: ignore[index]
     messages = [e.message for e in store.list_events(job.id, after=None, limit=50)[0]]
     assert any("restarts from the beginning" in m for m in messages)
+
+
+def test_a_job_the_scheduler_cannot_start_fails_alone_and_the_next_one_starts(
+    store: Store, train_file: str, wait_for: Any
+) -> None:
+    settings = ServerSettings(state_dir=store.state_dir, warm_up=False)
+    jobs = [parse(store, {"model": "tuneline-tiny", "training_file": train_file}) for _ in range(2)]
+    for job in jobs:
+        store.create_job(job)
+    # A real fault on the first job only: its worker's log file cannot be opened (a folder is in the way).
+    (store.logs_dir / f"{jobs[0].id}.log").mkdir()
+    runner = JobRunner(store, settings)
+    runner.start()
+    try:
+        failed = wait_for(
+            lambda: (job := store.get_job(jobs[0].id)) and job.status == "failed" and job,
+            timeout_s=30,
+            what="the job that cannot start to fail",
+        )
+        assert failed.error["code"] == "server_error"
+        assert "starting its training process: IsADirectoryError" in failed.error["message"]
+        wait_for(lambda: jobs[1].id in runner.running_workers(), timeout_s=30, what="the next job to start")
+    finally:
+        runner.stop()

@@ -14,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneline.server.api import ROUTERS
 from tuneline.server.api.common import respond
 from tuneline.server.errors import APIError, validation_error
+from tuneline.server.logs import printable
 from tuneline.server.middleware import Gatekeeper
 from tuneline.server.scheduler import JobRunner
 from tuneline.server.services.chat import ChatService
@@ -33,6 +36,7 @@ from tuneline.server.services.files import FileService
 from tuneline.server.services.jobs import JobService
 from tuneline.server.services.models import ModelService
 from tuneline.server.settings import ServerSettings
+from tuneline.server.state_lock import EMBEDDED_ENV, StateDirLock
 from tuneline.server.store import Store
 
 log = logging.getLogger("tuneline.server")
@@ -90,7 +94,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.chat = ChatService(models, settings, generation_pool)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(Gatekeeper, settings=settings)
+    if settings.allowed_origins:  # CORS answers for the pages allowed to call this server
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(Gatekeeper, settings=settings)  # added last: the outermost layer
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> Response:
@@ -111,7 +122,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %s", request.method, printable(request.url.path), exc_info=exc)
         return _error_response(
             APIError(500, "The server had an error while processing your request.", type="server_error")
         )
@@ -120,18 +131,26 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
 
 def run_server(settings: ServerSettings) -> None:
-    """Serve until SIGINT/SIGTERM; jobs still running then resume at the next start."""
+    """Serve until SIGINT/SIGTERM; jobs still running then resume at the next start.
+
+    Holds the state directory for as long as it runs (tuneline/server/state_lock.py): raises
+    StateDirBusy, before touching anything, when another server holds it."""
     import uvicorn
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+    lock = StateDirLock(settings.state_dir)
+    lock.acquire(port=settings.port, embedded=os.environ.get(EMBEDDED_ENV) == "1")
+    try:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+        )
+        app = create_app(settings)
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        lock.release()

@@ -56,6 +56,27 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return APIError(400, message, param=param, code=code)
 
 
+def file_too_large(size: int, limit: int, partial: bool = False) -> APIError:
+    """An upload over server.max_upload_bytes (`partial`: `size` is what was read before refusing)."""
+    return APIError(
+        413,
+        f"File is too large: {'more than ' if partial else ''}{size} bytes; this server accepts files up to "
+        f"{limit} bytes (server.max_upload_bytes in the config).",
+        param="file",
+        code="file_too_large",
+    )
+
+
+def request_too_large(size: int, limit: int, partial: bool = False) -> APIError:
+    """A JSON body over server.max_request_bytes (`partial`: `size` is what was read before refusing)."""
+    return APIError(
+        413,
+        f"The request body is too large: {'more than ' if partial else ''}{size} bytes; this server accepts "
+        f"JSON bodies up to {limit} bytes (server.max_request_bytes in the config).",
+        code="request_too_large",
+    )
+
+
 def file_not_found(file_id: str, param: str = "id") -> APIError:
     return APIError(404, f"No such File object: {file_id}", param=param, code="file_not_found")
 

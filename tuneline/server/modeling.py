@@ -139,6 +139,16 @@ def parameter_count(path: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def context_length_of(path: Path) -> int:
+    """The context of the model in a directory (an adapter's is its base's), without loading weights."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        return context_length_of(adapter_base(path))
+    return context_length(AutoConfig.from_pretrained(str(path), local_files_only=True))
+
+
 def context_length(config: Any, default: int = 2048) -> int:
     """The longest sequence the model's positions allow."""
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length"):

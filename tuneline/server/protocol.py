@@ -30,7 +30,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
+from tuneline.server.logs import has_control_characters
+
 MAX_SEED = 2**31 - 1
+# The contract and the hosted documentation bound the multiplier below only (> 0); this server also
+# bounds it above, at ten times the model's own rate: a rate thousands of times higher diverges within
+# a few steps (the loss turns NaN) and only wastes the job.
+MAX_LEARNING_RATE_MULTIPLIER = 10.0
 MAX_METADATA_PAIRS = 16
 METHODS = ("supervised", "dpo", "reinforcement")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -97,9 +103,12 @@ def _auto_or_int(name: str, low: int, high: int) -> Callable[[Any], Any]:
 def _learning_rate_multiplier(value: Any) -> Any:
     if value is None or (isinstance(value, str) and value == "auto"):
         return "auto"
-    if _is_number(value) and value > 0:
+    if _is_number(value) and 0 < value <= MAX_LEARNING_RATE_MULTIPLIER:
         return float(value)
-    raise invalid(f"learning_rate_multiplier must be 'auto' or a number greater than 0, got {shown(value)}.")
+    raise invalid(
+        "learning_rate_multiplier must be 'auto' or a number greater than 0 and at most "
+        f"{MAX_LEARNING_RATE_MULTIPLIER:g}, got {shown(value)}."
+    )
 
 
 Epochs = Annotated[Literal["auto"] | int, BeforeValidator(_auto_or_int("n_epochs", 1, 50))]
@@ -169,10 +178,10 @@ def _suffix(value: Any) -> Any:
         return None
     if not isinstance(value, str) or not 1 <= len(value) <= 64:
         raise invalid("suffix must be a string of 1 to 64 characters.")
-    if ":" in value or any(ch.isspace() for ch in value):
+    if ":" in value or any(ch.isspace() for ch in value) or has_control_characters(value):
         raise invalid(
-            "suffix must not contain ':' or whitespace: it becomes part of the model name "
-            "ft:{base}:{org}:{suffix}:{id}."
+            "suffix must not contain ':', whitespace or control characters: it becomes part of the model "
+            "name ft:{base}:{org}:{suffix}:{id}."
         )
     return value
 
@@ -197,6 +206,8 @@ def _metadata(value: Any) -> Any:
             raise invalid(f"metadata[{shown(key)}] must be a string, got {type(item).__name__}.")
         if len(item) > 512:
             raise invalid(f"metadata[{shown(key)}] is longer than 512 characters.")
+        if "\x00" in key or "\x00" in item:
+            raise invalid(f"metadata[{shown(key)}] holds a NUL character, which metadata must not contain.")
     return value
 
 
@@ -804,6 +815,9 @@ def error_of(errors: Iterable[Mapping[str, Any]], model: str | None) -> ErrorRes
         code = "missing_required_parameter"
     elif kind == "invalid_value":
         message = str(first.get("msg", "")).replace("{path}", path)
+    elif kind in _TYPE_NAMES and not path:
+        message = f"The request body must be a JSON object, but got {_json_type(first.get('input'))} instead."
+        code = "invalid_type"
     elif kind in _TYPE_NAMES:
         message = (
             f"Invalid type for '{path}': expected {_TYPE_NAMES[kind]}, "

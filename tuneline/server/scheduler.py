@@ -19,7 +19,6 @@ Lifecycle, as the hosted service behaves:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -32,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneline.formats import check_training_file, detect_kind
+import orjson
+
+from tuneline.formats import MAX_EXAMPLE_BYTES, bounded_lines, check_training_file, detect_kind, jsonl_line
 from tuneline.server.errors import invalid_request, job_not_found
 from tuneline.server.hyperparameters import resolve_hyperparameters
 from tuneline.server.settings import ServerSettings
@@ -45,20 +46,24 @@ log = logging.getLogger("tuneline.server.jobs")
 
 
 def file_error(
-    store: Store, file_id: str, param: str, min_examples: int
+    store: Store, file_id: str, param: str, min_examples: int, max_example_bytes: int = MAX_EXAMPLE_BYTES
 ) -> tuple[int, dict[str, Any] | None]:
-    """Check a job's file with the pipeline's own rules: (examples, None) or (count, job error)."""
+    """Check a job's file with the pipeline's own rules: (examples, None) or (count, job error).
+
+    A line longer than `max_example_bytes` is refused unread (tuneline.formats.bounded_lines)."""
     code = f"invalid_{param}"
     path = store.file_path(file_id)
     if store.get_file(file_id) is None or not path.is_file():
         message = f"The {param.replace('_', ' ')} {file_id} was deleted before the job could use it."
         return 0, {"code": code, "message": message, "param": param}
-    with open(path, "rb") as lines:
-        count, issue = check_training_file(lines, min_examples=min_examples)
+    with open(path, "rb") as handle:
+        count, issue = check_training_file(
+            bounded_lines(handle, max_example_bytes),
+            min_examples=min_examples,
+            max_line_bytes=max_example_bytes,
+        )
     if issue is None:
-        with open(path, "rb") as lines:
-            first = next((json.loads(raw) for raw in lines if raw.strip()), None)
-        if detect_kind(first) == "preference":
+        if _first_kind(path, max_example_bytes) == "preference":
             message = (
                 "Invalid file format. Line 1: preference (DPO) examples need method 'dpo', which this server "
                 "does not support; supervised jobs take chat examples (preference_example_in_supervised_job)"
@@ -68,6 +73,16 @@ def file_error(
     where = f"Line {issue.line}: " if issue.line is not None else ""
     message = f"Invalid file format. {where}{issue.message} ({issue.key})"
     return count, {"code": code, "message": message, "param": param}
+
+
+def _first_kind(path: Path, max_example_bytes: int) -> str | None:
+    """The format of the first example of a file that check_training_file found valid."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(bounded_lines(handle, max_example_bytes), start=1):
+            line = jsonl_line(raw, number)
+            if line.strip():
+                return detect_kind(orjson.loads(line))
+    return None
 
 
 def resolve_requested_hyperparameters(n_examples: int, requested: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,7 +215,10 @@ class JobRunner:
         for job in self.store.jobs_with_status("validating_files"):
             if self._stopping.is_set():
                 return
-            self._validate(job)
+            try:
+                self._validate(job)
+            except Exception as exc:  # this job fails; the others are served
+                self._fail_unexpectedly(job, "validating its files", exc)
         with self._lock:
             free = self.settings.concurrent_jobs - len(self._workers)
             busy = set(self._workers)
@@ -211,8 +229,34 @@ class JobRunner:
                 break
             if job.id in busy:  # its previous worker is still saving a paused state
                 continue
-            if self._start_worker(job):
+            try:
+                started = self._start_worker(job)
+            except Exception as exc:
+                self._fail_unexpectedly(job, "starting its training process", exc)
+                continue
+            if started:
                 free -= 1
+
+    def _fail_unexpectedly(self, job: JobRecord, doing: str, exc: Exception) -> None:
+        """Fail one job whose handling raised (a fault of the server, not of the request): the
+        scheduler goes on with the other jobs instead of tripping over this one at every tick."""
+        log.error("job %s: failed while %s", job.id, doing, exc_info=exc)
+        message = (
+            f"The server failed while {doing}: {type(exc).__name__}: {exc}. "
+            f"The server log ({self.store.state_dir}) has the details."
+        )
+        done = self.store.transition(
+            job.id,
+            ("validating_files", "queued", "running"),
+            "failed",
+            finished_at=now(),
+            worker_token=None,
+            estimated_finish=None,
+            error={"code": "server_error", "message": message, "param": None},
+            events=[("error", message)],
+        )
+        if done:
+            log.info("job %s: %s -> failed (%s)", job.id, job.status, message)
 
     def _validate(self, job: JobRecord) -> None:
         min_examples = self.settings.min_training_examples
@@ -221,9 +265,10 @@ class JobRunner:
             events.append(f"Validating validation file: {job.validation_file}")
         for message in events:
             self.store.add_event(job.id, message)
-        count, error = file_error(self.store, job.training_file, "training_file", min_examples)
+        limit = self.settings.max_example_bytes
+        count, error = file_error(self.store, job.training_file, "training_file", min_examples, limit)
         if error is None and job.validation_file:
-            _, error = file_error(self.store, job.validation_file, "validation_file", 1)
+            _, error = file_error(self.store, job.validation_file, "validation_file", 1, limit)
         if error is None:
             try:
                 resolved = resolve_requested_hyperparameters(count, job.requested_hyperparameters)

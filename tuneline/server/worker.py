@@ -3,7 +3,12 @@ scheduler), which trains the job with tuneline/server/training.py and records wh
 
 Every write carries the worker's token, so a worker that lost its job (cancelled, or taken over by a
 restarted server) can change nothing; the worker dies with the server (PR_SET_PDEATHSIG, plus a parent
-check at every step). A job whose training raises fails (`training_failed`) with the error's message.
+check at every step).
+
+A job fails, and publishes no model, when its training raises: with the exception's own `code` attribute
+and message when it has one (the trainer's `training_diverged`; `invalid_training_file` for an example
+longer than the model's context, refused here with its line number before training starts), else with
+`training_failed`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from tuneline.formats import jsonl_line
 from tuneline.server.catalog import checkpoint_model_name
 from tuneline.server.store import JobRecord, Store, now, publish_dir
 
@@ -133,6 +141,52 @@ def _die_with_parent(parent_pid: int) -> None:
         sys.exit(3)
 
 
+class JobFileError(ValueError):
+    """A training or validation file the job cannot train on: the job fails with `code`
+    (invalid_training_file, invalid_validation_file) and `param`, as a file refused at validation does."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.code = f"invalid_{param}"
+        self.param = param
+
+
+def job_error(exc: BaseException) -> dict[str, Any]:
+    """The `error` of a job whose training raised: the exception's own `code` (and `param`) and message
+    when it carries one (the trainer's `training_diverged`, a JobFileError), else `training_failed`."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        param = getattr(exc, "param", None)
+        return {"code": code, "message": str(exc), "param": param if isinstance(param, str) else None}
+    message = f"Fine-tuning job failed: {type(exc).__name__}: {exc}"
+    return {"code": "training_failed", "message": message, "param": None}
+
+
+def check_context(spec: Any, model: str) -> None:
+    """Refuse, naming its line, an example longer than the model's context, as the hosted service does
+    (the trainer would cut it silently): a JobFileError with `too_long`, the data plane's reason."""
+    from tuneline.server.chat_template import ChatFormat
+    from tuneline.server.modeling import context_length_of, load_tokenizer
+
+    chat_format = ChatFormat(load_tokenizer(spec.base_model_dir))
+    limit = context_length_of(spec.base_model_dir)
+    for path, param in ((spec.train_file, "training_file"), (spec.validation_file, "validation_file")):
+        if path is None:
+            continue
+        with open(path, "rb") as handle:  # its lines were bounded when the job's files were validated
+            for number, raw in enumerate(handle, start=1):
+                line = jsonl_line(raw, number)
+                if not line.strip():
+                    continue
+                tokens = len(chat_format.encode_example(orjson.loads(line), sys.maxsize).input_ids)
+                if tokens > limit:
+                    raise JobFileError(
+                        f"Invalid file format. Line {number}: the example is {tokens} tokens long, but {model} "
+                        f"takes at most {limit} tokens per example: shorten it or split it (too_long)",
+                        param,
+                    )
+
+
 def base_model_dir(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> Path:
     """Where the weights to start from are: a model of this server, or a base model."""
     own = store.get_model(job.model)
@@ -176,10 +230,14 @@ def run_job(
         for name in (spec.train_file, spec.validation_file):
             if name is not None and not name.is_file():
                 raise RuntimeError(f"the file {name.name} was deleted while the job waited")
+        check_context(spec, job.model)
         outcome = train(spec, reporter)
     except Exception as exc:
-        log.exception("job %s: training failed", job_id)
-        message = f"Fine-tuning job failed: {type(exc).__name__}: {exc}"
+        error = job_error(exc)
+        if error["code"] == "training_failed":
+            log.exception("job %s: training failed", job_id)
+        else:
+            log.info("job %s: failed (%s)", job_id, error["code"])
         store.transition(
             job_id,
             ("running", "paused", "queued"),
@@ -188,8 +246,8 @@ def run_job(
             finished_at=now(),
             worker_token=None,
             estimated_finish=None,
-            error={"code": "training_failed", "message": message, "param": None},
-            events=[("error", message)],
+            error=error,
+            events=[("error", error["message"])],
         )
         return 1
 

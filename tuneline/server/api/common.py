@@ -10,6 +10,7 @@ import orjson
 from fastapi import Request, Response
 from pydantic import BaseModel
 
+from tuneline.formats import MAX_JSON_DEPTH, json_depth_exceeds
 from tuneline.server.errors import invalid_request
 from tuneline.server.protocol import ResponseBody, wire
 
@@ -22,16 +23,25 @@ def respond(body: ResponseBody, status: int = 200) -> Response:
 
 
 def decode_json(raw: bytes) -> Any:
-    """A request body as JSON, or the 400 that says why it is not."""
+    """A request body as JSON, or the 400 that says why it is not: empty, not UTF-8 JSON, or nested
+    deeper than MAX_JSON_DEPTH levels (no request of this API needs more; deeper bodies only cost)."""
     if not raw.strip():
         raise invalid_request("The request body is empty: send a JSON object.")
+    too_deep = invalid_request(
+        f"The JSON body of your request nests deeper than {MAX_JSON_DEPTH} levels.", code="json_too_deep"
+    )
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in exc.msg:
+            raise too_deep from None
         raise invalid_request(
             "We could not parse the JSON body of your request. The body must be a JSON object.",
             code="invalid_json",
         ) from None
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise too_deep
+    return body
 
 
 def json_body(model: type[RequestModel]) -> Callable[[Request], Awaitable[RequestModel]]:

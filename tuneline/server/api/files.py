@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from tuneline.server.api.common import query, respond
-from tuneline.server.errors import invalid_request
+from tuneline.server.errors import APIError, invalid_request
 from tuneline.server.protocol import CreateFileRequest, ListFilesQuery
 from tuneline.server.services.files import FileService
 
@@ -20,12 +20,11 @@ def service(request: Request) -> FileService:
 
 @router.post("")
 async def upload_file(request: Request, files: FileService = Depends(service)) -> Response:
-    declared = request.headers.get("content-length")
-    # Multipart framing adds a little to the file itself; refuse clearly oversized bodies unread.
-    if declared and declared.isdigit() and int(declared) > files.settings.max_upload_bytes + 64 * 1024:
-        raise files.too_large(int(declared))
+    # The gatekeeper (tuneline/server/middleware.py) refuses a body over the upload limit as it streams.
     try:
         form = await request.form(max_files=1, max_fields=8)
+    except APIError:
+        raise
     except Exception as exc:
         raise invalid_request(f"Could not parse the multipart form: {exc}.") from None
     upload = CreateFileRequest.model_validate({"purpose": form.get("purpose"), "file": form.get("file")})

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import IO
 
-from tuneline.server.errors import APIError, file_not_found, invalid_request
+from tuneline.server.errors import APIError, file_not_found, file_too_large, invalid_request
+from tuneline.server.logs import printable
 from tuneline.server.protocol import (
     CreateFileRequest,
     DeleteFileResponse,
@@ -38,13 +39,7 @@ class FileService:
         self.settings = settings
 
     def too_large(self, size: int) -> APIError:
-        return APIError(
-            413,
-            f"File is too large: {size} bytes; this server accepts files up to "
-            f"{self.settings.max_upload_bytes} bytes (server.max_upload_bytes in the config).",
-            param="file",
-            code="file_too_large",
-        )
+        return file_too_large(size, self.settings.max_upload_bytes)
 
     def check_upload(self, request: CreateFileRequest) -> str:
         """The file name to store an upload under, or the APIError that refuses it before it is read."""
@@ -69,7 +64,9 @@ class FileService:
         if record.bytes == 0:
             self.store.delete_file(record.id)
             raise invalid_request("The uploaded file is empty.", param="file", code="empty_file")
-        log.info("stored %s (%s, %d bytes, purpose %s)", record.id, filename, record.bytes, purpose)
+        log.info(
+            "stored %s (%s, %d bytes, purpose %s)", record.id, printable(filename), record.bytes, purpose
+        )
         return file_object(record)
 
     def listing(self, query: ListFilesQuery) -> ListFilesResponse:
