@@ -32,8 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tuneline.server.hyperparameters import Hyperparameters  # noqa: E402
 from tuneline.server.modeling import ChatModel, cache_keyword  # noqa: E402
-from tuneline.server.training import Hyperparameters, PrintingReporter, TrainingSpec, train  # noqa: E402
+from tuneline.server.training import TrainingSpec, train  # noqa: E402
+from tuneline.server.training_demo import PrintingReporter  # noqa: E402
 
 
 def per_request_answer(chat: ChatModel, messages: list[dict[str, Any]], max_tokens: int) -> tuple[str, int]:
@@ -62,7 +64,8 @@ def per_request_answer(chat: ChatModel, messages: list[dict[str, Any]], max_toke
 def fine_tuned_tiny(work: Path) -> Path:
     """tuneline-tiny after one short epoch on the demo data: it answers in the house style."""
     from tuneline.server.builtin import ensure_builtin_model
-    from tuneline.server.training import demo_training_lines, read_examples
+    from tuneline.server.training import read_examples
+    from tuneline.server.training_demo import demo_training_lines
 
     base = ensure_builtin_model(work / "state")
     evals = read_examples(ROOT / "data" / "eval" / "support_eval.jsonl")

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tuneline.server.chat_template import ChatFormat  # noqa: E402
+from tuneline.server.hyperparameters import Hyperparameters  # noqa: E402
 from tuneline.server.modeling import (  # noqa: E402
     context_length,
     cpu_threads,
@@ -44,7 +45,6 @@ from tuneline.server.modeling import (  # noqa: E402
 )
 from tuneline.server.training import (  # noqa: E402
     GRADIENT_CLIP,
-    Hyperparameters,
     TrainingSpec,
     base_learning_rate,
     collate,

@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneline import records
 from tuneline.config import CsvMapping, Source
+from tuneline.formats import jsonl_line
 from tuneline.paths import is_url, project_root, resolve
 
 FileFormat = Literal["jsonl", "csv", "parquet"]
@@ -297,9 +298,7 @@ def _read_jsonl(handle: Iterable[bytes], file: InputFile, columns: _Columns) -> 
             )
             break
         number += 1
-        line = line.removesuffix(b"\n").removesuffix(b"\r")
-        if number == 1:
-            line = line.removeprefix(b"\xef\xbb\xbf")
+        line = jsonl_line(line, number)  # the same rule as the server's check of an uploaded file
         if not line.strip():
             continue  # a blank line holds no record
         try:

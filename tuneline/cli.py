@@ -409,6 +409,7 @@ def serve(
     try:
         from tuneline.server.app import run_server
         from tuneline.server.settings import API_KEY_ENV, ServerSettings, startup_problem
+        from tuneline.server.state_lock import StateDirBusy
     except ImportError as exc:
         usage_error(
             f"the server needs its extra dependencies ({exc.name} is missing): pip install 'tuneline\\[server]'"
@@ -427,6 +428,8 @@ def serve(
             latency_ms=cfg.latency_ms if latency is None else latency,
             concurrent_jobs=concurrent_jobs or cfg.concurrent_jobs,
             max_upload_bytes=cfg.max_upload_bytes,
+            max_request_bytes=cfg.max_request_bytes,
+            allowed_origins=tuple(cfg.allowed_origins),
             lora_above_params=cfg.lora_above_params,
         )
     except ValueError as exc:
@@ -437,7 +440,10 @@ def serve(
     problem = startup_problem(settings)
     if problem:
         usage_error(problem)
-    run_server(settings)
+    try:
+        run_server(settings)
+    except StateDirBusy as exc:  # another server holds the state directory
+        usage_error(str(exc))
 
 
 @app.command()

@@ -215,6 +215,10 @@ class ServerConfig(Section):
     state_dir: str = ".tuneline/server"
     model_dirs: list[str] = Field(default_factory=list)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    # A JSON request body; a larger one is refused (413) before it is read whole.
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Web origins (https://app.example) whose pages may call the server; any other Origin is refused.
+    allowed_origins: list[str] = Field(default_factory=list)
     concurrent_jobs: int = Field(default=1, ge=1, le=16)
     # Above this many parameters a model is fine-tuned with LoRA instead of full fine-tuning.
     lora_above_params: int = Field(default=300_000_000, ge=0)

@@ -15,7 +15,9 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
+
+import orjson
 
 ExampleKind = Literal["chat", "completion", "preference"]
 
@@ -376,25 +378,82 @@ class FileIssue:
         return f"{where}{self.message} ({self.key})"
 
 
-def check_training_file(lines: Iterable[bytes], min_examples: int = 10) -> tuple[int, FileIssue | None]:
+# A UTF-8 byte order mark, which Windows editors write at the start of a file.
+BOM = b"\xef\xbb\xbf"
+# How deep a training line's JSON may nest (a chat line needs about 6 levels; tool schemas a few more).
+MAX_JSON_DEPTH = 64
+# How long a training line may be, in bytes, unless the caller says otherwise.
+MAX_EXAMPLE_BYTES = 1 << 20
+
+
+def jsonl_line(raw: bytes, number: int) -> bytes:
+    """The bytes to parse of line `number` (1-based) of a JSONL file: without its line ending, and
+    without a UTF-8 byte order mark when it is the first line (one rule for prepare and the server)."""
+    line = raw.removesuffix(b"\n").removesuffix(b"\r")
+    return line.removeprefix(BOM) if number == 1 else line
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether parsed JSON nests deeper than `limit` arrays and objects (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[Any] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def bounded_lines(handle: BinaryIO, max_bytes: int) -> Iterator[bytes]:
+    """The lines of a binary file, each cut after `max_bytes` + 1 bytes: the rest of a longer line is
+    read and dropped, never held, so a check can refuse it without paying its size in memory."""
+    while line := handle.readline(max_bytes + 1):
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+        yield line
+
+
+def check_training_file(
+    lines: Iterable[bytes], min_examples: int = 10, max_line_bytes: int = MAX_EXAMPLE_BYTES
+) -> tuple[int, FileIssue | None]:
     """Check an uploaded JSONL training file line by line, as the hosted service does after upload.
 
-    Returns the number of examples and the first problem (None when the file is valid). All lines
-    must share one format; blank lines are skipped.
+    Returns the number of examples and the first problem (None when the file is valid); it never
+    raises for any content. All lines must share one format; blank lines are skipped; a UTF-8 byte
+    order mark before the first line is accepted (`jsonl_line`). A line is refused when it is longer
+    than `max_line_bytes` or its JSON nests deeper than MAX_JSON_DEPTH levels.
     """
     count = 0
     first_kind: ExampleKind | None = None
     for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
+        line = jsonl_line(raw, number)
+        if not line.strip():
             continue
+        if len(line) > max_line_bytes:
+            return count, FileIssue(
+                number,
+                "too_large",
+                f"the line is longer than {max_line_bytes} bytes, the most one example may take",
+            )
         try:
-            text = raw.decode("utf-8")
+            line.decode("utf-8")
         except UnicodeDecodeError:
             return count, FileIssue(number, "invalid_encoding", "the line is not valid UTF-8")
         try:
-            example = json.loads(text)
-        except ValueError:
+            example = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            if "depth" in exc.msg:
+                return count, _too_deep(number)
             return count, FileIssue(number, "invalid_json", "the line is not valid JSON")
+        if json_depth_exceeds(example, MAX_JSON_DEPTH):
+            return count, _too_deep(number)
         issue = check_example(example)
         if issue:
             return count, FileIssue(number, issue.key, issue.message)
@@ -411,3 +470,7 @@ def check_training_file(lines: Iterable[bytes], min_examples: int = 10) -> tuple
             f"Training file has {count} example(s), but must have at least {min_examples} examples",
         )
     return count, None
+
+
+def _too_deep(number: int) -> FileIssue:
+    return FileIssue(number, "too_deep", f"the line's JSON nests deeper than {MAX_JSON_DEPTH} levels")

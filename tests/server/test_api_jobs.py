@@ -48,7 +48,7 @@ def worker_pids(job_id: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"tuneline.server.jobs" in cmdline and job_id.encode() in cmdline:
+        if b"tuneline.server.worker" in cmdline and job_id.encode() in cmdline:
             pids.append(int(entry.name))
     return pids
 

@@ -22,7 +22,8 @@ from tuneline.server.builtin import (
     ensure_builtin_model,
     read_chat_lines,
 )
-from tuneline.server.modeling import BUILTIN_MODEL, MODEL_CARD, ChatModel
+from tuneline.server.catalog import BUILTIN_MODEL, MODEL_CARD
+from tuneline.server.modeling import ChatModel
 
 # A recipe that trains two epochs only: the build's machinery without its minutes.
 QUICK = replace(DEFAULT_RECIPE, min_epochs=2, max_epochs=2)

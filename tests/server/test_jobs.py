@@ -1,5 +1,5 @@
-"""Jobs: the create request's rules, file validation with the pipeline's rules, the result file and
-restart recovery. The scheduler and its worker processes, with the real trainer, are exercised end
+"""Jobs: the create request's rules (tuneline/server/protocol.py and services/jobs.py), file validation
+with the pipeline's rules, the result file and restart recovery. The scheduler and its worker processes, with the real trainer, are exercised end
 to end through the API in test_api_jobs.py and test_api_durability.py."""
 
 from __future__ import annotations
@@ -9,11 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from tuneline.server.errors import APIError
-from tuneline.server.jobs import JobRunner, file_error, parse_create_request, result_csv
+from tuneline.server.errors import APIError, validation_error
+from tuneline.server.protocol import CreateFineTuningJobRequest
+from tuneline.server.scheduler import JobRunner, file_error
+from tuneline.server.services.jobs import new_job
 from tuneline.server.settings import ServerSettings
 from tuneline.server.store import Store
+from tuneline.server.worker import result_csv
 
 
 @pytest.fixture
@@ -27,9 +31,14 @@ def train_file(store: Store, training_bytes: bytes) -> str:
 
 
 def parse(store: Store, body: Any) -> Any:
+    """The job a create request makes: the protocol model's rules, then the service's."""
     bases = ["tuneline-tiny"]
-    return parse_create_request(
-        body,
+    try:
+        request = CreateFineTuningJobRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None  # what the server's one validation handler answers
+    return new_job(
+        request,
         store=store,
         base_of=lambda model: model if model in bases else None,
         available_models=lambda: bases,
@@ -245,3 +254,27 @@ def test_a_restart_requeues_running_jobs_and_gives_up_after_max_attempts(
     assert failed is not None and failed.status == "failed" and failed.error["code"] == "server_restarted"  # type: ignore[index]
     messages = [e.message for e in store.list_events(job.id, after=None, limit=50)[0]]
     assert any("restarts from the beginning" in m for m in messages)
+
+
+def test_a_job_the_scheduler_cannot_start_fails_alone_and_the_next_one_starts(
+    store: Store, train_file: str, wait_for: Any
+) -> None:
+    settings = ServerSettings(state_dir=store.state_dir, warm_up=False)
+    jobs = [parse(store, {"model": "tuneline-tiny", "training_file": train_file}) for _ in range(2)]
+    for job in jobs:
+        store.create_job(job)
+    # A real fault on the first job only: its worker's log file cannot be opened (a folder is in the way).
+    (store.logs_dir / f"{jobs[0].id}.log").mkdir()
+    runner = JobRunner(store, settings)
+    runner.start()
+    try:
+        failed = wait_for(
+            lambda: (job := store.get_job(jobs[0].id)) and job.status == "failed" and job,
+            timeout_s=30,
+            what="the job that cannot start to fail",
+        )
+        assert failed.error["code"] == "server_error"
+        assert "starting its training process: IsADirectoryError" in failed.error["message"]
+        wait_for(lambda: jobs[1].id in runner.running_workers(), timeout_s=30, what="the next job to start")
+    finally:
+        runner.stop()

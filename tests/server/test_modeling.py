@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tuneline.server.builtin import resolve_base_model
+from tuneline.server.catalog import BUILTIN_MODEL, base_model_ids
 from tuneline.server.chat_template import ChatFormat
-from tuneline.server.modeling import (
-    BUILTIN_MODEL,
-    ChatModel,
-    ContextLengthExceeded,
-    base_model_ids,
-    resolve_base_model,
-)
+from tuneline.server.modeling import ChatModel, ContextLengthExceeded
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's demo data
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tuneline.server.services.files import file_object
+from tuneline.server.services.jobs import checkpoint_object, job_object
 from tuneline.server.store import CursorNotFound, JobRecord, Store, new_id, now
 
 
@@ -58,7 +60,7 @@ def test_a_file_is_stored_whole_and_read_back(tmp_path: Path) -> None:
     assert store.file_path(record.id).read_bytes() == content
     assert record.sha256 == hashlib.sha256(content).hexdigest()
     assert store.get_file(record.id) == record
-    assert record.to_api()["object"] == "file"
+    assert file_object(record).object == "file"
     assert not [p for p in store.files_dir.iterdir() if p.name.startswith(".tmp-")]
     assert store.delete_file(record.id)
     assert store.get_file(record.id) is None and not store.file_path(record.id).exists()
@@ -149,7 +151,7 @@ def test_only_the_last_three_checkpoints_are_kept(tmp_path: Path) -> None:
             path=path,
             token="tok",
         )
-        assert record is not None and record.to_api()["metrics"]["step"] == step
+        assert record is not None and checkpoint_object(record).metrics["step"] == step
         dropped_all += dropped
     assert dropped_all == [
         store.models_dir / job.id / "ckpt-step-10",
@@ -187,7 +189,7 @@ def test_finishing_a_job_records_model_result_and_events_together(tmp_path: Path
     )
     assert done is not None and done.status == "succeeded" and done.fine_tuned_model == job.model_name
     assert done.result_files == [result.id] and store.get_file(result.id) is not None
-    api = done.to_api()
+    api = job_object(done).model_dump()
     assert api["hyperparameters"] == api["method"]["supervised"]["hyperparameters"]
     assert api["hyperparameters"]["n_epochs"] == 2 and api["trained_tokens"] == 1234
     messages = [e.message for e in store.list_events(job.id, after=None, limit=10)[0]]

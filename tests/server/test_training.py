@@ -14,21 +14,18 @@ import torch
 from safetensors.torch import load_file
 
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat
+from tuneline.server.hyperparameters import Hyperparameters, auto_batch_size, resolve_hyperparameters
 from tuneline.server.modeling import ChatModel, load_tokenizer
 from tuneline.server.training import (
     STATE_FILE,
-    Hyperparameters,
     LossFunction,
     TrainingSpec,
-    auto_batch_size,
     collate,
-    demo_training_lines,
     epoch_batches,
-    exact_match,
     read_examples,
-    resolve_hyperparameters,
     train,
 )
+from tuneline.server.training_demo import demo_training_lines, exact_match
 from tuneline.tokens import default_epochs
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's demo data

@@ -34,6 +34,7 @@ import torch
 from tuneline.config import DataConfig
 from tuneline.formats import check_example
 from tuneline.paths import resolve
+from tuneline.server.catalog import BUILTIN_MODEL, MODEL_CARD, model_dir_of
 from tuneline.server.chat_template import (
     BUILTIN_END,
     BUILTIN_PAD,
@@ -41,8 +42,9 @@ from tuneline.server.chat_template import (
     BUILTIN_TEMPLATE,
     chat_messages,
 )
-from tuneline.server.modeling import BUILTIN_MODEL, MODEL_CARD, ChatModel, cpu_threads
-from tuneline.server.training import Hyperparameters, Trainer
+from tuneline.server.hyperparameters import Hyperparameters
+from tuneline.server.modeling import ChatModel, cpu_threads
+from tuneline.server.training import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -343,3 +345,25 @@ def ensure_builtin_model(
             shutil.copytree(entry, staging)
 
     return _install(Path(state_dir) / "models", BUILTIN_MODEL, expected, make)
+
+
+def resolve_base_model(
+    model_id: str,
+    state_dir: Path,
+    model_dirs: Sequence[Path],
+    *,
+    general_corpus: Path | None = None,
+    canary_set: Path | None = None,
+) -> Path:
+    """The checkpoint directory of a base model id (tuneline/server/catalog.py names them).
+
+    The built-in model is built on first use (deterministically, from `general_corpus`, default the
+    config's data.general_corpus) into state_dir/models/tuneline-tiny; concurrent callers, threads or
+    processes, wait for one build. Raises KeyError for an id that is not a base model here.
+    """
+    if model_id == BUILTIN_MODEL:
+        return ensure_builtin_model(Path(state_dir), general_corpus=general_corpus, canary_set=canary_set)
+    directory = model_dir_of(model_id, model_dirs)
+    if directory is None:
+        raise KeyError(model_id)
+    return directory

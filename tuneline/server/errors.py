@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from tuneline.server.protocol import ErrorObject, ErrorResponse, error_of
+
 
 class APIError(Exception):
     """An error answered to the client; `status` is the HTTP status."""
@@ -31,23 +36,45 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorObject(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
+
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+        return self.response().model_dump()
 
 
-def error_body(
-    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    """A request that failed its protocol model's validation, as the 400 the client sees."""
+    model = exc.title if isinstance(exc, ValidationError) else None
+    error = error_of(exc.errors(), model).error
+    return APIError(400, error.message, type=error.type, param=error.param, code=error.code)
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def extra_input(path: str) -> APIError:
-    """An unknown field in a request body (the hosted API refuses them rather than ignoring them)."""
-    return APIError(400, f"{path}: extra inputs are not permitted", param=path, code="extra_inputs")
+def file_too_large(size: int, limit: int, partial: bool = False) -> APIError:
+    """An upload over server.max_upload_bytes (`partial`: `size` is what was read before refusing)."""
+    return APIError(
+        413,
+        f"File is too large: {'more than ' if partial else ''}{size} bytes; this server accepts files up to "
+        f"{limit} bytes (server.max_upload_bytes in the config).",
+        param="file",
+        code="file_too_large",
+    )
+
+
+def request_too_large(size: int, limit: int, partial: bool = False) -> APIError:
+    """A JSON body over server.max_request_bytes (`partial`: `size` is what was read before refusing)."""
+    return APIError(
+        413,
+        f"The request body is too large: {'more than ' if partial else ''}{size} bytes; this server accepts "
+        f"JSON bodies up to {limit} bytes (server.max_request_bytes in the config).",
+        code="request_too_large",
+    )
 
 
 def file_not_found(file_id: str, param: str = "id") -> APIError:

@@ -12,6 +12,7 @@ state directory again.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,9 @@ from types import TracebackType
 import httpx
 
 from tuneline.server.settings import API_KEY_ENV
+from tuneline.server.state_lock import EMBEDDED_ENV, holder_of
+
+log = logging.getLogger(__name__)
 
 
 class ServerStartError(RuntimeError):
@@ -135,16 +139,24 @@ def start_server(
     extra_args: Sequence[str] = (),
     startup_timeout_s: float = 180.0,
     env: dict[str, str] | None = None,
+    state_dir_wait_s: float = 6 * 3600.0,
 ) -> ServerProcess:
     """Start `python -m tuneline.cli serve` on 127.0.0.1 and return once /v1/models answers.
 
     `api_key` becomes the server's TUNELINE_API_KEY; None starts it without one (loopback only).
+    When another pipeline run's server holds `state_dir` (two `tuneline run` at once with `provider:
+    local`), this waits for that run to finish, up to `state_dir_wait_s`, then starts its own: the runs
+    take turns on one state directory instead of fighting over it. A server started by hand on it is
+    not waited for: ServerStartError at once, naming it and how to use it instead.
     """
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / "server.log"
+    deadline = time.monotonic() + state_dir_wait_s
     attempts = 1 if port is not None else 3  # a free port can be taken between probing and binding
-    for attempt in range(attempts):
+    attempt = 0
+    while True:
+        wait_for_state_dir(state_dir, deadline)
         chosen = port if port is not None else free_port()
         command = [
             sys.executable,
@@ -165,7 +177,7 @@ def start_server(
         for model_dir in model_dirs:
             command += ["--model-dir", str(Path(model_dir).resolve())]
         command += list(extra_args)
-        child_env = {**os.environ, **(env or {})}
+        child_env = {**os.environ, **(env or {}), EMBEDDED_ENV: "1"}
         child_env.pop(API_KEY_ENV, None)
         if api_key is not None:
             child_env[API_KEY_ENV] = api_key
@@ -180,7 +192,33 @@ def start_server(
             server.wait_ready(startup_timeout_s)
             return server
         except ServerStartError:
-            if attempt + 1 < attempts and "address already in use" in server.log_tail().lower():
+            tail = server.log_tail().lower()
+            if server.process.returncode == 2 and "is in use by" in tail:
+                continue  # another run's server took the state directory first: wait for it again
+            attempt += 1
+            if attempt < attempts and "address already in use" in tail:
                 continue
             raise
-    raise AssertionError("unreachable")
+
+
+def wait_for_state_dir(state_dir: Path, deadline: float) -> None:
+    """Return once no server holds `state_dir`. Another pipeline run's server is waited for (until
+    `deadline`, time.monotonic()); a server a person started fails at once, naming how to use it."""
+    announced = False
+    while (holder := holder_of(state_dir)) is not None:
+        pid = holder.pid if holder.pid is not None else "unknown"
+        if not holder.embedded:
+            where = f"http://127.0.0.1:{holder.port}/v1" if holder.port else "its URL"
+            raise ServerStartError(
+                f"{state_dir} is held by a tuneline serve started by hand (pid {pid}): set provider.base_url "
+                f"to {where} (and TUNELINE_API_KEY to its key) to train there, or stop it"
+            )
+        if time.monotonic() >= deadline:
+            raise ServerStartError(
+                f"{state_dir} is still held by another run's tuneline serve (pid {pid}): that run has not "
+                "finished; run again when it has, or give this run another server.state_dir"
+            )
+        if not announced:
+            log.warning("waiting for another run's tuneline serve (pid %s) to release %s", pid, state_dir)
+            announced = True
+        time.sleep(0.5)

@@ -1,11 +1,13 @@
-"""The models `tuneline serve` trains and answers with: base model ids, loading, and generation.
+"""Loading the models `tuneline serve` trains and answers with, and generation.
 
-Base models are the built-in `tuneline-tiny` (built from the general corpus on first use, see
-tuneline/server/builtin.py) and every Hugging Face causal-LM checkpoint directory given with
-`--model-dir`, named by its folder. Checkpoints are read from disk only (`local_files_only`, and the
-hub is switched off for the whole process). A model directory is either a full checkpoint
-(config.json + safetensors + tokenizer files) or a LoRA adapter directory (adapter_config.json) whose
-`base_model_name_or_path` is the directory of the model it adapts (itself possibly an adapter).
+Which models exist and what they are called is tuneline/server/catalog.py (no torch there). Checkpoints
+are read from disk only (`local_files_only`, and the hub is switched off for the whole process). A
+model directory is either a full checkpoint (config.json + safetensors + tokenizer files) or a LoRA
+adapter directory (adapter_config.json) whose `base_model_name_or_path` is the directory of the model
+it adapts (itself possibly an adapter).
+
+Loading and generation share one module (~650 lines, most of it the batched decoder): a loaded model
+is only ever used through the decoder built around it here.
 """
 
 from __future__ import annotations
@@ -33,67 +35,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from tuneline.server.catalog import ADAPTER_CONFIG, is_model_dir
 from tuneline.server.chat_template import ChatFormat
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODEL = "tuneline-tiny"
-ADAPTER_CONFIG = "adapter_config.json"
-MODEL_CARD = "tuneline_model.json"  # written by the built-in build: recipe, learning rate, canary score
-
 
 class ContextLengthExceeded(ValueError):
     """The prompt does not fit the model's context (the API answers 400 context_length_exceeded)."""
-
-
-def base_model_ids(model_dirs: Sequence[Path]) -> list[str]:
-    """`tuneline-tiny` and the folder name of every checkpoint directory given with --model-dir.
-
-    Directories without config.json or adapter_config.json are left out (with a warning); a folder
-    named like an earlier id is shadowed by it.
-    """
-    ids = [BUILTIN_MODEL]
-    for directory in model_dirs:
-        path = Path(directory)
-        if not is_model_dir(path):
-            log.warning(
-                "--model-dir %s holds no config.json or %s: not a model, ignored", path, ADAPTER_CONFIG
-            )
-            continue
-        if path.name in ids:
-            log.warning("--model-dir %s: the id %r is taken, ignored", path, path.name)
-            continue
-        ids.append(path.name)
-    return ids
-
-
-def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()
-
-
-def resolve_base_model(
-    model_id: str,
-    state_dir: Path,
-    model_dirs: Sequence[Path],
-    *,
-    general_corpus: Path | None = None,
-    canary_set: Path | None = None,
-) -> Path:
-    """The checkpoint directory of a base model id.
-
-    The built-in model is built on first use (deterministically, from `general_corpus`, default the
-    config's data.general_corpus) into state_dir/models/tuneline-tiny; concurrent callers, threads or
-    processes, wait for one build. Raises KeyError for an id that is not a base model here.
-    """
-    if model_id == BUILTIN_MODEL:
-        from tuneline.server.builtin import ensure_builtin_model
-
-        return ensure_builtin_model(Path(state_dir), general_corpus=general_corpus, canary_set=canary_set)
-    for directory in model_dirs:
-        path = Path(directory)
-        if path.name == model_id and is_model_dir(path):
-            return path.resolve()
-    raise KeyError(model_id)
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -188,6 +137,16 @@ def parameter_count(path: Path) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
+
+
+def context_length_of(path: Path) -> int:
+    """The context of the model in a directory (an adapter's is its base's), without loading weights."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        return context_length_of(adapter_base(path))
+    return context_length(AutoConfig.from_pretrained(str(path), local_files_only=True))
 
 
 def context_length(config: Any, default: int = 2048) -> int:

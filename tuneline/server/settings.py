@@ -25,6 +25,13 @@ class ServerSettings:
     latency_ms: float = 0.0
     concurrent_jobs: int = 1
     max_upload_bytes: int = 512 * 1024 * 1024
+    # One line of a training file, in bytes: longer lines fail the job's validation unread.
+    max_example_bytes: int = 1 << 20
+    # A JSON request body, in bytes: a longer one is refused (413) before it is read whole.
+    max_request_bytes: int = 8 << 20
+    # Web origins (`https://app.example`) whose pages may call this server; requests carrying any
+    # other Origin header are refused.
+    allowed_origins: tuple[str, ...] = ()
     lora_above_params: int = 300_000_000
     # The hosted service refuses training files with fewer than 10 examples.
     min_training_examples: int = 10

@@ -1,5 +1,9 @@
 """The server's durable state: SQLite (WAL) for metadata, plain files on disk for blobs and models.
 
+It keeps records (the dataclasses below), not wire shapes: tuneline/server/services/ turns them into
+the protocol's response bodies. One module (~800 lines) on purpose: one database, its schema and every
+transaction on it, whose guarantees (above) hold only together.
+
 Guarantees:
 - Every blob and model directory is written under a temporary name and renamed into place, and its
   row is committed only after the rename; so a crash (kill -9 included) leaves either the whole
@@ -27,17 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from tuneline.server.settings import ORGANIZATION
-
 ID_ALPHABET = string.ascii_letters + string.digits
 SCHEMA_VERSION = 1
 
 # Job statuses, and those a job can still leave.
 ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
-
-# Purposes a client may upload with; `fine-tune-results` files are written by the server only.
-UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -140,17 +139,6 @@ class FileRecord:
     status: str
     sha256: str
 
-    def to_api(self) -> dict[str, Any]:
-        return {
-            "object": "file",
-            "id": self.id,
-            "bytes": self.bytes,
-            "created_at": self.created_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": self.status,
-        }
-
 
 @dataclass(frozen=True)
 class JobRecord:
@@ -180,31 +168,6 @@ class JobRecord:
     worker_token: str | None = None
     started_at: int | None = None
 
-    def to_api(self) -> dict[str, Any]:
-        hyperparameters = dict(self.hyperparameters or self.requested_hyperparameters)
-        return {
-            "object": "fine_tuning.job",
-            "id": self.id,
-            "created_at": self.created_at,
-            "error": self.error,
-            "fine_tuned_model": self.fine_tuned_model,
-            "finished_at": self.finished_at,
-            "hyperparameters": hyperparameters,
-            "model": self.model,
-            "organization_id": f"org-{ORGANIZATION}",
-            "result_files": list(self.result_files),
-            "status": self.status,
-            "trained_tokens": self.trained_tokens,
-            "training_file": self.training_file,
-            "validation_file": self.validation_file,
-            "integrations": [],
-            "seed": self.seed,
-            "estimated_finish": self.estimated_finish if self.status == "running" else None,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": dict(hyperparameters)}},
-            "metadata": self.metadata,
-            "user_provided_suffix": self.suffix,
-        }
-
 
 @dataclass(frozen=True)
 class EventRecord:
@@ -215,17 +178,6 @@ class EventRecord:
     message: str
     type: str
     data: dict[str, Any] | None
-
-    def to_api(self) -> dict[str, Any]:
-        return {
-            "object": "fine_tuning.job.event",
-            "id": self.id,
-            "created_at": self.created_at,
-            "level": self.level,
-            "message": self.message,
-            "type": self.type,
-            "data": self.data or {},
-        }
 
 
 @dataclass(frozen=True)
@@ -238,17 +190,6 @@ class CheckpointRecord:
     model_id: str
     path: str
 
-    def to_api(self) -> dict[str, Any]:
-        return {
-            "object": "fine_tuning.job.checkpoint",
-            "id": self.id,
-            "created_at": self.created_at,
-            "fine_tuned_model_checkpoint": self.model_id,
-            "fine_tuning_job_id": self.job_id,
-            "metrics": {"step": self.step, **self.metrics},
-            "step_number": self.step,
-        }
-
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -259,9 +200,6 @@ class ModelRecord:
     job_id: str
     path: str
     kind: Literal["fine-tuned", "checkpoint"]
-
-    def to_api(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "model", "created": self.created, "owned_by": ORGANIZATION}
 
 
 def _json(value: Any) -> str | None:
@@ -380,6 +318,12 @@ class Store:
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path)
         return removed
+
+    def remove_work_dirs(self, job_id: str) -> None:
+        """Drop a finished job's scratch space (its published checkpoints and model are kept)."""
+        shutil.rmtree(self.work_dir / job_id, ignore_errors=True)
+        for path in self.work_dir.glob(f"{job_id}.resume-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     # -- files ------------------------------------------------------------------------------
 
