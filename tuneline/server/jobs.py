@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneline.formats import check_training_file, detect_kind
 from tuneline.server.errors import APIError, extra_input, file_not_found, invalid_request, job_not_found
@@ -50,6 +50,9 @@ from tuneline.server.store import (
     now,
     publish_dir,
 )
+
+if TYPE_CHECKING:
+    from tuneline.server.training import AutoRules
 
 log = logging.getLogger("tuneline.server.jobs")
 
@@ -310,12 +313,19 @@ def file_error(
     return count, {"code": code, "message": message, "param": param}
 
 
-def resolve_requested_hyperparameters(n_examples: int, requested: Mapping[str, Any]) -> dict[str, Any]:
-    """The job's hyperparameters with every "auto" resolved (the trainer's rule)."""
-    from tuneline.server.training import resolve_hyperparameters
+def resolve_requested_hyperparameters(
+    n_examples: int, requested: Mapping[str, Any], rules: AutoRules | None = None
+) -> dict[str, Any]:
+    """The job's hyperparameters with every "auto" resolved (the trainer's rule, with the base model's
+    AutoRules)."""
+    from tuneline.server.training import AutoRules, resolve_hyperparameters
 
     resolved = resolve_hyperparameters(
-        n_examples, requested["n_epochs"], requested["batch_size"], requested["learning_rate_multiplier"]
+        n_examples,
+        requested["n_epochs"],
+        requested["batch_size"],
+        requested["learning_rate_multiplier"],
+        rules or AutoRules(),
     )
     return {
         "n_epochs": int(resolved.n_epochs),
@@ -468,7 +478,8 @@ class JobRunner:
             _, error = file_error(self.store, job.validation_file, "validation_file", 1)
         if error is None:
             try:
-                resolved = resolve_requested_hyperparameters(count, job.requested_hyperparameters)
+                rules = base_auto_rules(self.store, job, self.settings.model_dirs)
+                resolved = resolve_requested_hyperparameters(count, job.requested_hyperparameters, rules)
             except Exception as exc:
                 error = {"code": "invalid_hyperparameters", "message": f"{exc}", "param": "hyperparameters"}
         if error is not None:
@@ -811,6 +822,25 @@ def base_model_dir(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> 
         return resolve_base_model(job.model, store.state_dir, model_dirs)
     except KeyError:
         raise RuntimeError(f"the model {job.model} no longer exists on this server") from None
+
+
+def base_auto_rules(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> AutoRules:
+    """What "auto" hyperparameters mean for the job's base model: its model card's rules, without
+    building the built-in model when it is not built yet (its recipe states them)."""
+    from tuneline.server.modeling import BUILTIN_MODEL, is_model_dir
+    from tuneline.server.training import AutoRules, auto_rules
+
+    own = store.get_model(job.model)
+    if own is not None:
+        return auto_rules(Path(own.path))
+    if job.model == BUILTIN_MODEL:
+        from tuneline.server.builtin import builtin_auto_rules
+
+        return builtin_auto_rules()
+    for directory in model_dirs:
+        if Path(directory).name == job.model and is_model_dir(Path(directory)):
+            return auto_rules(Path(directory))
+    return AutoRules()
 
 
 def run_job(

@@ -34,11 +34,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from tuneline.server.chat_template import ChatFormat
+from tuneline.server.hub import ADAPTER_CONFIG, is_model_dir
 
 log = logging.getLogger(__name__)
 
 BUILTIN_MODEL = "tuneline-tiny"
-ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CARD = "tuneline_model.json"  # written by the built-in build: recipe, learning rate, canary score
 
 
@@ -65,10 +65,6 @@ def base_model_ids(model_dirs: Sequence[Path]) -> list[str]:
             continue
         ids.append(path.name)
     return ids
-
-
-def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()
 
 
 def resolve_base_model(
