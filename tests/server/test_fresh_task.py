@@ -11,7 +11,12 @@ import random
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
+
+from tuneline.server.builtin import builtin_auto_rules
+from tuneline.server.modeling import MODEL_CARD
+from tuneline.server.training import AutoRules, Hyperparameters, auto_rules, resolve_hyperparameters
 
 SYSTEM = "Route the tenant's maintenance request to one team: plumbing, electrical, heating or locks."
 KEYWORDS = {
@@ -76,6 +81,30 @@ def test_the_routing_task_is_what_it_claims() -> None:
         assert [name for name, words in KEYWORDS.items() if any(w in text for w in words)] == [label]
     counts = Counter(row["messages"][2]["content"] for row in train)
     assert set(counts) == set(KEYWORDS) and max(counts.values()) / len(train) < 0.5
+
+
+def test_auto_hyperparameters_follow_the_base_model_s_card(builtin_model: Path) -> None:
+    rules = auto_rules(builtin_model)
+    assert rules == builtin_auto_rules() == AutoRules(learning_rate_batch_size=4, min_examples_seen=1000)
+    card = json.loads((builtin_model / MODEL_CARD).read_text())
+    assert (card["learning_rate"], card["learning_rate_batch_size"], card["min_examples_seen"]) == (
+        2e-3,
+        4,
+        1000,
+    )
+    # Few examples: epochs until the job shows the model 1000 examples (at most 25), batch 1, a quarter
+    # of the base rate; the demo's ~1000 examples: the hosted 3 epochs, batch 4, the base rate.
+    assert resolve_hyperparameters(120, "auto", "auto", "auto", rules) == Hyperparameters(8, 1, 0.25)
+    assert resolve_hyperparameters(30, "auto", "auto", "auto", rules) == Hyperparameters(25, 1, 0.25)
+    assert resolve_hyperparameters(500, "auto", "auto", "auto", rules) == Hyperparameters(3, 2, 0.5)
+    assert resolve_hyperparameters(1076, 5, "auto", "auto", rules) == Hyperparameters(5, 4, 1.0)
+    assert resolve_hyperparameters(6400, "auto", "auto", "auto", rules) == Hyperparameters(3, 32, 1.0)
+    # Explicit values are kept; an explicit batch still scales an "auto" rate.
+    assert resolve_hyperparameters(120, 2, 2, "auto", rules) == Hyperparameters(2, 2, 0.5)
+    assert resolve_hyperparameters(120, "auto", 1, 3.0, rules) == Hyperparameters(8, 1, 3.0)
+    # A checkpoint without a card: the hosted rules, its base rate at every batch size.
+    assert auto_rules(builtin_model.parent) == AutoRules()
+    assert resolve_hyperparameters(120, "auto", "auto", "auto") == Hyperparameters(3, 1, 1.0)
 
 
 def answers(client: Any, model: str, rows: list[dict[str, Any]]) -> list[str]:

@@ -131,7 +131,14 @@ class ChatFormat:
         self.stop_token_ids: set[int] = set()
         # The template's end of turn and EOS, and the end-of-turn tokens of well-known templates that a
         # tokenizer may carry without a template of its own.
-        for token in (*self.end_of_turn_texts, BUILTIN_END, "<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        for token in (
+            *self.end_of_turn_texts,
+            BUILTIN_END,
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_turn|>",
+            "<end_of_turn>",
+        ):
             token_id = self._special_id(token)
             if token_id is not None:
                 self.stop_token_ids.add(token_id)
