@@ -182,13 +182,14 @@ def count_assistant_tokens(examples: Sequence[Mapping[str, Any]], encoding: tikt
     return totals
 
 
-def default_epochs(n_examples: int) -> int:
-    """The hosted service's "auto" epoch rule (cookbook): 3, raised for tiny sets, lowered for huge ones."""
+def default_epochs(n_examples: int, min_examples_seen: int = 100) -> int:
+    """The hosted service's "auto" epoch rule (cookbook): 3, raised for tiny sets (until the job shows
+    the model `min_examples_seen` examples, 100 there, at most 25 epochs), lowered for huge ones."""
     epochs = 3
     if n_examples == 0:
         return epochs
-    if n_examples * epochs < 100:
-        return min(25, 100 // n_examples)
+    if n_examples * epochs < min_examples_seen:
+        return min(25, min_examples_seen // n_examples)
     if n_examples * epochs > 25000:
         return max(1, 25000 // n_examples)
     return epochs

@@ -296,7 +296,7 @@ def test_a_checkpoint_with_a_chat_template_renders_and_masks_with_it(tmp_path: P
     example = {"messages": [*FRANCE, {"role": "assistant", "content": "Paris."}]}
     encoded = model.format.encode_example(example, 64)
     trained = model.tokenizer.decode([t for t in encoded.labels if t != -100])
-    assert trained == "Paris.<|im_end|>\n"
+    assert trained == "Paris.<|im_end|>"
     assert model.tokenizer.decode(encoded.input_ids).startswith("<|im_start|>user\nWhat is the capital")
 
 

@@ -24,11 +24,17 @@ log = logging.getLogger(__name__)
 BUILTIN_MODEL = "tuneline-tiny"
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CARD = "tuneline_model.json"  # written by the built-in build: recipe, learning rate, canary score
+# What "auto" hyperparameters mean for fine-tunes of tuneline-tiny (hyperparameters.AutoRules: the batch
+# size its base learning rate is tuned at, the fewest examples x epochs a job shows it); its recipe
+# (builtin.py) writes them into its card, and the scheduler reads them here before it is ever built.
+BUILTIN_LEARNING_RATE_BATCH_SIZE = 4
+BUILTIN_MIN_EXAMPLES_SEEN = 1000
 
 _NAME_ALPHABET = string.ascii_letters + string.digits
 
 
 def is_model_dir(path: Path) -> bool:
+    """Whether a directory holds a checkpoint: config.json, or a LoRA adapter's adapter_config.json."""
     return (Path(path) / "config.json").is_file() or (Path(path) / ADAPTER_CONFIG).is_file()
 
 

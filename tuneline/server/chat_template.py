@@ -7,10 +7,23 @@ One renderer serves both, so a model is trained on exactly the text it is later 
 - a tokenizer without one gets the documented plain fallback (PLAIN_TEMPLATE below): `System: ...`,
   `User: ...`, `Assistant: ...` lines, each assistant turn closed by the tokenizer's EOS token.
 
+Templates are rendered as their models' own code does (`tokenizer.apply_chat_template`), with two
+accommodations, both tried only when the template refuses a conversation: a template that rejects a
+system message (Gemma 2: "System role not supported") gets it prepended to the first user message, as
+Gemma 3's official template does itself; one that still refuses gets the plain form. Templates with a
+thinking switch (Qwen 3) are rendered with `enable_thinking=False`: fine-tuning data holds answers,
+not reasoning, and the prompt then carries the empty thinking block the model was trained to skip.
+
+The end-of-turn token is read off the template, not listed by hand: a probe conversation is rendered
+and the first token after the assistant's text is taken when it is a special token (`<|eot_id|>`,
+`<|im_end|>`, `<end_of_turn>`, `</s>`, `<|end|>`...). Generation stops on it, on the EOS token and on
+the ids the model's generation config lists (ChatModel adds those).
+
 The loss mask comes from character offsets: each trained assistant turn is located in the rendered
 text (the difference between the conversation rendered up to that turn, with the generation prompt,
-and rendered through it), and a token is trained when it starts inside such a span. So the span holds
-the assistant's text and the end-of-turn token, and never the role header or the other turns.
+and rendered through it), cut right after its end-of-turn token, and a token is trained when it
+starts inside such a span. So the span holds exactly the assistant's text and its end-of-turn token:
+never the role header, the whitespace a template writes after the turn, or the other turns.
 """
 
 from __future__ import annotations
@@ -74,6 +87,21 @@ def _normalized(message: Mapping[str, Any]) -> dict[str, str]:
     return {"role": role, "content": text}
 
 
+def _system_folded(messages: list[dict[str, str]]) -> list[dict[str, str]] | None:
+    """The conversation with its system messages prepended to the first user message (blank line
+    between), for templates without a system role; None when there is no system message to fold."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    if not system:
+        return None
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    prefix = "\n\n".join(system)
+    for message in rest:
+        if message["role"] == "user":
+            message["content"] = f"{prefix}\n\n{message['content']}" if message["content"] else prefix
+            return rest
+    return [{"role": "user", "content": prefix}, *rest]
+
+
 @dataclass(frozen=True)
 class EncodedExample:
     """Token ids and their labels (IGNORE_INDEX where no loss is taken), truncated to the context."""
@@ -86,6 +114,10 @@ class EncodedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
+# A probe conversation whose assistant text the end-of-turn token follows (see ChatFormat.end_of_turn).
+_PROBE = ({"role": "user", "content": "Ping?"}, {"role": "assistant", "content": "Pong-7f3a."})
+
+
 class ChatFormat:
     """Renders conversations for one tokenizer and knows which token ids end an assistant turn."""
 
@@ -94,39 +126,78 @@ class ChatFormat:
         self.uses_template = bool(getattr(tokenizer, "chat_template", None))
         eos = getattr(tokenizer, "eos_token", None)
         self.eos_text: str = eos if isinstance(eos, str) else ""
+        self.end_of_turn: str | None = self._template_end_of_turn() if self.uses_template else None
+        self.end_of_turn_texts: list[str] = [t for t in dict.fromkeys([self.end_of_turn, self.eos_text]) if t]
         self.stop_token_ids: set[int] = set()
+        # The template's end of turn and EOS, and the end-of-turn tokens of well-known templates that a
+        # tokenizer may carry without a template of its own.
         for token in (
+            *self.end_of_turn_texts,
             BUILTIN_END,
-            self.eos_text,
             "<|im_end|>",
             "<|eot_id|>",
             "<|end_of_turn|>",
             "<end_of_turn>",
         ):
-            if not token:
-                continue
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if (
-                isinstance(token_id, int)
-                and token_id >= 0
-                and token_id != getattr(tokenizer, "unk_token_id", None)
-            ):
+            token_id = self._special_id(token)
+            if token_id is not None:
                 self.stop_token_ids.add(token_id)
         # Without an end-of-turn token the plain fallback stops on the next turn's header instead.
         self.stop_strings: list[str] = [] if self.stop_token_ids else ["\nUser:"]
+
+    def _special_id(self, token: str) -> int | None:
+        """The id of `token` when the tokenizer holds it as one token (not the unknown token)."""
+        if not token:
+            return None
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if (
+            isinstance(token_id, int)
+            and token_id >= 0
+            and token_id != getattr(self.tokenizer, "unk_token_id", None)
+        ):
+            return token_id
+        return None
+
+    def _template_end_of_turn(self) -> str | None:
+        """The special token the template writes right after an assistant's text, if any."""
+        try:
+            before = self.render(_PROBE[:1], add_generation_prompt=True)
+            through = self.render(_PROBE, add_generation_prompt=False)
+        except Exception:
+            return None
+        content = str(_PROBE[1]["content"])
+        at = through.find(content, len(before) if through.startswith(before) else 0)
+        if at < 0:
+            return None
+        after = through[at + len(content) :]
+        ids = self._ids(after)
+        if not ids:
+            return None
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        added = set(getattr(self.tokenizer, "added_tokens_decoder", {}) or {})
+        if ids[0] not in special | added:
+            return None
+        token = self.tokenizer.convert_ids_to_tokens(ids[0])
+        return token if isinstance(token, str) and after.startswith(token) else None
 
     # -- rendering --
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
         normalized = [_normalized(m) for m in messages]
         if self.uses_template:
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    normalized, tokenize=False, add_generation_prompt=add_generation_prompt
-                )
-                return str(text)
-            except Exception:  # a template that refuses a role (e.g. `tool`) gets the plain form
-                pass
+            for attempt in (normalized, _system_folded(normalized)):
+                if attempt is None:
+                    continue
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        attempt,
+                        tokenize=False,
+                        add_generation_prompt=add_generation_prompt,
+                        enable_thinking=False,
+                    )
+                    return str(text)
+                except Exception:  # a template that refuses a role (e.g. `system`, `tool`)
+                    continue
         return self._render_plain(normalized, add_generation_prompt)
 
     def _render_plain(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
@@ -148,6 +219,22 @@ class ChatFormat:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
+    def training_text(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The conversation as it is trained on: the template's rendering, except where that rendering
+        does not begin with the prompt the final answer will be asked with. Some templates move context
+        when the conversation ends with an answer (Mistral's writes the system message into the last
+        user turn only while a user turn is last, so a rendered training line has no system message at
+        all): the final turn is then trained on that prompt followed by its answer and end-of-turn token,
+        exactly the text it is later asked with and answers."""
+        text = self.render(messages, add_generation_prompt=False)
+        if not messages or messages[-1].get("role") != "assistant":
+            return text
+        prompt = self.render(messages[:-1], add_generation_prompt=True)
+        if text.startswith(prompt):
+            return text
+        closer = self.end_of_turn or self.eos_text
+        return f"{prompt}{_normalized(messages[-1])['content']}{closer}"
+
     def trained_spans(self, messages: Sequence[Mapping[str, Any]], text: str) -> list[tuple[int, int]]:
         """Character spans of `text` (the whole conversation rendered) that the loss is taken on."""
         spans: list[tuple[int, int]] = []
@@ -158,32 +245,40 @@ class ChatFormat:
             before = self.render(messages[:index], add_generation_prompt=True)
             through = self.render(messages[: index + 1], add_generation_prompt=False)
             if through.startswith(before) and text.startswith(through) and len(through) > len(before):
-                spans.append((len(before), len(through)))
-                cursor = len(through)
+                start, end = len(before), self._turn_end(text, len(before), len(through))
+                spans.append((start, end))
+                cursor = end
                 continue
-            # A template that rewrites earlier turns: find the turn's own text after the last span.
+            # A template that rewrites earlier turns (a system message moved into the last user turn,
+            # thinking blocks dropped from past turns): the turn's own text after the last span.
             content = _normalized(message)["content"]
             start = text.find(content, cursor) if content else -1
             if start < 0:
                 continue
             end = start + len(content)
             for closer in sorted(self._closers(), key=len, reverse=True):
-                if closer and text.startswith(closer, end):
+                if text.startswith(closer, end):
                     end += len(closer)
                     break
             spans.append((start, end))
             cursor = end
         return spans
 
+    def _turn_end(self, text: str, start: int, end: int) -> int:
+        """Where the turn in text[start:end] ends: right after its first end-of-turn token (what a
+        template writes after that token, a newline or the next turn's opener, is not the turn's)."""
+        found = [at + len(t) for t in self.end_of_turn_texts if (at := text.find(t, start, end)) >= 0]
+        return min(found) if found else end
+
     def _closers(self) -> list[str]:
         names = [self.tokenizer.convert_ids_to_tokens(i) for i in sorted(self.stop_token_ids)]
-        return [n for n in names if isinstance(n, str)]
+        return [n for n in dict.fromkeys([*self.end_of_turn_texts, *names]) if isinstance(n, str) and n]
 
     def encode_example(self, example: Mapping[str, Any], max_length: int) -> EncodedExample:
         """A training line as ids + labels: labels only on trained assistant turns; over-long
         examples are truncated from the end, as the hosted service does."""
         messages = chat_messages(example)
-        text = self.render(messages, add_generation_prompt=False)
+        text = self.training_text(messages)
         spans = self.trained_spans(messages, text)
         ids, starts = self._ids_and_starts(text, spans)
         labels = [IGNORE_INDEX] * len(ids)

@@ -1,19 +1,31 @@
 """A job's hyperparameters and the rules that resolve "auto" (torch-free: the scheduler resolves them
 while it validates a job's files, and the trainer takes them as they are).
 
-"auto" hyperparameters: n_epochs by the hosted service's rule (tuneline.tokens.default_epochs);
-batch_size the largest power of two not above n_examples / 200, between 1 and 32 (at least 200 steps
-per epoch: a small model needs several hundred steps to learn from a few hundred examples; on ~1000
-demo examples, 3 epochs at batch 4 reach eval exact match 0.94 where batch 8 reaches 0.86, in the same
-time; larger sets get the larger batches that keep a CPU or GPU busier);
-learning_rate_multiplier 1.0 (each model's base rate is tuned for its auto batch sizes).
+"auto" hyperparameters (resolve_hyperparameters, with the base model's AutoRules from its model card
+`tuneline_model.json`; a checkpoint without one gets the plain rules):
+- n_epochs by the hosted service's rule (tuneline.tokens.default_epochs: 3, raised for small sets until
+  the job shows the model 100 examples), with the model's own floor `min_examples_seen` in place of
+  100 (1000 for tuneline-tiny: a 0.8M-parameter model pretrained on a few hundred lines needs about a
+  thousand updates to pick up a new task, a large pretrained model far fewer);
+- batch_size the largest power of two not above n_examples / 200, between 1 and 32 (at least 200 steps
+  per epoch: a small model needs several hundred steps to learn from a few hundred examples; on ~1000
+  demo examples, 3 epochs at batch 4 reach eval exact match 0.94 where batch 8 reaches 0.86, in the same
+  time; larger sets get the larger batches that keep a CPU or GPU busier);
+- learning_rate_multiplier: batch_size / `learning_rate_batch_size` (the batch size the model's base
+  rate is tuned at; 4 for tuneline-tiny), at most 1.0 - smaller batches, noisier gradients, a
+  proportionally smaller step (the linear scaling rule, never extrapolated above the tuned batch);
+  1.0 for a model that states no tuned batch size.
+Base rates: the model card's (2e-3 for tuneline-tiny), else 5e-5 for full fine-tuning and 2e-4 for LoRA.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from tuneline.server.catalog import MODEL_CARD
 from tuneline.tokens import default_epochs
 
 
@@ -31,16 +43,50 @@ def auto_batch_size(n_examples: int) -> int:
     return int(min(32, 2 ** math.floor(math.log2(n_examples / 200))))
 
 
+@dataclass(frozen=True)
+class AutoRules:
+    """What "auto" hyperparameters mean for one base model (its model card's figures; the defaults
+    for a checkpoint without one): the batch size its base learning rate is tuned at (None: the rate
+    holds at every batch size) and the fewest examples (examples x epochs) a job shows it."""
+
+    learning_rate_batch_size: int | None = None
+    min_examples_seen: int = 100
+
+    def learning_rate_multiplier(self, batch_size: int) -> float:
+        if not self.learning_rate_batch_size:
+            return 1.0
+        return min(1.0, batch_size / self.learning_rate_batch_size)
+
+
+def auto_rules(model_dir: Path) -> AutoRules:
+    """The AutoRules stated by a model directory's card (tuneline_model.json), else the defaults."""
+    card = Path(model_dir) / MODEL_CARD
+    if not card.is_file():
+        return AutoRules()
+    values = json.loads(card.read_text(encoding="utf-8"))
+    batch = values.get("learning_rate_batch_size")
+    seen = values.get("min_examples_seen")
+    return AutoRules(
+        batch if isinstance(batch, int) and batch > 0 else None,
+        seen if isinstance(seen, int) and seen > 0 else AutoRules.min_examples_seen,
+    )
+
+
 def resolve_hyperparameters(
     n_examples: int,
     n_epochs: int | str,
     batch_size: int | str,
     learning_rate_multiplier: float | str,
+    rules: AutoRules = AutoRules(),
 ) -> Hyperparameters:
     """Every "auto" replaced by its rule (see the module docstring); explicit values kept."""
-    epochs = default_epochs(n_examples) if n_epochs == "auto" else int(n_epochs)
+    epochs = default_epochs(n_examples, rules.min_examples_seen) if n_epochs == "auto" else int(n_epochs)
     batch = auto_batch_size(n_examples) if batch_size == "auto" else int(batch_size)
-    multiplier = 1.0 if learning_rate_multiplier == "auto" else float(learning_rate_multiplier)
+    multiplier = (
+        rules.learning_rate_multiplier(batch)
+        if learning_rate_multiplier == "auto"
+        else float(learning_rate_multiplier)
+    )
     if epochs < 1 or batch < 1 or not multiplier > 0:
         raise ValueError(
             f"hyperparameters out of range: n_epochs={epochs}, batch_size={batch}, lr x{multiplier}"

@@ -511,6 +511,11 @@ class ChatModel:
         self.tokenizer = tokenizer
         self.device = device or next(model.parameters()).device
         self.format = ChatFormat(tokenizer)
+        # The checkpoint's own stop ids too (Llama 3.1: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
+        stops = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.format.stop_token_ids.update(
+            t for t in ([stops] if isinstance(stops, int) else stops or []) if isinstance(t, int) and t >= 0
+        )
         self.context_length = context_length(model.config)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.decoder = BatchedDecoder(

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,14 @@ from typing import Any
 import orjson
 
 from tuneline.formats import MAX_EXAMPLE_BYTES, bounded_lines, check_training_file, detect_kind, jsonl_line
+from tuneline.server.catalog import (
+    BUILTIN_LEARNING_RATE_BATCH_SIZE,
+    BUILTIN_MIN_EXAMPLES_SEEN,
+    BUILTIN_MODEL,
+    model_dir_of,
+)
 from tuneline.server.errors import invalid_request, job_not_found
-from tuneline.server.hyperparameters import resolve_hyperparameters
+from tuneline.server.hyperparameters import AutoRules, auto_rules, resolve_hyperparameters
 from tuneline.server.settings import ServerSettings
 from tuneline.server.store import ACTIVE_STATUSES, JobRecord, Store, now
 
@@ -85,16 +91,35 @@ def _first_kind(path: Path, max_example_bytes: int) -> str | None:
     return None
 
 
-def resolve_requested_hyperparameters(n_examples: int, requested: Mapping[str, Any]) -> dict[str, Any]:
-    """The job's hyperparameters with every "auto" resolved (tuneline/server/hyperparameters.py)."""
+def resolve_requested_hyperparameters(
+    n_examples: int, requested: Mapping[str, Any], rules: AutoRules | None = None
+) -> dict[str, Any]:
+    """The job's hyperparameters with every "auto" resolved (tuneline/server/hyperparameters.py, with
+    the base model's AutoRules)."""
     resolved = resolve_hyperparameters(
-        n_examples, requested["n_epochs"], requested["batch_size"], requested["learning_rate_multiplier"]
+        n_examples,
+        requested["n_epochs"],
+        requested["batch_size"],
+        requested["learning_rate_multiplier"],
+        rules or AutoRules(),
     )
     return {
         "n_epochs": int(resolved.n_epochs),
         "batch_size": int(resolved.batch_size),
         "learning_rate_multiplier": float(resolved.learning_rate_multiplier),
     }
+
+
+def base_auto_rules(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> AutoRules:
+    """What "auto" hyperparameters mean for the job's base model: its model card's rules, without
+    building the built-in model when it is not built yet (catalog.py states its rules)."""
+    own = store.get_model(job.model)
+    if own is not None:
+        return auto_rules(Path(own.path))
+    if job.model == BUILTIN_MODEL:
+        return AutoRules(BUILTIN_LEARNING_RATE_BATCH_SIZE, BUILTIN_MIN_EXAMPLES_SEEN)
+    directory = model_dir_of(job.model, model_dirs)
+    return auto_rules(directory) if directory is not None else AutoRules()
 
 
 # -- the scheduler ----------------------------------------------------------------------------
@@ -271,7 +296,8 @@ class JobRunner:
             _, error = file_error(self.store, job.validation_file, "validation_file", 1, limit)
         if error is None:
             try:
-                resolved = resolve_requested_hyperparameters(count, job.requested_hyperparameters)
+                rules = base_auto_rules(self.store, job, self.settings.model_dirs)
+                resolved = resolve_requested_hyperparameters(count, job.requested_hyperparameters, rules)
             except Exception as exc:
                 error = {"code": "invalid_hyperparameters", "message": f"{exc}", "param": "hyperparameters"}
         if error is not None:

@@ -25,7 +25,7 @@ from tuneline.paths import data_dir as project_data
 from tuneline.server.builtin import ensure_builtin_model
 from tuneline.server.catalog import BUILTIN_MODEL
 from tuneline.server.chat_template import chat_messages
-from tuneline.server.hyperparameters import resolve_hyperparameters
+from tuneline.server.hyperparameters import auto_rules, resolve_hyperparameters
 from tuneline.server.modeling import ChatModel
 from tuneline.server.training import TrainingSpec, read_examples, train
 from tuneline.tokens import count_tokens, get_encoding
@@ -142,7 +142,11 @@ def demo(
     before = {name: exact_match(base, examples) for name, examples in sets.items()}
     requested = config.training.hyperparameters
     hyperparameters = resolve_hyperparameters(
-        n_examples, requested.n_epochs, requested.batch_size, requested.learning_rate_multiplier
+        n_examples,
+        requested.n_epochs,
+        requested.batch_size,
+        requested.learning_rate_multiplier,
+        auto_rules(base_dir),
     )
     spec = TrainingSpec(base_dir, train_file, validation_file, work_dir / "run", hyperparameters, seed)
     started, cpu_started = time.monotonic(), time.process_time()
