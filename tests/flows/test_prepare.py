@@ -196,7 +196,7 @@ def test_manifest_invariant_and_hash(demo: dict[str, Any]) -> None:
     count, issue = formats.check_training_file(train.splitlines())
     assert issue is None and count == counts["train"]
     page = (out / export.REPORT_FILE).read_text()
-    assert "Gate PASSED" in page and "expect_column_values_to_be_unique" in page
+    assert "Data quality PASSED" in page and "expect_column_values_to_be_unique" in page
 
 
 def test_the_run_is_logged_to_mlflow_and_tagged_with_the_flow_run(demo: dict[str, Any]) -> None:
@@ -279,7 +279,7 @@ def small_input(folder: Path, n: int) -> Path:
     return path
 
 
-def test_a_failing_gate_exits_1_and_publishes_nothing(
+def test_a_failing_quality_check_exits_1_and_publishes_nothing(
     prefect_server: None, store: Path, tmp_path: Path
 ) -> None:
     config = write_config(store)
@@ -290,7 +290,7 @@ def test_a_failing_gate_exits_1_and_publishes_nothing(
     assert result.exit_code == 1, result.output
     assert "at least 10 examples kept" in result.stderr and "observed 4" in result.stderr
     assert not (out / export.TRAIN_FILE).exists() and (out / export.REPORT_FILE).exists()
-    assert "Gate FAILED" in (out / export.REPORT_FILE).read_text()
+    assert "Data quality FAILED" in (out / export.REPORT_FILE).read_text()
     cfg = load_config(config)
     assert tracking.read_run(cfg.tracking, mlflow_run_id(result.stdout)).status == "FAILED"
 
@@ -429,7 +429,7 @@ def test_every_record_ends_in_exactly_one_place(lines: list[bytes]) -> None:
         == len(dataset.quarantine_lines)
     )
     assert counts["kept"] == counts["train"] + counts["validation"]
-    assert set(counts["quarantined_by_reason"]) <= validate.KNOWN_REASONS
+    assert set(counts["quarantined_by_reason"]) <= records.KNOWN_REASONS
     quarantined_ids = [json.loads(line)["record_id"] for line in dataset.quarantine_lines]
     assert len(set(quarantined_ids)) == len(quarantined_ids)
     assert set(quarantined_ids) == set(frame.loc[~records.kept_mask(frame), records.RECORD_ID])

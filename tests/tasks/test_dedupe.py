@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.dedupe import NORMALIZED_ANSWER, NORMALIZED_PROMPT, dedupe, dedupe_task, record_order
+from tasks.dedupe import dedupe, dedupe_task, record_order
 from tuneline import records
 from tuneline.config import DedupeConfig
 from tuneline.normalize import jaccard, normalized_example, word_shingles
+from tuneline.records import NORMALIZED_ANSWER, NORMALIZED_PROMPT
 
 SYSTEM = "You are the Acme support assistant."
 CONFIG = DedupeConfig()

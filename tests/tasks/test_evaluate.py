@@ -314,8 +314,9 @@ def test_results_are_logged_for_a_reviewer(provider: Provider, tmp_path: Path) -
         [],
         config.evaluation,
     )
-    run_id = tracking.start_run(config.tracking, run_name="eval", tags={})
-    log_result(config, run_id, result)
+    run_log = tracking.RunLog.start(config.tracking, flow="evaluate", name="eval")
+    run_id = run_log.run_id
+    log_result(run_log, result)
     run = tracking.read_run(config.tracking, run_id)
     assert (
         run.metrics["eval/task/candidate/exact_match"]

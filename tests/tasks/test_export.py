@@ -83,10 +83,10 @@ def test_split_is_stable_across_order_and_variants() -> None:
 
 def test_the_split_reuses_dedupes_normalised_forms() -> None:
     frame = dedupe.dedupe(prepared([chat(i) for i in range(30)]), [], BASE.dedupe)
-    assert frame[dedupe.NORMALIZED_PROMPT].notna().all()
+    assert frame[records.NORMALIZED_PROMPT].notna().all()
     with_forms = export.build_dataset(frame, BASE)
     without = export.build_dataset(
-        frame.drop(columns=[dedupe.NORMALIZED_PROMPT, dedupe.NORMALIZED_ANSWER]), BASE
+        frame.drop(columns=[records.NORMALIZED_PROMPT, records.NORMALIZED_ANSWER]), BASE
     )
     assert with_forms.train_lines == without.train_lines
     assert with_forms.validation_lines == without.validation_lines
@@ -104,7 +104,7 @@ def test_counts_invariant_and_files(tmp_path: Path) -> None:
         "same as line 3",
         [frame[records.RECORD_ID].iloc[2]] * len(frame),
     )
-    outcome = export.export(frame, BASE, RUN, tmp_path, gate_failures=[], report_html="<html>report</html>")
+    outcome = export.export(frame, BASE, RUN, tmp_path, quality_failures=[], report_html="<html>report</html>")
     assert outcome.published and outcome.problems == []
     counts = outcome.manifest["counts"]
     assert counts["input_records"] == 33 == counts["kept"] + counts["quarantined"]
@@ -131,6 +131,8 @@ def test_counts_invariant_and_files(tmp_path: Path) -> None:
         "source",
         "partition",
         "line",
+        "first_line",
+        "last_line",
         "reason",
         "detail",
         "duplicate_of",
@@ -166,8 +168,8 @@ def test_general_mix_is_a_deterministic_share_of_train() -> None:
     general = export.GeneralExamples(
         source="general.jsonl",
         examples=general_frame[records.EXAMPLE].tolist(),
-        n_tokens=[int(x) for x in general_frame[validate.N_TOKENS]],
-        n_assistant_tokens=[int(x) for x in general_frame[validate.N_ASSISTANT_TOKENS]],
+        n_tokens=[int(x) for x in general_frame[records.N_TOKENS]],
+        n_assistant_tokens=[int(x) for x in general_frame[records.N_ASSISTANT_TOKENS]],
     )
     task = prepared([chat(i) for i in range(40)], cfg)
     first = export.build_dataset(task, cfg, general)
@@ -189,15 +191,15 @@ def test_general_mix_is_a_deterministic_share_of_train() -> None:
     assert first.tokens["train_total"] == first.cost["billed_tokens_per_epoch"]
 
 
-def test_cost_cap_and_gate_failures_stop_publishing(tmp_path: Path) -> None:
+def test_cost_cap_and_quality_failures_stop_publishing(tmp_path: Path) -> None:
     (tmp_path / export.TRAIN_FILE).write_text("stale\n")
     priced = config(model={"base": "gpt-4.1-mini"}, cost={"max_estimated_cost_usd": 0.0})
     frame = prepared([chat(i) for i in range(20)], priced)
     outcome = export.export(
-        frame, priced, RUN, tmp_path, gate_failures=["at least 10 examples kept: observed 3"], report_html="r"
+        frame, priced, RUN, tmp_path, quality_failures=["at least 10 examples kept: observed 3"], report_html="r"
     )
     assert not outcome.published
-    assert outcome.problems[0] == "gate: at least 10 examples kept: observed 3"
+    assert outcome.problems[0] == "data quality: at least 10 examples kept: observed 3"
     assert (
         outcome.problems[1].startswith("cost: estimated training cost $")
         and "cost.max_estimated_cost_usd = $0.00" in outcome.problems[1]

@@ -1,0 +1,162 @@
+"""CSV text read into rows with every physical line accounted for (pure: no I/O, no pandas).
+
+Python's csv module parses the quoting (RFC 4180, strictly); this module adds what it lacks: the
+physical lines of each row, and what happens to the lines of a region whose quoting is broken. An
+unclosed quote must not swallow the rest of a file into one record, and a quote closed on a later line
+must not merge rows into one example.
+
+Guarantees of `parse(text)`:
+- physical lines are numbered from 1 as the csv module and editors count them (a line ends at \\r\\n,
+  \\n or \\r); a blank line holds nothing;
+- the first row is the header; every later row is a `CsvRow` with its fields, its physical lines
+  (`first` < `last` when a quoted field holds a line break) and its data row number;
+- a row whose quoting breaks the rules (a quote never closed, or closed and followed by anything but a
+  delimiter or the line's end) makes a malformed region: each non-blank physical line from the row's
+  first line to where the parser stopped is one `BrokenLine`, with its line number, and parsing resumes
+  on the next line;
+- a row whose quoted field spans lines is taken for rows merged by a stray quote, and each of its lines
+  is a `BrokenLine`, when every line it spans, read without quoting, has exactly the header's number
+  of fields: each line is then a row of its own. A quoted field whose lines do not all look like rows
+  (a message with line breaks, the usual case) is one row, as CSV means it;
+- so a malformed region never yields a row, and a kept row never holds another row's line;
+- when the header itself cannot be parsed, every non-blank line of the file is a `BrokenLine`;
+- rows and broken lines are numbered together, in file order, from 1 (the header not counted): a clean
+  file's numbers are its data rows', and a broken region's lines each count as the row they were.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from dataclasses import dataclass, field
+
+DELIMITER = ","
+
+
+@dataclass(frozen=True, slots=True)
+class CsvRow:
+    number: int  # data row, 1-based, header not counted
+    first: int  # first physical line
+    last: int  # last physical line
+    fields: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokenLine:
+    number: int  # counted with the rows
+    line: int  # the physical line
+    text: str  # the line, without its line ending
+    detail: str  # why the region it belongs to cannot be read, and the fix
+
+
+@dataclass
+class CsvTable:
+    header: list[str] | None  # None when the file holds no row (or its header cannot be parsed)
+    header_lines: tuple[int, int] = (0, 0)  # first and last physical line of the header
+    items: list[CsvRow | BrokenLine] = field(default_factory=list)
+
+
+class _Lines:
+    """An iterator over the physical lines that knows how many it has handed out."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        self.taken = 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self.taken >= len(self.lines):
+            raise StopIteration
+        self.taken += 1
+        return self.lines[self.taken - 1]
+
+
+def physical_lines(text: str) -> list[str]:
+    """The text's lines with their endings, split where the csv module splits them."""
+    return list(io.StringIO(text, newline=""))
+
+
+def _stripped(line: str) -> str:
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def parse(text: str) -> CsvTable:
+    """The header, rows and broken lines of CSV text (see the module's guarantees)."""
+    csv.field_size_limit(sys.maxsize)  # a long message is a field like any other
+    lines = physical_lines(text)
+    feed = _Lines(lines)
+    reader = csv.reader(feed, strict=True)
+    table = CsvTable(header=None)
+    number = 0
+
+    def broken(start: int, end: int, detail: str) -> None:
+        nonlocal number
+        for index in range(start, end):
+            content = _stripped(lines[index])
+            if content.strip():
+                number += 1
+                table.items.append(BrokenLine(number, index + 1, content, f"line {index + 1}: {detail}"))
+
+    while True:
+        start = feed.taken
+        try:
+            row = next(reader)
+        except StopIteration:
+            return table
+        except csv.Error as exc:
+            end = feed.taken
+            if table.header is None:
+                broken(0, len(lines), _header_detail(start + 1, end, exc))
+                return table
+            broken(start, end, _quoting_detail(start + 1, end, exc))
+            continue
+        end = feed.taken
+        if all(not line.strip() for line in lines[start:end]):
+            continue  # a blank line holds no row (a quoted blank field is not a blank line)
+        first = start + 1
+        if table.header is None:
+            table.header, table.header_lines = row, (first, end)
+            continue
+        if end > first and _merged(lines[first - 1 : end], len(table.header)):
+            broken(first - 1, end, _merged_detail(first, end))
+            continue
+        number += 1
+        table.items.append(CsvRow(number, first, end, row))
+
+
+def _merged(span: list[str], width: int) -> bool:
+    """True when every line of a multi-line row has the header's width read without quoting."""
+    return all(_stripped(line).count(DELIMITER) + 1 == width for line in span)
+
+
+def _span(first: int, last: int) -> str:
+    return f"line {first}" if first == last else f"lines {first}-{last}"
+
+
+def _header_detail(first: int, last: int, exc: csv.Error) -> str:
+    return (
+        f"the CSV header ({_span(first, last)}) cannot be parsed ({exc}), so no row of the "
+        "file can be read (fix the header's quoting)"
+    )
+
+
+def _quoting_detail(first: int, last: int, exc: csv.Error) -> str:
+    if "unexpected end of data" in str(exc):
+        return (
+            f"a quote opened in the CSV row starting on line {first} is never closed and "
+            f'swallows lines {first}-{last} (close the quote, or write a quote inside a field twice: "")'
+        )
+    return (
+        f"the CSV row on {_span(first, last)} breaks the quoting rules ({exc}); write a "
+        'quote inside a field twice ("") or quote the whole field'
+    )
+
+
+def _merged_detail(first: int, last: int) -> str:
+    return (
+        f"a quoted field runs over lines {first}-{last}, and each of these lines reads as a "
+        'row of its own: a stray quote merged rows (remove the quote, or write it twice: "")'
+    )
