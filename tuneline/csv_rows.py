@@ -15,9 +15,14 @@ Guarantees of `parse(text)`:
   first line to where the parser stopped is one `BrokenLine`, with its line number, and parsing resumes
   on the next line;
 - a row whose quoted field spans lines is taken for rows merged by a stray quote, and each of its lines
-  is a `BrokenLine`, when every line it spans, read without quoting, has exactly the header's number
-  of fields: each line is then a row of its own. A quoted field whose lines do not all look like rows
-  (a message with line breaks, the usual case) is one row, as CSV means it;
+  is a `BrokenLine`, when it shows what a stray quote leaves (`_merged`): every non-blank line it spans
+  reads on its own as a row of the header's width (a quote counts only where it opens and closes a field on
+  the same line), or the row is not of the header's width, or a quote inside its multi-line field
+  stands at the field's edge or next to a line break or a delimiter. A message with line breaks (the
+  usual multi-line field) is one row, as CSV means it. CSV cannot always tell a stray quote from such
+  a message: a message whose every line holds as many delimiters as a row, or that quotes a word at a
+  line break or a comma, is quarantined too, by line, with the same detail (a false alarm is counted
+  and explained; a merged example would have been trained on);
 - so a malformed region never yields a row, and a kept row never holds another row's line;
 - when the header itself cannot be parsed, every non-blank line of the file is a `BrokenLine`;
 - rows and broken lines are numbered together, in file order, from 1 (the header not counted): a clean
@@ -28,10 +33,15 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 from dataclasses import dataclass, field
 
 DELIMITER = ","
+QUOTE = '"'
+# A quote at a field's edge or next to a delimiter or line break inside it: where a quote of the
+# writer's stood before a stray quote turned it into a quote character.
+_BOUNDARY_QUOTE = re.compile(r'^"|"$|"[,\r\n]|[,\r\n]"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +130,60 @@ def parse(text: str) -> CsvTable:
         if table.header is None:
             table.header, table.header_lines = row, (first, end)
             continue
-        if end > first and _merged(lines[first - 1 : end], len(table.header)):
-            broken(first - 1, end, _merged_detail(first, end))
-            continue
+        if end > first:
+            why = _merged(row, lines[first - 1 : end], len(table.header))
+            if why:
+                broken(first - 1, end, _merged_detail(first, end, why))
+                continue
         number += 1
         table.items.append(CsvRow(number, first, end, row))
 
 
-def _merged(span: list[str], width: int) -> bool:
-    """True when every line of a multi-line row has the header's width read without quoting."""
-    return all(_stripped(line).count(DELIMITER) + 1 == width for line in span)
+def _merged(row: list[str], span: list[str], width: int) -> str | None:
+    """Why a row whose quoted field spans lines is taken for rows merged by a stray quote, or None.
+
+    A stray quote that opens a field is closed by the next quote that can close one, however many
+    lines later; what it leaves behind: lines that each read as a row of their own, a row of another
+    width than the header's (the merged lines' fields are its fields too), or a closing quote of the
+    writer's that the stray one turned into a quote character (a quote right before a line break or a
+    delimiter, inside the field).
+    """
+    if all(_line_width(_stripped(line)) == width for line in span if line.strip()):
+        return "each of these lines reads as a row of its own"
+    if len(row) != width:
+        return f"the row they make has {len(row)} fields, the header {width}"
+    if any(("\n" in field or "\r" in field) and _BOUNDARY_QUOTE.search(field) for field in row):
+        return "a quote inside the field stands where a field would open or close"
+    return None
+
+
+def _line_width(line: str) -> int:
+    """The fields of one physical line read on its own: a quote opening a field quotes it only when it
+    closes on this line (before a delimiter or the line's end); any other quote is a character."""
+    width = 1
+    index = 0
+    at_field_start = True
+    while index < len(line):
+        if at_field_start and line[index] == QUOTE:
+            closing = _closing_quote(line, index + 1)
+            if closing is not None:
+                index, at_field_start = closing + 1, False
+                continue
+        at_field_start = line[index] == DELIMITER
+        width += at_field_start
+        index += 1
+    return width
+
+
+def _closing_quote(line: str, start: int) -> int | None:
+    """Where the quoted field opened before `start` closes on this line, or None."""
+    while (found := line.find(QUOTE, start)) >= 0:
+        after = line[found + 1 : found + 2]
+        if after == QUOTE:  # a quote written twice is a quote character
+            start = found + 2
+            continue
+        return found if after in ("", DELIMITER) else None
+    return None
 
 
 def _span(first: int, last: int) -> str:
@@ -155,8 +209,8 @@ def _quoting_detail(first: int, last: int, exc: csv.Error) -> str:
     )
 
 
-def _merged_detail(first: int, last: int) -> str:
+def _merged_detail(first: int, last: int, why: str) -> str:
     return (
-        f"a quoted field runs over lines {first}-{last}, and each of these lines reads as a "
-        'row of its own: a stray quote merged rows (remove the quote, or write it twice: "")'
+        f"a quoted field runs over lines {first}-{last} and {why}: a stray quote merged rows (remove "
+        'the quote, or write it twice: "")'
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv as csv_module
 import hashlib
+import io
 import ipaddress
 import json
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pandas as pd
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -415,9 +417,11 @@ def test_every_record_ends_in_exactly_one_place(lines: list[bytes]) -> None:
         )
     finally:
         fs.rm(path)
-    records_in_file = sum(
-        1 for raw in body.removeprefix(b"\xef\xbb\xbf").split(b"\n") if raw.removesuffix(b"\r").strip()
-    )
+    physical = body.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    nonblank = [n for n, raw in enumerate(physical, start=1) if raw.removesuffix(b"\r").strip()]
+    records_in_file = len(nonblank)
+    # Per physical line: every non-blank line is exactly one record, named by its line number.
+    assert frame[records.FIRST_LINE].tolist() == frame[records.LAST_LINE].tolist() == nonblank
     frame = validate.validate(frame, INVARIANT_CONFIG.model, INVARIANT_CONFIG.validation)
     frame = dedupe.dedupe(frame, EVAL, INVARIANT_CONFIG.dedupe)
     dataset = export.build_dataset(frame, INVARIANT_CONFIG)
@@ -437,3 +441,98 @@ def test_every_record_ends_in_exactly_one_place(lines: list[bytes]) -> None:
         example = json.loads(line)
         assert formats.check_example(example) is None
         assert export.canonical_line(example) == line
+
+
+# --- the invariant per physical line, on generated CSVs with broken quotes ------------------------------
+
+CSV_COLUMNS = {2: ["user", "assistant"], 3: ["ticket", "user", "assistant"]}
+
+
+def csv_field(column: str, row: int, shape: str) -> str:
+    """A field of row `row`: every text names its row, so a merged example shows two row names."""
+    word = {
+        "ticket": f"T{row}",
+        "user": f"row{row} asks where parcel {row * 7} is",
+        "assistant": f"row{row} Shipping: parcel {row * 7} is on its way",
+    }[column]
+    if shape == "comma":
+        return f'"{word}, today"'
+    if shape == "lines":
+        return f'"{word}\nrow{row} writes a second line"'
+    return word
+
+
+@st.composite
+def csv_files(draw: st.DrawFn, *, broken: bool) -> tuple[str, list[list[str]]]:
+    """CSV text (header on line 1) and each data row's fields; with `broken`, quotes dropped anywhere."""
+    columns = CSV_COLUMNS[draw(st.sampled_from(sorted(CSV_COLUMNS)))]
+    shapes = st.sampled_from(["plain", "plain", "comma", "lines"])
+    rows = [[csv_field(c, i, draw(shapes)) for c in columns] for i in range(draw(st.integers(1, 14)))]
+    texts = [",".join(fields) for fields in rows]
+    if broken:
+        # Stray quotes where they do harm (opening or closing a field) or anywhere at all.
+        for _ in range(draw(st.integers(1, 4))):
+            row = draw(st.integers(0, len(texts) - 1))
+            commas = [i for i, c in enumerate(texts[row]) if c == ","]
+            places = {
+                "opens a field": [0, *(i + 1 for i in commas)],
+                "closes a field": [*commas, len(texts[row])],
+                "anywhere": list(range(len(texts[row]) + 1)),
+            }
+            at = draw(st.sampled_from(places[draw(st.sampled_from(sorted(places)))]))
+            texts[row] = texts[row][:at] + '"' + texts[row][at:]
+    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    lines = [",".join(columns)]
+    for text in texts:
+        lines += [""] * draw(st.integers(0, 1))  # a blank line now and then
+        lines.append(text.replace("\n", newline))
+    values = [[f.strip('"').replace("\n", newline) for f in fields] for fields in rows]
+    return newline.join(lines) + newline * draw(st.integers(0, 1)), values
+
+
+def ingest_csv(text: str) -> pd.DataFrame:
+    path = f"/csv-invariant-{uuid.uuid4().hex}/crm.csv"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(path, text.encode())
+    try:
+        return ingest.read_files(
+            [ingest.InputFile("s", f"memory://{path}", path, "", "csv", None)], "System."
+        )
+    finally:
+        fs.rm(path)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(csv_files(broken=True))
+def test_every_physical_csv_line_ends_in_exactly_one_place(generated: tuple[str, list[list[str]]]) -> None:
+    text, _ = generated
+    frame = ingest_csv(text)
+    lines = list(io.StringIO(text, newline=""))  # physical lines as csv reads them
+    covered = [
+        n
+        for a, b in zip(frame[records.FIRST_LINE], frame[records.LAST_LINE], strict=True)
+        for n in range(a, b + 1)
+    ]
+    assert len(covered) == len(set(covered)), "a physical line is in two records"
+    assert 1 not in covered and all(1 <= n <= len(lines) for n in covered)  # line 1 is the header
+    nonblank = {n for n, line in enumerate(lines, start=1) if line.strip()}
+    assert nonblank - {1} <= set(covered), "a physical line is in no record"
+    # A broken region never yields a merged example: a kept example holds one row's words.
+    for example in frame.loc[records.kept_mask(frame), records.EXAMPLE]:
+        texts = " ".join(m["content"] for m in example["messages"])
+        assert len(set(re.findall(r"row(\d+)", texts))) <= 1, texts
+    frame = validate.validate(frame, INVARIANT_CONFIG.model, INVARIANT_CONFIG.validation)
+    frame = dedupe.dedupe(frame, EVAL, INVARIANT_CONFIG.dedupe)
+    counts = export.build_dataset(frame, INVARIANT_CONFIG).counts
+    assert counts["input_records"] == len(frame) == counts["kept"] + counts["quarantined"]
+    assert sum(counts["quarantined_by_reason"].values()) == counts["quarantined"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(csv_files(broken=False))
+def test_well_quoted_csv_rows_are_read_whole(generated: tuple[str, list[list[str]]]) -> None:
+    text, values = generated
+    frame = ingest_csv(text)
+    assert frame[records.REASON].isna().all()
+    for example, fields in zip(frame[records.EXAMPLE], values, strict=True):
+        assert [m["content"] for m in example["messages"][1:]] == fields[-2:]

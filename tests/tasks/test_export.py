@@ -104,7 +104,9 @@ def test_counts_invariant_and_files(tmp_path: Path) -> None:
         "same as line 3",
         [frame[records.RECORD_ID].iloc[2]] * len(frame),
     )
-    outcome = export.export(frame, BASE, RUN, tmp_path, quality_failures=[], report_html="<html>report</html>")
+    outcome = export.export(
+        frame, BASE, RUN, tmp_path, quality_failures=[], report_html="<html>report</html>"
+    )
     assert outcome.published and outcome.problems == []
     counts = outcome.manifest["counts"]
     assert counts["input_records"] == 33 == counts["kept"] + counts["quarantined"]
@@ -196,7 +198,12 @@ def test_cost_cap_and_quality_failures_stop_publishing(tmp_path: Path) -> None:
     priced = config(model={"base": "gpt-4.1-mini"}, cost={"max_estimated_cost_usd": 0.0})
     frame = prepared([chat(i) for i in range(20)], priced)
     outcome = export.export(
-        frame, priced, RUN, tmp_path, quality_failures=["at least 10 examples kept: observed 3"], report_html="r"
+        frame,
+        priced,
+        RUN,
+        tmp_path,
+        quality_failures=["at least 10 examples kept: observed 3"],
+        report_html="r",
     )
     assert not outcome.published
     assert outcome.problems[0] == "data quality: at least 10 examples kept: observed 3"

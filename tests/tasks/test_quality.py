@@ -75,7 +75,9 @@ def test_quality_check_names_the_records_that_break_row_expectations() -> None:
 
 
 def test_quality_check_on_an_empty_batch_fails_without_crashing() -> None:
-    result = quality.check_quality(validate.validate(records.empty_frame(), CHAT_MODEL, RULES), CHAT_MODEL, RULES)
+    result = quality.check_quality(
+        validate.validate(records.empty_frame(), CHAT_MODEL, RULES), CHAT_MODEL, RULES
+    )
     assert not result.success
     assert any("examples kept" in f for f in result.failures)
 
@@ -91,4 +93,6 @@ def test_report_renders_every_expectation_escaped() -> None:
         assert o.expectation in page
     assert page.count("<td class=status>FAIL</td>") == len(result.failures) == 1
     assert "<script>" not in page
-    assert "Data quality PASSED" in quality.render_report(quality.check_quality(good_batch(3), CHAT_MODEL, RULES))
+    assert "Data quality PASSED" in quality.render_report(
+        quality.check_quality(good_batch(3), CHAT_MODEL, RULES)
+    )
