@@ -375,6 +375,18 @@ def _add_row(
     if mapping is None:
         columns.add(file, row.number, lines, raw, None, records.CSV_MAPPING, problem)
         return
+    if len(row.fields) > len(header):
+        columns.add(
+            file,
+            row.number,
+            lines,
+            raw,
+            None,
+            records.CSV_MAPPING,
+            f"row has {len(row.fields)} fields, the header has {len(header)}: a delimiter or a quote out of "
+            "place shifts its values (fix the row)",
+        )
+        return
     missing = [c for c in _mapped_columns(mapping) if c not in values]
     if missing:
         columns.add(

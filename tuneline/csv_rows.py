@@ -10,20 +10,24 @@ Guarantees of `parse(text)`:
   \\n or \\r); a blank line holds nothing;
 - the first row is the header; every later row is a `CsvRow` with its fields, its physical lines
   (`first` < `last` when a quoted field holds a line break) and its data row number;
-- a row whose quoting breaks the rules (a quote never closed, or closed and followed by anything but a
-  delimiter or the line's end) makes a malformed region: each non-blank physical line from the row's
+- a row whose quoting breaks the rules of RFC 4180 (a quote never closed, closed and followed by
+  anything but a delimiter or the line's end, or inside a field that is not quoted, which the csv
+  module would take as a character) makes a malformed region: each non-blank physical line from the row's
   first line to where the parser stopped is one `BrokenLine`, with its line number, and parsing resumes
   on the next line;
-- a row whose quoted field spans lines is taken for rows merged by a stray quote, and each of its lines
-  is a `BrokenLine`, when it shows what a stray quote leaves (`_merged`): every non-blank line it spans
-  reads on its own as a row of the header's width (a quote counts only where it opens and closes a field on
-  the same line), or the row is not of the header's width, or a quote inside its multi-line field
-  stands at the field's edge or next to a line break or a delimiter. A message with line breaks (the
-  usual multi-line field) is one row, as CSV means it. CSV cannot always tell a stray quote from such
-  a message: a message whose every line holds as many delimiters as a row, or that quotes a word at a
-  line break or a comma, is quarantined too, by line, with the same detail (a false alarm is counted
-  and explained; a merged example would have been trained on);
-- so a malformed region never yields a row, and a kept row never holds another row's line;
+- a row whose quoted field spans lines is taken for rows merged by stray quotes, and each of its lines
+  is a `BrokenLine`, when it shows what stray quotes leave (`_merged`): a row of another width than
+  the header's; a quote inside the multi-line field at its edge or next to a line break or a delimiter;
+  or, for a field other than the row's last, every non-blank line reading on its own as a row of the
+  header's width (a quote counts only where it opens and closes a field on one line). A message with
+  line breaks (the usual multi-line field) is one row, as CSV means it;
+- what CSV cannot tell apart: a stray quote opening a row's last field and another closing a later
+  row's last field, with no quote between them, read exactly as a last field holding line breaks
+  (the demo data's agent replies), so such rows are read as one; every other stray or unclosed quote
+  is caught. And a message that quotes a word at a line break or a comma, or (in another field than
+  the last) whose every line holds a row's number of delimiters, is quarantined too, by line, with the
+  same detail: a false alarm is counted and explained, where a merged example would be trained on;
+- so a malformed region never yields a row;
 - when the header itself cannot be parsed, every non-blank line of the file is a `BrokenLine`;
 - rows and broken lines are numbered together, in file order, from 1 (the header not counted): a clean
   file's numbers are its data rows', and a broken region's lines each count as the row they were.
@@ -130,6 +134,9 @@ def parse(text: str) -> CsvTable:
         if table.header is None:
             table.header, table.header_lines = row, (first, end)
             continue
+        if QUOTE in (text := "".join(lines[start:end])) and _bare_quote(text):
+            broken(start, end, _bare_quote_detail(first, end))
+            continue
         if end > first:
             why = _merged(row, lines[first - 1 : end], len(table.header))
             if why:
@@ -140,21 +147,44 @@ def parse(text: str) -> CsvTable:
 
 
 def _merged(row: list[str], span: list[str], width: int) -> str | None:
-    """Why a row whose quoted field spans lines is taken for rows merged by a stray quote, or None.
+    """Why a row whose quoted field spans lines is taken for rows merged by stray quotes, or None.
 
     A stray quote that opens a field is closed by the next quote that can close one, however many
-    lines later; what it leaves behind: lines that each read as a row of their own, a row of another
-    width than the header's (the merged lines' fields are its fields too), or a closing quote of the
-    writer's that the stray one turned into a quote character (a quote right before a line break or a
-    delimiter, inside the field).
+    lines later. What that leaves: a row of another width than the header's (the merged lines' fields
+    are its fields too); inside the field, a quote of the writer's turned into a quote character (a
+    quote at the field's edge or next to a delimiter or a line break, where the writer's quotes open and
+    close fields); or, when the field is not the row's last, lines that each read as a row of their own.
     """
-    if all(_line_width(_stripped(line)) == width for line in span if line.strip()):
-        return "each of these lines reads as a row of its own"
     if len(row) != width:
         return f"the row they make has {len(row)} fields, the header {width}"
-    if any(("\n" in field or "\r" in field) and _BOUNDARY_QUOTE.search(field) for field in row):
+    multiline = [i for i, field in enumerate(row) if "\n" in field or "\r" in field]
+    if any(_BOUNDARY_QUOTE.search(row[i]) for i in multiline):
         return "a quote inside the field stands where a field would open or close"
+    # A last field that spans lines is what a message with line breaks looks like, whatever its lines
+    # hold; any other field must be followed, on its last line, by the rest of its own row.
+    if multiline[0] < width - 1 and all(
+        _line_width(_stripped(line)) == width for line in span if line.strip()
+    ):
+        return "each of these lines reads as a row of its own"
     return None
+
+
+def _bare_quote(text: str) -> bool:
+    """True when a field of the row's text that is not quoted holds a quote (RFC 4180 forbids it: a
+    writer quotes such a field and writes the quote twice). The csv module reads it as a character."""
+    index = 0
+    at_field_start = True
+    while index < len(text):
+        char = text[index]
+        if at_field_start and char == QUOTE:
+            closing = _closing_quote(text, index + 1, across_lines=True)
+            index, at_field_start = (closing + 1 if closing is not None else len(text)), False
+            continue
+        if char == QUOTE:
+            return True
+        at_field_start = char in (DELIMITER, "\r", "\n")
+        index += 1
+    return False
 
 
 def _line_width(line: str) -> int:
@@ -175,14 +205,19 @@ def _line_width(line: str) -> int:
     return width
 
 
-def _closing_quote(line: str, start: int) -> int | None:
-    """Where the quoted field opened before `start` closes on this line, or None."""
-    while (found := line.find(QUOTE, start)) >= 0:
-        after = line[found + 1 : found + 2]
+def _closing_quote(text: str, start: int, *, across_lines: bool = False) -> int | None:
+    """Where the quoted field opened before `start` closes (before a delimiter or the line's end), or
+    None; on one line unless `across_lines`."""
+    while (found := text.find(QUOTE, start)) >= 0:
+        after = text[found + 1 : found + 2]
         if after == QUOTE:  # a quote written twice is a quote character
             start = found + 2
             continue
-        return found if after in ("", DELIMITER) else None
+        if after in ("", DELIMITER) or (across_lines and after in ("\r", "\n")):
+            return found
+        if not across_lines:
+            return None
+        start = found + 1
     return None
 
 
@@ -206,6 +241,13 @@ def _quoting_detail(first: int, last: int, exc: csv.Error) -> str:
     return (
         f"the CSV row on {_span(first, last)} breaks the quoting rules ({exc}); write a "
         'quote inside a field twice ("") or quote the whole field'
+    )
+
+
+def _bare_quote_detail(first: int, last: int) -> str:
+    return (
+        f"the CSV row on {_span(first, last)} has a quote inside a field that is not quoted, the mark of a "
+        'stray quote or of a row cut from the one before (quote the field and write the quote twice: "")'
     )
 
 

@@ -517,10 +517,14 @@ def test_every_physical_csv_line_ends_in_exactly_one_place(generated: tuple[str,
     assert 1 not in covered and all(1 <= n <= len(lines) for n in covered)  # line 1 is the header
     nonblank = {n for n, line in enumerate(lines, start=1) if line.strip()}
     assert nonblank - {1} <= set(covered), "a physical line is in no record"
-    # A broken region never yields a merged example: a kept example holds one row's words.
+    # A broken region never yields a merged example: a kept example holds one row's words, but for the
+    # one merge CSV cannot tell from a message with line breaks (tuneline/csv_rows.py): stray quotes
+    # opening a row's last field and closing a later row's last field, which only that field shows.
     for example in frame.loc[records.kept_mask(frame), records.EXAMPLE]:
-        texts = " ".join(m["content"] for m in example["messages"])
-        assert len(set(re.findall(r"row(\d+)", texts))) <= 1, texts
+        *fields, last = (m["content"].replace('"', "") for m in example["messages"][1:])
+        rows = set(re.findall(r"row(\d+)", " ".join(fields)))
+        assert len(rows) == 1, example
+        assert min(int(n) for n in re.findall(r"row(\d+)", last)) == int(*rows), example
     frame = validate.validate(frame, INVARIANT_CONFIG.model, INVARIANT_CONFIG.validation)
     frame = dedupe.dedupe(frame, EVAL, INVARIANT_CONFIG.dedupe)
     counts = export.build_dataset(frame, INVARIANT_CONFIG).counts

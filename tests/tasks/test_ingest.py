@@ -146,7 +146,10 @@ def test_csv_system_column_and_legacy_mapping(memory_root: str) -> None:
 
 def test_csv_problems_quarantine_rows(memory_root: str) -> None:
     put(f"{memory_root}/missing.csv", "customer,reply\nx,y\nz,w\n")
-    put(f"{memory_root}/ragged.csv", b"user,assistant\nonly one field\nfine,ok\nbad \xff byte,ok\n")
+    put(
+        f"{memory_root}/ragged.csv",
+        b'user,assistant\nonly one field\nfine,ok\nbad \xff byte,ok\n"quoted", then,shifted\n',
+    )
     mapping = CsvMapping(user="customer_message", assistant="agent_reply")
     frame = read(
         "",
@@ -166,10 +169,15 @@ def test_csv_problems_quarantine_rows(memory_root: str) -> None:
         ("ragged.csv", 1): "csv_mapping",
         ("ragged.csv", 2): None,  # user/assistant columns need no mapping
         ("ragged.csv", 3): "invalid_encoding",
+        ("ragged.csv", 4): "csv_mapping",  # more fields than the header: its values are shifted
     }
     details = frame[records.DETAIL].tolist()
     assert "customer_message" in details[0] and "data.sources[crm].csv_mapping" in details[0]
     assert "\\xff" in frame[records.RAW].tolist()[4]
+    assert (
+        "row has 3 fields, the header has 2" in details[5]
+        and "__extra_fields__" in frame[records.RAW].iloc[5]
+    )
 
 
 def test_csv_without_mapping_borrows_a_configured_one(memory_root: str) -> None:

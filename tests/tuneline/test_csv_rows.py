@@ -52,3 +52,14 @@ def test_a_header_that_cannot_be_parsed_quarantines_every_line() -> None:
     assert broken_lines(table) == [1, 2, 4]
     assert "the CSV header (lines 1-4) cannot be parsed" in table.items[0].detail  # type: ignore[union-attr]
     assert csv_rows.parse("").items == [] and csv_rows.parse("a,b\n").header == ["a", "b"]
+
+
+def test_a_quote_inside_an_unquoted_field_breaks_its_row() -> None:
+    # The tail of a row cut short by a broken quote reads as a row of its own: its bare quote gives it away.
+    table = csv_rows.parse('id,user,assistant\n"T0,"q0 first line\nq0 second line","a0"\nT1,q1,a1\n')
+    assert broken_lines(table) == [2, 3]
+    assert "a quote inside a field that is not quoted" in table.items[1].detail  # type: ignore[union-attr]
+    assert table.items[2] == CsvRow(3, 4, 4, ["T1", "q1", "a1"])
+    # A quote written twice inside a quoted field is a quote character, on any line.
+    kept = csv_rows.parse('user,assistant\nq,"He said ""hi"" to me\nand left."\n')
+    assert kept.items == [CsvRow(1, 2, 3, ["q", 'He said "hi" to me\nand left.'])]
