@@ -281,6 +281,73 @@ def small_input(folder: Path, n: int) -> Path:
     return path
 
 
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+PROJECT_KEY = "sk-proj-" + "Zq9x" * 12
+KEY_BODY = "MIIEowIBAAKCAQEAx7Kq9ZtHc2S0vPq4Y5mWl3kR8nJb"
+
+
+def test_no_secret_leaves_the_prepare_folder(prefect_server: None, store: Path, tmp_path: Path) -> None:
+    """Records holding credentials are quarantined; what goes to MLflow and Prefect (quarantine.jsonl,
+    manifest, report, params, tags, the markdown summary) never holds one, and neither does the local
+    quarantine file: it says where each record came from and which detector fired."""
+    path = small_input(tmp_path, 14)
+    secret_lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"my key {AWS_KEY} fails"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": f"-----BEGIN RSA PRIVATE KEY-----\n{KEY_BODY}\n-----END RSA PRIVATE KEY-----",
+                },
+                {"role": "assistant", "content": "ok"},
+            ]
+        },
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+            "key": PROJECT_KEY,
+        },
+    ]
+    with path.open("a") as handle:
+        handle.write("".join(json.dumps(line) + "\n" for line in secret_lines))
+        handle.write('{"messages": [{"role": "user", "content": "' + PROJECT_KEY + '"\n')  # not JSON
+    config = write_config(store)
+    result = prepare(config_path=str(config), inputs=[str(path)], out_dir=str(tmp_path / "out"))
+    assert result.published and result.mlflow_run_id
+    secrets = (AWS_KEY, PROJECT_KEY, KEY_BODY)
+    local = result.quarantine_file.read_text()
+    assert len(local.splitlines()) == 4 and all(s not in local for s in secrets)
+    assert "[masked credential: AWS Access Key]" in local and "[masked credential: Private Key]" in local
+    cfg = load_config(config)
+    run = tracking.read_run(cfg.tracking, result.mlflow_run_id)
+    for value in [*run.params.values(), *run.tags.values()]:
+        assert all(s not in value for s in secrets), value
+    artifacts = tracking.list_artifacts(cfg.tracking, result.mlflow_run_id)
+    assert "prepare/quarantine.jsonl" in artifacts
+    logged = {
+        artifact: tracking.download_artifact(cfg.tracking, result.mlflow_run_id, artifact, tmp_path / "dl")
+        for artifact in artifacts
+    }
+    for artifact, downloaded in logged.items():
+        assert all(s not in downloaded.read_text() for s in secrets), artifact
+    assert logged["prepare/quarantine.jsonl"].read_text() == local
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(run.tags[tracking.FLOW_RUN_ID_TAG])])
+            )
+        )
+    assert found and all(s not in str(a.data) for a in found for s in secrets)
+
+
 def test_a_failing_quality_check_exits_1_and_publishes_nothing(
     prefect_server: None, store: Path, tmp_path: Path
 ) -> None:

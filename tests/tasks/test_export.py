@@ -222,3 +222,60 @@ def test_free_or_unpriced_models_are_within_the_cap(model: str) -> None:
     cfg = config(model={"base": model}, cost={"max_estimated_cost_usd": 0.0})
     dataset = export.build_dataset(prepared([chat(i) for i in range(5)], cfg), cfg)
     assert export.cost_problem(dataset) is None
+
+
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+PROJECT_KEY = "sk-proj-" + "a1B2c3D4" * 6
+KEY_BODY = "MIIEowIBAAKCAQEAx7Kq9ZtHc2S0vPq4Y5mWl3kR8nJb"
+PRIVATE_KEY = f"-----BEGIN RSA PRIVATE KEY-----\n{KEY_BODY}\n-----END RSA PRIVATE KEY-----"
+SECRETS = (AWS_KEY, PROJECT_KEY, KEY_BODY, "hunter2")
+
+
+def with_secrets() -> list[Any]:
+    """Records holding credentials, quarantined by dedupe and by earlier rules (which never scan them)."""
+    return [
+        *(chat(i) for i in range(12)),
+        chat(50, f"My key is {AWS_KEY}, why is sign-in refused?"),  # secret_detected
+        chat(51, f"Here is my key file:\n{PRIVATE_KEY}"),  # secret_detected, key body included
+        {"messages": chat(52)["messages"], "api_key": PROJECT_KEY},  # example_unrecognized_key
+        '{"messages": [{"role": "user", "content": "key ' + PROJECT_KEY + '"',  # invalid_json
+        # The same key written with JSON escapes: the line's text never shows it as it is.
+        '{"messages": [{"role": "user", "content": "\\u0041KIAIOSFODNN7EXAMPLE"}, {"role": "bot", "content": "x"}]}',
+        chat(53, "log in at https://ana:hunter2@example.com please"),  # secret_detected (basic auth)
+        chat(54, "mail me at ana@example.com"),  # PII: quarantined under dedupe.pii: quarantine
+    ]
+
+
+def test_quarantine_lines_never_hold_a_secret_but_say_where_and_which_detector() -> None:
+    cfg = config(export={"general_mix_fraction": 0.0}, dedupe={"pii": "quarantine"})
+    frame = dedupe.dedupe(prepared(with_secrets(), cfg), [], cfg.dedupe)
+    dataset = export.build_dataset(frame, cfg)
+    body = b"".join(dataset.quarantine_lines).decode()
+    for secret in (*SECRETS, "ana@example.com"):
+        assert secret not in body, secret
+    entries = {e["line"]: e for e in map(json.loads, dataset.quarantine_lines)}
+    assert {line: e["reason"] for line, e in entries.items()} == {
+        13: "secret_detected",
+        14: "secret_detected",
+        15: "example_unrecognized_key",
+        16: "invalid_json",
+        17: "unrecognized_role",
+        18: "secret_detected",
+        19: "pii_detected",
+    }
+    assert "[masked credential: AWS Access Key]" in entries[13]["raw"]
+    assert "Where is order" not in entries[13]["raw"] and "why is sign-in refused?" in entries[13]["raw"]
+    assert "[masked credential: Private Key]" in entries[14]["raw"]
+    assert "[masked credential: Secret API Key (sk-...)]" in entries[15]["raw"]
+    assert "[masked credential: Secret API Key (sk-...)]" in entries[16]["raw"]  # not JSON: masked as text
+    assert "[masked credential: AWS Access Key]" in entries[17]["raw"]
+    assert "[email]" in entries[19]["raw"]
+    assert entries[13]["detail"].startswith(
+        "contains what looks like a credential (AWS Access Key) in messages["
+    )
+    # Everything else of a quarantined record is as it was: where it came from, why, what it duplicates.
+    assert (
+        entries[13]["source"] == "part.jsonl" and entries[13]["first_line"] == entries[13]["last_line"] == 13
+    )
+    clean = export.build_dataset(frame, config(export={"general_mix_fraction": 0.0}, dedupe={"pii": "allow"}))
+    assert "[email]" not in b"".join(clean.quarantine_lines).decode()  # dedupe.pii: allow keeps PII as is
