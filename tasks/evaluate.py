@@ -124,10 +124,10 @@ def load_eval_set(name: SetName, path: str | Path, system_prompt: str | None = N
     for line in jsonl.read_lines(uri):
         where = f"line {line.number} of {jsonl.name_of(location)}"
         if line.reason == records.INVALID_ENCODING:
-            problems.append(f"{where}: not valid UTF-8 (invalid_encoding); re-save the file as UTF-8")
+            problems.append(f"{where}: not valid UTF-8 ({line.reason}); re-save the file as UTF-8")
             continue
         if line.reason is not None:
-            problems.append(f"{where}: not valid JSON (invalid_json); fix the line")
+            problems.append(f"{where}: not valid JSON ({line.reason}); fix the line")
             continue
         example = line.value
         issue = check_example(example, allowed=("chat", "completion"))
