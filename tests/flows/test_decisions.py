@@ -233,7 +233,7 @@ class Decided:
 def decide_on(project: Project, provider: Provider, model: str) -> Decided:
     """One nightly decision: evaluate the candidate, then the gate promotes or rejects it."""
     config = project.config()
-    run_log = tracking.RunLog.start(config.tracking, flow="evaluate", name=f"decide {model}")
+    run_log = tracking.RunLog.start(config.tracking, flow="decision-test", name=f"decide {model}")
     run_id = run_log.run_id
     result = run_evaluation(config, provider, model, run_log, str(project.train_file))
     outcome = promote(
