@@ -29,8 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
-from tasks import export, ingest, quality, validate
-from tasks.dedupe import dedupe_task
+from tasks import dedupe, export, ingest, quality, validate
 from tuneline import jsonl, records, tracking
 from tuneline.config import Config, ConfigError, Source, load_config
 from tuneline.reporting import RunSummary, render_run_summary
@@ -143,7 +142,7 @@ def prepare_dataset(
     fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
     frame = ingest.ingest_task(selection.files, config.model.system_prompt, fallbacks)
     frame = validate.validate_task(frame, config.model, config.validation)
-    frame = dedupe_task(frame, eval_examples, config.dedupe)
+    frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe)
     verdict = quality.quality_task(frame, config.model, config.validation)
     if verdict.success:
         logger.info("data quality passed: %d expectations", len(verdict.outcomes))
@@ -188,7 +187,8 @@ def _eval_examples(config: Config) -> list[dict[str, Any]]:
 
 
 def _general_examples(config: Config) -> export.GeneralExamples | None:
-    """The general corpus through the same rules as task data, when some of it is mixed in."""
+    """The general corpus through the same format, length and credential rules as task data, when some
+    of it is mixed in (it is not deduplicated: it holds each fact in several phrasings on purpose)."""
     if config.export.general_mix_fraction <= 0:
         return None
     uri = config.data.general_corpus
@@ -198,6 +198,8 @@ def _general_examples(config: Config) -> export.GeneralExamples | None:
         )
     frame = ingest.read_files([ingest.jsonl_file(uri, "general")], config.model.system_prompt)
     frame = validate.validate(frame, config.model, config.validation)
+    # Mixed into the training file and uploaded: no credential may ride along (nor PII, by policy).
+    frame = dedupe.credentials_and_pii(frame, config.dedupe)
     kept = records.kept_mask(frame)
     if (~kept).any():
         _logger().warning(

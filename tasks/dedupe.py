@@ -130,6 +130,16 @@ def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: Ded
     return out
 
 
+def credentials_and_pii(frame: pd.DataFrame, config: DedupeConfig) -> pd.DataFrame:
+    """Rule 1 alone (credentials, then PII by `dedupe.pii`), for data that is not deduplicated against
+    the batch but is trained on all the same: the general corpus mixed into training."""
+    out = frame.copy(deep=False)
+    examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)
+    _credentials_and_pii(_Stage(out), examples, config)
+    out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
+    return out
+
+
 def _credentials_and_pii(stage: _Stage, examples: np.ndarray, config: DedupeConfig) -> None:
     """Rule 1: credentials, then PII by policy (redaction writes new dicts into `examples`)."""
     positions = stage.kept()

