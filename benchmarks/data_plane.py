@@ -1,4 +1,4 @@
-"""Data-plane throughput: N synthetic support chats through ingest -> validate -> gate -> dedupe -> export.
+"""Data-plane throughput: N synthetic support chats through ingest -> validate -> dedupe -> quality -> export.
 
 The N lines come from tuneline.demo.synthetic.synthetic_chat_lines (about 5% dirt: exact duplicates,
 near-duplicates, malformed JSON, format errors) and are written to a temporary JSONL file, which the
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from tasks import dedupe, export, ingest, validate
+from tasks import dedupe, export, ingest, quality, validate
 from tuneline import records
 from tuneline.config import Source, load_config
 from tuneline.demo.synthetic import synthetic_chat_lines
@@ -94,7 +94,7 @@ def run_pipeline(path: Path, out_dir: Path) -> tuple[dict[str, float], dict[str,
     )
     frame = timed("validate", timings, lambda: validate.validate(frame, config.model, config.validation))
     frame = timed("dedupe", timings, lambda: dedupe.dedupe(frame, eval_examples, config.dedupe))
-    gate = timed("gate", timings, lambda: validate.gate(frame, config.model, config.validation))
+    verdict = timed("quality", timings, lambda: quality.check_quality(frame, config.model, config.validation))
     context = export.RunContext(
         as_of="2026-11-22", config_hash=config.config_hash(), sources=[], partitions=[]
     )
@@ -106,8 +106,8 @@ def run_pipeline(path: Path, out_dir: Path) -> tuple[dict[str, float], dict[str,
             config,
             context,
             out_dir,
-            gate_failures=[] if gate.success else ["failed"],
-            report_html=validate.render_report(gate),
+            quality_failures=[] if verdict.success else ["failed"],
+            report_html=quality.render_report(verdict),
         ),
     )
     counts = {

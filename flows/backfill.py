@@ -16,7 +16,8 @@ Guarantees:
   retraining is a cached task keyed on the dataset hash and the config hash; results persist under
   `backfill.work_dir`, so running the same backfill again reuses them: no new MLflow runs, uploads or
   jobs (and the train task's find-or-create would reattach to an existing job anyway);
-- a date that fails or is stopped by the gate never stops the other dates; the flow run fails at the
+- a date that fails or is stopped (by the data-quality check or the cost cap) never stops the other
+  dates; the flow run fails at the
   end, naming each such date and why;
 - the parent MLflow run carries a table of every date and is tagged with the Prefect flow run; the
   flow run publishes a markdown summary with one row per date.
@@ -48,6 +49,7 @@ from tuneline import tracking
 from tuneline.config import Config, load_config
 from tuneline.paths import is_url, resolve
 from tuneline.reporting import BackfillDay, render_backfill_summary
+from tuneline.tracking import RunLog
 
 Mode = Literal["prepare", "retrain"]
 MODES: tuple[Mode, ...] = ("prepare", "retrain")
@@ -55,7 +57,7 @@ MAX_DAYS = 3660  # ten years of nights; a longer range is almost certainly a typ
 
 # Outcomes of a date.
 PREPARED = "prepared"
-STOPPED = "stopped"  # by the gate or the cost cap: nothing may be uploaded
+STOPPED = "stopped"  # by the data-quality check or the cost cap: nothing may be uploaded
 RETRAINED = "retrained"
 UNCHANGED = "unchanged"
 FAILED = "failed"
@@ -66,7 +68,7 @@ class BackfillError(ValueError):
 
 
 class BackfillIncomplete(RuntimeError):
-    """Some dates failed or were stopped by the gate; the others were done. `result` holds them all."""
+    """Some dates failed or were stopped before upload; the others were done. `result` holds them all."""
 
     def __init__(self, result: BackfillResult) -> None:
         self.result = result
@@ -172,24 +174,27 @@ def _retrain_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 def prepare_date(
     config: Config, as_of: date, fingerprint: str, out_dir: str, parent_run_id: str
 ) -> DayResult:
-    """The data plane as of one date, logged to an MLflow run nested under the backfill's run. A gate
-    failure is this date's outcome (cached: the same bytes fail the same way); a crash is not cached."""
-    run_id = tracking.start_run(
+    """The data plane as of one date, logged to an MLflow run nested under the backfill's run. A failed
+    data-quality check is this date's outcome (cached: the same bytes fail the same way); a crash is
+    not cached."""
+    run = RunLog.start(
         config.tracking,
-        run_name=f"prepare {as_of}",
-        tags={tracking.PARENT_RUN_TAG: parent_run_id, "tuneline.backfill_date": as_of.isoformat()},
+        flow="prepare",
+        name=f"prepare {as_of}",
+        tags={"tuneline.backfill_date": as_of.isoformat()},
+        parent=parent_run_id,
     )
     try:
-        prepared = prepare_dataset(config, out_dir=out_dir, as_of=as_of, mlflow_run_id=run_id)
-    except BaseException:
-        tracking.finish_run(config.tracking, run_id, status="FAILED")
+        prepared = prepare_dataset(config, out_dir=out_dir, as_of=as_of, run=run)
+    except BaseException as exc:
+        run.fail(exc)
         raise
-    tracking.finish_run(config.tracking, run_id, status="FINISHED" if prepared.published else "FAILED")
+    run.finish("FINISHED" if prepared.published else "FAILED")
     return DayResult(
         as_of=as_of.isoformat(),
         outcome=PREPARED if prepared.published else STOPPED,
         manifest=prepared.manifest,
-        mlflow_run_id=run_id,
+        mlflow_run_id=run.run_id,
         out_dir=str(prepared.out_dir),
         detail="; ".join(prepared.problems) or None,
     )
@@ -217,18 +222,16 @@ def backfill(start: str, end: str, mode: str = "prepare", config: str | None = N
     settings = load_config(config)
     span = f"{dates[0]}..{dates[-1]}"
     parent_tags = {
-        "tuneline.flow": "backfill",
         "tuneline.backfill": span,
         "tuneline.backfill_mode": checked_mode,
         "tuneline.config_hash": settings.config_hash(),
     }
     # The same backfill run again reuses its parent run, so the dates stay under one parent.
-    parent_run_id = tracking.find_run(settings.tracking, parent_tags) or tracking.start_run(
-        settings.tracking, run_name=f"backfill {span} ({checked_mode})", tags=parent_tags
+    parent = RunLog.find_or_start(
+        settings.tracking, flow="backfill", name=f"backfill {span} ({checked_mode})", tags=parent_tags
     )
-    tracking.tag_flow_run(
-        settings.tracking, parent_run_id, str(flow_run.get_id() or ""), str(flow_run.get_name() or "")
-    )
+    parent.link_flow_run(flow_run.get_id(), flow_run.get_name())
+    parent_run_id = parent.run_id
     work_dir = resolve(settings.backfill.work_dir)
     storage = work_dir / "results"  # a local folder: Prefect keeps the cached task results there
     logger.info(
@@ -308,7 +311,7 @@ def _retrain_dates(
         if state.is_completed():
             result: RetrainResult = state.result()
             if day.mlflow_run_id:
-                tracking.nest_run(config.tracking, result.mlflow_run_id, day.mlflow_run_id)
+                RunLog(config.tracking, result.mlflow_run_id).nest_under(day.mlflow_run_id)
             logger.info("%s: candidate %s", day.as_of, result.candidate_model)
             retrained.append(_replace(day, outcome=RETRAINED, retrain=result))
         else:
@@ -375,16 +378,13 @@ def _record(config: Config, result: BackfillResult) -> None:
                 "mlflow_run_id": day.mlflow_run_id or "",
             }
         )
+    tally: dict[str, int] = {}
+    for day in result.days:
+        tally[day.outcome] = tally.get(day.outcome, 0) + 1
+    parent = RunLog(config.tracking, result.parent_run_id)
     # A CSV (shown as a table in the UI) written whole: a rerun replaces it instead of appending rows.
-    tracking.log_run_artifact(config.tracking, result.parent_run_id, _csv(table), "backfill/dates.csv")
-    tally = {
-        f"dates.{outcome}": sum(d.outcome == outcome for d in result.days)
-        for outcome in {d.outcome for d in result.days}
-    }
-    tracking.log_run_metrics(config.tracking, result.parent_run_id, {"dates": len(result.days), **tally})
-    tracking.finish_run(
-        config.tracking, result.parent_run_id, status="FAILED" if result.incomplete else "FINISHED"
-    )
+    parent.log_backfill(_csv(table), tally)
+    parent.finish("FAILED" if result.incomplete else "FINISHED")
     markdown = render_backfill_summary(
         result.start,
         result.end,

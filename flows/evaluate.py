@@ -3,7 +3,8 @@
 - `evaluate` scores any model id against the base model (zero-shot and few-shot) and the current
   champion, in an MLflow run of its own; it never promotes anything.
 - `evaluate_and_promote` runs inside a retrain flow run, on the provider the run already holds and in
-  its MLflow run: evaluate, then the gate decides. A rejection is a decision (returned), not a failure;
+  its MLflow run: evaluate, then the promotion gate decides. A rejection is a decision (returned), not
+  a failure;
   only a failure (unknown model, refused key, a champion that moved meanwhile) raises, and then no
   alias has moved.
 """
@@ -22,14 +23,15 @@ from tuneline import provider as providers
 from tuneline import tracking
 from tuneline.config import Config, load_config
 from tuneline.reporting import RunSummary, headline_metrics, render_run_summary
+from tuneline.tracking import RunLog
 
 
 def evaluate_and_promote(
-    config: Config, provider: providers.Provider, run_id: str, candidate: Candidate, train_file: str | None
+    config: Config, provider: providers.Provider, run: RunLog, candidate: Candidate, train_file: str | None
 ) -> PromotionOutcome:
     """evaluate -> promote for a candidate trained in this flow run (see the module docstring)."""
-    result = evaluate_task(config, provider, candidate.model_id, run_id, train_file)
-    return promote_task(config, result, candidate, run_id)  # the task logs the decision and its rules
+    result = evaluate_task(config, provider, candidate.model_id, run, train_file)
+    return promote_task(config, result, candidate, run)  # the task logs the decision and its rules
 
 
 @flow(name="evaluate", log_prints=True)
@@ -37,40 +39,31 @@ def evaluate(model: str, config: str | None = None, train_file: str | None = Non
     """Evaluate `model` alone (no promotion) in a new MLflow run tagged with this flow run."""
     settings = load_config(config)
     logger = get_run_logger()
-    run_id = tracking.start_run(
+    run = RunLog.start(
         settings.tracking,
-        run_name=f"evaluate {model}",
-        tags={"tuneline.flow": "evaluate", "tuneline.candidate_model": model},
+        flow="evaluate",
+        name=f"evaluate {model}",
+        tags={"tuneline.candidate_model": model},
     )
-    tracking.tag_flow_run(
-        settings.tracking,
-        run_id,
-        str(prefect_runtime.flow_run.id or ""),
-        str(prefect_runtime.flow_run.name or ""),
-    )
+    run.link_flow_run(prefect_runtime.flow_run.id, prefect_runtime.flow_run.name)
     try:
         with providers.connect(
             settings, config_path=Path(config) if config else None, log=logger
         ) as provider:
-            tracking.log_run_params(
-                settings.tracking,
-                run_id,
-                {"candidate_model": model, "base_model": settings.model.base, "provider_name": provider.name},
+            run.log_evaluated_model(
+                candidate_model=model, base_model=settings.model.base, provider_name=provider.name
             )
-            result = evaluate_task(settings, provider, model, run_id, train_file)
+            result = evaluate_task(settings, provider, model, run, train_file)
     except BaseException as exc:
-        tracking.set_run_tags(settings.tracking, run_id, {"tuneline.failure": type(exc).__name__})
-        tracking.finish_run(
-            settings.tracking, run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED"
-        )
+        run.fail(exc)
         raise
-    tracking.finish_run(settings.tracking, run_id)
+    run.finish()
     summary = RunSummary(
         flow="evaluate",
         flow_run_name=str(prefect_runtime.flow_run.name or ""),
         outcome=f"evaluated {model} (nothing was promoted)",
         metrics=headline_metrics(result.metrics()),
-        mlflow_run_url=tracking.run_url(settings.tracking, run_id),
+        mlflow_run_url=run.url(),
         mlflow_hint=None if tracking.has_tracking_server(settings.tracking) else "open it with `tuneline ui`",
     )
     create_markdown_artifact(

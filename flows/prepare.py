@@ -1,15 +1,17 @@
-"""The `prepare` flow: raw partitions -> ingest -> validate -> dedupe -> gate -> export, logged to MLflow.
+"""The `prepare` flow: raw partitions -> ingest -> validate -> dedupe -> quality -> export, logged to MLflow.
 
 `prepare` is the Prefect flow behind `tuneline prepare`; `prepare_dataset` is the same work as a plain
 function, so a parent flow (retrain, backfill) runs the stages as tasks of its own flow run and can log
 into its own MLflow run. Either way:
 - DIR/quarantine.jsonl, DIR/manifest.json and DIR/report.html are always written;
-- DIR/train.jsonl and DIR/validation.jsonl only when the gate passes and the cost estimate is within
-  cost.max_estimated_cost_usd, else `PrepareFailed` says which expectation or cap stopped the run, so
-  nothing can be uploaded;
+- DIR/train.jsonl and DIR/validation.jsonl only when the data-quality check passes and the cost
+  estimate is within cost.max_estimated_cost_usd, else `PrepareFailed` says which expectation or cap
+  stopped the run, so nothing can be uploaded;
+- the eval set (kept out of training by the leakage rule) and the general corpus are read from any
+  path or fsspec URL, as evaluation reads them (tuneline/jsonl.py);
 - one MLflow run holds the params (config hash, as_of, sources), the dataset input (digest = dataset
   hash, cut to MLflow's 36 characters), the counts as metrics and the three files as artifacts, tagged
-  with the Prefect flow run.
+  with the Prefect flow run (tuneline/tracking.py's RunLog.log_prepared).
 """
 
 from __future__ import annotations
@@ -27,15 +29,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
-from tasks import export, ingest, validate
-from tasks.dedupe import dedupe_task
-from tuneline import tracking
+from tasks import dedupe, export, ingest, quality, validate
+from tuneline import jsonl, records, tracking
 from tuneline.config import Config, ConfigError, Source, load_config
-from tuneline.paths import is_url, resolve
 from tuneline.reporting import RunSummary, render_run_summary
-
-# MLflow keeps param values up to this many characters.
-_PARAM_LIMIT = 6000
+from tuneline.tracking import RunLog
 
 
 class InputNotFound(ValueError):
@@ -44,7 +42,8 @@ class InputNotFound(ValueError):
 
 @dataclass(frozen=True)
 class PrepareResult:
-    """What a prepare run produced. `published` is False when the gate or the cost cap stopped it."""
+    """What a prepare run produced. `published` is False when the data-quality check or the cost cap
+    stopped it."""
 
     out_dir: Path
     published: bool
@@ -78,7 +77,8 @@ class PrepareResult:
 
 
 class PrepareFailed(RuntimeError):
-    """The gate failed or the cost estimate is over the cap; `result` holds what was written."""
+    """The data-quality check failed or the cost estimate is over the cap; `result` holds what was
+    written."""
 
     def __init__(self, result: PrepareResult) -> None:
         self.result = result
@@ -99,11 +99,11 @@ def prepare_dataset(
     out_dir: str | Path,
     as_of: date | None = None,
     inputs: Sequence[str] | None = None,
-    mlflow_run_id: str | None = None,
+    run: RunLog | None = None,
 ) -> PrepareResult:
-    """Run the data plane inside the calling flow. Logs into `mlflow_run_id` when given (the caller
-    closes it), else into a run of its own. Raises InputNotFound, ConfigError (missing eval set or
-    general corpus); returns the result whether or not it was published."""
+    """Run the data plane inside the calling flow. Logs into `run` when given (the caller closes it),
+    else into a run of its own. Raises InputNotFound, ConfigError (missing eval set or general
+    corpus); returns the result whether or not it was published."""
     logger = _logger()
     day = as_of or config.data.as_of or date.today()
     out = Path(out_dir).expanduser().resolve()
@@ -142,12 +142,12 @@ def prepare_dataset(
     fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
     frame = ingest.ingest_task(selection.files, config.model.system_prompt, fallbacks)
     frame = validate.validate_task(frame, config.model, config.validation)
-    frame = dedupe_task(frame, eval_examples, config.dedupe)
-    gate = validate.gate(frame, config.model, config.validation)
-    if gate.success:
-        logger.info("gate passed: %d expectations", len(gate.outcomes))
+    frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe)
+    verdict = quality.quality_task(frame, config.model, config.validation)
+    if verdict.success:
+        logger.info("data quality passed: %d expectations", len(verdict.outcomes))
     else:
-        logger.warning("gate failed:\n%s", validate.failure_summary(gate))
+        logger.warning("data quality failed:\n%s", quality.failure_summary(verdict))
     context = export.RunContext(
         as_of=day.isoformat(),
         config_hash=config.config_hash(),
@@ -156,9 +156,9 @@ def prepare_dataset(
         window={"after": start.isoformat(), "through": end.isoformat()},
     )
     outcome = export.export_task(
-        frame, config, context, out, gate.failures, validate.render_report(gate), general
+        frame, config, context, out, verdict.failures, quality.render_report(verdict), general
     )
-    run_id = _log_to_mlflow(config, outcome, context, mlflow_run_id)
+    run_id = _log_to_mlflow(config, outcome, run)
     result = PrepareResult(out, outcome.published, outcome.problems, outcome.manifest, run_id)
     _publish_summary(config, result, day)
     return result
@@ -171,140 +171,68 @@ def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return logging.getLogger("tuneline.prepare")
 
 
-def _jsonl_examples(uri: str) -> tuple[list[Any], int]:
-    """The parsed lines of a JSONL file (fsspec URL or project path), and how many were unreadable."""
-    path = uri if is_url(uri) else str(resolve(uri))
-    file = ingest.InputFile("config", path, uri, "", "jsonl", None)
-    frame = ingest.read_files([file], None)
-    kept = frame["reason"].isna()
-    return frame.loc[kept, "example"].tolist(), int((~kept).sum())
-
-
-def _exists(uri: str) -> bool:
-    return bool(ingest.select_files([Source(name="check", uri=uri)], date.today(), 1).files)
-
-
 def _eval_examples(config: Config) -> list[dict[str, Any]]:
     """The eval set, which the leakage rule keeps out of training."""
     uri = config.data.eval_set
-    if not _exists(uri):
+    if not jsonl.exists(uri):
         raise ConfigError(
             f"data.eval_set: {uri} not found (the leakage check needs the eval set; fix the path)"
         )
-    examples, unreadable = _jsonl_examples(uri)
-    if unreadable:
+    found = jsonl.read_set(uri)
+    if found.problems:
         _logger().warning(
-            "%d unreadable line(s) in the eval set %s are not checked for leakage", unreadable, uri
+            "%d unreadable line(s) in the eval set %s are not checked for leakage", len(found.problems), uri
         )
-    return [e for e in examples if isinstance(e, dict)]
+    return [e for e in found.values if isinstance(e, dict)]
 
 
 def _general_examples(config: Config) -> export.GeneralExamples | None:
-    """The general corpus through the same rules as task data, when some of it is mixed in."""
+    """The general corpus through the same format, length and credential rules as task data, when some
+    of it is mixed in (it is not deduplicated: it holds each fact in several phrasings on purpose)."""
     if config.export.general_mix_fraction <= 0:
         return None
     uri = config.data.general_corpus
-    if not _exists(uri):
+    if not jsonl.exists(uri):
         raise ConfigError(
             f"data.general_corpus: {uri} not found (fix the path, or set export.general_mix_fraction: 0)"
         )
-    path = uri if is_url(uri) else str(resolve(uri))
-    frame = ingest.read_files(
-        [ingest.InputFile("general", path, uri, "", "jsonl", None)], config.model.system_prompt
-    )
+    frame = ingest.read_files([ingest.jsonl_file(uri, "general")], config.model.system_prompt)
     frame = validate.validate(frame, config.model, config.validation)
-    kept = frame["reason"].isna()
+    # Mixed into the training file and uploaded: no credential may ride along (nor PII, by policy).
+    frame = dedupe.credentials_and_pii(frame, config.dedupe)
+    kept = records.kept_mask(frame)
     if (~kept).any():
         _logger().warning(
             "%d line(s) of the general corpus break a rule and are never mixed in", int((~kept).sum())
         )
     return export.GeneralExamples(
         source=uri,
-        examples=frame.loc[kept, "example"].tolist(),
-        n_tokens=[int(n) for n in frame.loc[kept, validate.N_TOKENS]],
-        n_assistant_tokens=[int(n) for n in frame.loc[kept, validate.N_ASSISTANT_TOKENS]],
+        examples=frame.loc[kept, records.EXAMPLE].tolist(),
+        n_tokens=[int(n) for n in frame.loc[kept, records.N_TOKENS]],
+        n_assistant_tokens=[int(n) for n in frame.loc[kept, records.N_ASSISTANT_TOKENS]],
         rejected=int((~kept).sum()),
     )
 
 
-def _param(value: str) -> str:
-    return value if len(value) <= _PARAM_LIMIT else value[: _PARAM_LIMIT - 20] + f"... ({len(value)} chars)"
-
-
-def _numbers(prefix: str, values: dict[str, Any]) -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in values.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, dict):
-            flat.update(_numbers(name, value))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
-
-
-def _log_to_mlflow(
-    config: Config, outcome: export.ExportOutcome, context: export.RunContext, run_id: str | None
-) -> str:
+def _log_to_mlflow(config: Config, outcome: export.ExportOutcome, run: RunLog | None) -> str:
+    own_run = run is None
     manifest = outcome.manifest
-    flow_run_id, flow_run_name = flow_run.get_id(), flow_run.get_name()
-    own_run = run_id is None
-    tags = {"tuneline.flow": "prepare", "tuneline.as_of": context.as_of}
-    if own_run:
-        run_id = tracking.start_run(config.tracking, run_name=f"prepare {context.as_of}", tags=tags)
-    assert run_id is not None
+    if run is None:
+        run = RunLog.start(config.tracking, flow="prepare", name=f"prepare {manifest['as_of']}")
+        run.link_flow_run(flow_run.get_id(), flow_run.get_name())
     try:
-        sources = ", ".join(f"{s['name']}={s['uri']}" for s in context.sources)
-        tracking.log_run_params(
-            config.tracking,
-            run_id,
-            {
-                "config_hash": context.config_hash,
-                "as_of": context.as_of,
-                "sources": _param(sources),
-                "partitions": _param(", ".join(context.partitions)),
-                "model": config.model.base,
-                "data.lookback_days": config.data.lookback_days,
-                "validation.too_long": config.validation.too_long,
-                "export.validation_fraction": config.export.validation_fraction,
-                "export.general_mix_fraction": config.export.general_mix_fraction,
-                **{f"dedupe.{k}": v for k, v in config.dedupe.model_dump(mode="json").items()},
-            },
-        )
-        metrics = {
-            **_numbers("counts", manifest["counts"]),
-            **_numbers("tokens", manifest["tokens"]),
-            **_numbers("cost", {k: v for k, v in manifest["cost"].items() if k != "within_cap"}),
+        files = {
+            name: (outcome.out_dir / name).read_bytes()
+            for name in (export.MANIFEST_FILE, export.QUARANTINE_FILE, export.REPORT_FILE)
         }
-        tracking.log_run_metrics(config.tracking, run_id, metrics)
-        if outcome.published:
-            tracking.log_run_dataset(
-                config.tracking,
-                run_id,
-                name=f"{config.project}-prepared",
-                dataset_hash=manifest["dataset_hash"],
-                source=str(outcome.out_dir / export.TRAIN_FILE),
-                context="training",
-                profile=manifest["counts"],
-            )
-        for name in (export.MANIFEST_FILE, export.QUARANTINE_FILE, export.REPORT_FILE):
-            tracking.log_run_artifact(
-                config.tracking, run_id, (outcome.out_dir / name).read_bytes(), f"prepare/{name}"
-            )
-        tracking.set_run_tags(
-            config.tracking,
-            run_id,
-            {
-                **tags,
-                "tuneline.dataset_hash": manifest["dataset_hash"],
-                "tuneline.prepare": "published" if outcome.published else "stopped",
-            },
-        )
-        if flow_run_id:
-            tracking.tag_flow_run(config.tracking, run_id, flow_run_id, flow_run_name or "")
-    finally:
+        run.log_prepared(config, manifest, files, train_file=str(outcome.out_dir / export.TRAIN_FILE))
+    except BaseException as exc:
         if own_run:
-            tracking.finish_run(config.tracking, run_id, status="FINISHED" if outcome.published else "FAILED")
-    return run_id
+            run.fail(exc)
+        raise
+    if own_run:
+        run.finish("FINISHED" if outcome.published else "FAILED")
+    return run.run_id
 
 
 def _publish_summary(config: Config, result: PrepareResult, day: date) -> None:

@@ -1,24 +1,27 @@
 """The `retrain` flow: prepare -> upload -> train, one MLflow run per flow run, the candidate model id out.
 
 Guarantees:
-- nothing is uploaded or paid for unless prepare published the data (gate passed, cost within the cap);
+- nothing is uploaded or paid for unless prepare published the data (data quality passed, cost within
+  the cap);
 - a rerun with the same data and training config uploads nothing and starts no job (see tasks/upload.py
   and tasks/train.py), and a rerun after a crash reattaches to the job the crashed run started;
 - one MLflow run per flow run holds: provider, base model, requested and resolved hyperparameters, dataset
   hash and dataset input, file ids, job id, fine-tuned model id, trained tokens, estimated and actual cost,
   step metrics, the result file; tags link the Prefect flow run (id and name);
 - a failed job fails the flow run (and the MLflow run) with the job's error code and message, and no
-  candidate is returned. The API key never reaches a log, a param, a tag or an artifact.
+  candidate is returned. The API key never reaches a log, a param, a tag or an artifact;
+- a run whose process was killed (SIGKILL, a lost machine) cannot close its MLflow run: the rerun that
+  takes over its job closes it as KILLED, tagged with why (tracking.RunLog.close_abandoned_runs).
 After train, evaluate -> promote (flows/evaluate.py) run on the same provider and MLflow run; a rejected
 candidate is a decision in `RetrainResult`, not a failure.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+from uuid import UUID
 
 from openai.types.fine_tuning import FineTuningJob
 from prefect import flow, get_run_logger
@@ -42,6 +45,7 @@ from tuneline import tracking
 from tuneline.config import Config, load_config
 from tuneline.paths import resolve
 from tuneline.reporting import RunSummary, headline_metrics, render_run_summary
+from tuneline.tracking import RunLog, RunRecord
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class RetrainResult:
     validation_file_id: str | None = None
     trained_tokens: int | None = None
     actual_cost_usd: float | None = None
-    # The gate's decision on the candidate (None for a dry run): see flows/evaluate.py.
+    # The promotion gate's decision on the candidate (None for a dry run): see flows/evaluate.py.
     promoted: bool | None = None
     champion_version: str | None = None
     decision: dict[str, Any] | None = None
@@ -69,134 +73,128 @@ def run_config(config_path: str | None, as_of: str | None) -> Config:
     return load_config(config_path, overrides={"data.as_of": as_of} if as_of else None)
 
 
-def prepare_data(config: Config, export_dir: Path, mlflow_run_id: str) -> PrepareResult:
+def prepare_data(config: Config, export_dir: Path, run: RunLog) -> PrepareResult:
     """The data plane as tasks of this flow run, logged into this run's MLflow run; stops the run (with
     the expectation or cap that failed) when nothing may be uploaded."""
-    prepared = prepare_dataset(config, out_dir=export_dir, mlflow_run_id=mlflow_run_id)
-    # prepare tags the run it logs into as its own; this run is a retrain run that holds prepare's data.
-    tracking.set_run_tags(config.tracking, mlflow_run_id, {"tuneline.flow": "retrain"})
+    prepared = prepare_dataset(config, out_dir=export_dir, run=run)
     if not prepared.published:
         raise PrepareFailed(prepared)
     return prepared
 
 
-def requested_params(config: Config) -> dict[str, Any]:
-    training = config.training
-    return {
-        "provider": config.provider.kind,
-        "base_model": config.model.base,
-        "method": "supervised",
-        **{
-            f"hyperparameters.requested.{k}": v
-            for k, v in training.hyperparameters.model_dump(mode="json").items()
-        },
-        "suffix": training.suffix,
-        "seed": training.seed,
-        "choose_best_checkpoint": training.choose_best_checkpoint,
-        "training_config_hash": training_config_hash(config),
-    }
+def log_uploaded(run: RunLog, files: UploadedFiles) -> None:
+    run.log_uploaded(
+        training_file_id=files.training.file_id,
+        training_reused=files.training.reused,
+        validation_file_id=files.validation.file_id if files.validation else None,
+        validation_reused=files.validation.reused if files.validation else None,
+        uploaded=files.uploaded_count,
+    )
 
 
-def log_prepared(config: Config, run_id: str, manifest: dict[str, Any]) -> None:
-    """Beside what prepare logs (counts, dataset input, manifest): the full hash and the cost estimate."""
-    tracking.log_run_params(config.tracking, run_id, {"dataset_hash": manifest["dataset_hash"]})
-    estimated = (manifest.get("cost") or {}).get("estimated_cost_usd")
-    if isinstance(estimated, int | float):
-        tracking.log_run_metrics(config.tracking, run_id, {"estimated_cost_usd": estimated})
-
-
-def log_uploaded(config: Config, run_id: str, files: UploadedFiles) -> None:
-    params = {"training_file_id": files.training.file_id, "training_file_reused": files.training.reused}
-    if files.validation is not None:
-        params |= {
-            "validation_file_id": files.validation.file_id,
-            "validation_file_reused": files.validation.reused,
-        }
-    tracking.log_run_params(config.tracking, run_id, params)
-    tracking.log_run_metrics(config.tracking, run_id, {"files_uploaded": files.uploaded_count})
-
-
-def job_logger(config: Config, run_id: str) -> Any:
-    """Logs the job id as soon as it is known and the resolved hyperparameters once the job has them."""
+def job_logger(run: RunLog, dataset_hash: str, config_hash: str) -> Any:
+    """Logs the job id as soon as it is known and the resolved hyperparameters once the job has them;
+    the first time, closes the runs of the same data and training config that a killed process left
+    open (a rerun after a SIGKILL reattaches to their job)."""
+    seen: list[str] = []
 
     def on_job(job: FineTuningJob) -> None:
-        params: dict[str, Any] = {"job_id": job.id}
-        params |= {f"hyperparameters.resolved.{k}": v for k, v in resolved_hyperparameters(job).items()}
-        tracking.log_run_params(config.tracking, run_id, params)
+        run.log_job(job.id, resolved_hyperparameters(job))
+        if not seen:
+            seen.append(job.id)
+            closed = run.close_abandoned_runs(
+                {"dataset_hash": dataset_hash, "training_config_hash": config_hash},
+                taken_over_by=f"took over job {job.id}",
+                also=flow_run_over,
+            )
+            if closed:
+                get_run_logger().warning(
+                    "closed %d MLflow run(s) a killed process left open: %s", len(closed), ", ".join(closed)
+                )
 
     return on_job
 
 
-def log_trained(config: Config, run_id: str, outcome: TrainingOutcome) -> None:
-    tracking.log_run_params(
-        config.tracking,
-        run_id,
-        {
-            "job_id": outcome.job_id,
-            "job_reattached": outcome.reattached,
-            "fine_tuned_model": outcome.fine_tuned_model,
-            "candidate_model": outcome.candidate.model,
-            "candidate_source": outcome.candidate.source,
-            "candidate_step": outcome.candidate.step,
-            "result_file_id": outcome.result_file_id,
-            **{f"hyperparameters.resolved.{k}": v for k, v in outcome.resolved_hyperparameters.items()},
-        },
+def flow_run_over(record: RunRecord) -> str | None:
+    """Why an open MLflow run is over by its Prefect flow run (final: crashed, failed, cancelled...), or
+    None when Prefect cannot tell (an unreachable API counts as "may still run")."""
+    flow_run_id = record.tags.get(tracking.FLOW_RUN_ID_TAG)
+    if not flow_run_id:
+        return None
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(UUID(flow_run_id)).state
+    except Exception:
+        return None
+    if state is None or not state.is_final():
+        return None
+    return (
+        f"its Prefect flow run {record.tags.get(tracking.FLOW_RUN_NAME_TAG) or flow_run_id} is {state.name}"
     )
-    metrics = {"trained_tokens": outcome.trained_tokens, "actual_cost_usd": outcome.actual_cost_usd}
-    tracking.log_run_metrics(config.tracking, run_id, {k: v for k, v in metrics.items() if v is not None})
-    tags = {"tuneline.candidate_model": outcome.candidate.model}
-    if outcome.overfitting_warning:
-        tags["tuneline.overfitting"] = outcome.overfitting_warning
-    tracking.set_run_tags(config.tracking, run_id, tags)
-    tracking.log_run_artifact(
-        config.tracking, run_id, json.dumps(outcome.checkpoints, indent=2), "training/checkpoints.json"
+
+
+def log_trained(run: RunLog, outcome: TrainingOutcome) -> None:
+    run.log_trained(
+        job_id=outcome.job_id,
+        reattached=outcome.reattached,
+        fine_tuned_model=outcome.fine_tuned_model,
+        candidate_model=outcome.candidate.model,
+        candidate_source=outcome.candidate.source,
+        candidate_step=outcome.candidate.step,
+        result_file_id=outcome.result_file_id,
+        trained_tokens=outcome.trained_tokens,
+        actual_cost_usd=outcome.actual_cost_usd,
+        overfitting_warning=outcome.overfitting_warning,
+        checkpoints=outcome.checkpoints,
+        result_csv=outcome.result_csv,
     )
-    if outcome.result_csv is not None:
-        tracking.log_run_artifact(config.tracking, run_id, outcome.result_csv, "training/results.csv")
 
 
 def train_candidate(
-    config: Config, config_path: str | None, *, dry_run: bool, run_id: str, out_dir: str | None = None
+    config: Config, config_path: str | None, *, dry_run: bool, run: RunLog, out_dir: str | None = None
 ) -> RetrainResult:
     """prepare -> upload -> train inside an open MLflow run; the part of `retrain` later stages build on."""
     logger = get_run_logger()
     flow_run_id = str(prefect_runtime.flow_run.id or "local")
     export_dir = Path(out_dir) if out_dir else resolve(config.training.runs_dir) / flow_run_id
-    tracking.log_run_params(config.tracking, run_id, requested_params(config))
-    manifest = prepare_data(config, export_dir, run_id).manifest
+    config_hash = training_config_hash(config)
+    run.log_training_request(config, config_hash)
+    manifest = prepare_data(config, export_dir, run).manifest
     estimated = (manifest.get("cost") or {}).get("estimated_cost_usd")
     dataset_hash = manifest["dataset_hash"]
-    log_prepared(config, run_id, manifest)
-    result = RetrainResult(run_id, str(export_dir), dataset_hash, estimated)
+    run.log_training_data(manifest)
+    result = RetrainResult(run.run_id, str(export_dir), dataset_hash, estimated)
     if dry_run:
         logger.info("dry run: stopping after prepare; estimated training cost %s USD", estimated)
         return result
     api_key = secret_block_key(config)
     with providers.connect(config, config_path=_path(config_path), api_key=api_key, log=logger) as provider:
-        tracking.log_run_params(config.tracking, run_id, {"provider_name": provider.name})
+        run.log_provider(provider.name)
         files = upload(provider, export_dir, dataset_hash, config.provider)
-        log_uploaded(config, run_id, files)
+        log_uploaded(run, files)
         request = job_request(
             config,
             dataset_hash=dataset_hash,
             training_file=files.training.file_id,
             validation_file=files.validation.file_id if files.validation else None,
         )
-        outcome = train(provider, config, request, run_id, job_logger(config, run_id))
-        log_trained(config, run_id, outcome)
+        outcome = train(provider, config, request, run, job_logger(run, dataset_hash, config_hash))
+        log_trained(run, outcome)
         logger.info("candidate model: %s", outcome.candidate.model)
         # Evaluated on the same provider connection; a rejection is returned, only a failure raises.
         promotion = evaluate_and_promote(
             config,
             provider,
-            run_id,
+            run,
             Candidate(
                 outcome.candidate.model, provider.name, config.model.base, dataset_hash, outcome.job_id
             ),
             train_file=str(export_dir / "train.jsonl"),
         )
     return RetrainResult(
-        mlflow_run_id=run_id,
+        mlflow_run_id=run.run_id,
         export_dir=str(export_dir),
         dataset_hash=dataset_hash,
         estimated_cost_usd=estimated,
@@ -228,17 +226,17 @@ def secret_block_key(config: Config) -> str | None:
     return str(secret.get())
 
 
-def start_tracking(config: Config, *, dry_run: bool) -> str:
+def start_tracking(config: Config, *, dry_run: bool) -> RunLog:
     """The flow run's MLflow run, tagged with the Prefect flow run id and name."""
-    flow_run_id = str(prefect_runtime.flow_run.id or "")
     flow_run_name = str(prefect_runtime.flow_run.name or "")
-    run_id = tracking.start_run(
+    run = RunLog.start(
         config.tracking,
-        run_name=f"retrain {config.data.as_of or 'today'} {flow_run_name}".strip(),
-        tags={"tuneline.flow": "retrain", "tuneline.dry_run": str(dry_run).lower()},
+        flow="retrain",
+        name=f"retrain {config.data.as_of or 'today'} {flow_run_name}".strip(),
+        tags={"tuneline.dry_run": str(dry_run).lower()},
     )
-    tracking.tag_flow_run(config.tracking, run_id, flow_run_id, flow_run_name)
-    return run_id
+    run.link_flow_run(prefect_runtime.flow_run.id, flow_run_name)
+    return run
 
 
 @flow(name="retrain", log_prints=True)
@@ -250,29 +248,27 @@ def retrain(
 ) -> RetrainResult:
     """prepare -> upload -> train; returns the candidate model id and the MLflow run id (see module doc)."""
     config = run_config(config_path, as_of)
-    run_id = start_tracking(config, dry_run=dry_run)
+    run = start_tracking(config, dry_run=dry_run)
     try:
-        result = train_candidate(config, config_path, dry_run=dry_run, run_id=run_id, out_dir=out_dir)
+        result = train_candidate(config, config_path, dry_run=dry_run, run=run, out_dir=out_dir)
     except BaseException as exc:
         if isinstance(exc, PrepareFailed):
-            publish_summary(config, run_id, exc.result.manifest, outcome="stopped by the data gate")
+            publish_summary(config, run, exc.result.manifest, outcome="stopped by the data-quality check")
         # A cancelled or interrupted flow run is KILLED in MLflow; a failure says why in a tag.
-        failure = {"tuneline.failure": getattr(exc, "code", None) or type(exc).__name__}
-        if isinstance(exc, TrainingFailed):
-            failure["tuneline.job_id"] = exc.job_id
-        tracking.set_run_tags(config.tracking, run_id, failure)
-        tracking.finish_run(
-            config.tracking, run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED"
+        run.fail(
+            exc,
+            code=getattr(exc, "code", None),
+            job_id=exc.job_id if isinstance(exc, TrainingFailed) else None,
         )
         raise
-    publish_summary(config, run_id, manifest_of(result.export_dir), result=result)
-    tracking.finish_run(config.tracking, run_id)
+    publish_summary(config, run, manifest_of(result.export_dir), result=result)
+    run.finish()
     return result
 
 
 def publish_summary(
     config: Config,
-    run_id: str,
+    run: RunLog,
     manifest: dict[str, Any] | None,
     *,
     result: RetrainResult | None = None,
@@ -286,7 +282,7 @@ def publish_summary(
         outcome = (
             "dry run: prepared only"
             if result.candidate_model is None
-            else ("candidate promoted" if result.promoted else "candidate rejected by the gate")
+            else ("candidate promoted" if result.promoted else "candidate rejected by the promotion gate")
         )
     job = None
     if result is not None and result.job_id:
@@ -297,7 +293,7 @@ def publish_summary(
             "trained tokens": result.trained_tokens,
             "champion version": result.champion_version,
         }
-    metrics = headline_metrics(tracking.read_run(config.tracking, run_id).metrics)
+    metrics = headline_metrics(run.read().metrics)
     summary = RunSummary(
         flow="retrain",
         as_of=config.data.as_of.isoformat() if config.data.as_of else None,
@@ -308,7 +304,7 @@ def publish_summary(
         actual_cost_usd=result.actual_cost_usd if result else None,
         metrics=metrics,
         decision=result.decision if result else None,
-        mlflow_run_url=tracking.run_url(config.tracking, run_id),
+        mlflow_run_url=run.url(),
         mlflow_hint=None if tracking.has_tracking_server(config.tracking) else "open it with `tuneline ui`",
     )
     create_markdown_artifact(

@@ -1,11 +1,13 @@
 """Dedupe: credentials, PII, eval leakage, exact and near duplicates, and contradictions.
 
-Guarantees of `dedupe` (the precedence of reasons: data/README.md):
+Guarantees of `dedupe` (its reasons, in precedence order, are tuneline/records.py's):
 - it returns a new frame with the same rows in the same order; only rows still kept on entry are
   looked at, and a row is never dropped: it is quarantined with `records.quarantine`, so a row
-  already quarantined keeps its first reason;
+  already quarantined keeps its first reason (but for a duplicate following the record it names,
+  below, with `records.requarantine`);
 - the rules run in the order of that precedence, each on the rows the earlier ones kept:
-  1. `secret_detected`: a credential in any text of the example (tuneline/secrets.py);
+  1. `secret_detected`: a credential in any text of the example (tuneline/secrets.py); the detail
+     names the detector and the text that holds it, never any part of the value;
      PII (emails, phone numbers) by `dedupe.pii`: allow (kept as is), redact (kept; `example` becomes a
      new dict with [email]/[phone] in place; the input's objects are never modified), quarantine
      (`pii_detected`);
@@ -37,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneline import records
 from tuneline.config import DedupeConfig
-from tuneline.formats import example_texts, prompt_and_answer
+from tuneline.formats import example_text_places, example_texts, prompt_and_answer
 from tuneline.near_duplicates import (
     Documents,
     TextTable,
@@ -46,18 +48,7 @@ from tuneline.near_duplicates import (
     find_near_duplicates,
 )
 from tuneline.normalize import Normalizer, example_turns, normalize_text
-from tuneline.secrets import find_secrets_and_pii, redact_example
-
-SECRET_DETECTED = "secret_detected"
-PII_DETECTED = "pii_detected"
-EVAL_LEAKAGE = "eval_leakage"
-EXACT_DUPLICATE = "exact_duplicate"
-NEAR_DUPLICATE = "near_duplicate"
-CONTRADICTION = "contradiction"
-REASONS = (SECRET_DETECTED, PII_DETECTED, EVAL_LEAKAGE, EXACT_DUPLICATE, NEAR_DUPLICATE, CONTRADICTION)
-
-NORMALIZED_PROMPT = "normalized_prompt"
-NORMALIZED_ANSWER = "normalized_answer"
+from tuneline.secrets import detect_secret, find_secrets_and_pii, redact_example
 
 _PII_NAMES = {"email": "an email address", "phone": "a phone number"}
 
@@ -98,20 +89,10 @@ class _Stage:
         duplicate_of: np.ndarray | Sequence[int] | None = None,
     ) -> int:
         """Quarantine rows by position; `details` and `duplicate_of` (positions) go with them."""
-        rows = np.asarray(positions, dtype=np.int64)
-        if not len(rows):
-            return 0
-        mask = np.zeros(self.n, dtype=bool)
-        mask[rows] = True
-        aligned = np.full(self.n, None, dtype=object)
-        aligned[rows] = list(details)
         others = None
         if duplicate_of is not None:
-            others = np.full(self.n, None, dtype=object)
-            others[rows] = self.record_id[np.asarray(duplicate_of, dtype=np.int64)]
-        return records.quarantine(
-            self.frame, mask, reason, list(aligned), None if others is None else list(others)
-        )
+            others = list(self.record_id[np.asarray(duplicate_of, dtype=np.int64)])
+        return records.quarantine_at(self.frame, positions, reason, details, others)
 
     def describe(self, position: int) -> str:
         return f"record {self.record_id[position]} (line {self.line[position]} of {self.source[position]})"
@@ -135,8 +116,8 @@ def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: Ded
     answer_column = np.full(stage.n, None, dtype=object)
     prompt_column[positions] = prompts
     answer_column[positions] = answers
-    out[NORMALIZED_PROMPT] = pd.Series(prompt_column, index=out.index, dtype=object)
-    out[NORMALIZED_ANSWER] = pd.Series(answer_column, index=out.index, dtype=object)
+    out[records.NORMALIZED_PROMPT] = pd.Series(prompt_column, index=out.index, dtype=object)
+    out[records.NORMALIZED_ANSWER] = pd.Series(answer_column, index=out.index, dtype=object)
     # Index into `positions` (and `documents`) of the records each rule still has to look at.
     alive = np.ones(len(positions), dtype=bool)
 
@@ -149,6 +130,16 @@ def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: Ded
     return out
 
 
+def credentials_and_pii(frame: pd.DataFrame, config: DedupeConfig) -> pd.DataFrame:
+    """Rule 1 alone (credentials, then PII by `dedupe.pii`), for data that is not deduplicated against
+    the batch but is trained on all the same: the general corpus mixed into training."""
+    out = frame.copy(deep=False)
+    examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)
+    _credentials_and_pii(_Stage(out), examples, config)
+    out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
+    return out
+
+
 def _credentials_and_pii(stage: _Stage, examples: np.ndarray, config: DedupeConfig) -> None:
     """Rule 1: credentials, then PII by policy (redaction writes new dicts into `examples`)."""
     positions = stage.kept()
@@ -156,14 +147,15 @@ def _credentials_and_pii(stage: _Stage, examples: np.ndarray, config: DedupeConf
     secrets, pii = find_secrets_and_pii(distinct)
     first_finding: dict[int, str] = {}
     for occurrence in np.flatnonzero(np.isin(text_of, list(secrets))).tolist():
-        first_finding.setdefault(int(owner_of[occurrence]), str(secrets[int(text_of[occurrence])]))
+        # The detector's name only: a detail never holds any part of the value.
+        first_finding.setdefault(int(owner_of[occurrence]), secrets[int(text_of[occurrence])].secret_type)
     flagged = sorted(first_finding)
     stage.quarantine(
         positions[flagged],
-        SECRET_DETECTED,
+        records.SECRET_DETECTED,
         [
-            f"contains what looks like a credential: {first_finding[k]}; "
-            "remove it from the source data (and revoke it)"
+            f"contains what looks like a credential ({first_finding[k]}) in "
+            f"{_where_secret(examples[positions[k]])}; remove it from the source data (and revoke it)"
             for k in flagged
         ],
     )
@@ -178,7 +170,7 @@ def _credentials_and_pii(stage: _Stage, examples: np.ndarray, config: DedupeConf
     if config.pii == "quarantine":
         stage.quarantine(
             positions[found],
-            PII_DETECTED,
+            records.PII_DETECTED,
             [
                 f"contains {' and '.join(_PII_NAMES[k] for k in sorted(kinds_by_record[i]))} "
                 "(dedupe.pii: quarantine); remove it from the source data, or set dedupe.pii: redact"
@@ -188,6 +180,15 @@ def _credentials_and_pii(stage: _Stage, examples: np.ndarray, config: DedupeConf
         return
     for index in found:
         examples[positions[index]] = redact_example(examples[positions[index]])
+
+
+def _where_secret(example: dict[str, Any]) -> str:
+    """Which text of the example holds the first credential (for a flagged record only: the scan above
+    works on distinct texts and does not keep their places)."""
+    for where, text in example_text_places(example):
+        if detect_secret(text) is not None:
+            return where
+    return "the example"
 
 
 def _texts_of(examples: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -299,7 +300,7 @@ def _eval_leakage(
             f"the normalised prompt {how} the prompt of eval example {number} of the eval set; "
             "keep it out of the training data (or out of the eval set)"
         )
-    stage.quarantine(positions[found], EVAL_LEAKAGE, details)
+    stage.quarantine(positions[found], records.EVAL_LEAKAGE, details)
     leaked[found] = True
     return leaked
 
@@ -316,7 +317,7 @@ def _exact_duplicates(
     rows = positions[considered[found]]
     stage.quarantine(
         rows,
-        EXACT_DUPLICATE,
+        records.EXACT_DUPLICATE,
         [f"the same normalised example as {stage.describe(o)}, which is kept" for o in originals.tolist()],
         originals.tolist(),
     )
@@ -346,7 +347,7 @@ def _near_duplicates(
     originals = positions[considered[result.duplicate_of[found]]]
     stage.quarantine(
         positions[considered[found]],
-        NEAR_DUPLICATE,
+        records.NEAR_DUPLICATE,
         [
             f"a near-duplicate of {stage.describe(o)}, which is kept: word {config.shingle_size}-shingle "
             f"Jaccard {value:.3f} >= {config.near_duplicate_threshold}"
@@ -433,7 +434,7 @@ def _contradictions(
                 )
     stage.quarantine(
         positions[considered[rows]],
-        CONTRADICTION,
+        records.CONTRADICTION,
         details,
         positions[considered[others]].tolist(),
     )
@@ -451,36 +452,43 @@ def _duplicates_of_quarantined_records(stage: _Stage) -> None:
         original = frame[records.DUPLICATE_OF].to_numpy(dtype=object)
         detail = frame[records.DETAIL].to_numpy(dtype=object)
         rows: list[int] = []
-        moved: list[tuple[str, object, str]] = []  # (reason, duplicate_of, detail)
-        for position in np.flatnonzero(np.isin(reason, [EXACT_DUPLICATE, NEAR_DUPLICATE])).tolist():
+        moved: list[tuple[str, Any, str]] = []  # (reason, duplicate_of, detail)
+        for position in np.flatnonzero(
+            np.isin(reason, [records.EXACT_DUPLICATE, records.NEAR_DUPLICATE])
+        ).tolist():
             lost = at.get(original[position])
             if lost is None:  # named a record outside this frame: nothing here can move it
                 continue
             how = (
                 "the same normalised example as"
-                if reason[position] == EXACT_DUPLICATE
+                if reason[position] == records.EXACT_DUPLICATE
                 else "a near-duplicate of"
             )
-            if reason[lost] == CONTRADICTION:
+            if reason[lost] == records.CONTRADICTION:
                 rows.append(position)
                 moved.append(
                     (
-                        CONTRADICTION,
+                        records.CONTRADICTION,
                         original[lost],
                         f"{how} {stage.describe(lost)}, which gives an answer that lost: {detail[lost]}",
                     )
                 )
-            elif reason[lost] == NEAR_DUPLICATE and reason[position] == EXACT_DUPLICATE:
+            elif reason[lost] == records.NEAR_DUPLICATE and reason[position] == records.EXACT_DUPLICATE:
                 rows.append(position)
                 moved.append(
-                    (NEAR_DUPLICATE, original[lost], f"{how} {stage.describe(lost)}, {detail[lost]}")
+                    (records.NEAR_DUPLICATE, original[lost], f"{how} {stage.describe(lost)}, {detail[lost]}")
                 )
         if not rows:
             return
-        index = frame.index[rows]
-        frame.loc[index, records.REASON] = [m[0] for m in moved]
-        frame.loc[index, records.DUPLICATE_OF] = [m[1] for m in moved]
-        frame.loc[index, records.DETAIL] = [m[2] for m in moved]
+        for new_reason in sorted({m[0] for m in moved}):
+            picked = [i for i, m in enumerate(moved) if m[0] == new_reason]
+            records.requarantine(
+                frame,
+                [rows[i] for i in picked],
+                new_reason,
+                [moved[i][2] for i in picked],
+                [moved[i][1] for i in picked],
+            )
 
 
 @task(name="dedupe", cache_policy=NO_CACHE, persist_result=False)

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import tracking
+from tuneline import jsonl, records, tracking
 from tuneline.answer_cache import AnswerCache, answer_key
 from tuneline.config import Config, EvaluationConfig, JudgeConfig
 from tuneline.formats import check_example, completion_to_chat, detect_kind, message_text
@@ -55,6 +55,7 @@ from tuneline.metrics import (
 )
 from tuneline.paths import resolve
 from tuneline.provider import Provider, ProviderError, retrying
+from tuneline.tracking import RunLog
 
 Role = Literal["candidate", "champion", "base", "few_shot"]
 ROLES: tuple[Role, ...] = ("candidate", "champion", "base", "few_shot")
@@ -111,44 +112,41 @@ def parse_eval_line(example: Any, system_prompt: str | None) -> tuple[tuple[dict
 
 
 def load_eval_set(name: SetName, path: str | Path, system_prompt: str | None = None) -> EvalSet:
-    """Read an eval JSONL file; lines that are not valid examples with a final answer are reported."""
-    location = resolve(path)
-    if not location.is_file():
-        raise EvaluationError(f"{name} eval set {location} not found (set data.{name}_set in the config)")
+    """Read an eval JSONL file (a path or any fsspec URL, as prepare's leakage check reads it); lines
+    that are not valid examples with a final answer are reported."""
+    uri = str(path)
+    location = jsonl.location(uri)
+    if not jsonl.exists(uri):
+        key = "eval_set" if name == "task" else f"{name}_set"
+        raise EvaluationError(f"{name} eval set {location} not found (set data.{key} in the config)")
     items: list[EvalItem] = []
     problems: list[str] = []
-    with location.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"line {number} of {location.name}"
-            try:
-                example = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                problems.append(f"{where}: not valid UTF-8 (invalid_encoding); re-save the file as UTF-8")
-                continue
-            except ValueError:
-                problems.append(f"{where}: not valid JSON (invalid_json); fix the line")
-                continue
-            issue = check_example(example, allowed=("chat", "completion"))
-            if (
-                issue is None
-                and detect_kind(example) == "chat"
-                and example["messages"][-1]["role"] != "assistant"
-            ):
-                problems.append(
-                    f"{where}: the last message must be the reference answer (eval_missing_answer)"
-                )
-                continue
-            if issue is not None:
-                problems.append(f"{where}: {issue}; fix or remove the line")
-                continue
-            messages, reference = parse_eval_line(example, system_prompt)
-            items.append(EvalItem(f"{name}:{number}", messages, reference))
+    for line in jsonl.read_lines(uri):
+        where = f"line {line.number} of {jsonl.name_of(location)}"
+        if line.reason == records.INVALID_ENCODING:
+            problems.append(f"{where}: not valid UTF-8 ({line.reason}); re-save the file as UTF-8")
+            continue
+        if line.reason is not None:
+            problems.append(f"{where}: not valid JSON ({line.reason}); fix the line")
+            continue
+        example = line.value
+        issue = check_example(example, allowed=("chat", "completion"))
+        if (
+            issue is None
+            and detect_kind(example) == "chat"
+            and example["messages"][-1]["role"] != "assistant"
+        ):
+            problems.append(f"{where}: the last message must be the reference answer (eval_missing_answer)")
+            continue
+        if issue is not None:
+            problems.append(f"{where}: {issue}; fix or remove the line")
+            continue
+        messages, reference = parse_eval_line(example, system_prompt)
+        items.append(EvalItem(f"{name}:{line.number}", messages, reference))
     if not items:
         detail = f" ({problems[0]})" if problems else ""
         raise EvaluationError(f"{name} eval set {location} has no usable examples{detail}")
-    return EvalSet(name, str(location), tuple(items), tuple(problems))
+    return EvalSet(name, location, tuple(items), tuple(problems))
 
 
 def select_few_shot(train_examples: Iterable[Mapping[str, Any]], k: int) -> tuple[FewShot, ...]:
@@ -177,17 +175,9 @@ def select_few_shot(train_examples: Iterable[Mapping[str, Any]], k: int) -> tupl
 
 
 def read_train_examples(path: str | Path) -> list[dict[str, Any]]:
-    """The chat examples of a prepared train.jsonl (lines that are not JSON objects are passed over:
-    prepare only writes valid lines, and few-shot needs only a handful)."""
-    examples = []
-    for raw in resolve(path).read_text(encoding="utf-8").splitlines():
-        try:
-            example = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(example, dict):
-            examples.append(example)
-    return examples
+    """The chat examples of a prepared train.jsonl, a path or fsspec URL (lines that are not JSON
+    objects are passed over: prepare only writes valid lines, and few-shot needs only a handful)."""
+    return [e for e in jsonl.read_set(str(path)).values if isinstance(e, dict)]
 
 
 def with_few_shot(item: EvalItem, shots: Sequence[FewShot]) -> tuple[Mapping[str, Any], ...]:
@@ -668,12 +658,10 @@ def report_document(result: EvaluationResult) -> dict[str, Any]:
     }
 
 
-def log_result(config: Config, run_id: str, result: EvaluationResult) -> None:
+def log_result(run: RunLog, result: EvaluationResult) -> None:
     """Everything a reviewer needs, on the run: metrics, side-by-side outputs, the chart, the report."""
     tables = {f"eval/{s}_outputs.json": result.side_by_side(s) for s in SETS if result.roles(s)}
-    tracking.log_evaluation(
-        config.tracking,
-        run_id,
+    run.log_evaluation(
         metrics=result.metrics(),
         tables=tables,
         figures={"eval/comparison.png": comparison_chart(result)},
@@ -698,12 +686,12 @@ def run_evaluation(
     config: Config,
     provider: Provider,
     candidate_model: str,
-    run_id: str | None,
+    run: RunLog | None,
     train_file: str | Path | None,
     log: logging.Logger | logging.LoggerAdapter = DEFAULT_LOG,
 ) -> EvaluationResult:
     """Evaluate `candidate_model` against the base model, the few-shot baseline and the registry's
-    champion (when there is one), and log it all to `run_id` when given."""
+    champion (when there is one), and log it all to `run` when given."""
     eval_sets, shots = load_inputs(config, train_file)
     champion = tracking.alias_version(config.tracking, tracking.CHAMPION)
     models: dict[Role, str] = {"candidate": candidate_model, "base": config.model.base}
@@ -732,16 +720,16 @@ def run_evaluation(
     finally:
         if cache is not None:
             cache.close()
-    if run_id is not None:
-        log_result(config, run_id, result)
+    if run is not None:
+        log_result(run, result)
     return result
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(
-    config: Config, provider: Provider, candidate_model: str, run_id: str, train_file: str | None
+    config: Config, provider: Provider, candidate_model: str, run: RunLog, train_file: str | None
 ) -> EvaluationResult:
     log = get_run_logger()
-    result = run_evaluation(config, provider, candidate_model, run_id, train_file, log=log)
+    result = run_evaluation(config, provider, candidate_model, run, train_file, log=log)
     log.info("evaluation of %s:\n%s", candidate_model, result.summary_table().to_string(index=False))
     return result

@@ -11,8 +11,14 @@ Guarantees:
   chosen deterministically, as a guard against forgetting; it never enters the validation file;
 - every input record ends in exactly one place: input_records == kept + quarantined, the per-reason
   counts sum to quarantined, and kept == train - general_mixed + validation;
-- nothing is published (train/validation files are not written) when the gate failed or the cost
-  estimate is over cost.max_estimated_cost_usd; the manifest, quarantine and report still are.
+- quarantine.jsonl holds one line per quarantined record: where it came from (source, partition, line,
+  first_line..last_line), its reason and detail, and its raw text, in which no credential any detector
+  of tuneline/secrets.py finds is left (each one is replaced by `[masked credential: <detector>]`), nor,
+  unless dedupe.pii is `allow`, an email address or phone number ([email], [phone]). The value of a
+  secret stays in the source data only, where source and line find it; the file is logged to MLflow as
+  it is written;
+- nothing is published (train/validation files are not written) when the data-quality check failed or
+  the cost estimate is over cost.max_estimated_cost_usd; the manifest, quarantine and report still are.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from tuneline import records, tokens
 from tuneline.config import Config, ExportConfig
 from tuneline.normalize import Normalizer, normalized_prompt_and_answer
+from tuneline.secrets import find_secrets_and_pii, mask_credentials, redact_text
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"
@@ -40,16 +47,13 @@ QUARANTINE_FILE = "quarantine.jsonl"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.html"
 
-N_TOKENS = "n_tokens"  # added by validate
-N_ASSISTANT_TOKENS = "n_assistant_tokens"
-TRUNCATED = "truncated"
-NORMALIZED_PROMPT = "normalized_prompt"  # added by dedupe
-NORMALIZED_ANSWER = "normalized_answer"
 QUARANTINE_FIELDS = (
     records.RECORD_ID,
     records.SOURCE,
     records.PARTITION,
     records.LINE,
+    records.FIRST_LINE,
+    records.LAST_LINE,
     records.REASON,
     records.DETAIL,
     records.DUPLICATE_OF,
@@ -127,8 +131,8 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     frame = frame.copy()
     kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
     examples = frame[records.EXAMPLE].to_numpy(dtype=object)
-    token_counts = _int_column(frame, N_TOKENS)
-    assistant_counts = _int_column(frame, N_ASSISTANT_TOKENS)
+    token_counts = _int_column(frame, records.N_TOKENS)
+    assistant_counts = _int_column(frame, records.N_ASSISTANT_TOKENS)
 
     unserialisable: list[int] = []
     train: list[tuple[bytes, bytes, int, int]] = []  # (order key, line, tokens, assistant tokens)
@@ -136,8 +140,8 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     fraction = config.export.validation_fraction
     normalizer = Normalizer()
     # Dedupe leaves the normalised forms in the frame: reusing them saves normalising every example again.
-    prompts = _column(frame, NORMALIZED_PROMPT)
-    answers = _column(frame, NORMALIZED_ANSWER)
+    prompts = _column(frame, records.NORMALIZED_PROMPT)
+    answers = _column(frame, records.NORMALIZED_ANSWER)
     for position in kept_positions:
         try:
             line = canonical_line(examples[position])
@@ -154,7 +158,7 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     if unserialisable:
         mask = np.zeros(len(frame), dtype=bool)
         mask[unserialisable] = True
-        records.quarantine(frame, mask, "data_type", "the example holds a value JSON cannot represent")
+        records.quarantine(frame, mask, records.DATA_TYPE, "the example holds a value JSON cannot represent")
 
     task_tokens = [t[2] for t in train] + [v[2] for v in validation]
     mixed = _general_mix(train, validation, general, config.export)
@@ -180,7 +184,7 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
         "train": len(train_lines),
         "validation": len(validation_lines),
         "general_mixed": len(mixed),
-        "truncated": int(frame[TRUNCATED].sum()) if TRUNCATED in frame else 0,
+        "truncated": int(frame[records.TRUNCATED].sum()) if records.TRUNCATED in frame else 0,
     }
     limit = tokens.context_limit(
         config.model.base, config.validation.context_limits, config.validation.default_context_limit
@@ -214,7 +218,7 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     return Dataset(
         train_lines=train_lines,
         validation_lines=validation_lines,
-        quarantine_lines=quarantine_lines(frame),
+        quarantine_lines=quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow"),
         dataset_hash=digest.hexdigest(),
         counts=counts,
         tokens=token_stats,
@@ -260,15 +264,89 @@ def _general_mix(
     return [pool[key] for key in sorted(pool)[:wanted]]
 
 
-def quarantine_lines(frame: pd.DataFrame) -> list[bytes]:
-    """One canonical JSON line per quarantined record, in frame order, with its original text."""
+def quarantine_lines(frame: pd.DataFrame, *, redact_pii: bool) -> list[bytes]:
+    """One canonical JSON line per quarantined record, in frame order: where it came from, why, and its
+    raw text with credentials masked (and PII redacted with `redact_pii`)."""
     quarantined = frame.loc[~records.kept_mask(frame), list(QUARANTINE_FIELDS)]
     columns = {name: quarantined[name].tolist() for name in QUARANTINE_FIELDS}
+    columns[records.RAW] = masked_texts(columns[records.RAW], redact_pii=redact_pii, as_json=True)
+    columns[records.DETAIL] = masked_texts(columns[records.DETAIL], redact_pii=redact_pii, as_json=False)
     lines = []
     for values in zip(*columns.values(), strict=True):
         entry = {name: _plain(value) for name, value in zip(QUARANTINE_FIELDS, values, strict=True)}
         lines.append(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n")
     return lines
+
+
+def masked_texts(texts: Sequence[Any], *, redact_pii: bool, as_json: bool) -> list[Any]:
+    """The texts with every credential masked (tuneline/secrets.py) and, with `redact_pii`, emails and
+    phone numbers redacted. With `as_json`, a text that is JSON (a record's raw line) is masked string
+    by string, keys included, and written back as canonical JSON, so a value escaped in the line
+    (\\u0041, \\/) is masked like any other; a text that is not JSON is masked as it is."""
+    parsed: list[Any] = []
+    strings: dict[str, None] = {}
+    for text in texts:
+        value = _json_value(text) if as_json and isinstance(text, str) else None
+        parsed.append(value)
+        if value is not None:
+            _strings_of(value, strings)
+        elif isinstance(text, str):
+            strings[text] = None
+    distinct = list(strings)
+    secrets, pii = find_secrets_and_pii(distinct)
+    flagged = {distinct[i] for i in secrets} | ({distinct[i] for i in pii} if redact_pii else set())
+    if not flagged:
+        return list(texts)
+
+    def clean(text: str) -> str:
+        if text not in flagged:
+            return text
+        text = mask_credentials(text)
+        return redact_text(text) if redact_pii else text
+
+    out: list[Any] = []
+    for text, value in zip(texts, parsed, strict=True):
+        if value is not None:
+            found: dict[str, None] = {}
+            _strings_of(value, found)
+            if flagged.isdisjoint(found):
+                out.append(text)
+            else:
+                out.append(orjson.dumps(_mapped_strings(value, clean), option=orjson.OPT_SORT_KEYS).decode())
+        else:
+            out.append(clean(text) if isinstance(text, str) else text)
+    return out
+
+
+def _json_value(text: str) -> Any:
+    """The JSON value of a text, or None when it is not JSON (or is a bare string: masked as text)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict | list) else None
+
+
+def _strings_of(value: Any, into: dict[str, None]) -> None:
+    if isinstance(value, str):
+        into[value] = None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            into[key] = None
+            _strings_of(item, into)
+    elif isinstance(value, list):
+        for item in value:
+            _strings_of(item, into)
+
+
+def _mapped_strings(value: Any, change: Any) -> Any:
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {change(key): _mapped_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mapped_strings(item, change) for item in value]
+    return value
 
 
 def _plain(value: Any) -> Any:
@@ -372,13 +450,14 @@ def export(
     context: RunContext,
     out_dir: Path,
     *,
-    gate_failures: Sequence[str],
+    quality_failures: Sequence[str],
     report_html: str,
     general: GeneralExamples | None = None,
 ) -> ExportOutcome:
-    """Build the dataset, decide whether it may be published (gate passed, cost within the cap), write."""
+    """Build the dataset, decide whether it may be published (data quality passed, cost within the cap),
+    write."""
     dataset = build_dataset(frame, config, general)
-    problems = [f"gate: {failure}" for failure in gate_failures]
+    problems = [f"data quality: {failure}" for failure in quality_failures]
     over_cap = cost_problem(dataset)
     if over_cap:
         problems.append(f"cost: {over_cap}")
@@ -394,11 +473,17 @@ def export_task(
     config: Config,
     context: RunContext,
     out_dir: Path,
-    gate_failures: list[str],
+    quality_failures: list[str],
     report_html: str,
     general: GeneralExamples | None = None,
 ) -> ExportOutcome:
     """Prefect wrapper of export."""
     return export(
-        frame, config, context, out_dir, gate_failures=gate_failures, report_html=report_html, general=general
+        frame,
+        config,
+        context,
+        out_dir,
+        quality_failures=quality_failures,
+        report_html=report_html,
+        general=general,
     )

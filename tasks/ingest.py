@@ -2,20 +2,22 @@
 
 Guarantees:
 - one row per input record, with the columns of tuneline/records.py and a stable `record_id`;
-- a record that cannot be read is quarantined (`invalid_json`, `invalid_encoding`, `csv_mapping`) with
-  its original text in `raw`: nothing stops the run and nothing is lost;
+- every non-blank physical line of a JSONL or CSV file is in exactly one record (`first_line`..
+  `last_line`), or is a CSV header: nothing read is lost, and nothing read is counted twice;
+- a record that cannot be read is quarantined (`invalid_json`, `invalid_encoding`, `invalid_csv`,
+  `csv_mapping`) with its original text in `raw`: nothing stops the run. A CSV region whose quoting is
+  broken is quarantined line by line, never read as one record or a merged example
+  (tuneline/csv_rows.py);
 - `dt=YYYY-MM-DD` folders found by a glob or a folder walk are read when as_of - lookback_days < dt <=
   as_of; files outside any dt= folder, and files named exactly, are always read;
+- a URL's credentials (user:password@) never reach the `source` column;
 - rows come sorted by (partition, source, line), the order "first occurrence" means downstream.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -28,18 +30,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import records
+from tuneline import csv_rows, jsonl, records
 from tuneline.config import CsvMapping, Source
-from tuneline.formats import jsonl_line
 from tuneline.paths import is_url, project_root, resolve
 
 FileFormat = Literal["jsonl", "csv", "parquet"]
-
-# Reasons this stage quarantines with (their precedence: data/README.md).
-INVALID_JSON = "invalid_json"
-INVALID_ENCODING = "invalid_encoding"
-CSV_MAPPING = "csv_mapping"
-REASONS = (INVALID_JSON, INVALID_ENCODING, CSV_MAPPING)
 
 _EXTENSIONS: dict[str, FileFormat] = {
     ".jsonl": "jsonl",
@@ -90,7 +85,7 @@ class FileSelection:
         return [
             {
                 "name": s.name,
-                "uri": s.uri,
+                "uri": without_credentials(s.uri),
                 "files": [f.display for f in self.files if f.source_name == s.name],
             }
             for s in sources
@@ -161,13 +156,26 @@ def _expand(uri: str) -> list[tuple[str, str, bool]]:
 def _named(fs: Any, path: str, uri: str, *, explicit: bool) -> tuple[str, str, bool]:
     if is_url(uri):
         full = fs.unstrip_protocol(path)
-        return full, full, explicit
+        return full, without_credentials(full), explicit
     local = PurePosixPath(path)
     try:
         display = local.relative_to(project_root().as_posix()).as_posix()
     except ValueError:
         display = local.as_posix()
     return path, display, explicit
+
+
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", re.IGNORECASE)
+
+
+def without_credentials(url: str) -> str:
+    """The URL with any user:password@ removed: what a person, a log or an artifact may see."""
+    return _USERINFO.sub(r"\1", url)
+
+
+def jsonl_file(uri: str, source_name: str) -> InputFile:
+    """One JSONL file named exactly (the general corpus), to read with `read_files`."""
+    return InputFile(source_name, jsonl.location(uri), without_credentials(uri), "", "jsonl", None)
 
 
 def _partition_of(display: str) -> str:
@@ -200,18 +208,30 @@ class _Columns:
         self.source: list[str] = []
         self.partition: list[str] = []
         self.line: list[int] = []
+        self.first_line: list[int] = []
+        self.last_line: list[int] = []
         self.raw: list[str] = []
         self.example: list[Any] = []
         self.reason: list[str | None] = []
         self.detail: list[str | None] = []
 
     def add(
-        self, file: InputFile, line: int, raw: str, example: Any, reason: str | None, detail: str | None
+        self,
+        file: InputFile,
+        line: int,
+        lines: tuple[int, int],
+        raw: str,
+        example: Any,
+        reason: str | None,
+        detail: str | None,
     ) -> None:
+        """One record: `line` is its number in the file, `lines` the physical lines that hold it."""
         self.record_id.append(records.make_record_id(file.display, file.partition, line, raw))
         self.source.append(file.display)
         self.partition.append(file.partition)
         self.line.append(line)
+        self.first_line.append(lines[0])
+        self.last_line.append(lines[1])
         self.raw.append(raw)
         self.example.append(example)
         self.reason.append(reason)
@@ -227,6 +247,8 @@ class _Columns:
                 records.SOURCE: self.source,
                 records.PARTITION: self.partition,
                 records.LINE: pd.array(self.line, dtype="int64"),
+                records.FIRST_LINE: pd.array(self.first_line, dtype="int64"),
+                records.LAST_LINE: pd.array(self.last_line, dtype="int64"),
                 # Object dtype shares the str objects already made; a string array would copy them all.
                 records.RAW: pd.Series(self.raw, dtype=object),
                 records.EXAMPLE: pd.Series(self.example, dtype=object),
@@ -235,6 +257,9 @@ class _Columns:
                 records.DUPLICATE_OF: pd.Series([None] * n, dtype=object),
             }
         )
+
+
+NO_LINES = (0, 0)  # a Parquet row, or a file that cannot be read: no physical line holds it
 
 
 def read_files(
@@ -256,7 +281,13 @@ def read_files(
                 data = handle.read()
         except (OSError, ValueError, EOFError) as exc:
             columns.add(
-                file, 0, "", None, INVALID_ENCODING, f"the file could not be read: {exc} (fix or remove it)"
+                file,
+                0,
+                NO_LINES,
+                "",
+                None,
+                records.INVALID_ENCODING,
+                f"the file could not be read: {exc} (fix or remove it)",
             )
             continue
         if file.format == "csv":
@@ -279,54 +310,9 @@ def ingest(
 
 
 def _read_jsonl(handle: Iterable[bytes], file: InputFile, columns: _Columns) -> None:
-    loads = orjson.loads
-    lines = iter(handle)
-    number = 0
-    while True:
-        try:
-            line = next(lines)
-        except StopIteration:
-            break
-        except (OSError, ValueError, EOFError) as exc:  # e.g. a truncated .gz: keep what was read
-            columns.add(
-                file,
-                number + 1,
-                "",
-                None,
-                INVALID_ENCODING,
-                f"the file cannot be read after line {number}: {exc} (fix or re-export it)",
-            )
-            break
-        number += 1
-        line = jsonl_line(line, number)  # the same rule as the server's check of an uploaded file
-        if not line.strip():
-            continue  # a blank line holds no record
-        try:
-            example = loads(line)
-        except orjson.JSONDecodeError as exc:
-            try:
-                raw = line.decode("utf-8")
-            except UnicodeDecodeError as bad:
-                raw = line.decode("utf-8", "backslashreplace")
-                columns.add(
-                    file,
-                    number,
-                    raw,
-                    None,
-                    INVALID_ENCODING,
-                    f"byte {bad.start} is not UTF-8 (re-encode the file as UTF-8)",
-                )
-            else:
-                columns.add(
-                    file,
-                    number,
-                    raw,
-                    None,
-                    INVALID_JSON,
-                    f"not valid JSON: {exc.msg} at character {exc.pos} (fix the line's syntax)",
-                )
-            continue
-        columns.add(file, number, line.decode("utf-8"), example, None, None)
+    add = columns.add
+    for number, text, value, reason, detail in jsonl.iter_lines(handle):
+        add(file, number, (number, number), text, value, reason, detail)
 
 
 def _read_csv(
@@ -338,74 +324,83 @@ def _read_csv(
 ) -> None:
     # surrogateescape keeps bad bytes visible per row instead of failing the whole file.
     text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
-    csv.field_size_limit(sys.maxsize)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    number = 0
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        mapping, problem = _choose_mapping(header, file.csv_mapping, fallbacks, file.source_name)
-        for row in reader:
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            number += 1
-            _add_row(file, columns, number, header, row, mapping, problem, system_prompt)
-    except csv.Error as exc:
-        number += 1
-        columns.add(
-            file,
-            number,
-            "",
-            None,
-            INVALID_ENCODING,
-            f"CSV cannot be parsed after data row {number - 1}: {exc} (fix the quoting)",
-        )
+    table = csv_rows.parse(text)
+    mapping, problem = (None, None)
+    if table.header is not None:
+        mapping, problem = _choose_mapping(table.header, file.csv_mapping, fallbacks, file.source_name)
+    for item in table.items:
+        if isinstance(item, csv_rows.BrokenLine):
+            raw = _escaped(item.text)
+            columns.add(
+                file, item.number, (item.line, item.line), raw, None, records.INVALID_CSV, item.detail
+            )
+            continue
+        assert table.header is not None  # rows come after the header
+        _add_row(file, columns, item, table.header, mapping, problem, system_prompt)
+
+
+def _escaped(text: str) -> str:
+    """Text decoded with surrogateescape, back to the file's bytes and decoded as the contract says:
+    \\xff for a byte that is not UTF-8."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _add_row(
     file: InputFile,
     columns: _Columns,
-    number: int,
+    row: csv_rows.CsvRow,
     header: list[str],
-    row: list[str],
     mapping: CsvMapping | None,
     problem: str | None,
     system_prompt: str | None,
 ) -> None:
-    values: dict[str, Any] = dict(zip(header, row, strict=False))
-    if len(row) > len(header):
-        values["__extra_fields__"] = row[len(header) :]
+    values: dict[str, Any] = dict(zip(header, row.fields, strict=False))
+    if len(row.fields) > len(header):
+        values["__extra_fields__"] = row.fields[len(header) :]
     raw = json.dumps(values, ensure_ascii=False)
+    lines = (row.first, row.last)
     try:
         raw.encode("utf-8")
     except UnicodeEncodeError as bad:
-        # Back to the file's bytes, then decoded as the contract says: \xff for a bad byte.
-        raw = raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         columns.add(
             file,
-            number,
-            raw,
+            row.number,
+            lines,
+            _escaped(raw),
             None,
-            INVALID_ENCODING,
+            records.INVALID_ENCODING,
             f"a byte near character {bad.start} of the row is not UTF-8 (re-encode the file as UTF-8)",
         )
         return
     if mapping is None:
-        columns.add(file, number, raw, None, CSV_MAPPING, problem)
+        columns.add(file, row.number, lines, raw, None, records.CSV_MAPPING, problem)
+        return
+    if len(row.fields) > len(header):
+        columns.add(
+            file,
+            row.number,
+            lines,
+            raw,
+            None,
+            records.CSV_MAPPING,
+            f"row has {len(row.fields)} fields, the header has {len(header)}: a delimiter or a quote out of "
+            "place shifts its values (fix the row)",
+        )
         return
     missing = [c for c in _mapped_columns(mapping) if c not in values]
     if missing:
         columns.add(
             file,
-            number,
+            row.number,
+            lines,
             raw,
             None,
-            CSV_MAPPING,
-            f"row has {len(row)} fields, the header has {len(header)}: no value for {missing[0]!r} (fix the row)",
+            records.CSV_MAPPING,
+            f"row has {len(row.fields)} fields, the header has {len(header)}: no value for {missing[0]!r} "
+            "(fix the row)",
         )
         return
-    columns.add(file, number, raw, _mapped_example(values, mapping, system_prompt), None, None)
+    columns.add(file, row.number, lines, raw, _mapped_example(values, mapping, system_prompt), None, None)
 
 
 def _read_parquet(
@@ -422,7 +417,13 @@ def _read_parquet(
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError, ValueError) as exc:
         columns.add(
-            file, 0, "", None, INVALID_ENCODING, f"not a readable Parquet file: {exc} (fix or remove it)"
+            file,
+            0,
+            NO_LINES,
+            "",
+            None,
+            records.INVALID_ENCODING,
+            f"not a readable Parquet file: {exc} (fix or remove it)",
         )
         return
     names = table.column_names
@@ -436,11 +437,12 @@ def _read_parquet(
     for number, row in enumerate(table.to_pylist(), start=1):
         raw = orjson.dumps(row, default=str).decode("utf-8")
         if as_examples:
-            columns.add(file, number, raw, _without_nulls(row), None, None)
+            columns.add(file, number, NO_LINES, raw, _without_nulls(row), None, None)
         elif mapping is None:
-            columns.add(file, number, raw, None, CSV_MAPPING, problem)
+            columns.add(file, number, NO_LINES, raw, None, records.CSV_MAPPING, problem)
         else:
-            columns.add(file, number, raw, _mapped_example(row, mapping, system_prompt), None, None)
+            example = _mapped_example(row, mapping, system_prompt)
+            columns.add(file, number, NO_LINES, raw, example, None, None)
 
 
 def _without_nulls(value: Any) -> Any:

@@ -27,7 +27,7 @@ from tuneline import tracking
 from tuneline.config import Config, PromotionConfig, TrackingConfig
 from tuneline.gate import Decision, GateEvidence, ReferenceRole, decide
 from tuneline.metrics import paired_test
-from tuneline.tracking import CHAMPION, PREVIOUS, ModelVersionRecord, RegistryError
+from tuneline.tracking import CHAMPION, PREVIOUS, ModelVersionRecord, RegistryError, RunLog
 
 DEFAULT_LOG = logging.getLogger("tuneline.promote")
 
@@ -109,7 +109,7 @@ def promote(
     promotion: PromotionConfig,
     result: EvaluationResult,
     candidate: Candidate,
-    run_id: str,
+    run: RunLog,
     log: logging.Logger | logging.LoggerAdapter = DEFAULT_LOG,
 ) -> PromotionOutcome:
     """Decide, record the decision on the run, and move the aliases only when the gate passed."""
@@ -118,9 +118,7 @@ def promote(
     current = tracking.alias_version(tracking_config, CHAMPION)
     current_version = current.version if current else None
     if current_version != result.champion_version:
-        tracking.log_decision(
-            tracking_config,
-            run_id,
+        run.log_decision(
             {**decision.as_dict(), "promoted": False, "aborted": "the champion moved during evaluation"},
             {"tuneline.promotion": "aborted"},
         )
@@ -131,7 +129,7 @@ def promote(
         )
     version: str | None = None
     if decision.promoted:
-        record = register(tracking_config, result, candidate, run_id, decision)
+        record = register(tracking_config, result, candidate, run.run_id, decision)
         version = record.version
         if current is not None:
             tracking.set_alias(tracking_config, PREVIOUS, current.version)
@@ -144,7 +142,7 @@ def promote(
         tags["tuneline.promotion.version"] = version
     else:
         tags["tuneline.promotion.reasons"] = "; ".join(r.rule for r in decision.failed_rules)[:5000]
-    tracking.log_decision(tracking_config, run_id, decision.as_dict(), tags)
+    run.log_decision(decision.as_dict(), tags)
     log.info("%s", decision.summary())
     if version is not None:
         log.info(
@@ -231,6 +229,6 @@ def rollback(
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(
-    config: Config, result: EvaluationResult, candidate: Candidate, run_id: str
+    config: Config, result: EvaluationResult, candidate: Candidate, run: RunLog
 ) -> PromotionOutcome:
-    return promote(config.tracking, config.promotion, result, candidate, run_id, log=get_run_logger())
+    return promote(config.tracking, config.promotion, result, candidate, run, log=get_run_logger())

@@ -41,10 +41,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
-from tuneline import tracking
 from tuneline.config import Config, ProviderConfig
 from tuneline.provider import Provider, ProviderError, retrying
 from tuneline.tokens import price_per_1m
+from tuneline.tracking import RunLog
 
 METRIC_NAMES = (
     "train_loss",
@@ -237,7 +237,9 @@ class LossHistory:
 
 
 @dataclass(frozen=True)
-class Candidate:
+class CandidateChoice:
+    """Which model of a finished job is the candidate: the final model, or an earlier checkpoint."""
+
     model: str
     source: str  # final | checkpoint
     step: int | None
@@ -246,13 +248,13 @@ class Candidate:
 
 def choose_candidate(
     fine_tuned_model: str, checkpoints: list[FineTuningJobCheckpoint], *, choose_best: bool
-) -> Candidate:
+) -> CandidateChoice:
     """The final model, or (when `choose_best`) the checkpoint with the lowest full validation loss if
     that is an earlier checkpoint than the last one (the last one is the final model)."""
     scored = [c for c in checkpoints if c.metrics.full_valid_loss is not None]
     last = max(checkpoints, key=lambda c: c.step_number) if checkpoints else None
     final_loss = last.metrics.full_valid_loss if last else None
-    final = Candidate(fine_tuned_model, "final", last.step_number if last else None, final_loss)
+    final = CandidateChoice(fine_tuned_model, "final", last.step_number if last else None, final_loss)
     if not choose_best or not scored:
         return final
     best = min(scored, key=lambda c: (c.metrics.full_valid_loss, -c.step_number))
@@ -264,7 +266,7 @@ def choose_candidate(
         and best.metrics.full_valid_loss >= final_loss
     ):
         return final
-    return Candidate(
+    return CandidateChoice(
         best.fine_tuned_model_checkpoint, "checkpoint", best.step_number, best.metrics.full_valid_loss
     )
 
@@ -302,7 +304,7 @@ class TrainingOutcome:
     job_id: str
     reattached: bool
     fine_tuned_model: str
-    candidate: Candidate
+    candidate: CandidateChoice
     trained_tokens: int | None
     actual_cost_usd: float | None
     resolved_hyperparameters: dict[str, Any]
@@ -499,7 +501,7 @@ def train(
     provider: Provider,
     config: Config,
     request: JobRequest,
-    mlflow_run_id: str,
+    run: RunLog,
     on_job: Callable[[FineTuningJob], None],
 ) -> TrainingOutcome:
     """Prefect wrapper: messages to this task's log, step metrics to the MLflow run, one concurrency slot
@@ -519,9 +521,7 @@ def train(
 
     hooks = JobHooks(
         on_job=seen,
-        on_metrics=lambda step, metrics: tracking.log_run_metrics(
-            config.tracking, mlflow_run_id, metrics, step=step
-        ),
+        on_metrics=run.log_step,
         should_cancel=lambda: flow_run_cancelling(flow_run_id),
         job_slot=lambda: concurrency(limit, occupy=1, strict=True),
     )

@@ -349,6 +349,28 @@ def example_texts(example: dict[str, Any]) -> Iterator[str]:
         yield example.get("completion", "")
 
 
+def example_text_places(example: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """`example_texts` with where each text is in the example (`messages[1].content`, `prompt`, ...),
+    for messages that point at a text without quoting it."""
+    if "messages" in example:
+        for index, message in enumerate(example["messages"]):
+            yield f"messages[{index}].content", message_text(message)
+            for number, call in enumerate(message.get("tool_calls") or ()):
+                yield (
+                    f"messages[{index}].tool_calls[{number}].function.arguments",
+                    call["function"].get("arguments", ""),
+                )
+    elif "input" in example:
+        for index, message in enumerate(example["input"]["messages"]):
+            yield f"input.messages[{index}].content", message_text(message)
+        for key in ("preferred_output", "non_preferred_output"):
+            for index, message in enumerate(example[key]):
+                yield f"{key}[{index}].content", message_text(message)
+    else:
+        yield "prompt", example.get("prompt", "")
+        yield "completion", example.get("completion", "")
+
+
 def prompt_and_answer(example: dict[str, Any]) -> tuple[str, str]:
     """What the example asks (every turn before the last assistant turn) and what it answers."""
     if "messages" in example:

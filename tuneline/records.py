@@ -1,30 +1,125 @@
-"""The record frame that flows through the data stages, and the one way a record is quarantined.
+"""The data contract: the record frame every data stage takes and returns, its columns, the whole
+vocabulary of quarantine reasons, and the one way a record is quarantined.
 
 Every stage takes and returns one pandas DataFrame with a row per input record. A stage never drops
-a row: it quarantines it by setting `reason` (and `detail`, and `duplicate_of` for duplicates). Rows
-whose `reason` is null are the ones still kept. So `input_records == kept + quarantined` holds by
-construction, by reason, at every stage boundary.
+a row: it quarantines it with `quarantine` (setting `reason`, `detail`, and `duplicate_of` for
+duplicates). Rows whose `reason` is null are the ones still kept. So `input_records == kept +
+quarantined` holds by construction, by reason, at every stage boundary.
+
+Every column a stage adds is named here, and every reason a record can be quarantined with is in
+`REASONS`, in precedence order (the first rule a record breaks is the one reported): a stage names
+its columns and reasons from this module, never with string literals of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-# Columns every stage can rely on (ingest creates them).
+from tuneline import formats
+
+# --- columns -------------------------------------------------------------------------------------------
+
+# Made by ingest; every stage can rely on them.
 RECORD_ID = "record_id"  # stable: sha256 of source, partition, line and content
-SOURCE = "source"  # the file (path or URL) the record came from
+SOURCE = "source"  # the file (path or URL, never with credentials) the record came from
 PARTITION = "partition"  # "YYYY-MM-DD" from a dt= folder, "" when the source is not partitioned
-LINE = "line"  # 1-based line (JSONL) or row (CSV/Parquet, header not counted) in the source
+LINE = "line"  # 1-based line (JSONL) or data row (CSV, header not counted; Parquet) in the source
+# The physical lines of the source file that hold the record, 1-based, every line counted (the CSV
+# header is line 1): equal to `line` for JSONL; first < last for a CSV row whose quoted field holds a
+# line break; 0 for Parquet rows and for a file that cannot be read, which have no lines.
+FIRST_LINE = "first_line"
+LAST_LINE = "last_line"
 RAW = "raw"  # the original text of the record, so nothing is ever lost
 EXAMPLE = "example"  # the parsed example (dict) or None when it could not be parsed
-REASON = "reason"  # null while kept; the rule's error key once quarantined
-DETAIL = "detail"  # human-readable: what exactly broke the rule
+REASON = "reason"  # null while kept; the rule's key once quarantined (one of REASONS)
+DETAIL = "detail"  # human-readable: what exactly broke the rule, and the fix
 DUPLICATE_OF = "duplicate_of"  # record_id of the record this one duplicates or contradicts
 
-BASE_COLUMNS = [RECORD_ID, SOURCE, PARTITION, LINE, RAW, EXAMPLE, REASON, DETAIL, DUPLICATE_OF]
+BASE_COLUMNS = [
+    RECORD_ID,
+    SOURCE,
+    PARTITION,
+    LINE,
+    FIRST_LINE,
+    LAST_LINE,
+    RAW,
+    EXAMPLE,
+    REASON,
+    DETAIL,
+    DUPLICATE_OF,
+]
+
+# Added by validate (null on rows that were never countable).
+KIND = "kind"  # the line format: chat | completion | preference
+N_TOKENS = "n_tokens"  # exact tokens of the example as it will be exported (Int64)
+N_ASSISTANT_TOKENS = "n_assistant_tokens"  # of which the assistant turns that are learned from
+TRUNCATED = "truncated"  # bool: the example was cut to fit the training context
+TRUNCATION = "truncation"  # how it was cut, or null
+
+# Added by dedupe, on every row still kept when the duplicate rules began (tuneline/normalize.py).
+NORMALIZED_PROMPT = "normalized_prompt"
+NORMALIZED_ANSWER = "normalized_answer"
+
+# --- reasons -------------------------------------------------------------------------------------------
+
+# ingest: the record cannot be read.
+INVALID_JSON = "invalid_json"
+INVALID_ENCODING = "invalid_encoding"
+INVALID_CSV = "invalid_csv"
+CSV_MAPPING = "csv_mapping"
+# validate, after the format rules of tuneline/formats.py.
+TOO_LONG = "too_long"
+# dedupe, in the order its rules run.
+SECRET_DETECTED = "secret_detected"
+PII_DETECTED = "pii_detected"
+EVAL_LEAKAGE = "eval_leakage"
+EXACT_DUPLICATE = "exact_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+CONTRADICTION = "contradiction"
+# A format rule (tuneline/formats.py), also given by export to an example JSON cannot represent.
+DATA_TYPE = "data_type"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """A quarantine reason: its key, the stage that quarantines with it, and what it means."""
+
+    key: str
+    stage: str
+    meaning: str
+
+
+REASONS: tuple[Reason, ...] = (
+    Reason(INVALID_JSON, "ingest", "the line is not valid JSON"),
+    Reason(INVALID_ENCODING, "ingest", "the record or file is not readable UTF-8 (or not readable at all)"),
+    Reason(
+        INVALID_CSV,
+        "ingest",
+        "a physical line of a CSV region whose quoting cannot be parsed, or whose quote merged rows",
+    ),
+    Reason(CSV_MAPPING, "ingest", "a CSV or Parquet row that no column mapping fits"),
+    *(Reason(key, "validate", meaning) for key, meaning in formats.RULES.items()),
+    Reason(TOO_LONG, "validate", "the example is over the model's training context"),
+    Reason(SECRET_DETECTED, "dedupe", "a credential in the example's text"),
+    Reason(PII_DETECTED, "dedupe", "an email address or phone number (dedupe.pii: quarantine)"),
+    Reason(EVAL_LEAKAGE, "dedupe", "the prompt is, or nearly is, an eval-set prompt"),
+    Reason(EXACT_DUPLICATE, "dedupe", "the same normalised example as an earlier kept record"),
+    Reason(NEAR_DUPLICATE, "dedupe", "a near-duplicate of an earlier kept record"),
+    Reason(CONTRADICTION, "dedupe", "the same prompt as another record, with a different answer"),
+)
+KNOWN_REASONS = frozenset(reason.key for reason in REASONS)
+INGEST_REASONS = tuple(r.key for r in REASONS if r.stage == "ingest")
+VALIDATE_REASONS = tuple(r.key for r in REASONS if r.stage == "validate")
+DEDUPE_REASONS = tuple(r.key for r in REASONS if r.stage == "dedupe")
+
+
+class UnknownReason(ValueError):
+    """A stage quarantined with a key that is not in REASONS: a bug in the stage, not in the data."""
 
 
 def make_record_id(source: str, partition: str, line: int, raw: str) -> str:
@@ -33,7 +128,9 @@ def make_record_id(source: str, partition: str, line: int, raw: str) -> str:
 
 
 def empty_frame() -> pd.DataFrame:
-    return pd.DataFrame({column: pd.Series(dtype=object) for column in BASE_COLUMNS}).astype({LINE: "int64"})
+    return pd.DataFrame({column: pd.Series(dtype=object) for column in BASE_COLUMNS}).astype(
+        {LINE: "int64", FIRST_LINE: "int64", LAST_LINE: "int64"}
+    )
 
 
 def kept_mask(frame: pd.DataFrame) -> pd.Series:
@@ -44,14 +141,80 @@ def quarantine(
     frame: pd.DataFrame,
     mask: pd.Series | np.ndarray,
     reason: str,
-    detail: str | pd.Series | list[str],
-    duplicate_of: pd.Series | list[str] | None = None,
+    detail: str | pd.Series | Sequence[str | None],
+    duplicate_of: pd.Series | Sequence[str | None] | None = None,
 ) -> int:
     """Quarantine the still-kept rows selected by `mask` (in place); returns how many were quarantined.
 
-    A row already quarantined keeps its first reason: the first rule it broke is the one reported.
+    `detail` and `duplicate_of` are one value for all, or values aligned with the frame. A row already
+    quarantined keeps its first reason: the first rule it broke is the one reported.
     """
+    _check(reason)
     selected = np.asarray(mask, dtype=bool) & kept_mask(frame).to_numpy()
+    return _assign(frame, selected, reason, detail, duplicate_of)
+
+
+def quarantine_at(
+    frame: pd.DataFrame,
+    positions: np.ndarray | Sequence[int],
+    reason: str,
+    details: Sequence[str],
+    duplicate_of: Sequence[str | None] | None = None,
+) -> int:
+    """`quarantine` by row position: `details` (and `duplicate_of`) go with `positions`, in order."""
+    rows = np.asarray(positions, dtype=np.int64)
+    if not len(rows):
+        _check(reason)
+        return 0
+    mask = np.zeros(len(frame), dtype=bool)
+    mask[rows] = True
+    aligned = np.full(len(frame), None, dtype=object)
+    aligned[rows] = list(details)
+    others = None
+    if duplicate_of is not None:
+        others = np.full(len(frame), None, dtype=object)
+        others[rows] = list(duplicate_of)
+    return quarantine(frame, mask, reason, list(aligned), None if others is None else list(others))
+
+
+def requarantine(
+    frame: pd.DataFrame,
+    positions: np.ndarray | Sequence[int],
+    reason: str,
+    details: Sequence[str],
+    duplicate_of: Sequence[str | None],
+) -> int:
+    """Give rows that are already quarantined another reason (in place); kept rows are never touched.
+
+    The one exception to "the first reason stays": a duplicate names the record kept in its place, and
+    when a later rule quarantines that record, the duplicate follows it (see tasks/dedupe.py).
+    """
+    _check(reason)
+    selected = np.zeros(len(frame), dtype=bool)
+    selected[np.asarray(positions, dtype=np.int64)] = True
+    if (selected & kept_mask(frame).to_numpy()).any():
+        raise ValueError("requarantine: a kept row can only be quarantined with quarantine()")
+    aligned = np.full(len(frame), None, dtype=object)
+    aligned[np.asarray(positions, dtype=np.int64)] = list(details)
+    others = np.full(len(frame), None, dtype=object)
+    others[np.asarray(positions, dtype=np.int64)] = list(duplicate_of)
+    return _assign(frame, selected, reason, list(aligned), list(others))
+
+
+def _check(reason: str) -> None:
+    if reason not in KNOWN_REASONS:
+        raise UnknownReason(
+            f"{reason!r} is not a quarantine reason of the data contract (tuneline/records.py)"
+        )
+
+
+def _assign(
+    frame: pd.DataFrame,
+    selected: np.ndarray,
+    reason: str,
+    detail: str | pd.Series | Sequence[str | None],
+    duplicate_of: pd.Series | Sequence[str | None] | None,
+) -> int:
     count = int(selected.sum())
     if not count:
         return 0
@@ -62,7 +225,7 @@ def quarantine(
     return count
 
 
-def _pick(values: str | pd.Series | list[str], selected: np.ndarray) -> object:
+def _pick(values: str | pd.Series | Sequence[str | None], selected: np.ndarray) -> object:
     if isinstance(values, str):
         return values
     return np.asarray(values, dtype=object)[selected]

@@ -283,3 +283,47 @@ def redact_example(value: Any) -> Any:
         redacted = [redact_example(item) for item in value]
         return value if all(a is b for a, b in zip(redacted, value, strict=True)) else redacted
     return value
+
+
+# A private key's header is what the detectors match; masking takes its body too: up to its END line,
+# else to the end of the JSON string it is in (an unescaped quote), else to the end of the text.
+_KEY_BLOCK = re.compile(
+    r"(?:-{4,5} ?BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)? ?-{4,5}|PuTTY-User-Key-File-\d+:)"
+    r".*?(?:-{4,5} ?END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)? ?-{4,5}|(?=(?<!\\)\")|\Z)",
+    re.DOTALL,
+)
+
+
+def masked(kind: str) -> str:
+    """What stands in a text where a credential was: where it was, and which detector found it."""
+    return f"[masked credential: {kind}]"
+
+
+def mask_credentials(text: str) -> str:
+    """The text with everything any detector's pattern matches replaced by `masked(kind)`: the whole
+    match (a keyword with its value too), and a private key from its header to its end. Masks at least
+    what `detect_secret` finds, since it runs the same patterns (some detectors then check the value)."""
+    spans: list[tuple[int, int, str]] = []
+    for detector in SECRET_DETECTORS:
+        for pattern in detector.denylist:
+            spans.extend(
+                (m.start(), m.end(), detector.secret_type)
+                for m in pattern.finditer(text)
+                if m.end() > m.start()
+            )
+    spans.extend((m.start(), m.end(), "Private Key") for m in _KEY_BLOCK.finditer(text))
+    if not spans:
+        return text
+    spans.sort()
+    pieces: list[str] = []
+    position = 0
+    start, end, kind = spans[0]
+    for next_start, next_end, next_kind in spans[1:]:
+        if next_start < end:  # overlapping matches are one masked stretch, named by the first
+            end = max(end, next_end)
+            continue
+        pieces += [text[position:start], masked(kind)]
+        position = end
+        start, end, kind = next_start, next_end, next_kind
+    pieces += [text[position:start], masked(kind), text[end:]]
+    return "".join(pieces)

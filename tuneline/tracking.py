@@ -3,23 +3,31 @@
 The store is whatever `tracking.tracking_uri` names (SQLite + an artifact folder under .tuneline/ by
 default; a tracking server on PostgreSQL with an object store in production). Relative SQLite and
 artifact paths are taken from the project root, so every command sees the same store.
+
+Flows and stages write to a run through one object, `RunLog`: its methods are the run schema (every
+param, metric, tag and artifact name a run carries), and it closes the runs a killed process left
+open. The module's functions read runs back, keep the model registry and point at the UI. It is longer
+than most modules because it is the whole MLflow boundary: splitting it would spread the schema again.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 
-from tuneline.config import TrackingConfig
+from tuneline.config import Config, TrackingConfig
 from tuneline.paths import is_url, resolve
+from tuneline.secrets import mask_credentials
 
 
 def tracking_uri(tracking: TrackingConfig) -> str:
@@ -57,7 +65,7 @@ def store_location(tracking: TrackingConfig) -> Path | str:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else uri
 
 
-# --- evaluation logging and the model registry (evaluate, promote, rollback) ---------------------------
+# --- the model registry (promote, rollback) -----------------------------------------------------------
 
 MODEL_ID_TAG = "tuneline.model_id"  # the provider's model id, on every registered model version
 CHAMPION = "champion"
@@ -84,39 +92,6 @@ def client(tracking: TrackingConfig) -> mlflow.MlflowClient:
     """An MLflow client on the configured store (tracking and registry)."""
     uri = tracking_uri(tracking)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def log_evaluation(
-    tracking: TrackingConfig,
-    run_id: str,
-    metrics: Mapping[str, float],
-    tables: Mapping[str, Any],
-    figures: Mapping[str, Any],
-    documents: Mapping[str, Mapping[str, Any]],
-) -> None:
-    """Log eval metrics, tables (mlflow.log_table, readable side by side in the UI), chart images and
-    JSON documents to an existing run."""
-    mlflow_client = client(tracking)
-    now = int(time.time() * 1000)
-    batch = [mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    for start in range(0, len(batch), 500):  # the store's batch limit is 1000 metrics
-        mlflow_client.log_batch(run_id, metrics=batch[start : start + 500])
-    for artifact_file, table in tables.items():
-        mlflow_client.log_table(run_id, table, artifact_file)
-    for artifact_file, figure in figures.items():
-        mlflow_client.log_figure(run_id, figure, artifact_file)
-    for artifact_file, document in documents.items():
-        mlflow_client.log_dict(run_id, dict(document), artifact_file)
-
-
-def log_decision(
-    tracking: TrackingConfig, run_id: str, decision: Mapping[str, Any], tags: Mapping[str, str]
-) -> None:
-    """Record a promotion decision on its run: the full decision as JSON, the outcome as tags."""
-    mlflow_client = client(tracking)
-    mlflow_client.log_dict(run_id, dict(decision), "promotion/decision.json")
-    for key, value in tags.items():
-        mlflow_client.set_tag(run_id, key, value)
 
 
 def _record(version: Any, aliases: Mapping[str, str] | None = None) -> ModelVersionRecord:
@@ -216,7 +191,7 @@ def set_version_tags(tracking: TrackingConfig, version: str, tags: Mapping[str, 
         mlflow_client.set_model_version_tag(tracking.registered_model, str(version), key, value)
 
 
-# --- retrain runs: one MLflow run per flow run (upload, train) -----------------------------------------
+# --- reading runs back (summaries, tests, `tuneline ui`) -----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -228,88 +203,6 @@ class RunRecord:
     params: Mapping[str, str]
     metrics: Mapping[str, float]
     tags: Mapping[str, str]
-
-
-def start_run(tracking: TrackingConfig, *, run_name: str, tags: Mapping[str, str]) -> str:
-    """A new run in the configured experiment, open until `finish_run`; returns its id."""
-    experiment_id = configure(tracking)
-    return client(tracking).create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
-
-
-def finish_run(tracking: TrackingConfig, run_id: str, *, status: str = "FINISHED") -> None:
-    """Close a run as FINISHED, FAILED or KILLED."""
-    client(tracking).set_terminated(run_id, status=status)
-
-
-def log_run_params(tracking: TrackingConfig, run_id: str, params: Mapping[str, Any]) -> None:
-    """Params as strings (None values left out). A param already logged with the same value is fine."""
-    mlflow_client = client(tracking)
-    existing = mlflow_client.get_run(run_id).data.params
-    fresh = [
-        mlflow.entities.Param(key, str(value))
-        for key, value in params.items()
-        if value is not None and existing.get(key) != str(value)
-    ]
-    for start in range(0, len(fresh), 100):  # the store's batch limit is 100 params
-        mlflow_client.log_batch(run_id, params=fresh[start : start + 100])
-
-
-def log_run_metrics(
-    tracking: TrackingConfig, run_id: str, metrics: Mapping[str, float], *, step: int = 0
-) -> None:
-    """Metrics at one step (step metrics draw the loss curves in the MLflow UI)."""
-    now = int(time.time() * 1000)
-    batch = [mlflow.entities.Metric(key, float(value), now, step) for key, value in metrics.items()]
-    if batch:
-        client(tracking).log_batch(run_id, metrics=batch)
-
-
-def set_run_tags(tracking: TrackingConfig, run_id: str, tags: Mapping[str, str]) -> None:
-    mlflow_client = client(tracking)
-    for key, value in tags.items():
-        mlflow_client.set_tag(run_id, key, value)
-
-
-def log_run_artifact(tracking: TrackingConfig, run_id: str, data: bytes | str, artifact_file: str) -> None:
-    """Store bytes or text as an artifact at `artifact_file` (a path inside the run's artifacts)."""
-    path = Path(artifact_file)
-    with tempfile.TemporaryDirectory() as folder:
-        local = Path(folder) / path.name
-        local.write_bytes(data.encode() if isinstance(data, str) else data)
-        client(tracking).log_artifact(
-            run_id, str(local), str(path.parent) if str(path.parent) != "." else None
-        )
-
-
-def log_run_dataset(
-    tracking: TrackingConfig,
-    run_id: str,
-    *,
-    name: str,
-    dataset_hash: str,
-    source: str,
-    context: str,
-    profile: Mapping[str, Any],
-) -> None:
-    """Record a dataset as an input of the run. Its digest is the dataset hash cut to the store's 36
-    characters (log the full hash as a param beside it); `profile` holds counts and the full hash."""
-    dataset = mlflow.entities.Dataset(
-        name=name,
-        digest=dataset_hash[:36],
-        source_type="local",
-        source=json.dumps({"uri": source}),
-        profile=json.dumps({**profile, "dataset_hash": dataset_hash}, sort_keys=True),
-    )
-    tag = mlflow.entities.InputTag(key="mlflow.data.context", value=context)
-    inputs = [mlflow.entities.DatasetInput(dataset, tags=[tag])]
-    try:
-        client(tracking).log_inputs(run_id, datasets=inputs)
-    except mlflow.exceptions.MlflowException as exc:
-        # Two runs logging the same new dataset at once (a backfill's concurrent dates) race on the
-        # store's unique (experiment, name, digest) row; the loser finds the row on a second try.
-        if "IntegrityError" not in str(exc):
-            raise
-        client(tracking).log_inputs(run_id, datasets=inputs)
 
 
 def read_run(tracking: TrackingConfig, run_id: str) -> RunRecord:
@@ -366,11 +259,6 @@ def run_url(tracking: TrackingConfig, run_id: str, port: int = UI_PORT) -> str:
     return f"{ui_url(tracking, port)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def tag_flow_run(tracking: TrackingConfig, run_id: str, flow_run_id: str, flow_run_name: str) -> None:
-    """Link an MLflow run to the Prefect flow run that produced it (both ways findable)."""
-    set_run_tags(tracking, run_id, {FLOW_RUN_ID_TAG: flow_run_id, FLOW_RUN_NAME_TAG: flow_run_name})
-
-
 def find_run(tracking: TrackingConfig, tags: Mapping[str, str]) -> str | None:
     """The latest run of the configured experiment carrying all of `tags`, None when there is none."""
     experiment_id = configure(tracking)
@@ -387,11 +275,6 @@ def find_run(tracking: TrackingConfig, tags: Mapping[str, str]) -> str | None:
 def _quoted(value: str) -> str:
     """A string literal for an MLflow search filter."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def nest_run(tracking: TrackingConfig, run_id: str, parent_run_id: str) -> None:
-    """Show `run_id` under `parent_run_id` in the MLflow UI (the nesting MLflow's own nested runs use)."""
-    client(tracking).set_tag(run_id, PARENT_RUN_TAG, parent_run_id)
 
 
 def child_runs(tracking: TrackingConfig, parent_run_id: str) -> list[RunRecord]:
@@ -423,3 +306,417 @@ def ui_command(tracking: TrackingConfig, port: int = UI_PORT) -> list[str]:
         "--workers",
         "1",
     ]
+
+
+# --- the run schema: one run, as the flows and stages report to it --------------------------------------
+
+FLOW_TAG = "tuneline.flow"  # prepare | retrain | evaluate | backfill
+FAILURE_TAG = "tuneline.failure"  # why a run failed: the error code, or the exception's name
+ABANDONED_TAG = "tuneline.abandoned"  # why a run was closed by a later one (its process was gone)
+ABANDONED = "abandoned"  # FAILURE_TAG of a run closed that way
+# Which process runs a run, so a later run can tell a run still going from one whose process died.
+HOST_TAG = "tuneline.host"
+PID_TAG = "tuneline.pid"
+PROCESS_STARTED_TAG = "tuneline.process_started"
+PARAM_LIMIT = 6000  # MLflow keeps param values up to this many characters
+_BATCH_PARAMS = 100  # the store's batch limits
+_BATCH_METRICS = 500
+
+
+class RunLog:
+    """One MLflow run, as the flows and stages report to it.
+
+    Every param, metric, tag and artifact name a tuneline run carries is written by one method of this
+    class (the run schema, in one place); flows and stages report outcomes to it and never name an
+    MLflow key themselves. Params and tags pass through tuneline/secrets.py's masking on their way out,
+    so a credential that slipped into a value (a URL with a password) never reaches the store.
+    """
+
+    def __init__(self, tracking: TrackingConfig, run_id: str) -> None:
+        self.tracking = tracking
+        self.run_id = run_id
+        self._client = client(tracking)
+        self._params: dict[str, str] | None = None  # what the run holds, read once
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        tracking: TrackingConfig,
+        *,
+        flow: str,
+        name: str,
+        tags: Mapping[str, str] | None = None,
+        parent: str | None = None,
+    ) -> RunLog:
+        """A new run of `flow` in the configured experiment, open until `finish` or `fail`, tagged with
+        the process that runs it (see `close_abandoned_runs`) and nested under `parent` when given."""
+        experiment_id = configure(tracking)
+        all_tags = {FLOW_TAG: flow, **process_tags(), **(tags or {})}
+        if parent:
+            all_tags[PARENT_RUN_TAG] = parent
+        created = client(tracking).create_run(experiment_id, run_name=name, tags=_masked(all_tags))
+        run = cls(tracking, created.info.run_id)
+        run._params = {}
+        return run
+
+    @classmethod
+    def find_or_start(
+        cls, tracking: TrackingConfig, *, flow: str, name: str, tags: Mapping[str, str]
+    ) -> RunLog:
+        """The latest run of `flow` carrying `tags` (a backfill run again reuses its parent), else a new one."""
+        found = find_run(tracking, {FLOW_TAG: flow, **tags})
+        if found is not None:
+            return cls(tracking, found)
+        return cls.start(tracking, flow=flow, name=name, tags=tags)
+
+    def link_flow_run(self, flow_run_id: str | None, flow_run_name: str | None) -> None:
+        """Link the run to the Prefect flow run that produced it (both ways findable)."""
+        self._tags({FLOW_RUN_ID_TAG: str(flow_run_id or ""), FLOW_RUN_NAME_TAG: str(flow_run_name or "")})
+
+    def nest_under(self, parent_run_id: str) -> None:
+        """Show the run under another in the MLflow UI (the nesting MLflow's own nested runs use)."""
+        self._tags({PARENT_RUN_TAG: parent_run_id})
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run as FINISHED, FAILED or KILLED."""
+        self._client.set_terminated(self.run_id, status=status)
+
+    def fail(self, error: BaseException, *, code: str | None = None, job_id: str | None = None) -> None:
+        """Close the run because of `error`: FAILED for an exception, KILLED for a cancellation or an
+        interrupt; the FAILURE_TAG says why (`code`, else the exception's name)."""
+        tags = {FAILURE_TAG: code or type(error).__name__}
+        if job_id:
+            tags["tuneline.job_id"] = job_id
+        self._tags(tags)
+        self.finish("FAILED" if isinstance(error, Exception) else "KILLED")
+
+    # -- what the stages report --------------------------------------------------------------------------
+
+    def log_prepared(
+        self, config: Config, manifest: Mapping[str, Any], files: Mapping[str, bytes], train_file: str
+    ) -> None:
+        """The data plane's outcome: the settings that shaped the data, the manifest's figures as
+        metrics, the training set as the run's dataset input (when published: its digest is the dataset
+        hash cut to the store's 36 characters, the full hash in the profile) and the files under
+        prepare/."""
+        sources = ", ".join(f"{s['name']}={s['uri']}" for s in manifest.get("sources") or [])
+        self._log_params(
+            {
+                "config_hash": manifest["config_hash"],
+                "as_of": manifest["as_of"],
+                "sources": _param(sources),
+                "partitions": _param(", ".join(manifest.get("partitions") or [])),
+                "model": config.model.base,
+                "data.lookback_days": config.data.lookback_days,
+                "validation.too_long": config.validation.too_long,
+                "export.validation_fraction": config.export.validation_fraction,
+                "export.general_mix_fraction": config.export.general_mix_fraction,
+                **{f"dedupe.{k}": v for k, v in config.dedupe.model_dump(mode="json").items()},
+            }
+        )
+        cost = {k: v for k, v in (manifest.get("cost") or {}).items() if k != "within_cap"}
+        self._metrics(
+            {
+                **_numbers("counts", manifest.get("counts") or {}),
+                **_numbers("tokens", manifest.get("tokens") or {}),
+                **_numbers("cost", cost),
+            }
+        )
+        published = bool(manifest.get("published"))
+        if published:
+            self._dataset(
+                name=f"{config.project}-prepared",
+                dataset_hash=manifest["dataset_hash"],
+                source=train_file,
+                context="training",
+                profile=manifest.get("counts") or {},
+            )
+        for name, data in files.items():
+            self._artifact(data, f"prepare/{name}")
+        self._tags(
+            {
+                "tuneline.as_of": str(manifest["as_of"]),
+                "tuneline.dataset_hash": manifest["dataset_hash"],
+                "tuneline.prepare": "published" if published else "stopped",
+            }
+        )
+
+    def log_training_request(self, config: Config, training_config_hash: str) -> None:
+        """What a retrain run asks the provider for, before anything is sent."""
+        training = config.training
+        self._log_params(
+            {
+                "provider": config.provider.kind,
+                "base_model": config.model.base,
+                "method": "supervised",
+                **{
+                    f"hyperparameters.requested.{k}": v
+                    for k, v in training.hyperparameters.model_dump(mode="json").items()
+                },
+                "suffix": training.suffix,
+                "seed": training.seed,
+                "choose_best_checkpoint": training.choose_best_checkpoint,
+                "training_config_hash": training_config_hash,
+            }
+        )
+
+    def log_training_data(self, manifest: Mapping[str, Any]) -> None:
+        """Beside what `log_prepared` holds: the full dataset hash as a param and the cost estimate."""
+        self._log_params({"dataset_hash": manifest["dataset_hash"]})
+        estimated = (manifest.get("cost") or {}).get("estimated_cost_usd")
+        if isinstance(estimated, int | float):
+            self._metrics({"estimated_cost_usd": estimated})
+
+    def log_provider(self, name: str) -> None:
+        self._log_params({"provider_name": name})
+
+    def log_uploaded(
+        self,
+        *,
+        training_file_id: str,
+        training_reused: bool,
+        validation_file_id: str | None,
+        validation_reused: bool | None,
+        uploaded: int,
+    ) -> None:
+        """The provider's file ids, whether each was already there, and how many files were sent."""
+        self._log_params(
+            {
+                "training_file_id": training_file_id,
+                "training_file_reused": training_reused,
+                "validation_file_id": validation_file_id,
+                "validation_file_reused": validation_reused if validation_file_id else None,
+            }
+        )
+        self._metrics({"files_uploaded": uploaded})
+
+    def log_job(self, job_id: str, resolved_hyperparameters: Mapping[str, Any]) -> None:
+        """The job id as soon as it is known, and the hyperparameters once the provider resolved them."""
+        self._log_params(
+            {
+                "job_id": job_id,
+                **{f"hyperparameters.resolved.{k}": v for k, v in resolved_hyperparameters.items()},
+            }
+        )
+
+    def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        """A training step's metrics (they draw the loss curves in the MLflow UI)."""
+        self._metrics(metrics, step=step)
+
+    def log_trained(
+        self,
+        *,
+        job_id: str,
+        reattached: bool,
+        fine_tuned_model: str,
+        candidate_model: str,
+        candidate_source: str,
+        candidate_step: int | None,
+        result_file_id: str | None,
+        trained_tokens: int | None,
+        actual_cost_usd: float | None,
+        overfitting_warning: str | None,
+        checkpoints: list[dict[str, Any]],
+        result_csv: bytes | None,
+    ) -> None:
+        """The job's outcome: the candidate model, tokens and cost, checkpoints and the result file."""
+        self._log_params(
+            {
+                "job_id": job_id,
+                "job_reattached": reattached,
+                "fine_tuned_model": fine_tuned_model,
+                "candidate_model": candidate_model,
+                "candidate_source": candidate_source,
+                "candidate_step": candidate_step,
+                "result_file_id": result_file_id,
+            }
+        )
+        metrics = {"trained_tokens": trained_tokens, "actual_cost_usd": actual_cost_usd}
+        self._metrics({k: v for k, v in metrics.items() if v is not None})
+        tags = {"tuneline.candidate_model": candidate_model}
+        if overfitting_warning:
+            tags["tuneline.overfitting"] = overfitting_warning
+        self._tags(tags)
+        self._artifact(json.dumps(checkpoints, indent=2), "training/checkpoints.json")
+        if result_csv is not None:
+            self._artifact(result_csv, "training/results.csv")
+
+    def log_evaluated_model(self, *, candidate_model: str, base_model: str, provider_name: str) -> None:
+        """What an evaluate run compares (a retrain run names them in log_training_request/log_trained)."""
+        self._log_params(
+            {"candidate_model": candidate_model, "base_model": base_model, "provider_name": provider_name}
+        )
+
+    def log_evaluation(
+        self,
+        metrics: Mapping[str, float],
+        tables: Mapping[str, Any],
+        figures: Mapping[str, Any],
+        documents: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        """Eval metrics, tables (mlflow.log_table: side by side in the UI), chart images and JSON
+        documents, each at the artifact path it is keyed by."""
+        self._metrics(metrics)
+        for artifact_file, table in tables.items():
+            self._client.log_table(self.run_id, table, artifact_file)
+        for artifact_file, figure in figures.items():
+            self._client.log_figure(self.run_id, figure, artifact_file)
+        for artifact_file, document in documents.items():
+            self._client.log_dict(self.run_id, dict(document), artifact_file)
+
+    def log_decision(self, decision: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        """A promotion decision: the whole decision as promotion/decision.json, its outcome as tags."""
+        self._client.log_dict(self.run_id, dict(decision), "promotion/decision.json")
+        self._tags(tags)
+
+    def log_backfill(self, dates_csv: str, outcomes: Mapping[str, int]) -> None:
+        """A backfill's table of dates (backfill/dates.csv, replaced whole on a rerun) and its tally."""
+        self._artifact(dates_csv, "backfill/dates.csv")
+        self._metrics({"dates": sum(outcomes.values()), **{f"dates.{k}": v for k, v in outcomes.items()}})
+
+    # -- reading back ------------------------------------------------------------------------------------
+
+    def read(self) -> RunRecord:
+        return read_run(self.tracking, self.run_id)
+
+    def url(self) -> str:
+        return run_url(self.tracking, self.run_id)
+
+    # -- runs a killed process left open -----------------------------------------------------------------
+
+    def close_abandoned_runs(
+        self,
+        params: Mapping[str, str],
+        taken_over_by: str,
+        also: Callable[[RunRecord], str | None] | None = None,
+    ) -> list[str]:
+        """Close, as KILLED, the open runs of the experiment with these `params` whose process is known
+        to be gone (`abandonment`, or `also` when it gives a reason): a run killed with SIGKILL or lost
+        with its machine cannot close itself. ABANDONED_TAG says why and what this run took over
+        (`taken_over_by`, e.g. "reattached to job ftjob-1"). Returns the ids of the runs closed; a run
+        that may still be going is left as it is."""
+        experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        clauses = [
+            "attributes.status = 'RUNNING'",
+            *(f"params.`{k}` = {_quoted(v)}" for k, v in params.items()),
+        ]
+        closed = []
+        for found in self._client.search_runs([experiment_id], filter_string=" and ".join(clauses)):
+            if found.info.run_id == self.run_id:
+                continue
+            record = read_run(self.tracking, found.info.run_id)
+            why = abandonment(record) or (also(record) if also else None)
+            if why is None:
+                continue
+            other = RunLog(self.tracking, record.run_id)
+            other._tags({FAILURE_TAG: ABANDONED, ABANDONED_TAG: f"{why}; run {self.run_id} {taken_over_by}"})
+            other.finish("KILLED")
+            closed.append(record.run_id)
+        return closed
+
+    # -- the writes behind the schema -------------------------------------------------------------------
+
+    def _log_params(self, params: Mapping[str, Any]) -> None:
+        """Params as strings (None values left out). A param already logged with the same value is
+        fine; MLflow refuses a changed one."""
+        if self._params is None:
+            self._params = dict(self._client.get_run(self.run_id).data.params)
+        shown = {key: _mask(str(value)) for key, value in params.items() if value is not None}
+        fresh = {key: value for key, value in shown.items() if self._params.get(key) != value}
+        batch = [mlflow.entities.Param(key, value) for key, value in fresh.items()]
+        for start in range(0, len(batch), _BATCH_PARAMS):
+            self._client.log_batch(self.run_id, params=batch[start : start + _BATCH_PARAMS])
+        self._params.update(fresh)
+
+    def _metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        batch = [mlflow.entities.Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for start in range(0, len(batch), _BATCH_METRICS):
+            self._client.log_batch(self.run_id, metrics=batch[start : start + _BATCH_METRICS])
+
+    def _tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in _masked(tags).items():
+            self._client.set_tag(self.run_id, key, value)
+
+    def _artifact(self, data: bytes | str, artifact_file: str) -> None:
+        """Bytes or text as an artifact at `artifact_file` (a path inside the run's artifacts)."""
+        path = Path(artifact_file)
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / path.name
+            local.write_bytes(data.encode() if isinstance(data, str) else data)
+            self._client.log_artifact(
+                self.run_id, str(local), str(path.parent) if str(path.parent) != "." else None
+            )
+
+    def _dataset(
+        self, *, name: str, dataset_hash: str, source: str, context: str, profile: Mapping[str, Any]
+    ) -> None:
+        dataset = mlflow.entities.Dataset(
+            name=name,
+            digest=dataset_hash[:36],
+            source_type="local",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps({**profile, "dataset_hash": dataset_hash}, sort_keys=True),
+        )
+        tag = mlflow.entities.InputTag(key="mlflow.data.context", value=context)
+        inputs = [mlflow.entities.DatasetInput(dataset, tags=[tag])]
+        try:
+            self._client.log_inputs(self.run_id, datasets=inputs)
+        except mlflow.exceptions.MlflowException as exc:
+            # Two runs logging the same new dataset at once (a backfill's concurrent dates) race on the
+            # store's unique (experiment, name, digest) row; the loser finds the row on a second try.
+            if "IntegrityError" not in str(exc):
+                raise
+            self._client.log_inputs(self.run_id, datasets=inputs)
+
+
+def process_tags() -> dict[str, str]:
+    """The tags naming the process that runs a run: host, pid and the process's start time."""
+    me = psutil.Process()
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(me.pid),
+        PROCESS_STARTED_TAG: f"{me.create_time():.3f}",
+    }
+
+
+def abandonment(record: RunRecord) -> str | None:
+    """Why an open run is known to be abandoned: it was started on this host by a process that is gone
+    (or a new process now has its pid). None when it may still be going, or when it ran elsewhere."""
+    host, pid, started = (record.tags.get(t) for t in (HOST_TAG, PID_TAG, PROCESS_STARTED_TAG))
+    if host != socket.gethostname() or not pid or not started:
+        return None
+    try:
+        process = psutil.Process(int(pid))
+        alive = abs(process.create_time() - float(started)) < 1 and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        alive = False
+    if alive:
+        return None
+    return f"the process that ran it (pid {pid} on {host}) is gone: it was killed or crashed"
+
+
+def _mask(value: str) -> str:
+    return mask_credentials(value)
+
+
+def _masked(tags: Mapping[str, str]) -> dict[str, str]:
+    return {key: _mask(str(value)) for key, value in tags.items()}
+
+
+def _param(value: str) -> str:
+    return value if len(value) <= PARAM_LIMIT else value[: PARAM_LIMIT - 20] + f"... ({len(value)} chars)"
+
+
+def _numbers(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
+    """Every number of a nested mapping, flattened to dotted metric names."""
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping):
+            flat.update(_numbers(name, value))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat

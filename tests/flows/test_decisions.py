@@ -235,14 +235,15 @@ class Decided:
 def decide_on(project: Project, provider: Provider, model: str) -> Decided:
     """One nightly decision: evaluate the candidate, then the gate promotes or rejects it."""
     config = project.config()
-    run_id = tracking.start_run(config.tracking, run_name=f"decide {model}", tags={})
-    result = run_evaluation(config, provider, model, run_id, str(project.train_file))
+    run_log = tracking.RunLog.start(config.tracking, flow="decision-test", name=f"decide {model}")
+    run_id = run_log.run_id
+    result = run_evaluation(config, provider, model, run_log, str(project.train_file))
     outcome = promote(
         config.tracking,
         config.promotion,
         result,
         Candidate(model, "local", "tuneline-tiny", "cafe" * 16, "ftjob-x"),
-        run_id,
+        run_log,
     )
     print(outcome.decision.summary())  # shown by pytest on failure: the figures behind the decision
     print(result.summary_table().to_string(index=False))

@@ -1,6 +1,6 @@
 """The `retrain` flow end to end: real Prefect (test server), real MLflow store in tmp_path, real
 `tuneline serve` processes. Counted on the server: a rerun uploads nothing and starts no job; a run
-killed with SIGKILL mid-training is reattached; a faulty server is survived, with the retries in the
+killed with SIGKILL mid-training is reattached (and its MLflow run closed as KILLED); a faulty server is survived, with the retries in the
 Prefect log; a file only the server refuses fails the run with the server's code; cancelling the flow run
 cancels the job; `tuneline run --dry-run` stops after prepare."""
 
@@ -232,6 +232,13 @@ def test_a_killed_run_is_reattached_and_the_rerun_pays_nothing_twice(
 
     run = tracking.read_run(config.tracking, result.mlflow_run_id)
     assert run.status == "FINISHED"
+    # The killed process could not close its own MLflow run: the rerun that took over its job did.
+    found = tracking.client(config.tracking).search_runs([tracking.configure(config.tracking)])
+    (killed_run,) = [
+        tracking.read_run(config.tracking, r.info.run_id) for r in found if r.info.run_id != run.run_id
+    ]
+    assert killed_run.status == "KILLED" and killed_run.tags["tuneline.failure"] == "abandoned"
+    assert f"run {run.run_id} took over job {job.id}" in killed_run.tags["tuneline.abandoned"]
     assert run.params["provider"] == "local" and run.params["base_model"] == "tuneline-tiny"
     assert run.params["hyperparameters.requested.n_epochs"] == "2"
     assert run.params["hyperparameters.requested.learning_rate_multiplier"] == "auto"

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.dedupe import NORMALIZED_ANSWER, NORMALIZED_PROMPT, dedupe, dedupe_task, record_order
+from tasks.dedupe import credentials_and_pii, dedupe, dedupe_task, record_order
 from tuneline import records
 from tuneline.config import DedupeConfig
 from tuneline.normalize import jaccard, normalized_example, word_shingles
+from tuneline.records import NORMALIZED_ANSWER, NORMALIZED_PROMPT
 
 SYSTEM = "You are the Acme support assistant."
 CONFIG = DedupeConfig()
@@ -440,3 +441,11 @@ def test_the_invariant_holds_on_generated_frames(rows: list, policy: str, pii: s
             assert out[NORMALIZED_ANSWER].iloc[other] != out[NORMALIZED_ANSWER].iloc[position]
     if pii != "allow":
         assert not any("jo@example.com" in json.dumps(e) for e in kept[records.EXAMPLE])
+
+
+def test_credentials_alone_for_data_that_is_not_deduplicated() -> None:
+    same = chat(question(1))
+    frame = frame_of(same, same, chat("My key is AKIAIOSFODNN7EXAMPLE"), chat("mail ana@example.com"))
+    out = credentials_and_pii(frame, CONFIG)
+    assert reasons(out) == [None, None, "secret_detected", None]  # duplicates stay: only rule 1 runs
+    assert out[records.EXAMPLE].iloc[3]["messages"][1]["content"] == "mail [email]"  # dedupe.pii: redact

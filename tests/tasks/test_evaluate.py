@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 from PIL import Image
 
@@ -26,6 +29,7 @@ from tasks.evaluate import (
     judge_request,
     load_eval_set,
     log_result,
+    read_train_examples,
     report_document,
     run_judge,
     select_few_shot,
@@ -98,6 +102,28 @@ def test_eval_set_errors_name_the_file_and_fix(tmp_path: Path) -> None:
         load_eval_set("canary", tmp_path / "missing.jsonl")
     with pytest.raises(EvaluationError, match=r"no usable examples \(line 1 of bad.jsonl: not valid JSON"):
         load_eval_set("task", write_jsonl(tmp_path / "bad.jsonl", ["{"]))
+
+
+def test_eval_sets_and_training_files_are_read_from_any_fsspec_url() -> None:
+    """An s3:// eval set works in evaluation as in prepare's leakage check: both read through fsspec."""
+    fs = fsspec.filesystem("memory")
+    root = f"/eval-{uuid.uuid4().hex}"
+    body = (json.dumps(chat("I was charged twice", BILLING)) + "\n").encode()
+    fs.pipe(f"{root}/eval.jsonl.gz", gzip.compress(body))
+    fs.pipe(f"{root}/train.jsonl", body * 2)
+    try:
+        eval_set = load_eval_set("task", f"memory://{root}/eval.jsonl.gz", SYSTEM)
+        assert eval_set.path == f"memory://{root}/eval.jsonl.gz"
+        assert [item.reference for item in eval_set.items] == [BILLING]
+        assert (
+            read_train_examples(f"memory://{root}/train.jsonl") == [chat("I was charged twice", BILLING)] * 2
+        )
+        with pytest.raises(
+            EvaluationError, match=r"task eval set memory://.*/nope.jsonl not found \(set data.eval_set"
+        ):
+            load_eval_set("task", f"memory://{root}/nope.jsonl")
+    finally:
+        fs.rm(root, recursive=True)
 
 
 def test_few_shot_covers_labels_in_turn_and_goes_after_the_system_prompt() -> None:
@@ -314,8 +340,9 @@ def test_results_are_logged_for_a_reviewer(provider: Provider, tmp_path: Path) -
         [],
         config.evaluation,
     )
-    run_id = tracking.start_run(config.tracking, run_name="eval", tags={})
-    log_result(config, run_id, result)
+    run_log = tracking.RunLog.start(config.tracking, flow="evaluate", name="eval")
+    run_id = run_log.run_id
+    log_result(run_log, result)
     run = tracking.read_run(config.tracking, run_id)
     assert (
         run.metrics["eval/task/candidate/exact_match"]

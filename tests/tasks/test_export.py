@@ -83,10 +83,10 @@ def test_split_is_stable_across_order_and_variants() -> None:
 
 def test_the_split_reuses_dedupes_normalised_forms() -> None:
     frame = dedupe.dedupe(prepared([chat(i) for i in range(30)]), [], BASE.dedupe)
-    assert frame[dedupe.NORMALIZED_PROMPT].notna().all()
+    assert frame[records.NORMALIZED_PROMPT].notna().all()
     with_forms = export.build_dataset(frame, BASE)
     without = export.build_dataset(
-        frame.drop(columns=[dedupe.NORMALIZED_PROMPT, dedupe.NORMALIZED_ANSWER]), BASE
+        frame.drop(columns=[records.NORMALIZED_PROMPT, records.NORMALIZED_ANSWER]), BASE
     )
     assert with_forms.train_lines == without.train_lines
     assert with_forms.validation_lines == without.validation_lines
@@ -104,7 +104,9 @@ def test_counts_invariant_and_files(tmp_path: Path) -> None:
         "same as line 3",
         [frame[records.RECORD_ID].iloc[2]] * len(frame),
     )
-    outcome = export.export(frame, BASE, RUN, tmp_path, gate_failures=[], report_html="<html>report</html>")
+    outcome = export.export(
+        frame, BASE, RUN, tmp_path, quality_failures=[], report_html="<html>report</html>"
+    )
     assert outcome.published and outcome.problems == []
     counts = outcome.manifest["counts"]
     assert counts["input_records"] == 33 == counts["kept"] + counts["quarantined"]
@@ -131,6 +133,8 @@ def test_counts_invariant_and_files(tmp_path: Path) -> None:
         "source",
         "partition",
         "line",
+        "first_line",
+        "last_line",
         "reason",
         "detail",
         "duplicate_of",
@@ -166,8 +170,8 @@ def test_general_mix_is_a_deterministic_share_of_train() -> None:
     general = export.GeneralExamples(
         source="general.jsonl",
         examples=general_frame[records.EXAMPLE].tolist(),
-        n_tokens=[int(x) for x in general_frame[validate.N_TOKENS]],
-        n_assistant_tokens=[int(x) for x in general_frame[validate.N_ASSISTANT_TOKENS]],
+        n_tokens=[int(x) for x in general_frame[records.N_TOKENS]],
+        n_assistant_tokens=[int(x) for x in general_frame[records.N_ASSISTANT_TOKENS]],
     )
     task = prepared([chat(i) for i in range(40)], cfg)
     first = export.build_dataset(task, cfg, general)
@@ -189,15 +193,20 @@ def test_general_mix_is_a_deterministic_share_of_train() -> None:
     assert first.tokens["train_total"] == first.cost["billed_tokens_per_epoch"]
 
 
-def test_cost_cap_and_gate_failures_stop_publishing(tmp_path: Path) -> None:
+def test_cost_cap_and_quality_failures_stop_publishing(tmp_path: Path) -> None:
     (tmp_path / export.TRAIN_FILE).write_text("stale\n")
     priced = config(model={"base": "gpt-4.1-mini"}, cost={"max_estimated_cost_usd": 0.0})
     frame = prepared([chat(i) for i in range(20)], priced)
     outcome = export.export(
-        frame, priced, RUN, tmp_path, gate_failures=["at least 10 examples kept: observed 3"], report_html="r"
+        frame,
+        priced,
+        RUN,
+        tmp_path,
+        quality_failures=["at least 10 examples kept: observed 3"],
+        report_html="r",
     )
     assert not outcome.published
-    assert outcome.problems[0] == "gate: at least 10 examples kept: observed 3"
+    assert outcome.problems[0] == "data quality: at least 10 examples kept: observed 3"
     assert (
         outcome.problems[1].startswith("cost: estimated training cost $")
         and "cost.max_estimated_cost_usd = $0.00" in outcome.problems[1]
@@ -213,3 +222,60 @@ def test_free_or_unpriced_models_are_within_the_cap(model: str) -> None:
     cfg = config(model={"base": model}, cost={"max_estimated_cost_usd": 0.0})
     dataset = export.build_dataset(prepared([chat(i) for i in range(5)], cfg), cfg)
     assert export.cost_problem(dataset) is None
+
+
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+PROJECT_KEY = "sk-proj-" + "a1B2c3D4" * 6
+KEY_BODY = "MIIEowIBAAKCAQEAx7Kq9ZtHc2S0vPq4Y5mWl3kR8nJb"
+PRIVATE_KEY = f"-----BEGIN RSA PRIVATE KEY-----\n{KEY_BODY}\n-----END RSA PRIVATE KEY-----"
+SECRETS = (AWS_KEY, PROJECT_KEY, KEY_BODY, "hunter2")
+
+
+def with_secrets() -> list[Any]:
+    """Records holding credentials, quarantined by dedupe and by earlier rules (which never scan them)."""
+    return [
+        *(chat(i) for i in range(12)),
+        chat(50, f"My key is {AWS_KEY}, why is sign-in refused?"),  # secret_detected
+        chat(51, f"Here is my key file:\n{PRIVATE_KEY}"),  # secret_detected, key body included
+        {"messages": chat(52)["messages"], "api_key": PROJECT_KEY},  # example_unrecognized_key
+        '{"messages": [{"role": "user", "content": "key ' + PROJECT_KEY + '"',  # invalid_json
+        # The same key written with JSON escapes: the line's text never shows it as it is.
+        '{"messages": [{"role": "user", "content": "\\u0041KIAIOSFODNN7EXAMPLE"}, {"role": "bot", "content": "x"}]}',
+        chat(53, "log in at https://ana:hunter2@example.com please"),  # secret_detected (basic auth)
+        chat(54, "mail me at ana@example.com"),  # PII: quarantined under dedupe.pii: quarantine
+    ]
+
+
+def test_quarantine_lines_never_hold_a_secret_but_say_where_and_which_detector() -> None:
+    cfg = config(export={"general_mix_fraction": 0.0}, dedupe={"pii": "quarantine"})
+    frame = dedupe.dedupe(prepared(with_secrets(), cfg), [], cfg.dedupe)
+    dataset = export.build_dataset(frame, cfg)
+    body = b"".join(dataset.quarantine_lines).decode()
+    for secret in (*SECRETS, "ana@example.com"):
+        assert secret not in body, secret
+    entries = {e["line"]: e for e in map(json.loads, dataset.quarantine_lines)}
+    assert {line: e["reason"] for line, e in entries.items()} == {
+        13: "secret_detected",
+        14: "secret_detected",
+        15: "example_unrecognized_key",
+        16: "invalid_json",
+        17: "unrecognized_role",
+        18: "secret_detected",
+        19: "pii_detected",
+    }
+    assert "[masked credential: AWS Access Key]" in entries[13]["raw"]
+    assert "Where is order" not in entries[13]["raw"] and "why is sign-in refused?" in entries[13]["raw"]
+    assert "[masked credential: Private Key]" in entries[14]["raw"]
+    assert "[masked credential: Secret API Key (sk-...)]" in entries[15]["raw"]
+    assert "[masked credential: Secret API Key (sk-...)]" in entries[16]["raw"]  # not JSON: masked as text
+    assert "[masked credential: AWS Access Key]" in entries[17]["raw"]
+    assert "[email]" in entries[19]["raw"]
+    assert entries[13]["detail"].startswith(
+        "contains what looks like a credential (AWS Access Key) in messages["
+    )
+    # Everything else of a quarantined record is as it was: where it came from, why, what it duplicates.
+    assert (
+        entries[13]["source"] == "part.jsonl" and entries[13]["first_line"] == entries[13]["last_line"] == 13
+    )
+    clean = export.build_dataset(frame, config(export={"general_mix_fraction": 0.0}, dedupe={"pii": "allow"}))
+    assert "[email]" not in b"".join(clean.quarantine_lines).decode()  # dedupe.pii: allow keeps PII as is

@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import date
@@ -145,7 +146,10 @@ def test_csv_system_column_and_legacy_mapping(memory_root: str) -> None:
 
 def test_csv_problems_quarantine_rows(memory_root: str) -> None:
     put(f"{memory_root}/missing.csv", "customer,reply\nx,y\nz,w\n")
-    put(f"{memory_root}/ragged.csv", b"user,assistant\nonly one field\nfine,ok\nbad \xff byte,ok\n")
+    put(
+        f"{memory_root}/ragged.csv",
+        b'user,assistant\nonly one field\nfine,ok\nbad \xff byte,ok\n"quoted", then,shifted\n',
+    )
     mapping = CsvMapping(user="customer_message", assistant="agent_reply")
     frame = read(
         "",
@@ -165,10 +169,15 @@ def test_csv_problems_quarantine_rows(memory_root: str) -> None:
         ("ragged.csv", 1): "csv_mapping",
         ("ragged.csv", 2): None,  # user/assistant columns need no mapping
         ("ragged.csv", 3): "invalid_encoding",
+        ("ragged.csv", 4): "csv_mapping",  # more fields than the header: its values are shifted
     }
     details = frame[records.DETAIL].tolist()
     assert "customer_message" in details[0] and "data.sources[crm].csv_mapping" in details[0]
     assert "\\xff" in frame[records.RAW].tolist()[4]
+    assert (
+        "row has 3 fields, the header has 2" in details[5]
+        and "__extra_fields__" in frame[records.RAW].iloc[5]
+    )
 
 
 def test_csv_without_mapping_borrows_a_configured_one(memory_root: str) -> None:
@@ -263,3 +272,62 @@ def test_a_file_cut_short_keeps_the_lines_read_before(memory_root: str) -> None:
     assert len(good) > 10 and all(row.reason is None for row in good)
     assert last.reason == "invalid_encoding" and last.line == len(good) + 1
     assert f"after line {len(good)}" in last.detail
+
+
+def crm_rows(n: int) -> list[str]:
+    return [f"Where is parcel {i}?,Shipping: parcel {i} is on its way." for i in range(1, n + 1)]
+
+
+def test_an_unclosed_quote_quarantines_every_row_it_swallowed_by_line(memory_root: str) -> None:
+    rows = crm_rows(40)
+    rows[1] = '"' + rows[1]  # row 2 opens a quote that is never closed
+    put(f"{memory_root}/crm.csv", "user,assistant\n" + "\n".join(rows) + "\n")
+    frame = read(f"memory://{memory_root}/crm.csv")
+    # 40 rows in, 40 records: one kept, and each of the 39 lines the quote swallowed on its own.
+    assert len(frame) == 40
+    assert frame[records.REASON].tolist() == [None] + ["invalid_csv"] * 39
+    assert frame[records.LINE].tolist() == list(range(1, 41))
+    assert frame[records.FIRST_LINE].tolist() == frame[records.LAST_LINE].tolist() == list(range(2, 42))
+    details = frame[records.DETAIL].tolist()
+    assert details[1].startswith("line 3: a quote opened in the CSV row starting on line 3 is never closed")
+    assert details[39].startswith("line 41: ")
+    assert frame[records.RAW].tolist()[5] == rows[5]
+    assert frame[records.RECORD_ID].is_unique
+
+
+def test_a_quote_closed_on_the_next_line_never_makes_a_merged_example(memory_root: str) -> None:
+    rows = crm_rows(6)
+    rows[1] = '"' + rows[1]
+    rows[2] = rows[2].replace("?,", '?",')  # closed at the end of row 3's question: rows 2-3 parse as one
+    put(f"{memory_root}/crm.csv", "user,assistant\n" + "\n".join(rows) + "\n")
+    frame = read(f"memory://{memory_root}/crm.csv")
+    assert frame[records.REASON].tolist() == [None, "invalid_csv", "invalid_csv", None, None, None]
+    assert frame[records.FIRST_LINE].tolist() == [2, 3, 4, 5, 6, 7]
+    for example in frame[records.EXAMPLE].dropna():
+        texts = " ".join(m["content"] for m in example["messages"])
+        assert len(set(re.findall(r"parcel (\d+)", texts))) == 1, texts  # one row's words, never two
+
+
+def test_a_message_with_line_breaks_is_one_record_spanning_its_lines(memory_root: str) -> None:
+    put(
+        f"{memory_root}/crm.csv",
+        'user,assistant\nWhere is it?,"Category: shipping\nReply: on its way."\nRefund?,Billing: done.\n',
+    )
+    frame = read(f"memory://{memory_root}/crm.csv")
+    assert frame[records.REASON].isna().all()
+    assert frame[records.LINE].tolist() == [1, 2]
+    assert list(zip(frame[records.FIRST_LINE], frame[records.LAST_LINE], strict=True)) == [(2, 3), (4, 4)]
+    assert (
+        frame[records.EXAMPLE].iloc[0]["messages"][-1]["content"] == "Category: shipping\nReply: on its way."
+    )
+
+
+def test_a_url_never_shows_its_credentials(memory_root: str) -> None:
+    assert (
+        ingest.without_credentials("https://ana:hunter2@example.com/d/x.jsonl")
+        == "https://example.com/d/x.jsonl"
+    )
+    assert ingest.without_credentials("s3://bucket/a@b.jsonl") == "s3://bucket/a@b.jsonl"
+    source = Source(name="s", uri="https://ana:hunter2@example.com/d/*.jsonl")
+    selection = ingest.FileSelection([])
+    assert "hunter2" not in json.dumps(selection.describe_sources([source]))

@@ -40,8 +40,8 @@ def registry(store: Path) -> TrackingConfig:
     )
 
 
-def new_run(registry: TrackingConfig) -> str:
-    return tracking.start_run(registry, run_name="test", tags={})
+def new_run(registry: TrackingConfig) -> tracking.RunLog:
+    return tracking.RunLog.start(registry, flow="test", name="test")
 
 
 def result_of(
@@ -115,9 +115,10 @@ def test_gate_evidence_compares_with_base_without_champion_and_with_champion_oth
 
 
 def test_promotion_registers_an_external_model_and_moves_champion(registry: TrackingConfig) -> None:
-    run_id = new_run(registry)
+    run_log = new_run(registry)
+    run_id = run_log.run_id
     first = result_of({"candidate": 30, "base": 10}, {"candidate": 16, "base": 16}, MODELS)
-    outcome = promote(registry, GATE, first, candidate("ft:tiny:a"), run_id)
+    outcome = promote(registry, GATE, first, candidate("ft:tiny:a"), run_log)
     assert outcome.decision.promoted and outcome.version == "1" and outcome.champion == "1"
     champion = tracking.alias_version(registry, CHAMPION)
     assert champion is not None and champion.model_id == "ft:tiny:a"
@@ -181,7 +182,8 @@ def test_rejection_never_moves_the_champion_and_says_why(
     failed: set[str],
 ) -> None:
     seed_champion(registry)
-    run_id = new_run(registry)
+    run_log = new_run(registry)
+    run_id = run_log.run_id
     result = result_of(
         {**task_right, "base": 10, "few_shot": 25},
         {**canary_right, "base": 16, "champion": 16},
@@ -189,7 +191,7 @@ def test_rejection_never_moves_the_champion_and_says_why(
         champion_version="1",
         errors=errors,
     )
-    outcome = promote(registry, GATE, result, candidate("ft:tiny:new"), run_id)
+    outcome = promote(registry, GATE, result, candidate("ft:tiny:new"), run_log)
     assert not outcome.decision.promoted
     assert {r.rule for r in outcome.decision.failed_rules} == failed
     assert outcome.version is None and outcome.champion == "1"
@@ -206,9 +208,10 @@ def test_a_champion_that_moved_during_evaluation_fails_the_run(registry: Trackin
     stale = result_of(
         {"candidate": 38, "base": 10}, {"candidate": 16, "base": 16}, MODELS, champion_version=None
     )
-    run_id = new_run(registry)
+    run_log = new_run(registry)
+    run_id = run_log.run_id
     with pytest.raises(RegistryError, match=r"moved from version \(none\) to 1"):
-        promote(registry, GATE, stale, candidate("ft:tiny:z"), run_id)
+        promote(registry, GATE, stale, candidate("ft:tiny:z"), run_log)
     assert [v.version for v in tracking.model_versions(registry)] == ["1"]
     assert tracking.read_run(registry, run_id).tags["tuneline.promotion"] == "aborted"
 

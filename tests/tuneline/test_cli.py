@@ -64,8 +64,9 @@ def test_ui_serves_the_configured_store_on_loopback_and_stops_with_its_server(tm
         },
     )
     settings = load_config(config).tracking
-    run_id = tracking.start_run(settings, run_name="a run to find", tags={})
-    tracking.finish_run(settings, run_id)
+    run = tracking.RunLog.start(settings, flow="test", name="a run to find")
+    run.finish()
+    run_id = run.run_id
     port = free_port()
     log = tmp_path / "ui.log"
     with log.open("wb") as out:

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from tuneline import records
+from tuneline import formats, records
 
 
 def frame(n: int) -> pd.DataFrame:
@@ -79,3 +80,51 @@ def test_counts_by_reason_sum_to_quarantined() -> None:
     assert counts == {"contradiction": 2, "too_long": 2}
     assert list(counts) == sorted(counts)
     assert sum(counts.values()) == int((~records.kept_mask(data)).sum())
+
+
+def test_the_vocabulary_holds_every_reason_once_in_precedence_order() -> None:
+    keys = [reason.key for reason in records.REASONS]
+    assert len(keys) == len(set(keys)) == len(records.KNOWN_REASONS)
+    # Every format rule is a reason of the validate stage, after ingest's reasons and before dedupe's.
+    assert set(formats.RULES) <= set(records.VALIDATE_REASONS)
+    stages = [reason.stage for reason in records.REASONS]
+    assert stages == sorted(stages, key=["ingest", "validate", "dedupe"].index)
+    assert keys.index(records.TOO_LONG) > max(keys.index(k) for k in formats.RULES)
+    assert records.DATA_TYPE in formats.RULES
+    assert records.INGEST_REASONS == (
+        records.INVALID_JSON,
+        records.INVALID_ENCODING,
+        records.INVALID_CSV,
+        records.CSV_MAPPING,
+    )
+    assert records.DEDUPE_REASONS == (
+        records.SECRET_DETECTED,
+        records.PII_DETECTED,
+        records.EVAL_LEAKAGE,
+        records.EXACT_DUPLICATE,
+        records.NEAR_DUPLICATE,
+        records.CONTRADICTION,
+    )
+
+
+def test_an_unknown_reason_is_refused() -> None:
+    data = frame(2)
+    with pytest.raises(records.UnknownReason, match="'made_up' is not a quarantine reason"):
+        records.quarantine(data, np.array([True, False]), "made_up", "x")
+    with pytest.raises(records.UnknownReason):
+        records.quarantine_at(data, [], "made_up", [])
+    assert records.kept_mask(data).all()
+
+
+def test_quarantine_at_positions_and_requarantine_of_quarantined_rows_only() -> None:
+    data = frame(4)
+    assert records.quarantine_at(data, [3, 1], records.EXACT_DUPLICATE, ["d3", "d1"], ["id-a", "id-b"]) == 2
+    assert data[records.DETAIL].tolist() == [None, "d1", None, "d3"]
+    assert data[records.DUPLICATE_OF].tolist() == [None, "id-b", None, "id-a"]
+    # A duplicate follows the record it names to a later rule's reason.
+    assert records.requarantine(data, [1], records.CONTRADICTION, ["moved"], ["id-c"]) == 1
+    assert data[records.REASON].tolist() == [None, "contradiction", None, "exact_duplicate"]
+    assert data.loc[1, records.DETAIL] == "moved" and data.loc[1, records.DUPLICATE_OF] == "id-c"
+    with pytest.raises(ValueError, match="kept row"):
+        records.requarantine(data, [0], records.CONTRADICTION, ["x"], ["y"])
+    assert records.kept_mask(data).tolist() == [True, False, True, False]

@@ -111,9 +111,13 @@ def test_a_prepare_run_has_no_job_metrics_or_decision_sections() -> None:
 
 
 def test_an_unpublished_dataset_says_why() -> None:
-    blocked = {**manifest(), "published": False, "problems": ["gate: quarantined fraction 0.62 > 0.5"]}
+    blocked = {
+        **manifest(),
+        "published": False,
+        "problems": ["data quality: quarantined fraction 0.62 > 0.5"],
+    }
     md = render_run_summary(RunSummary(flow="prepare", manifest=blocked))
-    assert "**Not published**" in md and "- gate: quarantined fraction 0.62 > 0.5" in md
+    assert "**Not published**" in md and "- data quality: quarantined fraction 0.62 > 0.5" in md
     assert "**MLflow run:** not recorded" in md
 
 

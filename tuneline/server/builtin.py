@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from tuneline import jsonl
 from tuneline.config import DataConfig
 from tuneline.formats import check_example
 from tuneline.paths import resolve
@@ -109,15 +110,11 @@ def read_chat_lines(path: Path) -> list[dict[str, Any]]:
     """The valid chat (or legacy prompt/completion, converted) lines of a JSONL file; a line that
     breaks a format rule stops the build with its line number, rule and file."""
     examples = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            example = json.loads(raw)
-            issue = check_example(example, allowed=("chat", "completion"))
-            if issue is not None:
-                raise ValueError(f"line {number} of {path}: {issue} - fix the line or regenerate the file")
-            examples.append({"messages": chat_messages(example)})
+    for line in jsonl.read_lines(str(path)):
+        issue = line.detail if line.reason else check_example(line.value, allowed=("chat", "completion"))
+        if issue is not None:
+            raise ValueError(f"line {line.number} of {path}: {issue} - fix the line or regenerate the file")
+        examples.append({"messages": chat_messages(line.value)})
     return examples
 
 
