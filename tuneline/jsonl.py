@@ -13,7 +13,7 @@ Guarantees of `read_lines` (and `iter_lines`, on a handle already open):
 - a file cut short (a truncated .gz) gives an `invalid_encoding` line after the last line read.
 
 Lines are parsed with orjson, as the data plane writes them: NaN, Infinity and nesting deeper than
-orjson's limit are not JSON.
+formats.MAX_JSON_DEPTH levels (the server's bound too) are not JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import fsspec
 import orjson
 
 from tuneline import records
-from tuneline.formats import jsonl_line
+from tuneline.formats import MAX_JSON_DEPTH, json_depth_exceeds, jsonl_line
 from tuneline.paths import is_url, resolve
 
 
@@ -134,5 +134,17 @@ def iter_lines(handle: Iterable[bytes]) -> Iterator[JsonLine]:
                     records.INVALID_JSON,
                     f"not valid JSON: {exc.msg} at character {exc.pos} (fix the line's syntax)",
                 )
+            continue
+        # The cheap count first: a chat line holds a handful of brackets; only a line with more than the
+        # depth bound is walked. Deeper JSON is refused here, where the server refuses it too: orjson
+        # parses up to 1024 levels but writes only 255, so it would break export.
+        if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and json_depth_exceeds(value, MAX_JSON_DEPTH):
+            yield JsonLine(
+                number,
+                line.decode("utf-8"),
+                None,
+                records.INVALID_JSON,
+                f"the line's JSON nests deeper than {MAX_JSON_DEPTH} levels (flatten it)",
+            )
             continue
         yield new(JsonLine, (number, line.decode("utf-8"), value, None, None))

@@ -10,7 +10,8 @@ import fsspec
 import pytest
 
 from tuneline import jsonl, records
-from tuneline.paths import PROJECT_ROOT
+from tuneline.formats import MAX_JSON_DEPTH
+from tuneline.paths import project_root
 
 
 @pytest.fixture
@@ -57,9 +58,27 @@ def test_compressed_and_cut_short_files(memory_dir: str) -> None:
     assert f"after line {len(good)}" in (last.detail or "")
 
 
+def test_json_nested_beyond_the_bound_is_refused_with_its_line(memory_dir: str) -> None:
+    # 300 levels parse with orjson but cannot be written back by it (255 at most): such a line once
+    # passed ingest and broke export. The server refuses the same depth in an uploaded file.
+    deep = {"messages": [{"role": "user", "content": "hi", "name": [[[]]]}]}
+    nested: object = []
+    for _ in range(300):
+        nested = [nested]
+    deep["messages"][0]["name"] = nested
+    shallow = {"a": [[[[[[1]]]]]], "b": "[" * 200}  # brackets inside a string do not nest
+    body = json.dumps(shallow).encode() + b"\n" + json.dumps(deep).encode() + b"\n"
+    fsspec.filesystem("memory").pipe(f"{memory_dir}/deep.jsonl", body)
+    lines = list(jsonl.read_lines(f"memory://{memory_dir}/deep.jsonl"))
+    assert lines[0].reason is None and lines[0].value == shallow
+    assert lines[1].number == 2 and lines[1].reason == records.INVALID_JSON and lines[1].value is None
+    assert f"deeper than {MAX_JSON_DEPTH} levels" in (lines[1].detail or "")
+    assert lines[1].text == json.dumps(deep)  # kept, never lost
+
+
 def test_paths_are_taken_from_the_project_root_and_urls_as_they_are(tmp_path: Path) -> None:
     assert jsonl.location("data/eval/support_eval.jsonl") == str(
-        PROJECT_ROOT / "data/eval/support_eval.jsonl"
+        project_root() / "data/eval/support_eval.jsonl"
     )
     assert jsonl.location("s3://bucket/eval.jsonl") == "s3://bucket/eval.jsonl"
     assert jsonl.exists("data/eval/support_eval.jsonl")
