@@ -19,7 +19,7 @@ from tuneline.server.modeling import ChatModel, load_tokenizer
 from tuneline.server.training import (
     STATE_FILE,
     Hyperparameters,
-    LossFunction,
+
     TrainingSpec,
     auto_batch_size,
     collate,

@@ -1,25 +1,42 @@
 """Supervised fine-tuning for `tuneline serve`: real gradient descent on a causal LM.
 
 What `train` guarantees:
-- the loss is taken only on assistant turns whose weight is not 0 (tuneline/server/chat_template.py);
-- n_epochs, batch_size and learning_rate_multiplier are honoured; the peak learning rate is the
-  model's base rate times the multiplier, with a short linear warm-up and a cosine decay;
+- the loss is taken only on assistant turns whose weight is not 0 (tuneline/server/chat_template.py),
+  without full-vocabulary logits (tuneline/server/losses.py);
+- n_epochs, batch_size (examples per optimizer step) and learning_rate_multiplier are honoured; the
+  peak learning rate is the model's base rate times the multiplier, with a short linear warm-up and a
+  cosine decay;
+- a batch's examples are packed into rows (tuneline/server/packing.py): attention never crosses two
+  examples and positions restart per example, so a packed step computes the loss and gradients of
+  the same examples unpacked (to float summation order), on less padding;
 - the same seed, data, hyperparameters and base model give the same weights (on CPU, bit for bit);
 - one checkpoint per epoch, each a loadable model directory carrying the optimizer, RNG and step state
   (`training_state.pt`), so a run resumed from it ends exactly where an uninterrupted one does; a run
   stopped mid-epoch leaves such a state directory too, as `TrainingOutcome.model_dir`;
 - `trained_tokens` = billable tokens (the example's tokens under the model's tokenizer, truncated to
   its context) x epochs;
-- models above `lora_above_params` parameters train LoRA adapters (peft) instead of all weights.
+- models above `lora_above_params` parameters train LoRA adapters (peft) instead of all weights;
+- a non-finite loss or gradient fails the run with TrainingDiverged (`code` "training_diverged",
+  naming the step and the likely cause) before anything of it is saved as a checkpoint; on a GPU, a
+  batch that would not fit is found by a dry forward/backward of the largest batch before training
+  and fails with TrainingOutOfMemory (`code` "out_of_memory", naming the setting to lower), never with
+  a CUDA out-of-memory traceback. The job worker reads `code` from these TrainingError exceptions.
+
+On a GPU: bf16 autocast where the GPU has it (float32 master weights), TF32 matmuls, fused AdamW,
+gradient checkpointing above `gradient_checkpointing_above_params`, `torch.compile` when asked
+(`TrainingSpec.compile`; measured by benchmarks/trainer.py), and `spec.devices` GPUs per job, data
+parallel or sharded (tuneline/server/distributed.py).
 
 "auto" hyperparameters: n_epochs by the hosted service's rule (tuneline.tokens.default_epochs);
 batch_size the largest power of two not above n_examples / 200, between 1 and 32 (at least 200 steps
 per epoch: a small model needs several hundred steps to learn from a few hundred examples; on ~1000
 demo examples, 3 epochs at batch 4 reach eval exact match 0.94 where batch 8 reaches 0.86, in the same
-time; larger sets get the larger batches that keep a CPU or GPU busier);
-learning_rate_multiplier 1.0 (each model's base rate is tuned for its auto batch sizes). Base rates:
-the model card's (`tuneline_model.json`; 2e-3 for tuneline-tiny), else 5e-5 for full fine-tuning
-and 2e-4 for LoRA.
+time; larger sets get the larger batches that keep a CPU or GPU busier). On a GPU, a job that asked
+for "auto" (`TrainingSpec.batch_size_auto`) gets the largest power of two not above n_examples / 200
+that also fits the GPU's free memory for this model (auto_gpu_batch_size): the cap of 32 is lifted,
+the memory decides. learning_rate_multiplier 1.0 (each model's base rate is tuned for its auto batch
+sizes). Base rates: the model card's (`tuneline_model.json`; 2e-3 for tuneline-tiny), else 5e-5 for
+full fine-tuning and 2e-4 for LoRA.
 
 Reporting: a metrics report every step (train loss and mean token accuracy on the trained tokens),
 one validation batch every `validation_every` steps (about 25 per job), the whole validation file
@@ -32,6 +49,7 @@ the training time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -39,14 +57,24 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat, EncodedExample
+from tuneline.server.chat_template import ChatFormat, EncodedExample
+from tuneline.server.distributed import (
+    Ranks,
+    choose_strategy,
+    full_model_state,
+    load_optimizer_state,
+    optimizer_state,
+    run_ranks,
+    world_size_for,
+    wrap,
+)
+from tuneline.server.losses import CHUNK_TOKENS, CausalLMLoss
 from tuneline.server.modeling import (
     MODEL_CARD,
     context_length,
@@ -56,6 +84,7 @@ from tuneline.server.modeling import (
     parameter_count,
     pick_device,
 )
+from tuneline.server.packing import Batch, collate, pack_rows, trained_targets
 from tuneline.tokens import default_epochs
 
 STATE_FILE = "training_state.pt"
@@ -69,9 +98,24 @@ GRADIENT_CLIP = 1.0
 # Batches are drawn in windows of this many batches, sorted by length inside a window: little padding,
 # and still a random mix of examples across the epoch.
 LENGTH_WINDOW = 16
-# Models whose logits are the output embedding of the last hidden state, unscaled: their loss is taken
-# on the hidden states of trained positions only (the vocabulary projection of the others is skipped).
-SCALED_LOGITS_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+# Models above this many parameters recompute each layer's activations in the backward pass.
+GRADIENT_CHECKPOINTING_ABOVE_PARAMS = 2_000_000_000
+# The share of a GPU's free memory the auto batch size plans to use (the rest: allocator slack).
+GPU_MEMORY_SHARE = 0.85
+
+
+class TrainingError(RuntimeError):
+    """A training run that cannot go on; `code` is the job's error code."""
+
+    code = "training_failed"
+
+
+class TrainingDiverged(TrainingError):
+    code = "training_diverged"
+
+
+class TrainingOutOfMemory(TrainingError):
+    code = "out_of_memory"
 
 
 @dataclass(frozen=True)
@@ -119,6 +163,22 @@ class TrainingSpec:
     cpu_threads: int | None = None
     # One validation batch every this many steps; None = about 25 times per job.
     validation_every: int | None = None
+    # Devices the job trains on, one process each (server.gpus_per_job): None = every visible GPU,
+    # 1 on a CPU; on a CPU a number above 1 runs that many gloo processes.
+    devices: int | None = None
+    # With several devices: "auto", "ddp" or "fsdp" (tuneline/server/distributed.py).
+    parallelism: str = "auto"
+    # The job asked for batch_size "auto": on a GPU the trainer sizes it (auto_gpu_batch_size).
+    batch_size_auto: bool = False
+    # Pack short examples into shared rows (False: one padded row per example, for comparison).
+    packing: bool = True
+    # Packed rows up to this many tokens; None = the longest example of the batch.
+    row_tokens: int | None = None
+    gradient_checkpointing_above_params: int = GRADIENT_CHECKPOINTING_ABOVE_PARAMS
+    # torch.compile the forward pass (pays on a GPU for long runs; see benchmarks/trainer.py).
+    compile: bool = False
+    # The loss's vocabulary projection: "auto" (liger-kernel on CUDA when installed), "chunked", "liger".
+    loss_kernel: str = "auto"
 
 
 class TrainingReporter(Protocol):
@@ -176,84 +236,6 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return [batches[i] for i in shuffled]
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    # Where the loss is taken: flat indices into the (rows x (width - 1)) next-token predictions, and
-    # the tokens to predict there. Built on the CPU, so picking them never waits on a GPU.
-    trained_positions: torch.Tensor
-    targets: torch.Tensor
-    tokens: int  # non-padding tokens
-    trained_tokens: int
-
-
-def collate(examples: Sequence[EncodedExample], pad_id: int, device: torch.device) -> Batch:
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
-    shifted = labels[:, 1:].reshape(-1)
-    positions = torch.nonzero(shifted != IGNORE_INDEX).flatten()
-    targets = shifted[positions]
-    tokens = sum(len(e.input_ids) for e in examples)
-    pin = device.type == "cuda"
-
-    def moved(tensor: torch.Tensor) -> torch.Tensor:
-        return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=pin)
-
-    return Batch(
-        input_ids=moved(input_ids),
-        attention_mask=moved(attention_mask),
-        labels=moved(labels),
-        trained_positions=moved(positions),
-        targets=moved(targets),
-        tokens=tokens,
-        trained_tokens=int(positions.numel()),
-    )
-
-
-# -- the model's loss ----------------------------------------------------------------------------
-
-
-class LossFunction:
-    """Mean cross-entropy and token accuracy over the trained positions of a batch."""
-
-    def __init__(self, model: Any) -> None:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        prefix = getattr(inner, "base_model_prefix", "")
-        backbone = getattr(inner, prefix, None) if prefix else None
-        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-        scaled = any(
-            getattr(inner.config, name, None) not in (None, 1, 1.0) for name in SCALED_LOGITS_ATTRIBUTES
-        )
-        self.model = model
-        self.backbone = backbone if backbone is not None and backbone is not inner and not scaled else None
-        self.head = head
-
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(mean loss, correct predictions, trained positions) of the batch."""
-        if self.backbone is not None and self.head is not None:
-            hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-            picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch.trained_positions)
-            logits = self.head(picked).float()
-        else:
-            output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            every = output.logits[:, :-1]
-            logits = every.reshape(-1, every.shape[-1]).index_select(0, batch.trained_positions).float()
-        if batch.trained_tokens == 0:
-            return logits.sum() * 0.0, batch.targets.new_zeros(()), 0
-        loss = F.cross_entropy(logits, batch.targets)
-        correct = (logits.detach().argmax(dim=-1) == batch.targets).sum()
-        return loss, correct, batch.trained_tokens
-
-
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -287,17 +269,26 @@ def learning_rate_at(step: int, total_steps: int, peak: float) -> float:
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel for all parameters) where this torch and device have it."""
     try:
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on a GPU that has bf16; None (float32) elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 @dataclass
 class _Metrics:
-    """Per-step figures, kept as tensors until flushed so a GPU is not synchronised every step."""
+    """Per-step figures, kept as tensors until flushed so a GPU is not synchronised every step:
+    (step, [summed loss, right predictions] over all ranks, trained tokens, gradient norm, extra)."""
 
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, int, dict[str, float]]] = field(default_factory=list)
+    pending: list[tuple[int, torch.Tensor, int, torch.Tensor, dict[str, float]]] = field(default_factory=list)
     last: dict[str, float] = field(default_factory=dict)
 
 
@@ -316,28 +307,42 @@ class Trainer:
         peak_learning_rate: float,
         device: torch.device,
         validation_every: int | None = None,
+        *,
+        ranks: Ranks | None = None,
+        packing: bool = True,
+        row_tokens: int | None = None,
+        compile: bool = False,
+        loss_kernel: str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.format = ChatFormat(tokenizer)
         self.device = device
-        self.hyperparameters = hyperparameters
+        self.ranks = ranks or Ranks()
         self.seed = seed
         self.peak = peak_learning_rate
         limit = context_length(model.config)
         self.train_data = [self.format.encode_example(e, limit) for e in train_examples]
         self.validation_data = [self.format.encode_example(e, limit) for e in validation_examples]
         self.lengths = [len(e.input_ids) for e in self.train_data]
+        self.targets = [trained_targets(e) for e in self.train_data]
         self.tokens_per_epoch = sum(self.lengths)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.steps_per_epoch = math.ceil(len(self.train_data) / hyperparameters.batch_size)
-        self.total_steps = self.steps_per_epoch * hyperparameters.n_epochs
-        self.validation_every = validation_every or max(5, math.ceil(self.total_steps / 25))
-        self.loss = LossFunction(model)
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self._validation_every = validation_every
+        self.resize(hyperparameters)
+        self.loss = CausalLMLoss(model, loss_kernel)
+        self.packed = packing and self.loss.takes_positions
+        attention = str(getattr(model.config, "_attn_implementation", "") or "")
+        # Flash-attention reads example boundaries from the positions of a single row (varlen).
+        self.one_row = self.packed and attention.startswith("flash_attention")
+        self.row_tokens = row_tokens
+        self.forward: Any = wrap(self.loss, model, self.ranks, device)
+        if compile:
+            self.forward = torch.compile(self.forward, dynamic=True)
+        self.parameters = [p for p in self.forward.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.parameters, peak_learning_rate)
-        self.autocast = device.type == "cuda"
+        self.autocast = autocast_dtype(device)
         self.step = 0
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches of the current epoch already trained
@@ -346,17 +351,25 @@ class Trainer:
         self._metrics = _Metrics()
         self._flush_every = 1 if device.type == "cpu" else 10
 
+    def resize(self, hyperparameters: Hyperparameters) -> None:
+        """Set the hyperparameters (the batch size decides the steps); before the first step only."""
+        self.hyperparameters = hyperparameters
+        self.steps_per_epoch = math.ceil(len(self.train_data) / hyperparameters.batch_size)
+        self.total_steps = self.steps_per_epoch * hyperparameters.n_epochs
+        self.validation_every = self._validation_every or max(5, math.ceil(self.total_steps / 25))
+
     # -- state --
 
-    def state(self, fingerprint: str) -> dict[str, Any]:
+    def state(self, fingerprint: str, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
         state: dict[str, Any] = {
             "fingerprint": fingerprint,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "batch_size": self.hyperparameters.batch_size,
             "tokens_seen": self.tokens_seen,
             "validation_cursor": self._validation_cursor,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
             "cpu_rng": torch.get_rng_state(),
             "last_metrics": dict(self._metrics.last),
         }
@@ -370,54 +383,113 @@ class Trainer:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.tokens_seen = int(state["tokens_seen"])
         self._validation_cursor = int(state["validation_cursor"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.forward, self.optimizer, state["optimizer"], self.ranks)
         torch.set_rng_state(state["cpu_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self._metrics.last = dict(state.get("last_metrics", {}))
 
-    # -- the loop --
+    # -- batches --
 
     def batches_left_in_epoch(self) -> Iterator[list[int]]:
         batches = epoch_batches(self.lengths, self.hyperparameters.batch_size, self.seed, self.epoch)
         yield from batches[self.batch_in_epoch :]
 
+    def local_share(self, examples: Sequence[EncodedExample]) -> list[EncodedExample]:
+        """This rank's examples of a batch (all of them on one rank)."""
+        return [examples[i] for i in self.ranks.share([len(e.input_ids) for e in examples])]
+
+    def collate(self, examples: Sequence[EncodedExample]) -> Batch:
+        if not self.packed:
+            return collate(examples, self.pad_id, self.device, packed=False)
+        width = sum(len(e.input_ids) for e in examples) if self.one_row else self.row_tokens
+        return collate(examples, self.pad_id, self.device, width=width)
+
+    def batch_shape(self, examples: Sequence[EncodedExample]) -> tuple[int, int]:
+        """(rows, width) that `collate` gives these examples, without building tensors."""
+        lengths = [len(e.input_ids) for e in examples]
+        if not lengths:
+            return 1, 1
+        if not self.packed:
+            return len(lengths), max(lengths)
+        if self.one_row:
+            return 1, sum(lengths)
+        rows = pack_rows(lengths, max(max(lengths), self.row_tokens or 0))
+        return len(rows), max(sum(lengths[i] for i in row) for row in rows)
+
+    # -- the loop --
+
+    def _losses(self, batch: Batch, module: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, right predictions) of this rank's batch, through `module` (default: the
+        wrapped forward)."""
+        precision = (
+            torch.autocast(self.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with precision:
+            return (module or self.forward)(  # type: ignore[no-any-return]
+                batch.input_ids,
+                batch.position_ids,
+                batch.attention_mask,
+                batch.trained_positions,
+                batch.targets,
+            )
+
     def train_step(self, indices: list[int], end_of_epoch: bool = False) -> None:
         """One optimizer step on the batch; at an epoch's end the whole validation set is scored too."""
-        batch = collate([self.train_data[i] for i in indices], self.pad_id, self.device)
+        examples = [self.train_data[i] for i in indices]
+        trained = sum(self.targets[i] for i in indices)  # of the whole batch, over every rank
+        batch = self.collate(self.local_share(examples))
         lr = learning_rate_at(self.step, self.total_steps, self.peak)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, correct, count = self.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters, GRADIENT_CLIP)
+        loss, correct = self._losses(batch)
+        # The mean over the whole batch's trained tokens; data-parallel ranks average their gradients.
+        (loss * (self.ranks.world_size / max(1, trained))).backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, GRADIENT_CLIP)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.batch_in_epoch += 1
-        self.tokens_seen += batch.tokens
+        self.tokens_seen += sum(self.lengths[i] for i in indices)
+        figures = self.ranks.sum(torch.stack([loss.detach().float(), correct.float()]))
         extra: dict[str, float] = {}
         if self.validation_data and self.step % self.validation_every == 0:
             extra = self.validation_batch()
         if end_of_epoch:
             extra.update(self.full_validation())
-        self._metrics.pending.append((self.step, loss.detach(), correct, count, extra))
+        self._metrics.pending.append((self.step, figures, trained, norm.detach(), extra))
 
     def flush(self, reporter: TrainingReporter | None) -> None:
         """Report the buffered per-step metrics. `last_metrics` keeps the latest of each figure (the
-        validation figures of the latest validation batch), as a checkpoint's metrics show them."""
-        for step, loss, correct, count, extra in self._metrics.pending:
-            data = {
-                "train_loss": float(loss),
-                "train_mean_token_accuracy": float(correct) / max(1, count),
-                **extra,
-            }
+        validation figures of the latest validation batch), as a checkpoint's metrics show them.
+        Raises TrainingDiverged at the first step whose loss or gradient is not finite."""
+        for step, figures, trained, norm, extra in self._metrics.pending:
+            loss_sum, correct = figures.tolist()
+            loss = loss_sum / max(1, trained)
+            if not (math.isfinite(loss) and math.isfinite(float(norm))):
+                self._metrics.pending.clear()
+                raise TrainingDiverged(self._divergence(step, loss, float(norm)))
+            data = {"train_loss": loss, "train_mean_token_accuracy": correct / max(1, trained), **extra}
             self._metrics.last = {**self._metrics.last, "step": float(step), **data}
             if reporter is not None:
                 reporter.metrics(step, self.total_steps, data)
         self._metrics.pending.clear()
+
+    def _divergence(self, step: int, loss: float, norm: float) -> str:
+        what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+        multiplier = self.hyperparameters.learning_rate_multiplier
+        cause = (
+            f"the learning rate is too high (learning_rate_multiplier {multiplier:g}, a peak rate of "
+            f"{self.peak:.3g}): lower learning_rate_multiplier"
+            if multiplier > 1
+            else f"numbers too large for {self.autocast or torch.float32} at a peak learning rate of "
+            f"{self.peak:.3g}: lower learning_rate_multiplier"
+        )
+        return f"Training diverged at step {step} of {self.total_steps}: {what}. The likely cause is {cause}."
 
     def maybe_flush(self, reporter: TrainingReporter | None) -> None:
         if len(self._metrics.pending) >= self._flush_every:
@@ -427,20 +499,18 @@ class Trainer:
     def evaluate(self, examples: Sequence[EncodedExample]) -> tuple[float, float]:
         """(mean loss, mean token accuracy) over `examples`, weighted by trained tokens."""
         self.model.eval()
-        total_loss = torch.zeros((), device=self.device)
-        total_correct = torch.zeros((), device=self.device)
+        totals = torch.zeros(2, device=self.device)
         total_count = 0
         size = max(self.hyperparameters.batch_size, 16)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         for begin in range(0, len(order), size):
-            batch = collate([examples[i] for i in order[begin : begin + size]], self.pad_id, self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss, correct, count = self.loss(batch)
-            total_loss += loss.float() * count
-            total_correct += correct
-            total_count += count
+            chunk = [examples[i] for i in order[begin : begin + size]]
+            loss, correct = self._losses(self.collate(self.local_share(chunk)))
+            totals += torch.stack([loss.float(), correct.float()])
+            total_count += sum(trained_targets(e) for e in chunk)
+        loss_sum, correct_sum = self.ranks.sum(totals).tolist()
         count = max(1, total_count)
-        return float(total_loss) / count, float(total_correct) / count
+        return loss_sum / count, correct_sum / count
 
     def validation_batch(self) -> dict[str, float]:
         size = self.hyperparameters.batch_size
@@ -466,16 +536,107 @@ class Trainer:
     def last_metrics(self) -> dict[str, float]:
         return dict(self._metrics.last)
 
+    # -- memory (GPU) --
+
+    def largest_batch(self) -> list[EncodedExample]:
+        """This rank's share of the batch, among every batch left in the run, that `collate` makes
+        the most tokens of (rows x width): the one a dry run must fit."""
+        best: list[EncodedExample] = []
+        best_size = -1
+        for epoch in range(self.epoch, self.hyperparameters.n_epochs):
+            for indices in epoch_batches(self.lengths, self.hyperparameters.batch_size, self.seed, epoch):
+                share = self.local_share([self.train_data[i] for i in indices])
+                rows, width = self.batch_shape(share)
+                if rows * width > best_size:
+                    best, best_size = share, rows * width
+        return best
+
+    def dry_run(self) -> None:
+        """A forward and backward pass of the largest batch, with the optimizer's state allocated
+        beside it (AdamW: two float32 values per trained parameter): raises torch.cuda.OutOfMemoryError
+        when the run would not fit. Leaves no gradient, optimizer state or RNG draw behind."""
+        examples = self.largest_batch()
+        reserve: torch.Tensor | None = None
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                count = sum(p.numel() for p in self.parameters if not self.optimizer.state.get(p))
+                reserve = torch.empty(2 * count, dtype=torch.float32, device=self.device)
+                self.model.train()
+                # Under DDP, the unwrapped module: no collective that a rank out of memory would leave waiting.
+                module = self.loss if self.ranks.strategy == "ddp" else None
+                loss, _ = self._losses(self.collate(examples), module)
+                (loss * 0.0).backward()
+        finally:
+            del reserve
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# -- GPU memory planning -------------------------------------------------------------------------
+
+
+def activation_bytes_per_token(config: Any, checkpointing: bool) -> int:
+    """Activation memory one token of a step keeps for the backward pass, all layers (bf16 autocast,
+    SDPA attention; fitted to the H200 reference runs of shared/gpu: about 140 KB a layer for a
+    2048-wide Llama, 73 KB for a 768-wide GPT-2). With gradient checkpointing: each layer's input,
+    plus one layer's activations during its recomputation."""
+    layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0) or 1)
+    width = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 1)
+    inner = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width)
+    per_layer = 48 * width + 12 * inner
+    if checkpointing:
+        return 4 * width * layers + per_layer
+    return per_layer * layers
+
+
+def auto_gpu_batch_size(
+    n_examples: int,
+    mean_length: float,
+    config: Any,
+    trainable_parameters: int,
+    checkpointing: bool,
+    free_bytes: int,
+    world_size: int = 1,
+    sharded: bool = False,
+) -> int:
+    """Examples per step for an "auto" job on GPUs: the largest power of two not above
+    n_examples / 200 (at least 200 steps an epoch, as on a CPU, without the CPU's cap of 32) whose
+    share per GPU fits GPU_MEMORY_SHARE of `free_bytes` (free after the model is loaded): gradients
+    and AdamW state (12 bytes a trained parameter, sharded or not), the loss's logits chunk
+    (3 x CHUNK_TOKENS x vocabulary x 4 bytes) and the activations of every token of the step."""
+    by_data = 1 if n_examples < 400 else 2 ** math.floor(math.log2(n_examples / 200))
+    states = 12 * trainable_parameters / (world_size if sharded else 1)
+    vocabulary = int(getattr(config, "vocab_size", 0) or 0)
+    loss = 3 * CHUNK_TOKENS * vocabulary * 4
+    room = GPU_MEMORY_SHARE * free_bytes - states - loss
+    tokens = room / activation_bytes_per_token(config, checkpointing)
+    per_gpu = tokens / max(1.0, mean_length)
+    by_memory = 2 ** math.floor(math.log2(per_gpu)) * world_size if per_gpu >= 1 else world_size
+    return int(max(1, min(by_data, by_memory)))
+
 
 # -- saving --------------------------------------------------------------------------------------
 
 
-def save_model(model: Any, tokenizer: Any, directory: Path, base_model_dir: Path, lora: bool) -> None:
-    """A loadable model directory: full weights (safetensors) or a LoRA adapter, plus the tokenizer."""
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    directory: Path,
+    base_model_dir: Path,
+    lora: bool,
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """A loadable model directory: full weights (safetensors) or a LoRA adapter, plus the tokenizer.
+    `state_dict`: the weights to write when the model's own are sharded (FSDP)."""
     directory.mkdir(parents=True, exist_ok=True)
     if lora:
         model.peft_config["default"].base_model_name_or_path = str(Path(base_model_dir).resolve())
-    model.save_pretrained(str(directory))
+    if state_dict is not None:
+        model.save_pretrained(str(directory), state_dict=state_dict)
+    else:
+        model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     card = Path(base_model_dir) / MODEL_CARD
     if card.is_file() and not lora:
@@ -505,48 +666,139 @@ def _link_or_copy_model(source: Path, target: Path) -> None:
 
 
 def load_for_training(spec: TrainingSpec, device: torch.device) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, uses LoRA): the base model, or the state to resume from, ready to train."""
+    """(model, tokenizer, uses LoRA): the base model, or the state to resume from, ready to train
+    (gradient checkpointing on above spec.gradient_checkpointing_above_params)."""
     tokenizer = load_tokenizer(spec.base_model_dir)
-    lora = parameter_count(spec.base_model_dir) > spec.lora_above_params
+    parameters = parameter_count(spec.base_model_dir)
+    lora = parameters > spec.lora_above_params
+    checkpointing = parameters > spec.gradient_checkpointing_above_params
     if not lora:
-        return (
-            load_causal_lm(spec.resume_from or spec.base_model_dir, device, torch.float32),
-            tokenizer,
-            False,
-        )
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    # The frozen base in bf16 on a GPU that has it; the adapters are kept in float32 by peft.
-    frozen = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    base = load_causal_lm(spec.base_model_dir, device, frozen)
-    if spec.resume_from is not None:
-        model = PeftModel.from_pretrained(base, str(spec.resume_from), is_trainable=True)
+        model = load_causal_lm(spec.resume_from or spec.base_model_dir, device, torch.float32)
     else:
-        config = LoraConfig(
-            r=LORA_RANK,
-            lora_alpha=2 * LORA_RANK,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(base, config)
-    model.to(device)
-    return model, tokenizer, True
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        # The frozen base in bf16 on a GPU that has it; the adapters are kept in float32 by peft.
+        frozen = autocast_dtype(device) or torch.float32
+        base = load_causal_lm(spec.base_model_dir, device, frozen)
+        if spec.resume_from is not None:
+            model = PeftModel.from_pretrained(base, str(spec.resume_from), is_trainable=True)
+        else:
+            config = LoraConfig(
+                r=LORA_RANK,
+                lora_alpha=2 * LORA_RANK,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(base, config)
+        model.to(device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, lora
 
 
 def train(spec: TrainingSpec, reporter: TrainingReporter) -> TrainingOutcome:
-    """Fine-tune `spec.base_model_dir` on `spec.train_file` (see the module docstring for guarantees)."""
+    """Fine-tune `spec.base_model_dir` on `spec.train_file` (see the module docstring for guarantees).
+    With spec.devices above 1, this process is rank 0 of the job and starts the others itself."""
     threads = torch.get_num_threads()
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(spec.cpu_threads))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     try:
-        return _train(spec, reporter, device)
+        world_size = world_size_for(spec.devices, device)
+        if world_size > 1:
+            return run_ranks(spec, reporter, world_size, device, run_rank)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        return run_rank(spec, reporter, device, Ranks())
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device) -> TrainingOutcome:
+def run_rank(
+    spec: TrainingSpec, reporter: TrainingReporter, device: torch.device, ranks: Ranks
+) -> TrainingOutcome:
+    """The run, as one rank of the job (the only one, or one of spec.devices)."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(spec.cpu_threads))
+    try:
+        return _train(spec, reporter, device, ranks)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise TrainingOutOfMemory(
+            f"The GPU ran out of memory during training ({_first_line(exc)}): lower batch_size, or "
+            "give the job more GPUs (server.gpus_per_job)."
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def _fit_to_memory(trainer: Trainer, spec: TrainingSpec, reporter: TrainingReporter, resumed: bool) -> None:
+    """On a GPU: an "auto" batch sized from free memory, then the dry run of the largest batch; an
+    "auto" batch that does not fit is halved until it does. Raises TrainingOutOfMemory."""
+    hp = trainer.hyperparameters
+    ranks = trainer.ranks
+    if spec.batch_size_auto and not resumed:
+        free, _ = torch.cuda.mem_get_info(trainer.device)
+        trainable = sum(p.numel() for p in trainer.parameters)  # a sharded tensor counts whole
+        batch = auto_gpu_batch_size(
+            len(trainer.train_data),
+            trainer.tokens_per_epoch / max(1, len(trainer.train_data)),
+            trainer.model.config,
+            trainable,
+            _checkpointing(trainer.model),
+            free,
+            ranks.world_size,
+            ranks.strategy == "fsdp",
+        )
+        trainer.resize(replace(hp, batch_size=_agreed_minimum(batch, ranks)))
+    while True:
+        fits = True
+        try:
+            trainer.dry_run()
+        except torch.cuda.OutOfMemoryError:
+            fits = False
+        fits = not ranks.agree_any(not fits)
+        if fits:
+            break
+        size = trainer.hyperparameters.batch_size
+        if spec.batch_size_auto and size > 1 and not resumed:
+            reporter.message(f"batch_size {size} does not fit in GPU memory; trying {size // 2}", "warning")
+            trainer.resize(replace(trainer.hyperparameters, batch_size=size // 2))
+            continue
+        tokens = sum(len(e.input_ids) for e in trainer.largest_batch())
+        if size > 1:
+            advice = f'lower batch_size (now {size}) or leave it "auto"'
+        else:
+            advice = "give the job more GPUs (server.gpus_per_job) or train LoRA adapters (server.lora_above_params)"
+        raise TrainingOutOfMemory(
+            f"The job does not fit in GPU memory: a dry run of its largest batch ({tokens} tokens on each "
+            f"GPU) ran out of memory before training started: {advice}."
+        )
+
+
+def _checkpointing(model: Any) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(getattr(m, "gradient_checkpointing", False) for m in inner.modules())
+
+
+def _agreed_minimum(value: int, ranks: Ranks) -> int:
+    if not ranks.distributed:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=ranks.control)
+    return int(tensor.item())
+
+
+def _train(
+    spec: TrainingSpec, reporter: TrainingReporter, device: torch.device, ranks: Ranks
+) -> TrainingOutcome:
     torch.manual_seed(spec.seed)
     fingerprint = data_fingerprint(spec)
     state: dict[str, Any] | None = None
@@ -557,9 +809,15 @@ def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device)
                 f"cannot resume from {spec.resume_from}: it was trained on other data, hyperparameters or seed"
             )
     model, tokenizer, lora = load_for_training(spec, device)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    if ranks.distributed:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ranks.strategy = choose_strategy(spec.parallelism, lora, trainable, device)
     train_examples = read_examples(spec.train_file)
     validation_examples = read_examples(spec.validation_file) if spec.validation_file else []
     hp = spec.hyperparameters
+    if state is not None and "batch_size" in state:
+        hp = replace(hp, batch_size=int(state["batch_size"]))  # as sized when the run began
     trainer = Trainer(
         model,
         tokenizer,
@@ -570,31 +828,48 @@ def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device)
         base_learning_rate(spec.base_model_dir, lora) * hp.learning_rate_multiplier,
         device,
         spec.validation_every,
+        ranks=ranks,
+        packing=spec.packing,
+        row_tokens=spec.row_tokens,
+        compile=spec.compile,
+        loss_kernel=spec.loss_kernel,
     )
+    if device.type == "cuda":
+        _fit_to_memory(trainer, spec, reporter, resumed=state is not None)
+    hp = trainer.hyperparameters
     if state is not None:
         trainer.restore(state)
     output_dir = Path(spec.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
 
     def save_state(directory: Path) -> Path:
         trainer.flush(reporter)
-        save_model(trainer.model, tokenizer, _fresh_dir(directory), spec.base_model_dir, lora)
-        torch.save(trainer.state(fingerprint), directory / STATE_FILE)
+        weights = full_model_state(trainer.forward, ranks)
+        optimizer = optimizer_state(trainer.forward, trainer.optimizer, ranks)
+        if ranks.main:
+            save_model(trainer.model, tokenizer, _fresh_dir(directory), spec.base_model_dir, lora, weights)
+            torch.save(trainer.state(fingerprint, optimizer), directory / STATE_FILE)
+        ranks.barrier()
         return directory
 
-    n_parameters = sum(p.numel() for p in model.parameters())
     if state is None:
         method = f"LoRA rank {LORA_RANK}" if lora else "full fine-tuning"
+        layout = "packed rows" if trainer.packed else "padded rows"
+        devices = (
+            f"{ranks.world_size} x {device.type} ({ranks.strategy})" if ranks.distributed else device.type
+        )
         reporter.message(
-            f"Training on {device.type}: {n_parameters / 1e6:.1f}M parameters ({method}), "
-            f"{len(train_examples)} examples, {trainer.tokens_per_epoch} tokens per epoch, {trainer.total_steps} steps"
+            f"Training on {devices}: {n_parameters / 1e6:.1f}M parameters ({method}), "
+            f"{len(train_examples)} examples, {trainer.tokens_per_epoch} tokens per epoch, "
+            f"{trainer.total_steps} steps of {hp.batch_size} examples ({layout})"
         )
     last_saved: Path | None = Path(spec.resume_from) if spec.resume_from is not None else None
     saved_at_step = trainer.step
     while trainer.epoch < hp.n_epochs:
         batches = list(trainer.batches_left_in_epoch())
         for position, indices in enumerate(batches):
-            if reporter.should_stop():
+            if ranks.agree(reporter.should_stop() if ranks.main else False):
                 trainer.flush(reporter)
                 if trainer.step > saved_at_step:
                     last_saved = save_state(output_dir / f"resume-step-{trainer.step}")
@@ -606,11 +881,13 @@ def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device)
         trainer.end_epoch()
         last_saved = save_state(output_dir / f"ckpt-step-{trainer.step}")
         saved_at_step = trainer.step
-        reporter.checkpoint(trainer.step, last_saved, trainer.last_metrics)
+        if ranks.main:
+            reporter.checkpoint(trainer.step, last_saved, trainer.last_metrics)
     if last_saved is None:
         raise RuntimeError("no epoch was trained: n_epochs must be at least 1")
     final = output_dir / "model"
-    _link_or_copy_model(last_saved, final)
+    if ranks.main:
+        _link_or_copy_model(last_saved, final)
     return TrainingOutcome(
         final,
         trainer.tokens_per_epoch * hp.n_epochs,
