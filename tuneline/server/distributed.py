@@ -29,6 +29,7 @@ not help).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -146,7 +147,12 @@ def wrap(module: torch.nn.Module, model: Any, ranks: Ranks, device: torch.device
 
         ids = [device.index] if device.type == "cuda" else None
         # The model's buffers (rotary frequencies) never change: no broadcast before each forward.
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        keyword = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers"
+        )
+        return DistributedDataParallel(module, device_ids=ids, **{keyword: False})
     if ranks.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -242,7 +248,7 @@ def run_ranks(
 ) -> TrainingOutcome:
     """Run `body` as rank 0 of `world_size` ranks, the others in child processes (see the module
     docstring); returns rank 0's outcome once every rank has ended."""
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tuneline-spec-", delete=False) as handle:
         handle.write(spec_to_json(spec))
         spec_path = handle.name

@@ -482,14 +482,19 @@ class Trainer:
     def _divergence(self, step: int, loss: float, norm: float) -> str:
         what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
         multiplier = self.hyperparameters.learning_rate_multiplier
-        cause = (
-            f"the learning rate is too high (learning_rate_multiplier {multiplier:g}, a peak rate of "
-            f"{self.peak:.3g}): lower learning_rate_multiplier"
-            if multiplier > 1
-            else f"numbers too large for {self.autocast or torch.float32} at a peak learning rate of "
-            f"{self.peak:.3g}: lower learning_rate_multiplier"
+        if multiplier > 1:
+            cause = (
+                f"a learning rate too high for this model and data (learning_rate_multiplier {multiplier:g}, "
+                f"peak learning rate {self.peak:.3g})"
+            )
+        else:
+            cause = (
+                f"values too large for {self.autocast or torch.float32} at peak learning rate {self.peak:.3g}"
+            )
+        return (
+            f"Training diverged at step {step} of {self.total_steps}: {what}. Likely cause: {cause}; "
+            "lower learning_rate_multiplier. Nothing of this run was published."
         )
-        return f"Training diverged at step {step} of {self.total_steps}: {what}. The likely cause is {cause}."
 
     def maybe_flush(self, reporter: TrainingReporter | None) -> None:
         if len(self._metrics.pending) >= self._flush_every:
