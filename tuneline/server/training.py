@@ -493,7 +493,7 @@ class Trainer:
             )
         return (
             f"Training diverged at step {step} of {self.total_steps}: {what}. Likely cause: {cause}; "
-            "lower learning_rate_multiplier. Nothing of this run was published."
+            "lower learning_rate_multiplier."
         )
 
     def maybe_flush(self, reporter: TrainingReporter | None) -> None:
