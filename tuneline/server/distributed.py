@@ -152,9 +152,13 @@ def wrap(module: torch.nn.Module, model: Any, ranks: Ranks, device: torch.device
             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else "broadcast_buffers"
         )
-        return DistributedDataParallel(module, device_ids=ids, **{keyword: False})
+        options: dict[str, Any] = {keyword: False}
+        return DistributedDataParallel(module, device_ids=ids, **options)
     if ranks.strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy()
         if device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -172,7 +172,7 @@ class CausalLMLoss(torch.nn.Module):
             "position_ids" in inspect.signature((self._parts["backbone"] or inner).forward).parameters
         )
         self.keeps_logits = "logits_to_keep" in inspect.signature(inner.forward).parameters
-        self.liger = None
+        self.liger: Any = None
         if kernel == "liger" or (kernel == "auto" and self._device_type() == "cuda"):
             self.liger = _liger_loss()
             if kernel == "liger" and self.liger is None:
