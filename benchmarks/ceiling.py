@@ -139,13 +139,16 @@ def ceiling(
     synchronize()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     synchronize()
     seconds = time.perf_counter() - started
     tokens_per_second = rows * seq * steps / seconds
     return {
+        "tokens": rows * seq * steps,
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_started,
         "tokens_per_second": tokens_per_second,
         "flops_per_token": flops_per_token(model, seq, lora, parameters),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,

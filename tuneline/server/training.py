@@ -699,7 +699,21 @@ def load_for_training(spec: TrainingSpec, device: torch.device) -> tuple[Any, An
         model.to(device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device.type == "cuda":
+        _use_flash_attention(model)
     return model, tokenizer, lora
+
+
+def _use_flash_attention(model: Any) -> None:
+    """flash-attention 2 when it is installed and the architecture takes it: packed batches then run
+    as one row whose examples its varlen kernels keep apart (Trainer.one_row). SDPA otherwise."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with contextlib.suppress(ValueError, ImportError, AttributeError, NotImplementedError):
+        inner.set_attn_implementation("flash_attention_2")
 
 
 def train(spec: TrainingSpec, reporter: TrainingReporter) -> TrainingOutcome:
