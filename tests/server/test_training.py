@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from tuneline.paths import DATA_DIR
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat
+from tuneline.server.gpu_memory import auto_gpu_batch_size
 from tuneline.server.modeling import ChatModel, load_tokenizer
 from tuneline.server.training import (
     STATE_FILE,
@@ -23,7 +24,6 @@ from tuneline.server.training import (
     TrainingDiverged,
     TrainingSpec,
     auto_batch_size,
-    auto_gpu_batch_size,
     demo_training_lines,
     epoch_batches,
     exact_match,

@@ -1,4 +1,6 @@
-"""Supervised fine-tuning for `tuneline serve`: real gradient descent on a causal LM.
+"""Supervised fine-tuning for `tuneline serve`: real gradient descent on a causal LM. This module is
+the job's entry (`train(spec, reporter)`): loading, hyperparameters, checkpoints, devices; the loop
+itself is tuneline/server/trainer.py, GPU memory planning tuneline/server/gpu_memory.py.
 
 What `train` guarantees:
 - the loss is taken only on assistant turns whose weight is not 0 (tuneline/server/chat_template.py),
@@ -56,35 +58,42 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from tuneline.server.chat_template import ChatFormat, EncodedExample
 from tuneline.server.distributed import (
     Ranks,
     choose_strategy,
     full_model_state,
-    load_optimizer_state,
     optimizer_state,
     run_ranks,
     world_size_for,
-    wrap,
 )
-from tuneline.server.losses import CHUNK_TOKENS, CausalLMLoss
+from tuneline.server.gpu_memory import fit_to_memory
 from tuneline.server.modeling import (
     MODEL_CARD,
-    context_length,
     cpu_threads,
     load_causal_lm,
     load_tokenizer,
     parameter_count,
     pick_device,
 )
-from tuneline.server.packing import Batch, collate, pack_rows, trained_targets
+
+# Re-exported: the names callers take from here (the worker, the built-in build, benchmarks).
+from tuneline.server.trainer import GRADIENT_CLIP as GRADIENT_CLIP
+from tuneline.server.trainer import Hyperparameters as Hyperparameters
+from tuneline.server.trainer import Trainer as Trainer
+from tuneline.server.trainer import TrainingReporter as TrainingReporter
+from tuneline.server.trainer import autocast_dtype
+from tuneline.server.trainer import epoch_batches as epoch_batches
+from tuneline.server.trainer import make_optimizer as make_optimizer
+from tuneline.server.training_errors import TrainingDiverged as TrainingDiverged
+from tuneline.server.training_errors import TrainingError as TrainingError
+from tuneline.server.training_errors import TrainingOutOfMemory
 from tuneline.tokens import default_epochs
 
 STATE_FILE = "training_state.pt"
@@ -92,37 +101,8 @@ STATE_FILE = "training_state.pt"
 FULL_FINE_TUNE_LEARNING_RATE = 5e-5
 LORA_LEARNING_RATE = 2e-4
 LORA_RANK = 16
-WARMUP_FRACTION = 0.05
-MAX_WARMUP_STEPS = 20
-GRADIENT_CLIP = 1.0
-# Batches are drawn in windows of this many batches, sorted by length inside a window: little padding,
-# and still a random mix of examples across the epoch.
-LENGTH_WINDOW = 16
 # Models above this many parameters recompute each layer's activations in the backward pass.
 GRADIENT_CHECKPOINTING_ABOVE_PARAMS = 2_000_000_000
-# The share of a GPU's free memory the auto batch size plans to use (the rest: allocator slack).
-GPU_MEMORY_SHARE = 0.85
-
-
-class TrainingError(RuntimeError):
-    """A training run that cannot go on; `code` is the job's error code."""
-
-    code = "training_failed"
-
-
-class TrainingDiverged(TrainingError):
-    code = "training_diverged"
-
-
-class TrainingOutOfMemory(TrainingError):
-    code = "out_of_memory"
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    n_epochs: int
-    batch_size: int
-    learning_rate_multiplier: float
 
 
 def auto_batch_size(n_examples: int) -> int:
@@ -181,16 +161,6 @@ class TrainingSpec:
     loss_kernel: str = "auto"
 
 
-class TrainingReporter(Protocol):
-    def message(self, text: str, level: str = "info") -> None: ...
-
-    def metrics(self, step: int, total_steps: int, data: dict[str, float]) -> None: ...
-
-    def checkpoint(self, step: int, model_dir: Path, metrics: dict[str, float]) -> None: ...
-
-    def should_stop(self) -> bool: ...
-
-
 @dataclass
 class TrainingOutcome:
     # The fine-tuned model; when stopped, the resumable state (None if no step was trained).
@@ -222,20 +192,6 @@ def read_examples(path: Path) -> list[dict[str, Any]]:
     return examples
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches (example indices) of one epoch: a seeded shuffle, sorted by length within windows
-    of LENGTH_WINDOW batches, batch order shuffled again. The same (seed, epoch) gives the same batches."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    window = batch_size * LENGTH_WINDOW
-    batches: list[list[int]] = []
-    for begin in range(0, len(order), window):
-        chunk = sorted(order[begin : begin + window], key=lambda i: lengths[i])
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    shuffled = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in shuffled]
-
-
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -257,369 +213,6 @@ def base_learning_rate(model_dir: Path, lora: bool) -> float:
         if isinstance(rate, int | float) and rate > 0:
             return float(rate)
     return LORA_LEARNING_RATE if lora else FULL_FINE_TUNE_LEARNING_RATE
-
-
-def learning_rate_at(step: int, total_steps: int, peak: float) -> float:
-    """Linear warm-up over WARMUP_FRACTION of the steps (at most MAX_WARMUP_STEPS), cosine decay to 0."""
-    warmup = max(1, min(MAX_WARMUP_STEPS, int(total_steps * WARMUP_FRACTION)))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel for all parameters) where this torch and device have it."""
-    try:
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on a GPU that has bf16; None (float32) elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-@dataclass
-class _Metrics:
-    """Per-step figures, kept as tensors until flushed so a GPU is not synchronised every step:
-    (step, [summed loss, right predictions] over all ranks, trained tokens, gradient norm, extra)."""
-
-    pending: list[tuple[int, torch.Tensor, int, torch.Tensor, dict[str, float]]] = field(default_factory=list)
-    last: dict[str, float] = field(default_factory=dict)
-
-
-class Trainer:
-    """One fine-tuning run: model, data, optimizer and the loop. Used by `train` and by the built-in
-    model's build (which trains from random weights on the general corpus)."""
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        train_examples: Sequence[dict[str, Any]],
-        validation_examples: Sequence[dict[str, Any]],
-        hyperparameters: Hyperparameters,
-        seed: int,
-        peak_learning_rate: float,
-        device: torch.device,
-        validation_every: int | None = None,
-        *,
-        ranks: Ranks | None = None,
-        packing: bool = True,
-        row_tokens: int | None = None,
-        compile: bool = False,
-        loss_kernel: str = "auto",
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.format = ChatFormat(tokenizer)
-        self.device = device
-        self.ranks = ranks or Ranks()
-        self.seed = seed
-        self.peak = peak_learning_rate
-        limit = context_length(model.config)
-        self.train_data = [self.format.encode_example(e, limit) for e in train_examples]
-        self.validation_data = [self.format.encode_example(e, limit) for e in validation_examples]
-        self.lengths = [len(e.input_ids) for e in self.train_data]
-        self.targets = [trained_targets(e) for e in self.train_data]
-        self.tokens_per_epoch = sum(self.lengths)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
-        self._validation_every = validation_every
-        self.resize(hyperparameters)
-        self.loss = CausalLMLoss(model, loss_kernel)
-        self.packed = packing and self.loss.takes_positions
-        attention = str(getattr(model.config, "_attn_implementation", "") or "")
-        # Flash-attention reads example boundaries from the positions of a single row (varlen).
-        self.one_row = self.packed and attention.startswith("flash_attention")
-        self.row_tokens = row_tokens
-        self.forward: Any = wrap(self.loss, model, self.ranks, device)
-        if compile:
-            self.forward = torch.compile(self.forward, dynamic=True)
-        self.parameters = [p for p in self.forward.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.parameters, peak_learning_rate)
-        self.autocast = autocast_dtype(device)
-        self.step = 0
-        self.epoch = 0  # epochs completed
-        self.batch_in_epoch = 0  # batches of the current epoch already trained
-        self.tokens_seen = 0
-        self._validation_cursor = 0
-        self._metrics = _Metrics()
-        self._flush_every = 1 if device.type == "cpu" else 10
-
-    def resize(self, hyperparameters: Hyperparameters) -> None:
-        """Set the hyperparameters (the batch size decides the steps); before the first step only."""
-        self.hyperparameters = hyperparameters
-        self.steps_per_epoch = math.ceil(len(self.train_data) / hyperparameters.batch_size)
-        self.total_steps = self.steps_per_epoch * hyperparameters.n_epochs
-        self.validation_every = self._validation_every or max(5, math.ceil(self.total_steps / 25))
-
-    # -- state --
-
-    def state(self, fingerprint: str, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "fingerprint": fingerprint,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "batch_size": self.hyperparameters.batch_size,
-            "tokens_seen": self.tokens_seen,
-            "validation_cursor": self._validation_cursor,
-            "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
-            "cpu_rng": torch.get_rng_state(),
-            "last_metrics": dict(self._metrics.last),
-        }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self._validation_cursor = int(state["validation_cursor"])
-        load_optimizer_state(self.forward, self.optimizer, state["optimizer"], self.ranks)
-        torch.set_rng_state(state["cpu_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self._metrics.last = dict(state.get("last_metrics", {}))
-
-    # -- batches --
-
-    def batches_left_in_epoch(self) -> Iterator[list[int]]:
-        batches = epoch_batches(self.lengths, self.hyperparameters.batch_size, self.seed, self.epoch)
-        yield from batches[self.batch_in_epoch :]
-
-    def local_share(self, examples: Sequence[EncodedExample]) -> list[EncodedExample]:
-        """This rank's examples of a batch (all of them on one rank)."""
-        return [examples[i] for i in self.ranks.share([len(e.input_ids) for e in examples])]
-
-    def collate(self, examples: Sequence[EncodedExample]) -> Batch:
-        if not self.packed:
-            return collate(examples, self.pad_id, self.device, packed=False)
-        width = sum(len(e.input_ids) for e in examples) if self.one_row else self.row_tokens
-        return collate(examples, self.pad_id, self.device, width=width)
-
-    def batch_shape(self, examples: Sequence[EncodedExample]) -> tuple[int, int]:
-        """(rows, width) that `collate` gives these examples, without building tensors."""
-        lengths = [len(e.input_ids) for e in examples]
-        if not lengths:
-            return 1, 1
-        if not self.packed:
-            return len(lengths), max(lengths)
-        if self.one_row:
-            return 1, sum(lengths)
-        rows = pack_rows(lengths, max(max(lengths), self.row_tokens or 0))
-        return len(rows), max(sum(lengths[i] for i in row) for row in rows)
-
-    # -- the loop --
-
-    def _losses(self, batch: Batch, module: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed loss, right predictions) of this rank's batch, through `module` (default: the
-        wrapped forward)."""
-        precision = (
-            torch.autocast(self.device.type, dtype=self.autocast)
-            if self.autocast is not None
-            else contextlib.nullcontext()
-        )
-        with precision:
-            return (module or self.forward)(  # type: ignore[no-any-return]
-                batch.input_ids,
-                batch.position_ids,
-                batch.attention_mask,
-                batch.trained_positions,
-                batch.targets,
-            )
-
-    def train_step(self, indices: list[int], end_of_epoch: bool = False) -> None:
-        """One optimizer step on the batch; at an epoch's end the whole validation set is scored too."""
-        examples = [self.train_data[i] for i in indices]
-        trained = sum(self.targets[i] for i in indices)  # of the whole batch, over every rank
-        batch = self.collate(self.local_share(examples))
-        lr = learning_rate_at(self.step, self.total_steps, self.peak)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        loss, correct = self._losses(batch)
-        # The mean over the whole batch's trained tokens; data-parallel ranks average their gradients.
-        (loss * (self.ranks.world_size / max(1, trained))).backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, GRADIENT_CLIP)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.batch_in_epoch += 1
-        self.tokens_seen += sum(self.lengths[i] for i in indices)
-        figures = self.ranks.sum(torch.stack([loss.detach().float(), correct.float()]))
-        extra: dict[str, float] = {}
-        if self.validation_data and self.step % self.validation_every == 0:
-            extra = self.validation_batch()
-        if end_of_epoch:
-            extra.update(self.full_validation())
-        self._metrics.pending.append((self.step, figures, trained, norm.detach(), extra))
-
-    def flush(self, reporter: TrainingReporter | None) -> None:
-        """Report the buffered per-step metrics. `last_metrics` keeps the latest of each figure (the
-        validation figures of the latest validation batch), as a checkpoint's metrics show them.
-        Raises TrainingDiverged at the first step whose loss or gradient is not finite."""
-        for step, figures, trained, norm, extra in self._metrics.pending:
-            loss_sum, correct = figures.tolist()
-            loss = loss_sum / max(1, trained)
-            if not (math.isfinite(loss) and math.isfinite(float(norm))):
-                self._metrics.pending.clear()
-                raise TrainingDiverged(self._divergence(step, loss, float(norm)))
-            data = {"train_loss": loss, "train_mean_token_accuracy": correct / max(1, trained), **extra}
-            self._metrics.last = {**self._metrics.last, "step": float(step), **data}
-            if reporter is not None:
-                reporter.metrics(step, self.total_steps, data)
-        self._metrics.pending.clear()
-
-    def _divergence(self, step: int, loss: float, norm: float) -> str:
-        what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
-        multiplier = self.hyperparameters.learning_rate_multiplier
-        if multiplier > 1:
-            cause = (
-                f"a learning rate too high for this model and data (learning_rate_multiplier {multiplier:g}, "
-                f"peak learning rate {self.peak:.3g})"
-            )
-        else:
-            cause = (
-                f"values too large for {self.autocast or torch.float32} at peak learning rate {self.peak:.3g}"
-            )
-        return (
-            f"Training diverged at step {step} of {self.total_steps}: {what}. Likely cause: {cause}; "
-            "lower learning_rate_multiplier."
-        )
-
-    def maybe_flush(self, reporter: TrainingReporter | None) -> None:
-        if len(self._metrics.pending) >= self._flush_every:
-            self.flush(reporter)
-
-    @torch.no_grad()
-    def evaluate(self, examples: Sequence[EncodedExample]) -> tuple[float, float]:
-        """(mean loss, mean token accuracy) over `examples`, weighted by trained tokens."""
-        self.model.eval()
-        totals = torch.zeros(2, device=self.device)
-        total_count = 0
-        size = max(self.hyperparameters.batch_size, 16)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        for begin in range(0, len(order), size):
-            chunk = [examples[i] for i in order[begin : begin + size]]
-            loss, correct = self._losses(self.collate(self.local_share(chunk)))
-            totals += torch.stack([loss.float(), correct.float()])
-            total_count += sum(trained_targets(e) for e in chunk)
-        loss_sum, correct_sum = self.ranks.sum(totals).tolist()
-        count = max(1, total_count)
-        return loss_sum / count, correct_sum / count
-
-    def validation_batch(self) -> dict[str, float]:
-        size = self.hyperparameters.batch_size
-        picked = [
-            self.validation_data[(self._validation_cursor + i) % len(self.validation_data)]
-            for i in range(min(size, len(self.validation_data)))
-        ]
-        self._validation_cursor = (self._validation_cursor + len(picked)) % len(self.validation_data)
-        loss, accuracy = self.evaluate(picked)
-        return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy}
-
-    def full_validation(self) -> dict[str, float]:
-        if not self.validation_data:
-            return {}
-        loss, accuracy = self.evaluate(self.validation_data)
-        return {"full_valid_loss": loss, "full_valid_mean_token_accuracy": accuracy}
-
-    def end_epoch(self) -> None:
-        self.epoch += 1
-        self.batch_in_epoch = 0
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        return dict(self._metrics.last)
-
-    # -- memory (GPU) --
-
-    def largest_batch(self) -> list[EncodedExample]:
-        """This rank's share of the batch, among every batch left in the run, that `collate` makes
-        the most tokens of (rows x width): the one a dry run must fit."""
-        best: list[EncodedExample] = []
-        best_size = -1
-        for epoch in range(self.epoch, self.hyperparameters.n_epochs):
-            for indices in epoch_batches(self.lengths, self.hyperparameters.batch_size, self.seed, epoch):
-                share = self.local_share([self.train_data[i] for i in indices])
-                rows, width = self.batch_shape(share)
-                if rows * width > best_size:
-                    best, best_size = share, rows * width
-        return best
-
-    def dry_run(self) -> None:
-        """A forward and backward pass of the largest batch, with the optimizer's state allocated
-        beside it (AdamW: two float32 values per trained parameter): raises torch.cuda.OutOfMemoryError
-        when the run would not fit. Leaves no gradient, optimizer state or RNG draw behind."""
-        examples = self.largest_batch()
-        reserve: torch.Tensor | None = None
-        devices = [self.device] if self.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                count = sum(p.numel() for p in self.parameters if not self.optimizer.state.get(p))
-                reserve = torch.empty(2 * count, dtype=torch.float32, device=self.device)
-                self.model.train()
-                # Under DDP, the unwrapped module: no collective that a rank out of memory would leave waiting.
-                module = self.loss if self.ranks.strategy == "ddp" else None
-                loss, _ = self._losses(self.collate(examples), module)
-                (loss * 0.0).backward()
-        finally:
-            del reserve
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-
-# -- GPU memory planning -------------------------------------------------------------------------
-
-
-def activation_bytes_per_token(config: Any, checkpointing: bool) -> int:
-    """Activation memory one token of a step keeps for the backward pass, all layers (bf16 autocast,
-    SDPA attention; fitted to the H200 reference runs of shared/gpu: about 140 KB a layer for a
-    2048-wide Llama, 73 KB for a 768-wide GPT-2). With gradient checkpointing: each layer's input,
-    plus one layer's activations during its recomputation."""
-    layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0) or 1)
-    width = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 1)
-    inner = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width)
-    per_layer = 48 * width + 12 * inner
-    if checkpointing:
-        return 4 * width * layers + per_layer
-    return per_layer * layers
-
-
-def auto_gpu_batch_size(
-    n_examples: int,
-    mean_length: float,
-    config: Any,
-    trainable_parameters: int,
-    checkpointing: bool,
-    free_bytes: int,
-    world_size: int = 1,
-    sharded: bool = False,
-) -> int:
-    """Examples per step for an "auto" job on GPUs: the largest power of two not above
-    n_examples / 200 (at least 200 steps an epoch, as on a CPU, without the CPU's cap of 32) whose
-    share per GPU fits GPU_MEMORY_SHARE of `free_bytes` (free after the model is loaded): gradients
-    and AdamW state (12 bytes a trained parameter, sharded or not), the loss's logits chunk
-    (3 x CHUNK_TOKENS x vocabulary x 4 bytes) and the activations of every token of the step."""
-    by_data = 1 if n_examples < 400 else 2 ** math.floor(math.log2(n_examples / 200))
-    states = 12 * trainable_parameters / (world_size if sharded else 1)
-    vocabulary = int(getattr(config, "vocab_size", 0) or 0)
-    loss = 3 * CHUNK_TOKENS * vocabulary * 4
-    room = GPU_MEMORY_SHARE * free_bytes - states - loss
-    tokens = room / activation_bytes_per_token(config, checkpointing)
-    per_gpu = tokens / max(1.0, mean_length)
-    by_memory = 2 ** math.floor(math.log2(per_gpu)) * world_size if per_gpu >= 1 else world_size
-    return int(max(1, min(by_data, by_memory)))
 
 
 # -- saving --------------------------------------------------------------------------------------
@@ -756,65 +349,6 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
-def _fit_to_memory(trainer: Trainer, spec: TrainingSpec, reporter: TrainingReporter, resumed: bool) -> None:
-    """On a GPU: an "auto" batch sized from free memory, then the dry run of the largest batch; an
-    "auto" batch that does not fit is halved until it does. Raises TrainingOutOfMemory."""
-    hp = trainer.hyperparameters
-    ranks = trainer.ranks
-    if spec.batch_size_auto and not resumed:
-        free, _ = torch.cuda.mem_get_info(trainer.device)
-        trainable = sum(p.numel() for p in trainer.parameters)  # a sharded tensor counts whole
-        batch = auto_gpu_batch_size(
-            len(trainer.train_data),
-            trainer.tokens_per_epoch / max(1, len(trainer.train_data)),
-            trainer.model.config,
-            trainable,
-            _checkpointing(trainer.model),
-            free,
-            ranks.world_size,
-            ranks.strategy == "fsdp",
-        )
-        trainer.resize(replace(hp, batch_size=_agreed_minimum(batch, ranks)))
-    while True:
-        fits = True
-        try:
-            trainer.dry_run()
-        except torch.cuda.OutOfMemoryError:
-            fits = False
-        fits = not ranks.agree_any(not fits)
-        if fits:
-            break
-        size = trainer.hyperparameters.batch_size
-        if spec.batch_size_auto and size > 1 and not resumed:
-            reporter.message(f"batch_size {size} does not fit in GPU memory; trying {size // 2}", "warning")
-            trainer.resize(replace(trainer.hyperparameters, batch_size=size // 2))
-            continue
-        tokens = sum(len(e.input_ids) for e in trainer.largest_batch())
-        if size > 1:
-            advice = f'lower batch_size (now {size}) or leave it "auto"'
-        else:
-            advice = "give the job more GPUs (server.gpus_per_job) or train LoRA adapters (server.lora_above_params)"
-        raise TrainingOutOfMemory(
-            f"The job does not fit in GPU memory: a dry run of its largest batch ({tokens} tokens on each "
-            f"GPU) ran out of memory before training started: {advice}."
-        )
-
-
-def _checkpointing(model: Any) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return any(getattr(m, "gradient_checkpointing", False) for m in inner.modules())
-
-
-def _agreed_minimum(value: int, ranks: Ranks) -> int:
-    if not ranks.distributed:
-        return value
-    import torch.distributed as dist
-
-    tensor = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=ranks.control)
-    return int(tensor.item())
-
-
 def _train(
     spec: TrainingSpec, reporter: TrainingReporter, device: torch.device, ranks: Ranks
 ) -> TrainingOutcome:
@@ -854,7 +388,7 @@ def _train(
         loss_kernel=spec.loss_kernel,
     )
     if device.type == "cuda":
-        _fit_to_memory(trainer, spec, reporter, resumed=state is not None)
+        fit_to_memory(trainer, spec.batch_size_auto, reporter, resumed=state is not None)
     hp = trainer.hyperparameters
     if state is not None:
         trainer.restore(state)
