@@ -12,7 +12,8 @@ on the same device and threads):
 - train() padded: the same with `packing=False` (one padded row per example), to show what packing
   buys on short examples.
 
-Tokens are the chat examples' tokens (no padding). Runs alternate (ceiling, plain, packed, padded,
+Tokens are the chat examples' tokens (no padding); on a GPU the first 3 steps of each loop are not
+timed (kernel selection, allocator growth), nor is train()'s checkpoint save. Runs alternate (ceiling, plain, packed, padded,
 ceiling, ...) and medians are reported, since a shared machine's speed drifts; the ratios are
 train() loop / plain loop (CPU target >= 1.0), train() / ceiling (GPU target >= 0.9) and packed /
 padded (>= 1.0). MFU per line on a GPU (benchmarks/ceiling.py counts FLOPs; for chat lines the attended
@@ -84,20 +85,24 @@ from tuneline.server.training import (  # noqa: E402
 )
 
 GPU_SUITE = [
-    ["--synthetic", "gpt2-110m"],
-    ["--synthetic", "gpt2-350m"],
-    ["--synthetic", "llama-1.5b"],
-    ["--synthetic", "llama-1.5b", "--lora"],
-    ["--synthetic", "gpt2-350m", "--auto-batch", "--repeats", "1"],
+    ["--synthetic", "gpt2-110m", "--repeats", "1"],
+    ["--synthetic", "gpt2-350m", "--repeats", "1"],
+    ["--synthetic", "llama-1.5b", "--repeats", "1"],
+    ["--synthetic", "llama-1.5b", "--lora", "--repeats", "1"],
+    ["--synthetic", "gpt2-350m", "--auto-batch", "--examples", "20000"],
 ]
 # Ceiling rows per step on a GPU, as the reference measured them (x 2048 tokens).
 GPU_CEILING_ROWS = {"llama-1.5b": 8}
 
 
 class TimingReporter:
-    """Marks when the loop starts (the first stop check) and ends (the epoch's checkpoint)."""
+    """Marks when the timed part of the loop starts (the stop check before step `skip` + 1: the first
+    steps of a GPU run pick kernels and grow the allocator) and ends (the last step's metrics, which
+    the trainer reports before it saves the epoch's checkpoint: saving is not training)."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.checks = 0
         self.loop_started: float | None = None
         self.loop_ended: float | None = None
         self.cpu_started = 0.0
@@ -108,18 +113,20 @@ class TimingReporter:
         self.messages.append(text)
 
     def metrics(self, step: int, total_steps: int, data: dict[str, float]) -> None:
-        pass
+        if step == total_steps:
+            synchronize()
+            self.loop_ended = time.perf_counter()
+            self.cpu_ended = time.process_time()
 
     def checkpoint(self, step: int, model_dir: Path, metrics: dict[str, float]) -> None:
-        synchronize()
-        self.loop_ended = time.perf_counter()
-        self.cpu_ended = time.process_time()
+        pass
 
     def should_stop(self) -> bool:
-        if self.loop_started is None:
+        if self.checks == self.skip:
             synchronize()
             self.loop_started = time.perf_counter()
             self.cpu_started = time.process_time()
+        self.checks += 1
         return False
 
 
@@ -166,7 +173,7 @@ def synthetic_checkpoint(name: str, folder: Path, texts: list[str]) -> Path:
 
 
 def plain_loop(
-    model_dir: Path, lines: list[bytes], batch_size: int, seed: int, lr: float, lora: bool
+    model_dir: Path, lines: list[bytes], batch_size: int, seed: int, lr: float, lora: bool, skip: int = 0
 ) -> dict[str, float]:
     """The plain loop over one epoch of the same batches as train(), one padded row per example."""
     device = pick_device()
@@ -188,7 +195,10 @@ def plain_loop(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started, cpu_started = time.perf_counter(), time.process_time()
-    for batch in batches:
+    for index, batch in enumerate(batches):
+        if index == skip:
+            synchronize()
+            started, cpu_started = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(
                 input_ids=batch.input_ids,
@@ -202,7 +212,7 @@ def plain_loop(
         optimizer.zero_grad(set_to_none=True)
     synchronize()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    tokens = sum(b.tokens for b in batches)
+    tokens = sum(b.tokens for b in batches[skip:])
     return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_gib": _peak()}
 
 
@@ -210,7 +220,7 @@ def train_run(
     model_dir: Path, train_file: Path, out: Path, args: argparse.Namespace, **options: Any
 ) -> dict[str, Any]:
     """One epoch of train(): loop and end-to-end seconds, tokens, peak memory, the batch it used."""
-    reporter = TimingReporter()
+    reporter = TimingReporter(args.skip)
     spec = TrainingSpec(
         model_dir,
         train_file,
@@ -232,13 +242,30 @@ def train_run(
     total = time.perf_counter() - started
     assert reporter.loop_started is not None and reporter.loop_ended is not None
     return {
-        "tokens": outcome.trained_tokens,
+        "tokens": timed_tokens(model_dir, train_file, outcome.hyperparameters.batch_size, args),
         "seconds": reporter.loop_ended - reporter.loop_started,
         "cpu_seconds": reporter.cpu_ended - reporter.cpu_started,
         "total_seconds": total,
         "peak_gib": _peak(),
         "batch_size": outcome.hyperparameters.batch_size,
     }
+
+
+def timed_tokens(model_dir: Path, train_file: Path, batch_size: int, args: argparse.Namespace) -> int:
+    """The tokens of the epoch's steps after the first `args.skip` (the timed ones), in the trainer's
+    own batch order."""
+    tokenizer = load_tokenizer(model_dir)
+    chat_format = ChatFormat(tokenizer)
+    from transformers import AutoConfig
+
+    limit = context_length(AutoConfig.from_pretrained(str(model_dir), local_files_only=True))
+    lengths = [
+        len(chat_format.encode_example(json.loads(line), limit).input_ids)
+        for line in train_file.read_bytes().splitlines()
+        if line.strip()
+    ]
+    batches = epoch_batches(lengths, batch_size, args.seed, 0)
+    return sum(lengths[i] for batch in batches[args.skip :] for i in batch)
 
 
 def _peak() -> float:
@@ -333,6 +360,8 @@ def main() -> int:
         if args.batch_size is None:
             args.batch_size = max(1, round(ceiling_rows * seq / mean_length)) if gpu else 8
         steps = args.steps or (24 if gpu else 60)
+        # Untimed first steps on a GPU (kernel selection, allocator growth), none on a CPU.
+        args.skip = 3 if gpu and steps > 6 else 0
         n_examples = args.examples or args.batch_size * steps
         lines = support_lines(n_examples)
         train_file = work / "train.jsonl"
@@ -360,10 +389,6 @@ def main() -> int:
                 f"{mfu_text(chat_flops, rate)}, peak {result['peak_gib']:.1f} GiB (no out-of-memory)"
             )
             return 0
-        if gpu:  # kernel selection and allocator warm-up, untimed
-            warm = work / "warm.jsonl"
-            warm.write_bytes(b"\n".join(lines[: 4 * args.batch_size]) + b"\n")
-            guarded(lambda: train_run(model_dir, warm, work / "run-warm", args))
         rates: dict[str, list[float]] = {"ceiling": [], "plain": [], "packed": [], "padded": []}
         # On a CPU, tokens per CPU-second of this process too: less moved by other processes on a
         # shared machine than wall time (the threads' waits do not count).
@@ -381,7 +406,9 @@ def main() -> int:
                     args.lora,
                     warmup=3 if gpu else 1,
                 ),
-                "plain": lambda: plain_loop(model_dir, lines, args.batch_size, args.seed, lr, args.lora),
+                "plain": lambda: plain_loop(
+                    model_dir, lines, args.batch_size, args.seed, lr, args.lora, args.skip
+                ),
                 "packed": lambda: train_run(model_dir, train_file, work / "packed", args),
                 "padded": lambda: train_run(model_dir, train_file, work / "padded", args, packing=False),
             }
