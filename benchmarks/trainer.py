@@ -30,7 +30,8 @@ table, about 10 minutes on an H200 (batches of the ceiling's tokens per step, on
 which runs, one after the other, `--synthetic gpt2-110m`, `--synthetic gpt2-350m`,
 `--synthetic llama-1.5b` and `--synthetic llama-1.5b --lora`, each with its ceiling, plus
 `--synthetic gpt2-350m --auto-batch` (the "auto" batch size sized from free memory: it must not run
-out of memory). Reference (shared/gpu/README.md, H200, 2026-12-04, before this trainer): ceiling
+out of memory) and `--synthetic gpt2-110m --compile` (train() with torch.compile, the setting
+`TrainingSpec.compile`: whether it pays). Reference (shared/gpu/README.md, H200, 2026-12-04, before this trainer): ceiling
 110M 211k tok/s (19.2% MFU), 350M 84k (22.3%), llama-1.5b 46.9k (46.4%), LoRA 48.3k (33.2%); the old
 train() 5.4% MFU on 110M, and out of memory on 350M at batch 64.
 """
@@ -90,6 +91,7 @@ GPU_SUITE = [
     ["--synthetic", "llama-1.5b", "--repeats", "1"],
     ["--synthetic", "llama-1.5b", "--lora", "--repeats", "1"],
     ["--synthetic", "gpt2-350m", "--auto-batch", "--examples", "20000"],
+    ["--synthetic", "gpt2-110m", "--compile", "--repeats", "1"],
 ]
 # Ceiling rows per step on a GPU, as the reference measured them (x 2048 tokens).
 GPU_CEILING_ROWS = {"llama-1.5b": 8}
