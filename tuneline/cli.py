@@ -431,6 +431,7 @@ def serve(
             max_request_bytes=cfg.max_request_bytes,
             allowed_origins=tuple(cfg.allowed_origins),
             lora_above_params=cfg.lora_above_params,
+            gpus_per_job=cfg.gpus_per_job,
         )
     except ValueError as exc:
         usage_error(str(exc))

@@ -222,6 +222,9 @@ class ServerConfig(Section):
     concurrent_jobs: int = Field(default=1, ge=1, le=16)
     # Above this many parameters a model is fine-tuned with LoRA instead of full fine-tuning.
     lora_above_params: int = Field(default=300_000_000, ge=0)
+    # GPUs one training job uses (data parallel, or sharded when a full fine-tune does not fit one
+    # GPU); unset = every visible GPU. Ignored on a CPU.
+    gpus_per_job: int | None = Field(default=None, ge=1)
     # Loopback by default; any other address needs TUNELINE_API_KEY set or the server refuses to start.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat
+from tuneline.server.gpu_memory import auto_gpu_batch_size
 from tuneline.server.hyperparameters import Hyperparameters, auto_batch_size, resolve_hyperparameters
 from tuneline.server.modeling import ChatModel, load_tokenizer
 from tuneline.server.training import (
     STATE_FILE,
-    LossFunction,
+    Trainer,
+    TrainingDiverged,
     TrainingSpec,
-    collate,
     epoch_batches,
     read_examples,
     train,
@@ -197,28 +198,6 @@ def test_over_long_examples_are_truncated_from_the_end(tiny_dir: Path) -> None:
     assert cut.input_ids == full.input_ids[:10] and cut.labels == full.labels[:10]
 
 
-def test_the_loss_on_trained_positions_equals_the_full_logits_loss(tiny_dir: Path, support_files) -> None:
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(tiny_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), local_files_only=True)
-    fmt = ChatFormat(tokenizer)
-    examples = [fmt.encode_example(e, 512) for e in read_examples(support_files[0])[:4]]
-    batch = collate(examples, tokenizer.pad_token_id, torch.device("cpu"))
-    loss_function = LossFunction(model)
-    assert loss_function.backbone is not None  # the fast path is the one under test
-    loss, correct, count = loss_function(batch)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    reference = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        batch.labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
-    assert torch.allclose(loss, reference, atol=1e-5)
-    assert count == sum(e.trained_tokens for e in examples)
-    assert 0 <= int(correct) <= count
-
-
 # -- training the built-in model -----------------------------------------------------------------
 
 
@@ -328,6 +307,73 @@ def test_resuming_with_other_data_is_refused(tiny_dir: Path, support_files, tmp_
             ),
             RecordingReporter(),
         )
+
+
+def test_a_diverging_run_fails_naming_the_step_and_the_multiplier_and_saves_nothing(
+    tiny_dir: Path, support_files, tmp_path: Path
+) -> None:
+    reporter = RecordingReporter()
+    spec = spec_for(tiny_dir, support_files, tmp_path / "run", hyperparameters=Hyperparameters(2, 4, 1e6))
+    with pytest.raises(TrainingDiverged) as caught:
+        train(spec, reporter)
+    assert caught.value.code == "training_diverged"
+    message = str(caught.value)
+    step = len(reporter.metrics_events) + 1  # the steps before it were reported, finite
+    assert f"at step {step} of 6" in message and "learning_rate_multiplier 1e+06" in message
+    assert "lower learning_rate_multiplier" in message
+    assert reporter.checkpoints == []
+    assert not list((tmp_path / "run").glob("ckpt-*")) and not (tmp_path / "run" / "model").exists()
+
+
+def test_the_dry_run_leaves_no_gradient_optimizer_state_or_rng_draw(tiny_dir: Path, support_files) -> None:
+    from tuneline.server.modeling import load_causal_lm
+
+    model = load_causal_lm(tiny_dir, torch.device("cpu"), torch.float32)
+    examples = read_examples(support_files[0])
+    trainer = Trainer(
+        model,
+        load_tokenizer(tiny_dir),
+        examples,
+        [],
+        Hyperparameters(2, 4, 1.0),
+        7,
+        1e-3,
+        torch.device("cpu"),
+    )
+    largest = trainer.largest_batch()
+    rows, width = trainer.batch_shape(largest)
+    for epoch in range(2):
+        for indices in epoch_batches(trainer.lengths, 4, 7, epoch):
+            other_rows, other_width = trainer.batch_shape([trainer.train_data[i] for i in indices])
+            assert other_rows * other_width <= rows * width
+    rng = torch.get_rng_state()
+    trainer.dry_run()
+    assert all(p.grad is None for p in model.parameters())
+    assert not trainer.optimizer.state
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_the_gpu_auto_batch_size_follows_the_data_unless_memory_is_short() -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8,
+    )  # fmt: skip
+    params = 1_500_000_000
+    gib = 2**30
+    # Plenty of memory: the data rule alone, without the CPU's cap of 32.
+    assert auto_gpu_batch_size(100_000, 110, config, 0, False, 10_000 * gib) == 256
+    assert (
+        auto_gpu_batch_size(1000, 110, config, params, False, 140 * gib) == 4
+    )  # the demo's 200 steps an epoch
+    # A full fine-tune of 1.5B on 80 GB: about 30k tokens of activations fit, ~256 examples of 110 tokens.
+    on_80 = auto_gpu_batch_size(1_000_000, 110, config, params, False, 78 * gib)
+    assert 64 <= on_80 <= 256
+    assert auto_gpu_batch_size(1_000_000, 110, config, params, True, 78 * gib) > on_80  # checkpointing
+    assert auto_gpu_batch_size(1_000_000, 110, config, params, False, 24 * gib) == 1  # barely fits
+    # Two GPUs sharding the states: each holds half, the global batch is the sum of both.
+    assert auto_gpu_batch_size(1_000_000, 110, config, params, False, 78 * gib, 2, True) >= 2 * on_80
 
 
 # -- Hugging Face checkpoints: full fine-tuning and LoRA -----------------------------------------

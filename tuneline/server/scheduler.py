@@ -358,6 +358,8 @@ class JobRunner:
             "--lora-above-params",
             str(self.settings.lora_above_params),
         ]
+        if self.settings.gpus_per_job is not None:
+            command += ["--gpus-per-job", str(self.settings.gpus_per_job)]
         for model_dir in self.settings.model_dirs:
             command += ["--model-dir", str(model_dir)]
         with open(log_path, "ab") as log_file:

@@ -33,6 +33,9 @@ class ServerSettings:
     # other Origin header are refused.
     allowed_origins: tuple[str, ...] = ()
     lora_above_params: int = 300_000_000
+    # GPUs one training job uses on this host (data parallel or sharded, tuneline/server/distributed.py);
+    # None = every visible GPU. Ignored on a CPU.
+    gpus_per_job: int | None = None
     # The hosted service refuses training files with fewer than 10 examples.
     min_training_examples: int = 10
     # Loaded chat models kept in memory (base, fine-tuned and checkpoints), least recently used evicted.
@@ -53,6 +56,10 @@ class ServerSettings:
             raise ValueError(f"latency must be >= 0 ms, got {self.latency_ms}")
         if self.concurrent_jobs < 1:
             raise ValueError(f"concurrent jobs must be >= 1, got {self.concurrent_jobs}")
+        if self.gpus_per_job is not None and self.gpus_per_job < 1:
+            raise ValueError(
+                f"server.gpus_per_job must be >= 1 (or unset: every visible GPU), got {self.gpus_per_job}"
+            )
 
 
 def is_loopback(host: str) -> bool:

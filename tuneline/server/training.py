@@ -1,49 +1,75 @@
-"""Supervised fine-tuning for `tuneline serve`: real gradient descent on a causal LM.
+"""Supervised fine-tuning for `tuneline serve`: real gradient descent on a causal LM. This module is
+the job's entry (`train(spec, reporter)`): loading, hyperparameters, checkpoints, devices; the loop
+itself is tuneline/server/trainer.py, GPU memory planning tuneline/server/gpu_memory.py.
 
 What `train` guarantees:
-- the loss is taken only on assistant turns whose weight is not 0 (tuneline/server/chat_template.py);
-- n_epochs, batch_size and learning_rate_multiplier are honoured; the peak learning rate is the
-  model's base rate times the multiplier, with a short linear warm-up and a cosine decay;
+- the loss is taken only on assistant turns whose weight is not 0 (tuneline/server/chat_template.py),
+  without full-vocabulary logits (tuneline/server/losses.py);
+- n_epochs, batch_size (examples per optimizer step) and learning_rate_multiplier are honoured; the
+  peak learning rate is the model's base rate times the multiplier, with a short linear warm-up and a
+  cosine decay;
+- a batch's examples are packed into rows (tuneline/server/packing.py): attention never crosses two
+  examples and positions restart per example, so a packed step computes the loss and gradients of
+  the same examples unpacked (to float summation order), on less padding;
 - the same seed, data, hyperparameters and base model give the same weights (on CPU, bit for bit);
 - one checkpoint per epoch, each a loadable model directory carrying the optimizer, RNG and step state
   (`training_state.pt`), so a run resumed from it ends exactly where an uninterrupted one does; a run
   stopped mid-epoch leaves such a state directory too, as `TrainingOutcome.model_dir`;
 - `trained_tokens` = billable tokens (the example's tokens under the model's tokenizer, truncated to
   its context) x epochs;
-- models above `lora_above_params` parameters train LoRA adapters (peft) instead of all weights.
+- models above `lora_above_params` parameters train LoRA adapters (peft) instead of all weights;
+- a non-finite loss or gradient fails the run with TrainingDiverged (`code` "training_diverged",
+  naming the step and the likely cause) before anything of it is saved as a checkpoint; on a GPU, a
+  batch that would not fit is found by a dry forward/backward of the largest batch before training
+  and fails with TrainingOutOfMemory (`code` "out_of_memory", naming the setting to lower), never with
+  a CUDA out-of-memory traceback. The job worker reads `code` from these TrainingError exceptions.
 
-"auto" hyperparameters are resolved by tuneline/server/hyperparameters.py. Base learning rates:
-the model card's (`tuneline_model.json`; 2e-3 for tuneline-tiny), else 5e-5 for full fine-tuning
-and 2e-4 for LoRA.
+On a GPU: bf16 autocast where the GPU has it (float32 master weights), TF32 matmuls, fused AdamW,
+gradient checkpointing above `gradient_checkpointing_above_params`, `torch.compile` when asked
+(`TrainingSpec.compile`; measured by benchmarks/trainer.py), and `spec.devices` GPUs per job, data
+parallel or sharded (tuneline/server/distributed.py).
+
+"auto" hyperparameters are resolved by tuneline/server/hyperparameters.py. On a GPU, a job that asked
+for an "auto" batch size (`TrainingSpec.batch_size_auto`) gets the largest power of two not above
+n_examples / 200 that also fits the GPU's free memory for this model (auto_gpu_batch_size): the cap
+of 32 is lifted, the memory decides. Base learning rates: the model card's (`tuneline_model.json`;
+2e-3 for tuneline-tiny), else 5e-5 for full fine-tuning and 2e-4 for LoRA.
 
 Reporting: a metrics report every step (train loss and mean token accuracy on the trained tokens),
 one validation batch every `validation_every` steps (about 25 per job), the whole validation file
 at every epoch's end, then `checkpoint()`; `should_stop()` is asked before every step.
 
-`python -m tuneline.server.training_demo --demo` (tuneline/server/training_demo.py) fine-tunes the built-in
-model on the demo support data with this trainer.
+`python -m tuneline.server.training_demo --demo` fine-tunes the built-in model on the demo support data
+and prints the exact match before and after (eval set, held-out validation split, canary set) and
+the training time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from tuneline import jsonl
 from tuneline.server.catalog import MODEL_CARD
-from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat, EncodedExample
+from tuneline.server.distributed import (
+    Ranks,
+    choose_strategy,
+    full_model_state,
+    optimizer_state,
+    run_ranks,
+    world_size_for,
+)
+from tuneline.server.gpu_memory import fit_to_memory
 from tuneline.server.hyperparameters import Hyperparameters
 from tuneline.server.modeling import (
-    context_length,
     cpu_threads,
     load_causal_lm,
     load_tokenizer,
@@ -51,20 +77,24 @@ from tuneline.server.modeling import (
     pick_device,
 )
 
+# Re-exported: the names callers take from here (the worker, the built-in build, benchmarks).
+from tuneline.server.trainer import GRADIENT_CLIP as GRADIENT_CLIP
+from tuneline.server.trainer import Trainer as Trainer
+from tuneline.server.trainer import TrainingReporter as TrainingReporter
+from tuneline.server.trainer import autocast_dtype
+from tuneline.server.trainer import epoch_batches as epoch_batches
+from tuneline.server.trainer import make_optimizer as make_optimizer
+from tuneline.server.training_errors import TrainingDiverged as TrainingDiverged
+from tuneline.server.training_errors import TrainingError as TrainingError
+from tuneline.server.training_errors import TrainingOutOfMemory
+
 STATE_FILE = "training_state.pt"
 # Base learning rates of checkpoints that do not state their own in tuneline_model.json.
 FULL_FINE_TUNE_LEARNING_RATE = 5e-5
 LORA_LEARNING_RATE = 2e-4
 LORA_RANK = 16
-WARMUP_FRACTION = 0.05
-MAX_WARMUP_STEPS = 20
-GRADIENT_CLIP = 1.0
-# Batches are drawn in windows of this many batches, sorted by length inside a window: little padding,
-# and still a random mix of examples across the epoch.
-LENGTH_WINDOW = 16
-# Models whose logits are the output embedding of the last hidden state, unscaled: their loss is taken
-# on the hidden states of trained positions only (the vocabulary projection of the others is skipped).
-SCALED_LOGITS_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+# Models above this many parameters recompute each layer's activations in the backward pass.
+GRADIENT_CHECKPOINTING_ABOVE_PARAMS = 2_000_000_000
 
 
 @dataclass
@@ -81,16 +111,22 @@ class TrainingSpec:
     cpu_threads: int | None = None
     # One validation batch every this many steps; None = about 25 times per job.
     validation_every: int | None = None
-
-
-class TrainingReporter(Protocol):
-    def message(self, text: str, level: str = "info") -> None: ...
-
-    def metrics(self, step: int, total_steps: int, data: dict[str, float]) -> None: ...
-
-    def checkpoint(self, step: int, model_dir: Path, metrics: dict[str, float]) -> None: ...
-
-    def should_stop(self) -> bool: ...
+    # Devices the job trains on, one process each (server.gpus_per_job): None = every visible GPU,
+    # 1 on a CPU; on a CPU a number above 1 runs that many gloo processes.
+    devices: int | None = None
+    # With several devices: "auto", "ddp" or "fsdp" (tuneline/server/distributed.py).
+    parallelism: str = "auto"
+    # The job asked for batch_size "auto": on a GPU the trainer sizes it (auto_gpu_batch_size).
+    batch_size_auto: bool = False
+    # Pack short examples into shared rows (False: one padded row per example, for comparison).
+    packing: bool = True
+    # Packed rows up to this many tokens; None = the longest example of the batch.
+    row_tokens: int | None = None
+    gradient_checkpointing_above_params: int = GRADIENT_CHECKPOINTING_ABOVE_PARAMS
+    # torch.compile the forward pass (pays on a GPU for long runs; see benchmarks/trainer.py).
+    compile: bool = False
+    # The loss's vocabulary projection: "auto" (liger-kernel on CUDA when installed), "chunked", "liger".
+    loss_kernel: str = "auto"
 
 
 @dataclass
@@ -108,112 +144,18 @@ class TrainingOutcome:
 
 
 def read_examples(path: Path) -> list[dict[str, Any]]:
-    """The examples of a JSONL training file (already valid per tuneline/formats.py)."""
+    """The examples of a JSONL training file (already valid per tuneline/formats.py; read as every JSONL
+    set is, tuneline/jsonl.py: a byte-order mark the server accepted is not a training error here)."""
     examples = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            example = json.loads(raw)
-            if not isinstance(example, dict) or not ("messages" in example or "prompt" in example):
-                raise ValueError(
-                    f"line {number} of {Path(path).name}: supervised fine-tuning takes chat or "
-                    "prompt/completion lines"
-                )
-            examples.append(example)
+    for line in jsonl.read_lines(str(path)):
+        example = line.value
+        if line.reason or not isinstance(example, dict) or not ("messages" in example or "prompt" in example):
+            raise ValueError(
+                f"line {line.number} of {Path(path).name}: supervised fine-tuning takes chat or "
+                "prompt/completion lines"
+            )
+        examples.append(example)
     return examples
-
-
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches (example indices) of one epoch: a seeded shuffle, sorted by length within windows
-    of LENGTH_WINDOW batches, batch order shuffled again. The same (seed, epoch) gives the same batches."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    window = batch_size * LENGTH_WINDOW
-    batches: list[list[int]] = []
-    for begin in range(0, len(order), window):
-        chunk = sorted(order[begin : begin + window], key=lambda i: lengths[i])
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    shuffled = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in shuffled]
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    # Where the loss is taken: flat indices into the (rows x (width - 1)) next-token predictions, and
-    # the tokens to predict there. Built on the CPU, so picking them never waits on a GPU.
-    trained_positions: torch.Tensor
-    targets: torch.Tensor
-    tokens: int  # non-padding tokens
-    trained_tokens: int
-
-
-def collate(examples: Sequence[EncodedExample], pad_id: int, device: torch.device) -> Batch:
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
-    shifted = labels[:, 1:].reshape(-1)
-    positions = torch.nonzero(shifted != IGNORE_INDEX).flatten()
-    targets = shifted[positions]
-    tokens = sum(len(e.input_ids) for e in examples)
-    pin = device.type == "cuda"
-
-    def moved(tensor: torch.Tensor) -> torch.Tensor:
-        return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=pin)
-
-    return Batch(
-        input_ids=moved(input_ids),
-        attention_mask=moved(attention_mask),
-        labels=moved(labels),
-        trained_positions=moved(positions),
-        targets=moved(targets),
-        tokens=tokens,
-        trained_tokens=int(positions.numel()),
-    )
-
-
-# -- the model's loss ----------------------------------------------------------------------------
-
-
-class LossFunction:
-    """Mean cross-entropy and token accuracy over the trained positions of a batch."""
-
-    def __init__(self, model: Any) -> None:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        prefix = getattr(inner, "base_model_prefix", "")
-        backbone = getattr(inner, prefix, None) if prefix else None
-        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-        scaled = any(
-            getattr(inner.config, name, None) not in (None, 1, 1.0) for name in SCALED_LOGITS_ATTRIBUTES
-        )
-        self.model = model
-        self.backbone = backbone if backbone is not None and backbone is not inner and not scaled else None
-        self.head = head
-
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(mean loss, correct predictions, trained positions) of the batch."""
-        if self.backbone is not None and self.head is not None:
-            hidden = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-            picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch.trained_positions)
-            logits = self.head(picked).float()
-        else:
-            output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            every = output.logits[:, :-1]
-            logits = every.reshape(-1, every.shape[-1]).index_select(0, batch.trained_positions).float()
-        if batch.trained_tokens == 0:
-            return logits.sum() * 0.0, batch.targets.new_zeros(()), 0
-        loss = F.cross_entropy(logits, batch.targets)
-        correct = (logits.detach().argmax(dim=-1) == batch.targets).sum()
-        return loss, correct, batch.trained_tokens
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -239,205 +181,26 @@ def base_learning_rate(model_dir: Path, lora: bool) -> float:
     return LORA_LEARNING_RATE if lora else FULL_FINE_TUNE_LEARNING_RATE
 
 
-def learning_rate_at(step: int, total_steps: int, peak: float) -> float:
-    """Linear warm-up over WARMUP_FRACTION of the steps (at most MAX_WARMUP_STEPS), cosine decay to 0."""
-    warmup = max(1, min(MAX_WARMUP_STEPS, int(total_steps * WARMUP_FRACTION)))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    try:
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-
-
-@dataclass
-class _Metrics:
-    """Per-step figures, kept as tensors until flushed so a GPU is not synchronised every step."""
-
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, int, dict[str, float]]] = field(default_factory=list)
-    last: dict[str, float] = field(default_factory=dict)
-
-
-class Trainer:
-    """One fine-tuning run: model, data, optimizer and the loop. Used by `train` and by the built-in
-    model's build (which trains from random weights on the general corpus)."""
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        train_examples: Sequence[dict[str, Any]],
-        validation_examples: Sequence[dict[str, Any]],
-        hyperparameters: Hyperparameters,
-        seed: int,
-        peak_learning_rate: float,
-        device: torch.device,
-        validation_every: int | None = None,
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.format = ChatFormat(tokenizer)
-        self.device = device
-        self.hyperparameters = hyperparameters
-        self.seed = seed
-        self.peak = peak_learning_rate
-        limit = context_length(model.config)
-        self.train_data = [self.format.encode_example(e, limit) for e in train_examples]
-        self.validation_data = [self.format.encode_example(e, limit) for e in validation_examples]
-        self.lengths = [len(e.input_ids) for e in self.train_data]
-        self.tokens_per_epoch = sum(self.lengths)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
-        self.steps_per_epoch = math.ceil(len(self.train_data) / hyperparameters.batch_size)
-        self.total_steps = self.steps_per_epoch * hyperparameters.n_epochs
-        self.validation_every = validation_every or max(5, math.ceil(self.total_steps / 25))
-        self.loss = LossFunction(model)
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.parameters, peak_learning_rate)
-        self.autocast = device.type == "cuda"
-        self.step = 0
-        self.epoch = 0  # epochs completed
-        self.batch_in_epoch = 0  # batches of the current epoch already trained
-        self.tokens_seen = 0
-        self._validation_cursor = 0
-        self._metrics = _Metrics()
-        self._flush_every = 1 if device.type == "cpu" else 10
-
-    # -- state --
-
-    def state(self, fingerprint: str) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "fingerprint": fingerprint,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "tokens_seen": self.tokens_seen,
-            "validation_cursor": self._validation_cursor,
-            "optimizer": self.optimizer.state_dict(),
-            "cpu_rng": torch.get_rng_state(),
-            "last_metrics": dict(self._metrics.last),
-        }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self._validation_cursor = int(state["validation_cursor"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["cpu_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self._metrics.last = dict(state.get("last_metrics", {}))
-
-    # -- the loop --
-
-    def batches_left_in_epoch(self) -> Iterator[list[int]]:
-        batches = epoch_batches(self.lengths, self.hyperparameters.batch_size, self.seed, self.epoch)
-        yield from batches[self.batch_in_epoch :]
-
-    def train_step(self, indices: list[int], end_of_epoch: bool = False) -> None:
-        """One optimizer step on the batch; at an epoch's end the whole validation set is scored too."""
-        batch = collate([self.train_data[i] for i in indices], self.pad_id, self.device)
-        lr = learning_rate_at(self.step, self.total_steps, self.peak)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, correct, count = self.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters, GRADIENT_CLIP)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.batch_in_epoch += 1
-        self.tokens_seen += batch.tokens
-        extra: dict[str, float] = {}
-        if self.validation_data and self.step % self.validation_every == 0:
-            extra = self.validation_batch()
-        if end_of_epoch:
-            extra.update(self.full_validation())
-        self._metrics.pending.append((self.step, loss.detach(), correct, count, extra))
-
-    def flush(self, reporter: TrainingReporter | None) -> None:
-        """Report the buffered per-step metrics. `last_metrics` keeps the latest of each figure (the
-        validation figures of the latest validation batch), as a checkpoint's metrics show them."""
-        for step, loss, correct, count, extra in self._metrics.pending:
-            data = {
-                "train_loss": float(loss),
-                "train_mean_token_accuracy": float(correct) / max(1, count),
-                **extra,
-            }
-            self._metrics.last = {**self._metrics.last, "step": float(step), **data}
-            if reporter is not None:
-                reporter.metrics(step, self.total_steps, data)
-        self._metrics.pending.clear()
-
-    def maybe_flush(self, reporter: TrainingReporter | None) -> None:
-        if len(self._metrics.pending) >= self._flush_every:
-            self.flush(reporter)
-
-    @torch.no_grad()
-    def evaluate(self, examples: Sequence[EncodedExample]) -> tuple[float, float]:
-        """(mean loss, mean token accuracy) over `examples`, weighted by trained tokens."""
-        self.model.eval()
-        total_loss = torch.zeros((), device=self.device)
-        total_correct = torch.zeros((), device=self.device)
-        total_count = 0
-        size = max(self.hyperparameters.batch_size, 16)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        for begin in range(0, len(order), size):
-            batch = collate([examples[i] for i in order[begin : begin + size]], self.pad_id, self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss, correct, count = self.loss(batch)
-            total_loss += loss.float() * count
-            total_correct += correct
-            total_count += count
-        count = max(1, total_count)
-        return float(total_loss) / count, float(total_correct) / count
-
-    def validation_batch(self) -> dict[str, float]:
-        size = self.hyperparameters.batch_size
-        picked = [
-            self.validation_data[(self._validation_cursor + i) % len(self.validation_data)]
-            for i in range(min(size, len(self.validation_data)))
-        ]
-        self._validation_cursor = (self._validation_cursor + len(picked)) % len(self.validation_data)
-        loss, accuracy = self.evaluate(picked)
-        return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy}
-
-    def full_validation(self) -> dict[str, float]:
-        if not self.validation_data:
-            return {}
-        loss, accuracy = self.evaluate(self.validation_data)
-        return {"full_valid_loss": loss, "full_valid_mean_token_accuracy": accuracy}
-
-    def end_epoch(self) -> None:
-        self.epoch += 1
-        self.batch_in_epoch = 0
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        return dict(self._metrics.last)
-
-
 # -- saving --------------------------------------------------------------------------------------
 
 
-def save_model(model: Any, tokenizer: Any, directory: Path, base_model_dir: Path, lora: bool) -> None:
-    """A loadable model directory: full weights (safetensors) or a LoRA adapter, plus the tokenizer."""
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    directory: Path,
+    base_model_dir: Path,
+    lora: bool,
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """A loadable model directory: full weights (safetensors) or a LoRA adapter, plus the tokenizer.
+    `state_dict`: the weights to write when the model's own are sharded (FSDP)."""
     directory.mkdir(parents=True, exist_ok=True)
     if lora:
         model.peft_config["default"].base_model_name_or_path = str(Path(base_model_dir).resolve())
-    model.save_pretrained(str(directory))
+    if state_dict is not None:
+        model.save_pretrained(str(directory), state_dict=state_dict)
+    else:
+        model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     card = Path(base_model_dir) / MODEL_CARD
     if card.is_file() and not lora:
@@ -467,48 +230,94 @@ def _link_or_copy_model(source: Path, target: Path) -> None:
 
 
 def load_for_training(spec: TrainingSpec, device: torch.device) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, uses LoRA): the base model, or the state to resume from, ready to train."""
+    """(model, tokenizer, uses LoRA): the base model, or the state to resume from, ready to train
+    (gradient checkpointing on above spec.gradient_checkpointing_above_params)."""
     tokenizer = load_tokenizer(spec.base_model_dir)
-    lora = parameter_count(spec.base_model_dir) > spec.lora_above_params
+    parameters = parameter_count(spec.base_model_dir)
+    lora = parameters > spec.lora_above_params
+    checkpointing = parameters > spec.gradient_checkpointing_above_params
     if not lora:
-        return (
-            load_causal_lm(spec.resume_from or spec.base_model_dir, device, torch.float32),
-            tokenizer,
-            False,
-        )
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    # The frozen base in bf16 on a GPU that has it; the adapters are kept in float32 by peft.
-    frozen = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    base = load_causal_lm(spec.base_model_dir, device, frozen)
-    if spec.resume_from is not None:
-        model = PeftModel.from_pretrained(base, str(spec.resume_from), is_trainable=True)
+        model = load_causal_lm(spec.resume_from or spec.base_model_dir, device, torch.float32)
     else:
-        config = LoraConfig(
-            r=LORA_RANK,
-            lora_alpha=2 * LORA_RANK,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(base, config)
-    model.to(device)
-    return model, tokenizer, True
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        # The frozen base in bf16 on a GPU that has it; the adapters are kept in float32 by peft.
+        frozen = autocast_dtype(device) or torch.float32
+        base = load_causal_lm(spec.base_model_dir, device, frozen)
+        if spec.resume_from is not None:
+            model = PeftModel.from_pretrained(base, str(spec.resume_from), is_trainable=True)
+        else:
+            config = LoraConfig(
+                r=LORA_RANK,
+                lora_alpha=2 * LORA_RANK,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(base, config)
+        model.to(device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device.type == "cuda":
+        _use_flash_attention(model)
+    return model, tokenizer, lora
+
+
+def _use_flash_attention(model: Any) -> None:
+    """flash-attention 2 when it is installed and the architecture takes it: packed batches then run
+    as one row whose examples its varlen kernels keep apart (Trainer.one_row). SDPA otherwise."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with contextlib.suppress(ValueError, ImportError, AttributeError, NotImplementedError):
+        inner.set_attn_implementation("flash_attention_2")
 
 
 def train(spec: TrainingSpec, reporter: TrainingReporter) -> TrainingOutcome:
-    """Fine-tune `spec.base_model_dir` on `spec.train_file` (see the module docstring for guarantees)."""
+    """Fine-tune `spec.base_model_dir` on `spec.train_file` (see the module docstring for guarantees).
+    With spec.devices above 1, this process is rank 0 of the job and starts the others itself."""
     threads = torch.get_num_threads()
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(spec.cpu_threads))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     try:
-        return _train(spec, reporter, device)
+        world_size = world_size_for(spec.devices, device)
+        if world_size > 1:
+            return run_ranks(spec, reporter, world_size, device, run_rank)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        return run_rank(spec, reporter, device, Ranks())
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device) -> TrainingOutcome:
+def run_rank(
+    spec: TrainingSpec, reporter: TrainingReporter, device: torch.device, ranks: Ranks
+) -> TrainingOutcome:
+    """The run, as one rank of the job (the only one, or one of spec.devices)."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(spec.cpu_threads))
+    try:
+        return _train(spec, reporter, device, ranks)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise TrainingOutOfMemory(
+            f"The GPU ran out of memory during training ({_first_line(exc)}): lower batch_size, or "
+            "give the job more GPUs (server.gpus_per_job)."
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def _train(
+    spec: TrainingSpec, reporter: TrainingReporter, device: torch.device, ranks: Ranks
+) -> TrainingOutcome:
     torch.manual_seed(spec.seed)
     fingerprint = data_fingerprint(spec)
     state: dict[str, Any] | None = None
@@ -519,9 +328,15 @@ def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device)
                 f"cannot resume from {spec.resume_from}: it was trained on other data, hyperparameters or seed"
             )
     model, tokenizer, lora = load_for_training(spec, device)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    if ranks.distributed:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ranks.strategy = choose_strategy(spec.parallelism, lora, trainable, device)
     train_examples = read_examples(spec.train_file)
     validation_examples = read_examples(spec.validation_file) if spec.validation_file else []
     hp = spec.hyperparameters
+    if state is not None and "batch_size" in state:
+        hp = replace(hp, batch_size=int(state["batch_size"]))  # as sized when the run began
     trainer = Trainer(
         model,
         tokenizer,
@@ -532,31 +347,48 @@ def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device)
         base_learning_rate(spec.base_model_dir, lora) * hp.learning_rate_multiplier,
         device,
         spec.validation_every,
+        ranks=ranks,
+        packing=spec.packing,
+        row_tokens=spec.row_tokens,
+        compile=spec.compile,
+        loss_kernel=spec.loss_kernel,
     )
+    if device.type == "cuda":
+        fit_to_memory(trainer, spec.batch_size_auto, reporter, resumed=state is not None)
+    hp = trainer.hyperparameters
     if state is not None:
         trainer.restore(state)
     output_dir = Path(spec.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
 
     def save_state(directory: Path) -> Path:
         trainer.flush(reporter)
-        save_model(trainer.model, tokenizer, _fresh_dir(directory), spec.base_model_dir, lora)
-        torch.save(trainer.state(fingerprint), directory / STATE_FILE)
+        weights = full_model_state(trainer.forward, ranks)
+        optimizer = optimizer_state(trainer.forward, trainer.optimizer, ranks)
+        if ranks.main:
+            save_model(trainer.model, tokenizer, _fresh_dir(directory), spec.base_model_dir, lora, weights)
+            torch.save(trainer.state(fingerprint, optimizer), directory / STATE_FILE)
+        ranks.barrier()
         return directory
 
-    n_parameters = sum(p.numel() for p in model.parameters())
     if state is None:
         method = f"LoRA rank {LORA_RANK}" if lora else "full fine-tuning"
+        layout = "packed rows" if trainer.packed else "padded rows"
+        devices = (
+            f"{ranks.world_size} x {device.type} ({ranks.strategy})" if ranks.distributed else device.type
+        )
         reporter.message(
-            f"Training on {device.type}: {n_parameters / 1e6:.1f}M parameters ({method}), "
-            f"{len(train_examples)} examples, {trainer.tokens_per_epoch} tokens per epoch, {trainer.total_steps} steps"
+            f"Training on {devices}: {n_parameters / 1e6:.1f}M parameters ({method}), "
+            f"{len(train_examples)} examples, {trainer.tokens_per_epoch} tokens per epoch, "
+            f"{trainer.total_steps} steps of {hp.batch_size} examples ({layout})"
         )
     last_saved: Path | None = Path(spec.resume_from) if spec.resume_from is not None else None
     saved_at_step = trainer.step
     while trainer.epoch < hp.n_epochs:
         batches = list(trainer.batches_left_in_epoch())
         for position, indices in enumerate(batches):
-            if reporter.should_stop():
+            if ranks.agree(reporter.should_stop() if ranks.main else False):
                 trainer.flush(reporter)
                 if trainer.step > saved_at_step:
                     last_saved = save_state(output_dir / f"resume-step-{trainer.step}")
@@ -568,11 +400,13 @@ def _train(spec: TrainingSpec, reporter: TrainingReporter, device: torch.device)
         trainer.end_epoch()
         last_saved = save_state(output_dir / f"ckpt-step-{trainer.step}")
         saved_at_step = trainer.step
-        reporter.checkpoint(trainer.step, last_saved, trainer.last_metrics)
+        if ranks.main:
+            reporter.checkpoint(trainer.step, last_saved, trainer.last_metrics)
     if last_saved is None:
         raise RuntimeError("no epoch was trained: n_epochs must be at least 1")
     final = output_dir / "model"
-    _link_or_copy_model(last_saved, final)
+    if ranks.main:
+        _link_or_copy_model(last_saved, final)
     return TrainingOutcome(
         final,
         trainer.tokens_per_epoch * hp.n_epochs,

@@ -201,7 +201,13 @@ def base_model_dir(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> 
 
 
 def run_job(
-    store: Store, job_id: str, token: str, parent_pid: int, model_dirs: Sequence[Path], lora_above: int
+    store: Store,
+    job_id: str,
+    token: str,
+    parent_pid: int,
+    model_dirs: Sequence[Path],
+    lora_above: int,
+    gpus_per_job: int | None = None,
 ) -> int:
     """Train one job to its end (or until it is paused, cancelled or the server goes away)."""
     job = store.get_job(job_id)
@@ -226,6 +232,8 @@ def run_job(
             seed=job.seed,
             resume_from=Path(job.resume_from) if job.resume_from and Path(job.resume_from).exists() else None,
             lora_above_params=lora_above,
+            devices=gpus_per_job,
+            batch_size_auto=job.requested_hyperparameters.get("batch_size", "auto") == "auto",
         )
         for name in (spec.train_file, spec.validation_file):
             if name is not None and not name.is_file():
@@ -304,12 +312,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent", required=True, type=int)
     parser.add_argument("--model-dir", action="append", default=[], type=Path)
     parser.add_argument("--lora-above-params", type=int, default=300_000_000)
+    parser.add_argument("--gpus-per-job", type=int, default=None)  # None: every visible GPU
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = Store(args.state_dir)
     try:
-        return run_job(store, args.job, args.token, args.parent, args.model_dir, args.lora_above_params)
+        return run_job(
+            store,
+            args.job,
+            args.token,
+            args.parent,
+            args.model_dir,
+            args.lora_above_params,
+            args.gpus_per_job,
+        )
     finally:
         store.close()
 
