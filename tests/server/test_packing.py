@@ -72,10 +72,10 @@ def model_and_examples(
     request: pytest.FixtureRequest, builtin_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Any, list[EncodedExample]]:
     if request.param == "tuneline-tiny":
-        from tuneline.paths import DATA_DIR
+        from tuneline.paths import data_dir
 
         chat = ChatFormat(load_tokenizer(builtin_model))
-        lines = (DATA_DIR / "general" / "general_chat.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (data_dir() / "general" / "general_chat.jsonl").read_text(encoding="utf-8").splitlines()
         examples = [chat.encode_example(json.loads(line), 512) for line in lines[:6]]
         return load(builtin_model), examples
     make = llama_checkpoint if request.param == "llama" else gpt2_checkpoint
