@@ -29,6 +29,7 @@ not help).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import os
@@ -48,7 +49,7 @@ import torch.distributed as dist
 from tuneline.server.packing import split_for_ranks
 
 if TYPE_CHECKING:
-    from tuneline.server.training import TrainingOutcome, TrainingReporter, TrainingSpec
+    from tuneline.server.training_spec import TrainingOutcome, TrainingReporter, TrainingSpec
 
 TIMEOUT = timedelta(minutes=30)
 FSDP_ABOVE_FRACTION = 0.5
@@ -220,7 +221,7 @@ def spec_to_json(spec: TrainingSpec) -> str:
 
 def spec_from_json(text: str) -> TrainingSpec:
     from tuneline.server.hyperparameters import Hyperparameters
-    from tuneline.server.training import TrainingSpec
+    from tuneline.server.training_spec import TrainingSpec
 
     values = json.loads(text)
     values["hyperparameters"] = Hyperparameters(**values["hyperparameters"])
@@ -263,7 +264,7 @@ def run_ranks(
         for rank in range(1, world_size):
             command = [
                 sys.executable, "-m", "tuneline.server.distributed",
-                "--spec", spec_path, "--rank", str(rank), "--world-size", str(world_size),
+                "--body", f"{body.__module__}:{body.__qualname__}", "--spec", spec_path, "--rank", str(rank), "--world-size", str(world_size),
                 "--port", str(store.port), "--parent", str(os.getpid()), "--device", device.type,
             ]  # fmt: skip
             children.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
@@ -336,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="one rank of a multi-device tuneline training job")
+    # The function each rank runs, as module:name (run_ranks' `body`: the trainer's rank loop), looked
+    # up here rather than imported, so this module does not depend on the trainer that calls it.
+    parser.add_argument("--body", required=True)
     parser.add_argument("--spec", required=True, type=Path)
     parser.add_argument("--rank", required=True, type=int)
     parser.add_argument("--world-size", required=True, type=int)
@@ -344,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
-    from tuneline.server.training import run_rank
-
+    module, _, name = args.body.partition(":")
+    run_rank = getattr(importlib.import_module(module), name)
     spec = spec_from_json(args.spec.read_text(encoding="utf-8"))
     device = torch.device(args.device)
     store = dist.TCPStore("127.0.0.1", args.port, args.world_size, is_master=False, timeout=TIMEOUT)

@@ -24,7 +24,8 @@ from tuneline.server.losses import CHUNK_TOKENS
 from tuneline.server.training_errors import TrainingOutOfMemory
 
 if TYPE_CHECKING:
-    from tuneline.server.trainer import Trainer, TrainingReporter
+    from tuneline.server.trainer import Trainer
+    from tuneline.server.training_spec import TrainingReporter
 
 # The share of a GPU's free memory the auto batch size plans to use (the rest: allocator slack).
 GPU_MEMORY_SHARE = 0.85

@@ -22,8 +22,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -34,6 +33,7 @@ from tuneline.server.losses import CausalLMLoss
 from tuneline.server.modeling import context_length
 from tuneline.server.packing import Batch, collate, pack_rows, trained_targets
 from tuneline.server.training_errors import TrainingDiverged
+from tuneline.server.training_spec import TrainingReporter
 
 WARMUP_FRACTION = 0.05
 MAX_WARMUP_STEPS = 20
@@ -41,16 +41,6 @@ GRADIENT_CLIP = 1.0
 # Batches are drawn in windows of this many batches, sorted by length inside a window: little padding,
 # and still a random mix of examples across the epoch.
 LENGTH_WINDOW = 16
-
-
-class TrainingReporter(Protocol):
-    def message(self, text: str, level: str = "info") -> None: ...
-
-    def metrics(self, step: int, total_steps: int, data: dict[str, float]) -> None: ...
-
-    def checkpoint(self, step: int, model_dir: Path, metrics: dict[str, float]) -> None: ...
-
-    def should_stop(self) -> bool: ...
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -51,7 +51,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ from tuneline.server.distributed import (
     world_size_for,
 )
 from tuneline.server.gpu_memory import fit_to_memory
-from tuneline.server.hyperparameters import Hyperparameters
 from tuneline.server.modeling import (
     cpu_threads,
     load_causal_lm,
@@ -80,64 +79,21 @@ from tuneline.server.modeling import (
 # Re-exported: the names callers take from here (the worker, the built-in build, benchmarks).
 from tuneline.server.trainer import GRADIENT_CLIP as GRADIENT_CLIP
 from tuneline.server.trainer import Trainer as Trainer
-from tuneline.server.trainer import TrainingReporter as TrainingReporter
 from tuneline.server.trainer import autocast_dtype
 from tuneline.server.trainer import epoch_batches as epoch_batches
 from tuneline.server.trainer import make_optimizer as make_optimizer
 from tuneline.server.training_errors import TrainingDiverged as TrainingDiverged
 from tuneline.server.training_errors import TrainingError as TrainingError
 from tuneline.server.training_errors import TrainingOutOfMemory
+from tuneline.server.training_spec import TrainingOutcome as TrainingOutcome
+from tuneline.server.training_spec import TrainingReporter as TrainingReporter
+from tuneline.server.training_spec import TrainingSpec as TrainingSpec
 
 STATE_FILE = "training_state.pt"
 # Base learning rates of checkpoints that do not state their own in tuneline_model.json.
 FULL_FINE_TUNE_LEARNING_RATE = 5e-5
 LORA_LEARNING_RATE = 2e-4
 LORA_RANK = 16
-# Models above this many parameters recompute each layer's activations in the backward pass.
-GRADIENT_CHECKPOINTING_ABOVE_PARAMS = 2_000_000_000
-
-
-@dataclass
-class TrainingSpec:
-    base_model_dir: Path
-    train_file: Path
-    validation_file: Path | None
-    output_dir: Path
-    hyperparameters: Hyperparameters
-    seed: int
-    resume_from: Path | None = None
-    lora_above_params: int = 300_000_000
-    # CPU threads for torch; None = the cores not already busy (see cpu_threads).
-    cpu_threads: int | None = None
-    # One validation batch every this many steps; None = about 25 times per job.
-    validation_every: int | None = None
-    # Devices the job trains on, one process each (server.gpus_per_job): None = every visible GPU,
-    # 1 on a CPU; on a CPU a number above 1 runs that many gloo processes.
-    devices: int | None = None
-    # With several devices: "auto", "ddp" or "fsdp" (tuneline/server/distributed.py).
-    parallelism: str = "auto"
-    # The job asked for batch_size "auto": on a GPU the trainer sizes it (auto_gpu_batch_size).
-    batch_size_auto: bool = False
-    # Pack short examples into shared rows (False: one padded row per example, for comparison).
-    packing: bool = True
-    # Packed rows up to this many tokens; None = the longest example of the batch.
-    row_tokens: int | None = None
-    gradient_checkpointing_above_params: int = GRADIENT_CHECKPOINTING_ABOVE_PARAMS
-    # torch.compile the forward pass (pays on a GPU for long runs; see benchmarks/trainer.py).
-    compile: bool = False
-    # The loss's vocabulary projection: "auto" (liger-kernel on CUDA when installed), "chunked", "liger".
-    loss_kernel: str = "auto"
-
-
-@dataclass
-class TrainingOutcome:
-    # The fine-tuned model; when stopped, the resumable state (None if no step was trained).
-    model_dir: Path | None
-    trained_tokens: int
-    steps: int
-    hyperparameters: Hyperparameters
-    stopped: bool
-    final_metrics: dict[str, float] = field(default_factory=dict)
 
 
 # -- data ----------------------------------------------------------------------------------------
