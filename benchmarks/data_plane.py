@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from tasks import dedupe, export, ingest, quality, validate
 from tuneline import records
 from tuneline.config import Source, load_config
 from tuneline.demo.synthetic import synthetic_chat_lines
 from tuneline.near_duplicates import TextTable, find_exact_duplicates, find_near_duplicates
+from tuneline.tasks import dedupe, export, ingest, quality, validate
 from tuneline.tokens import encoding_name_for_model, get_encoding
 
 T = TypeVar("T")

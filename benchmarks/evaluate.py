@@ -34,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.evaluate import Answer, ChatRequest, ask_all, load_eval_set
 from tuneline.config import load_config
 from tuneline.provider import connect
 from tuneline.server.launcher import start_server
+from tuneline.tasks.evaluate import Answer, ChatRequest, ask_all, load_eval_set
 
 
 def requests_for(n: int, model: str, eval_set: str) -> list[ChatRequest]:

@@ -42,13 +42,13 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.prepare import prepare_dataset
-from flows.retrain import RetrainResult, retrain
-from tasks import ingest
 from tuneline import tracking
 from tuneline.config import Config, load_config
+from tuneline.flows.prepare import prepare_dataset
+from tuneline.flows.retrain import RetrainResult, retrain
 from tuneline.paths import is_url, resolve
 from tuneline.reporting import BackfillDay, render_backfill_summary
+from tuneline.tasks import ingest
 from tuneline.tracking import RunLog
 
 Mode = Literal["prepare", "retrain"]

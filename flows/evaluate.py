@@ -17,12 +17,12 @@ from prefect import flow, get_run_logger
 from prefect import runtime as prefect_runtime
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.evaluate import EvaluationResult, evaluate_task
-from tasks.promote import Candidate, PromotionOutcome, promote_task
 from tuneline import provider as providers
 from tuneline import tracking
 from tuneline.config import Config, load_config
 from tuneline.reporting import RunSummary, headline_metrics, render_run_summary
+from tuneline.tasks.evaluate import EvaluationResult, evaluate_task
+from tuneline.tasks.promote import Candidate, PromotionOutcome, promote_task
 from tuneline.tracking import RunLog
 
 

@@ -29,10 +29,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
-from tasks import dedupe, export, ingest, quality, validate
 from tuneline import jsonl, records, tracking
 from tuneline.config import Config, ConfigError, Source, load_config
 from tuneline.reporting import RunSummary, render_run_summary
+from tuneline.tasks import dedupe, export, ingest, quality, validate
 from tuneline.tracking import RunLog
 
 

@@ -28,10 +28,15 @@ from prefect import flow, get_run_logger
 from prefect import runtime as prefect_runtime
 from prefect.artifacts import create_markdown_artifact
 
-from flows.evaluate import evaluate_and_promote
-from flows.prepare import PrepareFailed, PrepareResult, manifest_of, prepare_dataset
-from tasks.promote import Candidate
-from tasks.train import (
+from tuneline import provider as providers
+from tuneline import tracking
+from tuneline.config import Config, load_config
+from tuneline.flows.evaluate import evaluate_and_promote
+from tuneline.flows.prepare import PrepareFailed, PrepareResult, manifest_of, prepare_dataset
+from tuneline.paths import resolve
+from tuneline.reporting import RunSummary, headline_metrics, render_run_summary
+from tuneline.tasks.promote import Candidate
+from tuneline.tasks.train import (
     TrainingFailed,
     TrainingOutcome,
     job_request,
@@ -39,12 +44,7 @@ from tasks.train import (
     train,
     training_config_hash,
 )
-from tasks.upload import UploadedFiles, upload
-from tuneline import provider as providers
-from tuneline import tracking
-from tuneline.config import Config, load_config
-from tuneline.paths import resolve
-from tuneline.reporting import RunSummary, headline_metrics, render_run_summary
+from tuneline.tasks.upload import UploadedFiles, upload
 from tuneline.tracking import RunLog, RunRecord
 
 

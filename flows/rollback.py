@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.promote import RollbackOutcome
-from tasks.promote import rollback as move_champion_back
 from tuneline.config import load_config
 from tuneline.reporting import render_rollback_summary
+from tuneline.tasks.promote import RollbackOutcome
+from tuneline.tasks.promote import rollback as move_champion_back
 
 
 @flow(name="rollback", log_prints=True)

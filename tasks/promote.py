@@ -22,11 +22,11 @@ from datetime import datetime
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.evaluate import EvaluationResult, Role, SetName
 from tuneline import tracking
 from tuneline.config import Config, PromotionConfig, TrackingConfig
 from tuneline.gate import Decision, GateEvidence, ReferenceRole, decide
 from tuneline.metrics import paired_test
+from tuneline.tasks.evaluate import EvaluationResult, Role, SetName
 from tuneline.tracking import CHAMPION, PREVIOUS, ModelVersionRecord, RegistryError, RunLog
 
 DEFAULT_LOG = logging.getLogger("tuneline.promote")

@@ -23,9 +23,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.validate import context_limit, exported_kind
 from tuneline import records
 from tuneline.config import ModelConfig, ValidationConfig
+from tuneline.tasks.validate import context_limit, exported_kind
 
 SUITE_NAME = "tuneline-data-quality"
 

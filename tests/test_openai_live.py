@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from tasks.train import cancel_job, create_job, find_job, job_request
-from tasks.upload import upload_dataset
 from tuneline.config import Config, parse_config
 from tuneline.provider import Provider, ProviderError, connect
+from tuneline.tasks.train import cancel_job, create_job, find_job, job_request
+from tuneline.tasks.upload import upload_dataset
 
 pytestmark = pytest.mark.openai
 

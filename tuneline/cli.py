@@ -75,8 +75,8 @@ def main(
 def window_problem(cfg: Config, day: date) -> str | None:
     """Why the date window holds no data (one line with the window, the newest partition and the fix),
     or None. Lists the sources' files only; reads none."""
-    from tasks import ingest
     from tuneline.paths import project_root
+    from tuneline.tasks import ingest
 
     lookback = cfg.data.lookback_days
     if ingest.select_files(cfg.data.sources, day, lookback).files:
@@ -116,11 +116,11 @@ def expected_failures() -> tuple[type[Exception], ...]:
     """What a command reports in a few lines, without a traceback: a config or usage error, a failed
     gate or cost cap, a provider that refused or kept failing after its retries, a failed job, an
     evaluation that cannot produce a result, a refused registry move, an incomplete backfill."""
-    from flows.backfill import BackfillError, BackfillIncomplete
-    from flows.prepare import InputNotFound, PrepareFailed
-    from tasks.evaluate import EvaluationError
-    from tasks.train import TrainingFailed
+    from tuneline.flows.backfill import BackfillError, BackfillIncomplete
+    from tuneline.flows.prepare import InputNotFound, PrepareFailed
     from tuneline.provider import ProviderError
+    from tuneline.tasks.evaluate import EvaluationError
+    from tuneline.tasks.train import TrainingFailed
     from tuneline.tracking import RegistryError
 
     return (
@@ -167,7 +167,7 @@ def reporting_failures() -> Iterator[tuple[type[Exception], ...]]:
 
 def failed(what: str, exc: BaseException) -> NoReturn:
     """An expected failure of a run: its message, exit 1 (2 for a config or usage error)."""
-    from flows.prepare import InputNotFound
+    from tuneline.flows.prepare import InputNotFound
 
     if isinstance(exc, ConfigError | InputNotFound):
         usage_error(str(exc))
@@ -201,8 +201,8 @@ def prepare(
         problem = window_problem(cfg, day or cfg.data.as_of or date.today())
         if problem:
             usage_error(problem)
-    from flows.prepare import PrepareFailed
-    from flows.prepare import prepare as prepare_flow
+    from tuneline.flows.prepare import PrepareFailed
+    from tuneline.flows.prepare import prepare as prepare_flow
 
     with reporting_failures() as expected:
         try:
@@ -279,7 +279,7 @@ def backfill(
     config: Path | None = ConfigOption,
 ) -> None:
     """Replay a range of dates as the nightly run saw them. Exit 1 when a date failed or was stopped."""
-    from flows.backfill import BackfillError, BackfillIncomplete, backfill_dates, check_mode
+    from tuneline.flows.backfill import BackfillError, BackfillIncomplete, backfill_dates, check_mode
 
     try:
         backfill_dates(start, end)
@@ -289,7 +289,7 @@ def backfill(
     cfg = read_config(config)  # exit 2 on a bad config before anything starts
     if mode == "retrain":
         check_provider(cfg)
-    from flows.backfill import backfill as backfill_flow
+    from tuneline.flows.backfill import backfill as backfill_flow
 
     with reporting_failures() as expected:
         try:
@@ -462,7 +462,7 @@ def run(
         usage_error(problem)
     if not dry_run:
         check_provider(cfg)
-    from flows.retrain import retrain
+    from tuneline.flows.retrain import retrain
 
     with reporting_failures() as expected:
         try:
@@ -526,7 +526,7 @@ def evaluate(
             f"--train-file {train_file}: no such file (give a train.jsonl written by `tuneline prepare`)"
         )
     check_provider(cfg)
-    from flows.evaluate import evaluate as evaluate_flow
+    from tuneline.flows.evaluate import evaluate as evaluate_flow
 
     with reporting_failures() as expected:
         try:
@@ -550,7 +550,7 @@ def rollback(
 ) -> None:
     """Move the registry's `champion` alias back to `previous` (or --to VERSION), recording who, when and why."""
     read_config(config)
-    from flows.rollback import rollback as rollback_flow
+    from tuneline.flows.rollback import rollback as rollback_flow
 
     with reporting_failures() as expected:
         try:
@@ -571,7 +571,7 @@ def demo(config: Path | None = ConfigOption) -> None:
     night 2 sees a new day of data, trains a candidate, compares it with the champion and decides."""
     import time
 
-    from flows.retrain import retrain
+    from tuneline.flows.retrain import retrain
 
     cfg = read_config(config)
     for as_of in DEMO_NIGHTS:

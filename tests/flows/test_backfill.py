@@ -14,7 +14,10 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
-from flows.backfill import (
+from tuneline import tracking
+from tuneline.cli import app
+from tuneline.config import load_config
+from tuneline.flows.backfill import (
     FAILED,
     PREPARED,
     RETRAINED,
@@ -29,9 +32,6 @@ from flows.backfill import (
     input_fingerprint,
     retrain_plan,
 )
-from tuneline import tracking
-from tuneline.cli import app
-from tuneline.config import load_config
 from tuneline.server.launcher import start_server
 
 

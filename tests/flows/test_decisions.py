@@ -26,8 +26,6 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tasks.evaluate import EvaluationError, EvaluationResult, run_evaluation
-from tasks.promote import Candidate, PromotionOutcome, promote
 from tuneline import tracking
 from tuneline.cli import app
 from tuneline.config import Config, load_config
@@ -35,6 +33,8 @@ from tuneline.formats import check_example
 from tuneline.metrics import answer_label
 from tuneline.provider import Provider, connect
 from tuneline.server.launcher import ServerProcess, start_server
+from tuneline.tasks.evaluate import EvaluationError, EvaluationResult, run_evaluation
+from tuneline.tasks.promote import Candidate, PromotionOutcome, promote
 from tuneline.tracking import CHAMPION, PREVIOUS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository

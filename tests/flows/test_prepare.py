@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from flows.prepare import PrepareFailed, prepare
-from tasks import dedupe, export, ingest, validate
 from tuneline import formats, records, tracking
 from tuneline.cli import app
 from tuneline.config import DEFAULT_CONFIG, load_config
+from tuneline.flows.prepare import PrepareFailed, prepare
+from tuneline.tasks import dedupe, export, ingest, validate
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's demo data
 

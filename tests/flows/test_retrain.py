@@ -24,13 +24,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.retrain import retrain, secret_block_key
-from tasks.train import FINAL_STATUSES, TrainingFailed, training_config_hash
 from tuneline import tracking
 from tuneline.cli import app
 from tuneline.config import load_config
+from tuneline.flows.retrain import retrain, secret_block_key
 from tuneline.provider import ProviderError, connect
 from tuneline.server.launcher import ServerProcess, start_server
+from tuneline.tasks.train import FINAL_STATUSES, TrainingFailed, training_config_hash
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository
 

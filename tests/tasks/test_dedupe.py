@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.dedupe import credentials_and_pii, dedupe, dedupe_task, record_order
 from tuneline import records
 from tuneline.config import DedupeConfig
 from tuneline.normalize import jaccard, normalized_example, word_shingles
 from tuneline.records import NORMALIZED_ANSWER, NORMALIZED_PROMPT
+from tuneline.tasks.dedupe import credentials_and_pii, dedupe, dedupe_task, record_order
 
 SYSTEM = "You are the Acme support assistant."
 CONFIG = DedupeConfig()

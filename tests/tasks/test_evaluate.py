@@ -17,7 +17,12 @@ import fsspec
 import pytest
 from PIL import Image
 
-from tasks.evaluate import (
+from tuneline import tracking
+from tuneline.answer_cache import AnswerCache, answer_key
+from tuneline.config import Config, EvaluationConfig, load_config
+from tuneline.provider import Provider, connect
+from tuneline.server.launcher import ServerProcess, free_port, start_server
+from tuneline.tasks.evaluate import (
     ChatRequest,
     EvalItem,
     EvalSet,
@@ -35,11 +40,6 @@ from tasks.evaluate import (
     select_few_shot,
     with_few_shot,
 )
-from tuneline import tracking
-from tuneline.answer_cache import AnswerCache, answer_key
-from tuneline.config import Config, EvaluationConfig, load_config
-from tuneline.provider import Provider, connect
-from tuneline.server.launcher import ServerProcess, free_port, start_server
 
 SYSTEM = "You are the Acme support assistant."
 BILLING = "Category: billing/double_charge\nReply: Sorry about the duplicate charge."

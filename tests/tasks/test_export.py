@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import dedupe, export, ingest, validate
 from tuneline import records
 from tuneline.config import Config, load_config
+from tuneline.tasks import dedupe, export, ingest, validate
 
 RUN = export.RunContext(
     as_of="2025-03-10",

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import ingest
 from tuneline import records
 from tuneline.config import CsvMapping, Source
+from tuneline.tasks import ingest
 
 AS_OF = date(2025, 3, 10)
 SYSTEM = "You are the Acme support assistant."

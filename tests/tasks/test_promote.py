@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.evaluate import EvaluationResult, Role, score_frame, summarize
-from tasks.promote import Candidate, gate_evidence, promote, rollback
 from tuneline import tracking
 from tuneline.config import EvaluationConfig, PromotionConfig, TrackingConfig
+from tuneline.tasks.evaluate import EvaluationResult, Role, score_frame, summarize
+from tuneline.tasks.promote import Candidate, gate_evidence, promote, rollback
 from tuneline.tracking import CHAMPION, PREVIOUS, RegistryError
 
 SETTINGS = EvaluationConfig(bootstrap_samples=200)

@@ -8,9 +8,9 @@ from typing import Any
 import fsspec
 import pandas as pd
 
-from tasks import ingest, quality, validate
 from tuneline import records
 from tuneline.config import ModelConfig, ValidationConfig
+from tuneline.tasks import ingest, quality, validate
 
 CHAT_MODEL = ModelConfig(base="tuneline-tiny", system_prompt="House style.")
 RULES = ValidationConfig(min_examples=3, max_quarantine_fraction=0.5, context_limits={"tuneline-tiny": 64})

@@ -17,7 +17,10 @@ import pytest
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
-from tasks.train import (
+from tuneline.config import Config, parse_config
+from tuneline.provider import Provider, ProviderError, connect
+from tuneline.server.launcher import ServerProcess, start_server
+from tuneline.tasks.train import (
     FINAL_STATUSES,
     EventCursor,
     JobHooks,
@@ -33,10 +36,7 @@ from tasks.train import (
     train_model,
     training_config_hash,
 )
-from tasks.upload import upload_dataset
-from tuneline.config import Config, parse_config
-from tuneline.provider import Provider, ProviderError, connect
-from tuneline.server.launcher import ServerProcess, start_server
+from tuneline.tasks.upload import upload_dataset
 
 BASE = {"data": {"sources": [{"name": "s", "uri": "data/none.jsonl"}]}}
 

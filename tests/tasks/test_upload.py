@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from tasks.upload import content_filename, upload_dataset
 from tuneline.config import parse_config
 from tuneline.provider import Provider, ProviderError, connect
 from tuneline.server.launcher import ServerProcess, start_server
+from tuneline.tasks.upload import content_filename, upload_dataset
 
 KEY = "sk-upload-tests"
 

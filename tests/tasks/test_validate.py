@@ -8,9 +8,9 @@ import fsspec
 import pandas as pd
 import pytest
 
-from tasks import ingest, validate
 from tuneline import formats, records, tokens
 from tuneline.config import ModelConfig, ValidationConfig
+from tuneline.tasks import ingest, validate
 
 CHAT_MODEL = ModelConfig(base="tuneline-tiny", system_prompt="House style.")
 COMPLETION_MODEL = ModelConfig(base="babbage-002")

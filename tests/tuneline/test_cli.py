@@ -22,12 +22,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-# Imported here, not by the first command: importing prefect configures logging, which would drop
-# the handler caplog put on the root logger.
-from flows.prepare import PrepareFailed
 from tuneline import tracking
 from tuneline.cli import _WithoutTraceback, app, expected_failures
 from tuneline.config import load_config
+
+# Imported here, not by the first command: importing prefect configures logging, which would drop
+# the handler caplog put on the root logger.
+from tuneline.flows.prepare import PrepareFailed
 from tuneline.paths import PROJECT_ENV
 from tuneline.provider import ProviderError
 
