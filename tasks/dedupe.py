@@ -45,7 +45,7 @@ from tuneline.near_duplicates import (
     find_matches,
     find_near_duplicates,
 )
-from tuneline.normalize import Normalizer, example_turns, normalize_text
+from tuneline.normalize import Normalizer, normalize_text, turns_prompt_and_answer
 from tuneline.secrets import find_secrets_and_pii, redact_example
 
 SECRET_DETECTED = "secret_detected"
@@ -231,7 +231,8 @@ def normalized_documents(
         return texts[found] if found >= 0 else ""
 
     for example in examples:
-        for role, text in example_turns(example):
+        turns, prompt, answer = turns_prompt_and_answer(example)
+        for role, text in turns:
             found = ids.get(role)
             if found is None:
                 found = text_id(role)
@@ -243,7 +244,6 @@ def normalized_documents(
             if found >= 0:
                 parts.append(found)
         offsets.append(len(parts))
-        prompt, answer = prompt_and_answer(example)
         prompts.append(normalized(prompt))
         answers.append(normalized(answer))
     documents = Documents(table, np.asarray(parts, dtype=np.int64), np.asarray(offsets, dtype=np.int64))
