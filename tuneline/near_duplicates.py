@@ -530,27 +530,10 @@ def sketches(documents: Documents, num_perm: int, shingle_size: int) -> tuple[np
             h ^= words[:, j]
             h *= _PRIME_64
         window_owner = np.searchsorted(record_start, starts, side="right") - 1
-        window_counts = np.bincount(window_owner, minlength=records)
         window_offsets = np.zeros(records + 1, dtype=np.int64)
-        np.cumsum(window_counts, out=window_offsets[1:])
-        # The same few boundary shingles recur (a greeting after "user", a sign-off before
-        # "assistant"): each distinct one is permuted once, then records take the minimum over theirs.
-        distinct, which = np.unique(_mix64(h), return_inverse=True)
-        permuted = _permuted(distinct, num_perm)
-        for k in range(int(window_counts.max(initial=0))):
-            having = np.flatnonzero(window_counts > k)
-            inner[having] = np.minimum(inner[having], permuted[which[window_offsets[having] + k]])
-        signatures[start:stop] = inner
+        np.cumsum(np.bincount(window_owner, minlength=records), out=window_offsets[1:])
+        np.minimum(inner, minhash(_mix64(h), window_offsets, num_perm), out=signatures[start:stop])
     return signatures, word_counts
-
-
-def _permuted(shingles: np.ndarray, num_perm: int) -> np.ndarray:
-    """The MinHash of each single shingle, shape (shingles, num_perm): `minhash` of one-shingle records."""
-    a, b = permutations(num_perm)
-    mixed = _fmix32((shingles >> _U64(32)).astype(np.uint32))
-    values = np.multiply.outer(mixed, a)
-    values += b
-    return values
 
 
 def band_keys(signatures: np.ndarray, banding: Banding) -> np.ndarray:
