@@ -20,8 +20,8 @@ join (exact_near_duplicates: prefix filtering, every pair confirmed on the words
 rule in rank order; printed as found / expected.
 
 `--scaling` also times near-duplicate detection alone (tuneline.near_duplicates.find_near_duplicates
-on the records that survive exact-duplicate removal, as in the stage) on N and on 10N records of the
-same generator, and prints the time ratio (target <= 12: linear).
+on the records that survive exact-duplicate removal, as in the stage) on N (the fastest of three runs)
+and on 10N records of the same generator, and prints the time ratio (target <= 12: linear).
 
     .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000]
 
@@ -422,8 +422,14 @@ def main() -> None:
     if args.recall_sample > 0:
         near_duplicate_recall(min(args.n, args.recall_sample), args.seed, config.dedupe)
     if args.scaling:
-        small, n_small, found_small = near_duplicate_seconds(args.n, args.seed, config.dedupe)
-        print(f"near-duplicates at N:   {n_small:,} records, {found_small:,} found, {small:.2f} s")
+        # The fastest of three runs at N: a run of a few seconds is easily slowed by other work on a
+        # shared machine, which would make the ratio say nothing about the search itself.
+        runs = [near_duplicate_seconds(args.n, args.seed, config.dedupe) for _ in range(3)]
+        small, n_small, found_small = min(runs)
+        print(
+            f"near-duplicates at N:   {n_small:,} records, {found_small:,} found, {small:.2f} s "
+            f"(fastest of {', '.join(f'{r[0]:.2f}' for r in runs)})"
+        )
         large, n_large, found_large = near_duplicate_seconds(10 * args.n, args.seed, config.dedupe)
         print(f"near-duplicates at 10N: {n_large:,} records, {found_large:,} found, {large:.2f} s")
         print(f"  time ratio 10N / N = {large / small:.2f}  (target <= 12)")
