@@ -25,8 +25,6 @@ probability at least `RECALL` (the banding is chosen for that), unless its bucke
 passes the agreement filter with probability at least 1 - `PREFILTER_MISS`; more similar pairs more
 surely. Matching against references is exact: no sketch, no probability.
 
-Speed: the MinHash permutations are split between threads, one per core (numpy releases the GIL in
-those loops; each thread fills its own rows, so the result does not depend on it).
 Matching against references takes each distinct query text once, with the shingles the table already
 holds, and sorts only the few texts that pass two exact filters. rensa (a Rust MinHash) was measured
 against `minhash` here: its digest is 4x faster, but its digests reach numpy only through Python lists,
@@ -39,12 +37,9 @@ per-text caches all three use; hence its length.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -74,8 +69,6 @@ BATCH = 1 << 14
 _BLOCK = 1 << 16
 
 _U64 = np.uint64
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
 _MIX_1 = _U64(0xBF58476D1CE4E5B9)
 _MIX_2 = _U64(0x94D049BB133111EB)
 _PRIME_64 = _U64(0x100000001B3)  # FNV-1a 64-bit prime
@@ -463,52 +456,23 @@ def minhash(shingles: np.ndarray, offsets: np.ndarray, num_perm: int) -> np.ndar
     nonempty = np.flatnonzero(np.diff(offsets) > 0)
     starts = offsets[nonempty]
     ends = offsets[nonempty + 1]
-    blocks: list[tuple[int, int]] = []  # runs of whole records holding about _BLOCK shingles each
+    buffer = np.empty(_BLOCK, dtype=np.uint32)
     first = 0
     while first < len(nonempty):
+        # A block of whole records holding about _BLOCK shingles (at least one record).
         last = max(first + 1, int(np.searchsorted(ends, starts[first] + _BLOCK, side="right")))
-        blocks.append((first, last))
+        low, high = int(starts[first]), int(ends[last - 1])
+        block = mixed[low:high]
+        permuted = buffer[: high - low] if high - low <= _BLOCK else np.empty(high - low, dtype=np.uint32)
+        relative = starts[first:last] - low
+        columns = nonempty[first:last]
+        for p in range(num_perm):
+            np.multiply(block, a[p], out=permuted)
+            permuted += b[p]
+            out[p, columns] = np.minimum.reduceat(permuted, relative)
         first = last
-
-    def permute(rows: range) -> None:
-        # Each thread fills its own rows of `out` (permutations), block by block.
-        buffer = np.empty(_BLOCK, dtype=np.uint32)
-        for first, last in blocks:
-            low, high = int(starts[first]), int(ends[last - 1])
-            block = mixed[low:high]
-            permuted = buffer[: high - low] if high - low <= _BLOCK else np.empty(high - low, dtype=np.uint32)
-            relative = starts[first:last] - low
-            columns = nonempty[first:last]
-            for p in rows:
-                np.multiply(block, a[p], out=permuted)
-                permuted += b[p]
-                out[p, columns] = np.minimum.reduceat(permuted, relative)
-
-    threads = _threads_for(len(mixed) * num_perm)
-    _in_threads(permute, [range(k, num_perm, threads) for k in range(threads)])
     # One row per record, so that a pair's two signatures are two contiguous reads.
     return np.ascontiguousarray(out.T)
-
-
-# Below this many elementary steps a call stays on one thread (the hand-off costs more than it saves).
-_PARALLEL_WORK = 1 << 22
-
-
-def _threads_for(work: int) -> int:
-    return max(1, min(os.cpu_count() or 1, work // _PARALLEL_WORK))
-
-
-@cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="near-duplicates")
-
-
-def _in_threads(function: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
-    """[function(item) for item in items], on the cores: numpy releases the GIL inside its loops
-    (arithmetic, sorts, gathers), which is where these functions spend their time."""
-    if len(items) < 2 or (os.cpu_count() or 1) < 2:
-        return [function(item) for item in items]
-    return list(_pool().map(function, items))
 
 
 _MAX32 = np.iinfo(np.uint32).max
@@ -645,9 +609,9 @@ def candidate_pairs(
     if len(members) < 2:
         return empty, empty
     members = members[np.argsort(rank[members], kind="stable")]
+    found: list[np.ndarray] = []
     position = np.arange(len(members))
-
-    def band_pairs(band: int) -> list[np.ndarray]:
+    for band in range(bands):
         key, following = keys[band], keys[(band + 1) % bands]
         # Stable sorts: by the next band's key within a bucket, and by rank within a run.
         order = members[np.argsort(following[members], kind="stable")]
@@ -662,17 +626,12 @@ def candidate_pairs(
         run_head = np.maximum.accumulate(np.where(new_run, position, 0))
         shared = np.flatnonzero(~new_bucket)
         if not len(shared):
-            return []
+            continue
         inside = shared[run_head[shared] != shared]
-        codes = [_pair_codes(order[inside], order[run_head[inside]], rank, n)]
+        found.append(_pair_codes(order[inside], order[run_head[inside]], rank, n))
         for distance in range(1, NEIGHBOURS + 1):
             behind = shared[shared - distance >= bucket_head[shared]]
-            codes.append(_pair_codes(order[behind], order[behind - distance], rank, n))
-        return codes
-
-    # One band at a time: two at once on two cores would be faster, but would add a band's sorting
-    # arrays to the stage's peak memory.
-    found = [codes for band in range(bands) for codes in band_pairs(band)]
+            found.append(_pair_codes(order[behind], order[behind - distance], rank, n))
     if not found:
         return empty, empty
     pairs = np.concatenate(found)

@@ -48,10 +48,7 @@ def brute_force(texts: list[str], threshold: float, size: int = 3) -> np.ndarray
     return duplicate_of
 
 
-@pytest.mark.parametrize("threaded", [False, True])
-def test_signatures_equal_datasketch_bit_for_bit(threaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if threaded:  # the permutations split between threads, as they are for a large batch
-        monkeypatch.setattr(nd, "_PARALLEL_WORK", 1)
+def test_signatures_equal_datasketch_bit_for_bit() -> None:
     rng = random.Random(1)
     documents = Documents.of_texts([sentence(rng, n) for n in (1, 2, 3, 10, 57)] + [""])
     shingles, offsets = shingles_of_words(*documents.words(), 3)
