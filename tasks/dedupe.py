@@ -47,7 +47,7 @@ from tuneline.near_duplicates import (
     find_matches,
     find_near_duplicates,
 )
-from tuneline.normalize import Normalizer, example_turns, normalize_text
+from tuneline.normalize import Normalizer, normalize_text, turns_prompt_and_answer
 from tuneline.secrets import detect_secret, find_secrets_and_pii, redact_example
 
 _PII_NAMES = {"email": "an email address", "phone": "a phone number"}
@@ -232,7 +232,8 @@ def normalized_documents(
         return texts[found] if found >= 0 else ""
 
     for example in examples:
-        for role, text in example_turns(example):
+        turns, prompt, answer = turns_prompt_and_answer(example)
+        for role, text in turns:
             found = ids.get(role)
             if found is None:
                 found = text_id(role)
@@ -244,7 +245,6 @@ def normalized_documents(
             if found >= 0:
                 parts.append(found)
         offsets.append(len(parts))
-        prompt, answer = prompt_and_answer(example)
         prompts.append(normalized(prompt))
         answers.append(normalized(answer))
     documents = Documents(table, np.asarray(parts, dtype=np.int64), np.asarray(offsets, dtype=np.int64))

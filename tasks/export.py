@@ -128,11 +128,11 @@ class ExportOutcome:
 
 def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples | None = None) -> Dataset:
     """Split, mix, serialise and hash; estimate tokens and cost. Pure: nothing is written."""
-    frame = frame.copy()
     kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
-    examples = frame[records.EXAMPLE].to_numpy(dtype=object)
-    token_counts = _int_column(frame, records.N_TOKENS)
-    assistant_counts = _int_column(frame, records.N_ASSISTANT_TOKENS)
+    # Lists, not arrays: a million single-item reads from a list are several times cheaper.
+    examples = frame[records.EXAMPLE].tolist()
+    token_counts = _int_column(frame, records.N_TOKENS).tolist()
+    assistant_counts = _int_column(frame, records.N_ASSISTANT_TOKENS).tolist()
 
     unserialisable: list[int] = []
     train: list[tuple[bytes, bytes, int, int]] = []  # (order key, line, tokens, assistant tokens)
@@ -140,22 +140,24 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     fraction = config.export.validation_fraction
     normalizer = Normalizer()
     # Dedupe leaves the normalised forms in the frame: reusing them saves normalising every example again.
-    prompts = _column(frame, records.NORMALIZED_PROMPT)
-    answers = _column(frame, records.NORMALIZED_ANSWER)
-    for position in kept_positions:
+    prompts = _column(frame, records.NORMALIZED_PROMPT).tolist()
+    answers = _column(frame, records.NORMALIZED_ANSWER).tolist()
+    for position in kept_positions.tolist():
+        example = examples[position]
         try:
-            line = canonical_line(examples[position])
+            line = canonical_line(example)
         except (TypeError, orjson.JSONEncodeError):
-            unserialisable.append(int(position))
+            unserialisable.append(position)
             continue
         prompt, answer = prompts[position], answers[position]
         if isinstance(prompt, str) and isinstance(answer, str):
             key = _key(prompt, answer)
         else:
-            key = split_key(examples[position], normalizer)
+            key = split_key(example, normalizer)
         side = validation if is_validation(key, fraction) else train
-        side.append((key, line, int(token_counts[position]), int(assistant_counts[position])))
+        side.append((key, line, token_counts[position], assistant_counts[position]))
     if unserialisable:
+        frame = frame.copy()  # the caller's frame is left as it is
         mask = np.zeros(len(frame), dtype=bool)
         mask[unserialisable] = True
         records.quarantine(frame, mask, records.DATA_TYPE, "the example holds a value JSON cannot represent")
@@ -167,12 +169,9 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     validation.sort()
     train_lines = [t[1] for t in train]
     validation_lines = [v[1] for v in validation]
-    digest = hashlib.sha256()
-    for line in train_lines:
-        digest.update(line)
+    digest = hashlib.sha256(b"".join(train_lines))
     digest.update(b"\0")
-    for line in validation_lines:
-        digest.update(line)
+    digest.update(b"".join(validation_lines))
 
     kept = int(records.kept_mask(frame).sum())
     by_reason = records.counts_by_reason(frame)

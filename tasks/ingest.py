@@ -16,6 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -271,6 +272,25 @@ def read_files(
     mapped. `csv_fallbacks` are mappings tried, in order, on a tabular file that has none of its own.
     """
     columns = _Columns()
+    # Every parsed example is a handful of containers that all stay alive: while millions are made,
+    # the cyclic collector would walk the growing heap again and again (half the time of a large
+    # read). Reference counting still frees what is dropped; collection resumes when the read ends.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _read_all(files, columns, system_prompt, csv_fallbacks)
+    finally:
+        if collecting:
+            gc.enable()
+    return columns.frame()
+
+
+def _read_all(
+    files: Iterable[InputFile],
+    columns: _Columns,
+    system_prompt: str | None,
+    csv_fallbacks: Sequence[CsvMapping],
+) -> None:
     for file in files:
         try:
             with fsspec.open(file.uri, "rb", compression="infer") as handle:
@@ -294,7 +314,6 @@ def read_files(
             _read_csv(data, file, columns, system_prompt, csv_fallbacks)
         else:
             _read_parquet(data, file, columns, system_prompt, csv_fallbacks)
-    return columns.frame()
 
 
 def ingest(

@@ -89,8 +89,9 @@ def validate(frame: pd.DataFrame, model: ModelConfig, validation: ValidationConf
     for start in range(0, len(counted), TOKEN_BATCH):
         chunk = counted[start : start + TOKEN_BATCH]
         batch = [examples[i] for i in chunk]
-        n_tokens[chunk] = tokens.count_tokens(batch, encoding)
-        n_assistant[chunk] = tokens.count_assistant_tokens(batch, encoding)
+        known: dict[str, int] = {}  # texts of this batch already counted: the assistant turns among them
+        n_tokens[chunk] = tokens.count_tokens(batch, encoding, known)
+        n_assistant[chunk] = tokens.count_assistant_tokens(batch, encoding, known)
 
     truncated = np.zeros(n, dtype=bool)
     truncation = np.full(n, None, dtype=object)

@@ -24,12 +24,20 @@ only after the two normalised texts compared equal). A pair at the threshold bec
 probability at least `RECALL` (the banding is chosen for that), unless its bucket is crowded, and
 passes the agreement filter with probability at least 1 - `PREFILTER_MISS`; more similar pairs more
 surely. Matching against references is exact: no sketch, no probability.
+
+Matching against references takes each distinct query text once, with the shingles the table already
+holds, and sorts only the few texts that pass two exact filters. rensa (a Rust MinHash) was measured
+against `minhash` here: its digest is 4x faster, but its digests reach numpy only through Python lists,
+which makes it slower end to end, and its signatures are not datasketch's.
+
+The module holds one search (exact, near, against references) over one shared TextTable, whose
+per-text caches all three use; hence its length.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -821,7 +829,8 @@ def find_matches(
     queries match nothing. Exact, with no sketch: a query can reach Jaccard t with some reference only
     if at least t of its distinct shingles occur among the references' shingles, so only queries that
     pass that count are compared, reference by reference. Linear in the queries; meant for a small
-    reference set (an eval set)."""
+    reference set (an eval set). Queries that are each one text of the table (Documents.of_texts) are
+    matched once per distinct text, from the shingles the table keeps."""
     n, m = len(queries), len(references)
     matched = np.full(n, -1, dtype=np.int64)
     similarity = np.full(n, np.nan)
@@ -839,50 +848,196 @@ def find_matches(
                 matched[query], similarity[query] = reference, 1.0
                 break
 
-    # Shingles are compared by the top 40 bits of their hash: a collision can only add a candidate,
-    # and every match is confirmed on the words.
-    postings: dict[int, list[int]] = {}
-    reference_sizes = np.zeros(m, dtype=np.int64)
-    for start, stop in references.batches():
-        reference_shingles, reference_offsets = distinct_shingles(
-            *shingles_of_words(*references.words(start, stop), shingle_size)
-        )
-        reference_sizes[start:stop] = np.diff(reference_offsets)
-        bounds = reference_offsets.tolist()
-        values = reference_shingles.tolist()
-        for local in range(stop - start):
-            for shingle in values[bounds[local] : bounds[local + 1]]:
-                postings.setdefault(shingle, []).append(start + local)
-    vocabulary = np.sort(np.fromiter(postings, dtype=np.uint64, count=len(postings)))
-    exact = _ShingleSets(references, shingle_size)
-    query_sets = _ShingleSets(queries, shingle_size)
+    best = _BestReference(references, threshold, shingle_size)
     candidates = 0
+    counts = np.diff(queries.offsets)
+    if (counts <= 1).all():
+        # One text per query: each distinct text is matched once, its shingles taken from the table.
+        table = queries.table
+
+        def text_sets(text: int) -> frozenset[tuple[str, ...]]:
+            return word_shingles(table.texts[text], shingle_size)
+
+        open_queries = np.flatnonzero((matched < 0) & (counts == 1))  # an empty query matches nothing
+        text_of = queries.parts[queries.offsets[open_queries]]
+        texts = _sorted_unique(text_of)
+        text_match = np.full(len(table), -1, dtype=np.int64)
+        text_similarity = np.full(len(table), np.nan)
+        compared: list[np.ndarray] = []
+        for start in range(0, len(texts), BATCH):
+            batch = texts[start : start + BATCH]
+            found = best.search(*_text_shingles(table, batch, shingle_size), batch, text_sets)
+            for text_id, (reference, value) in found.items():
+                if reference >= 0:
+                    text_match[text_id], text_similarity[text_id] = reference, value
+            compared.append(np.fromiter(found, dtype=np.int64, count=len(found)))
+        matched[open_queries] = text_match[text_of]
+        similarity[open_queries] = np.where(
+            text_match[text_of] >= 0, text_similarity[text_of], similarity[open_queries]
+        )
+        if compared:
+            candidates = int(np.isin(text_of, np.concatenate(compared)).sum())
+        return Matches(matched, similarity, candidates)
+
+    query_sets = _ShingleSets(queries, shingle_size)
     for start, stop in queries.batches():
-        shingles, offsets = distinct_shingles(*shingles_of_words(*queries.words(start, stop), shingle_size))
+        shingles, offsets = shingles_of_words(*queries.words(start, stop), shingle_size)
+        open_ = np.flatnonzero(matched[start:stop] < 0)
+        found = best.search(*_subset_ranges(shingles, offsets, open_), start + open_, query_sets)
+        candidates += len(found)
+        for query, (reference, value) in found.items():
+            if reference >= 0:
+                matched[query], similarity[query] = reference, value
+    return Matches(matched, similarity, candidates)
+
+
+def _subset_ranges(
+    values: np.ndarray, offsets: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ranges values[offsets[r]:offsets[r + 1]] of `rows`, concatenated, and their offsets."""
+    counts = offsets[rows + 1] - offsets[rows]
+    subset_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=subset_offsets[1:])
+    return values[_ranges(offsets[rows], counts)], subset_offsets
+
+
+def _text_shingles(table: TextTable, ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """shingles_of_words of each text `ids` as a record of its own, from the table's inner shingles
+    (a text shorter than a shingle: its one padded shingle)."""
+    inner, inner_offsets = table.inner_shingles(size)
+    word_hash, word_offsets = table.words()
+    lengths = word_offsets[ids + 1] - word_offsets[ids]
+    inner_counts = inner_offsets[ids + 1] - inner_offsets[ids]
+    short = np.flatnonzero((lengths > 0) & (lengths < size))
+    counts = inner_counts.copy()
+    counts[short] = 1
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    shingles = np.empty(int(offsets[-1]), dtype=np.uint64)
+    shingles[_ranges(offsets[:-1], inner_counts)] = inner[_ranges(inner_offsets[ids], inner_counts)]
+    if len(short):
+        words = word_hash[_ranges(word_offsets[ids[short]], lengths[short])]
+        first = np.zeros(len(short), dtype=np.int64)
+        np.cumsum(lengths[short][:-1], out=first[1:])
+        shingles[offsets[short]] = _combine(words, first, lengths[short], size)
+    return shingles, offsets
+
+
+class _BestReference:
+    """The search for a query's most similar reference, on the references' distinct shingles.
+
+    Shingles are compared by the top 40 bits of their hash: a collision can only add a candidate, and
+    every match is confirmed on the words. Two filters, each passed by every query that can match,
+    keep the sorting and the Python loop to the few queries that might: a query can reach Jaccard t
+    with reference R only if it holds at least t * |R| of R's shingles (counted with repeats here, an
+    upper bound), and at least t of its own distinct shingles are among the references' shingles."""
+
+    _BITMAP_BITS = 22
+
+    def __init__(self, references: Documents, threshold: float, size: int) -> None:
+        self.threshold = threshold
+        self.exact = _ShingleSets(references, size)
+        m = len(references)
+        pieces: list[np.ndarray] = []
+        owners: list[np.ndarray] = []
+        self.sizes = np.zeros(m, dtype=np.int64)
+        for start, stop in references.batches():
+            shingles, offsets = distinct_shingles(*shingles_of_words(*references.words(start, stop), size))
+            self.sizes[start:stop] = np.diff(offsets)
+            pieces.append(shingles)
+            owners.append(start + np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(offsets)))
+        keys = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint64)
+        owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+        # The references of each distinct key (postings), references in order within a key.
+        order = np.lexsort((owner, keys))
+        keys, owner = keys[order], owner[order]
+        first = np.ones(len(keys), dtype=bool)
+        np.not_equal(keys[1:], keys[:-1], out=first[1:])
+        self.vocabulary = keys[first]
+        self.posting_offsets = np.append(np.flatnonzero(first), len(keys)).astype(np.int64)
+        self.posting_references = owner
+        self._mask = _U64((1 << self._BITMAP_BITS) - 1)
+        self._bitmap = np.zeros(1 << self._BITMAP_BITS, dtype=bool)
+        self._bitmap[(self.vocabulary & self._mask).astype(np.int64)] = True
+
+    def _vocabulary_index(self, keys: np.ndarray) -> np.ndarray:
+        """For each key (top 40 bits of a shingle hash): its index in the vocabulary, or -1."""
+        index = np.full(len(keys), -1, dtype=np.int64)
+        if not len(self.vocabulary):
+            return index
+        maybe = np.flatnonzero(self._bitmap[(keys & self._mask).astype(np.int64)])
+        where = np.minimum(np.searchsorted(self.vocabulary, keys[maybe]), len(self.vocabulary) - 1)
+        hit = self.vocabulary[where] == keys[maybe]
+        index[maybe[hit]] = where[hit]
+        return index
+
+    def search(
+        self,
+        shingles: np.ndarray,
+        offsets: np.ndarray,
+        ids: np.ndarray,
+        exact_set: Callable[[int], frozenset[tuple[str, ...]]],
+    ) -> dict[int, tuple[int, float]]:
+        """For queries `ids` with these 64-bit shingle hashes (shingles_of_words): the queries that
+        pass both filters, by id, each with its best reference at or above the threshold and their
+        exact Jaccard ((-1, nan) for none). `exact_set(id)`: the query's shingle set."""
+        count = len(offsets) - 1
+        m = len(self.sizes)
+        index = self._vocabulary_index(shingles >> _U64(64 - _KEPT_BITS))
+        hits = np.flatnonzero(index >= 0)
+        owner = np.searchsorted(offsets, hits, side="right") - 1
+        starts = self.posting_offsets[index[hits]]
+        lengths = self.posting_offsets[index[hits] + 1] - starts
+        codes = np.repeat(owner, lengths) * m + self.posting_references[_ranges(starts, lengths)]
+        if count * m <= 1 << 24:
+            shared = np.bincount(codes, minlength=count * m)
+            pairs = np.flatnonzero(shared)
+            shared = shared[pairs]
+        else:
+            pairs, shared = np.unique(codes, return_counts=True)
+        # A tolerance against rounding: the filter may only let more queries through.
+        possible = shared >= self.threshold * self.sizes[pairs % m] - 1e-9
+        rows = _sorted_unique(pairs[possible] // m)
+        if not len(rows):
+            return {}
+        subset, subset_offsets = distinct_shingles(*_subset_ranges(shingles, offsets, rows))
+        return self._best(subset, subset_offsets, ids[rows], exact_set)
+
+    def _best(
+        self,
+        shingles: np.ndarray,
+        offsets: np.ndarray,
+        ids: np.ndarray,
+        exact_set: Callable[[int], frozenset[tuple[str, ...]]],
+    ) -> dict[int, tuple[int, float]]:
+        """search, on the queries' distinct shingles (top 40 bits, sorted: distinct_shingles)."""
+        count = len(offsets) - 1
         sizes = np.diff(offsets)
-        where = np.searchsorted(vocabulary, shingles)
-        hit = vocabulary[np.minimum(where, len(vocabulary) - 1)] == shingles if len(vocabulary) else where < 0
-        hits = np.bincount(np.repeat(np.arange(stop - start), sizes)[hit], minlength=stop - start)
-        open_ = (matched[start:stop] < 0) & (sizes > 0) & (hits >= threshold * sizes)
-        chosen = np.flatnonzero(open_)
-        candidates += len(chosen)
+        index = self._vocabulary_index(shingles)
+        hit = index >= 0
+        hits = np.bincount(np.repeat(np.arange(count), sizes)[hit], minlength=count)
+        chosen = np.flatnonzero((sizes > 0) & (hits >= self.threshold * sizes))
+        found: dict[int, tuple[int, float]] = {}
+        offsets_list = self.posting_offsets.tolist()
         for local in chosen.tolist():
+            query = int(ids[local])
+            found[query] = (-1, float("nan"))
             shared: dict[int, int] = {}
             segment = slice(int(offsets[local]), int(offsets[local + 1]))
-            for shingle in shingles[segment][hit[segment]].tolist():
-                for reference in postings[shingle]:
+            for key in index[segment][hit[segment]].tolist():
+                for reference in self.posting_references[offsets_list[key] : offsets_list[key + 1]].tolist():
                     shared[reference] = shared.get(reference, 0) + 1
             size = int(sizes[local])
             scored = sorted(
-                ((common / (size + int(reference_sizes[r]) - common), r) for r, common in shared.items()),
+                ((common / (size + int(self.sizes[r]) - common), r) for r, common in shared.items()),
                 key=lambda pair: (-pair[0], pair[1]),
             )
             for value, reference in scored:
-                if value < threshold:
+                if value < self.threshold:
                     break
                 # Confirmed on the words themselves: a hash collision can never make a match.
-                confirmed = jaccard(query_sets(start + local), exact(reference))
-                if confirmed >= threshold:
-                    matched[start + local], similarity[start + local] = reference, confirmed
+                confirmed = jaccard(exact_set(query), self.exact(reference))
+                if confirmed >= self.threshold:
+                    found[query] = (reference, confirmed)
                     break
-    return Matches(matched, similarity, candidates)
+        return found

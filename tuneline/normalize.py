@@ -96,6 +96,30 @@ def example_turns(example: dict[str, Any]) -> list[tuple[str, str]]:
     return [("prompt", str(example.get("prompt", ""))), ("completion", str(example.get("completion", "")))]
 
 
+def turns_prompt_and_answer(example: dict[str, Any]) -> tuple[list[tuple[str, str]], str, str]:
+    """(example_turns(example), *formats.prompt_and_answer(example)), in one pass over the messages of
+    a plain chat example (string roles and contents, no tool calls): the dedupe stage asks this of
+    every record."""
+    if "messages" in example:
+        turns: list[tuple[str, str]] = []
+        last = -1
+        for index, message in enumerate(example["messages"]):
+            role = message.get("role", "")
+            content = message.get("content")
+            if role.__class__ is not str or content.__class__ is not str:
+                break
+            if "tool_calls" in message or "function_call" in message:
+                break
+            turns.append((role, content))
+            if role == "assistant":
+                last = index
+        else:
+            asked = turns if last < 0 else turns[:last]
+            prompt = "\n".join([text for role, text in asked if role != "system"])
+            return turns, prompt, turns[last][1] if last >= 0 else ""
+    return (example_turns(example), *prompt_and_answer(example))
+
+
 def _turns(messages: list[dict[str, Any]], role: str | None) -> list[tuple[str, str]]:
     """The turns of messages, under their own roles or under `role`."""
     turns: list[tuple[str, str]] = []

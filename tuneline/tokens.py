@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tiktoken
 
 from tuneline.paths import project_root
@@ -118,27 +119,39 @@ def _example_pieces(example: Mapping[str, Any]) -> tuple[list[str], int]:
     return pieces, overhead
 
 
-def count_tokens(examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding) -> list[int]:
-    """Exact token count of each example; one batched tiktoken call for the whole sequence."""
+def count_tokens(
+    examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding, known: dict[str, int] | None = None
+) -> list[int]:
+    """Exact token count of each example; one batched tiktoken call for the whole sequence. `known`:
+    token counts of texts already encoded (see token_lengths), shared with count_assistant_tokens."""
     texts: list[str] = []
-    owners: list[int] = []
+    pieces_per_example: list[int] = []
     totals: list[int] = []
-    for index, example in enumerate(examples):
+    for example in examples:
         pieces, overhead = _example_pieces(example)
         texts.extend(pieces)
-        owners.extend([index] * len(pieces))
+        pieces_per_example.append(len(pieces))
         totals.append(overhead)
-    for owner, length in zip(owners, token_lengths(texts, encoding), strict=True):
-        totals[owner] += length
-    return totals
+    return _sums(token_lengths(texts, encoding, known), pieces_per_example, totals)
 
 
-def token_lengths(texts: Sequence[str], encoding: tiktoken.Encoding) -> list[int]:
+def _sums(lengths: Sequence[int], counts: Sequence[int], start: Sequence[int]) -> list[int]:
+    """start[i] + the sum of example i's lengths (counts[i] of them, examples in order)."""
+    owners = np.repeat(np.arange(len(counts)), np.asarray(counts, dtype=np.int64))
+    sums = np.bincount(owners, weights=np.asarray(lengths, dtype=np.float64), minlength=len(counts))
+    return (sums.astype(np.int64) + np.asarray(start, dtype=np.int64)).tolist()  # exact below 2**53
+
+
+def token_lengths(
+    texts: Sequence[str], encoding: tiktoken.Encoding, known: dict[str, int] | None = None
+) -> list[int]:
     """The token count of each text. Each distinct text is encoded once (roles, system prompts and
     templated replies recur in most examples), in one contiguous chunk per core: tiktoken releases the
     GIL while it encodes, and a chunk per thread avoids encode_ordinary_batch's cost per text, which is
-    larger than the encoding of a short text."""
-    distinct = list(dict.fromkeys(texts))
+    larger than the encoding of a short text. `known` (text -> count) is read, and extended with the
+    texts encoded here."""
+    known = {} if known is None else known
+    distinct = [text for text in dict.fromkeys(texts) if text not in known]
     encode = encoding.encode_ordinary
 
     def lengths(chunk: Sequence[str]) -> list[int]:
@@ -152,34 +165,34 @@ def token_lengths(texts: Sequence[str], encoding: tiktoken.Encoding) -> list[int
         with ThreadPoolExecutor(workers) as pool:
             parts = pool.map(lengths, [distinct[i : i + size] for i in range(0, len(distinct), size)])
             counted = [n for part in parts for n in part]
-    by_text = dict(zip(distinct, counted, strict=True))
-    return [by_text[text] for text in texts]
+    known.update(zip(distinct, counted, strict=True))
+    return [known[text] for text in texts]
 
 
-def count_assistant_tokens(examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding) -> list[int]:
+def count_assistant_tokens(
+    examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding, known: dict[str, int] | None = None
+) -> list[int]:
     """Tokens the model is trained on: assistant turns whose weight is not 0 (chat), the completion
-    (legacy prompt/completion), both outputs (preference)."""
+    (legacy prompt/completion), both outputs (preference). `known`: as for count_tokens."""
     texts: list[str] = []
-    owners: list[int] = []
-    for index, example in enumerate(examples):
+    pieces_per_example: list[int] = []
+    for example in examples:
+        before = len(texts)
         if "messages" in example:
             trained = example["messages"]
         elif "input" in example:
             trained = [*(example.get("preferred_output") or ()), *(example.get("non_preferred_output") or ())]
         else:
             texts.append(str(example.get("completion", "")))
-            owners.append(index)
+            pieces_per_example.append(1)
             continue
         for message in trained:
             if message.get("role") == "assistant" and message.get("weight", 1) != 0:
                 for key in ("content", "tool_calls"):
                     if message.get(key) is not None:
                         texts.append(_value_text(message[key]))
-                        owners.append(index)
-    totals = [0] * len(examples)
-    for owner, length in zip(owners, token_lengths(texts, encoding), strict=True):
-        totals[owner] += length
-    return totals
+        pieces_per_example.append(len(texts) - before)
+    return _sums(token_lengths(texts, encoding, known), pieces_per_example, [0] * len(examples))
 
 
 def default_epochs(n_examples: int, min_examples_seen: int = 100) -> int:
@@ -234,7 +247,9 @@ def estimate_cost(
 ) -> CostEstimate:
     """Billed tokens = epochs x sum(min(limit, tokens per example)); validation tokens are free."""
     epochs = default_epochs(len(token_counts)) if n_epochs == "auto" else int(n_epochs)
-    per_epoch = sum(min(limit, count) for count in token_counts)
+    per_epoch = (
+        int(np.minimum(np.asarray(token_counts, dtype=np.int64), limit).sum()) if len(token_counts) else 0
+    )
     price = price_per_1m(model, prices)
     billed = epochs * per_epoch
     cost = None if price is None else round(billed * price / 1_000_000, 6)

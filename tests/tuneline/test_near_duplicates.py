@@ -235,3 +235,46 @@ def test_sketches_from_parts_equal_minhash_of_the_whole_record(size: int) -> Non
     words, offsets = documents.words()
     assert (word_counts == np.diff(offsets)).all()
     assert (signatures == minhash(*shingles_of_words(words, offsets, size), 32)).all()
+
+
+def test_matches_of_queries_made_of_several_parts_equal_the_definition() -> None:
+    rng = random.Random(17)
+    references = [sentence(rng, 25) for _ in range(20)]
+    table = TextTable()
+    records = []
+    for _ in range(200):
+        words = changed(rng.choice(references), rng, rng.randint(0, 5)).split()
+        cut = rng.randint(0, len(words))
+        records.append([" ".join(words[:cut]), " ".join(words[cut:])])  # one text in two parts
+    records.append(["", ""])
+    matches = find_matches(
+        Documents.build(table, records),
+        Documents.of_texts(references, table),
+        threshold=0.8,
+        shingle_size=3,
+    )
+    reference_sets = [word_shingles(r, 3) for r in references]
+    for q, parts in enumerate(records):
+        query = word_shingles(" ".join(p for p in parts if p), 3)
+        values = [jaccard(query, s) if query else 0.0 for s in reference_sets]
+        best = max(range(len(values)), key=lambda r: (values[r], -r))
+        assert matches.reference[q] == (best if values[best] >= 0.8 else -1)
+
+
+def test_matches_are_decided_once_per_distinct_query_text() -> None:
+    rng = random.Random(19)
+    references = [sentence(rng, 60) for _ in range(10)]
+    near = changed(references[2], rng, 1)
+    far = sentence(rng, 60)
+    table = TextTable()
+    queries = [near, far, "", near, references[5], far, near, "a b"]
+    matches = find_matches(
+        Documents.of_texts(queries, table),
+        Documents.of_texts(references, table),
+        threshold=0.85,
+        shingle_size=3,
+    )
+    assert list(matches.reference) == [2, -1, -1, 2, 5, -1, 2, -1]
+    assert matches.similarity[0] == matches.similarity[3] == matches.similarity[6] < 1.0
+    assert matches.similarity[4] == 1.0
+    assert matches.candidates == 3  # the three copies of the near-duplicate were compared

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tuneline.formats import prompt_and_answer
 from tuneline.normalize import (
     Normalizer,
     example_turns,
@@ -12,6 +15,7 @@ from tuneline.normalize import (
     normalized_example,
     normalized_prompt_and_answer,
     shingle_jaccard,
+    turns_prompt_and_answer,
     word_shingles,
 )
 
@@ -115,3 +119,39 @@ def test_word_shingles_of_short_and_empty_texts() -> None:
     assert jaccard(frozenset(), frozenset()) == 1.0
     # 4 shingles each, 3 shared: 3 / 5
     assert shingle_jaccard("a b c d e f", "a b c d e g", 3) == 3 / 5
+
+
+_CALL = {"id": "c1", "type": "function", "function": {"name": "track", "arguments": '{"order": 1}'}}
+_MESSAGES = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "", "developer"])},
+    optional={
+        "content": st.one_of(
+            st.text(max_size=12),
+            st.none(),
+            st.just([{"type": "text", "text": "part one"}, {"type": "image_url", "image_url": {}}]),
+        ),
+        "tool_calls": st.just([_CALL]),
+        "function_call": st.just({"name": "track", "arguments": "{}"}),
+        "weight": st.sampled_from([0, 1]),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_MESSAGES, max_size=6), st.booleans())
+def test_turns_prompt_and_answer_equal_their_two_definitions(messages: list[Any], roleless: bool) -> None:
+    if roleless and messages:
+        del messages[0]["role"]  # a missing role is the empty role
+    example = {"messages": messages}
+    assert turns_prompt_and_answer(example) == (example_turns(example), *prompt_and_answer(example))
+
+
+def test_turns_prompt_and_answer_of_legacy_and_preference_lines() -> None:
+    legacy = {"prompt": "Where?", "completion": "Here."}
+    preference = {
+        "input": {"messages": [{"role": "user", "content": "Hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello"}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away"}],
+    }
+    for example in (legacy, preference):
+        assert turns_prompt_and_answer(example) == (example_turns(example), *prompt_and_answer(example))

@@ -99,6 +99,28 @@ def test_assistant_tokens_are_what_is_trained_on() -> None:
     ]
 
 
+def test_counts_shared_between_calls_are_the_same_counts() -> None:
+    examples = [
+        {
+            "messages": [
+                {"role": "user", "content": f"order {i} is late"},
+                {"role": "assistant", "content": "Sorry!"},
+            ]
+        }
+        for i in range(30)
+    ] + [{"messages": []}, {"prompt": "Where?", "completion": "Here."}]
+    known: dict[str, int] = {}
+    counts = tokens.count_tokens(examples, ENCODING, known)
+    assert known["Sorry!"] == n("Sorry!") and known["order 7 is late"] == n("order 7 is late")
+    assert counts == tokens.count_tokens(examples, ENCODING)
+    assistant = tokens.count_assistant_tokens(examples, ENCODING, known)
+    assert (
+        assistant == tokens.count_assistant_tokens(examples, ENCODING) == [n("Sorry!")] * 30 + [0, n("Here.")]
+    )
+    assert counts[30] == tokens.TOKENS_PER_EXAMPLE  # no messages: the example's overhead alone
+    assert tokens.count_tokens([], ENCODING, known) == [] == tokens.count_assistant_tokens([], ENCODING)
+
+
 @pytest.mark.parametrize(
     ("examples", "epochs"),
     [(0, 3), (1, 25), (5, 20), (10, 10), (33, 3), (34, 3), (100, 3), (8333, 3), (8334, 2), (30000, 1)],
