@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tuneline.server.graders import string_check
+from tuneline.server.graders import multi, python_grader, string_check, text_similarity
 from tuneline.server.graders.base import (
     Grade,
     Grader,
@@ -49,6 +49,12 @@ def parse_grader(
         raise GraderError(f"Missing required parameter: '{param}.type'.", f"{param}.type")
     if kind == "string_check":
         return string_check.parse(spec, param)
+    if kind == "text_similarity":
+        return text_similarity.parse(spec, param)
+    if kind == "python":
+        return python_grader.parse(spec, param, settings)
+    if kind == "multi":
+        return multi.parse(spec, param, lambda sub, where: parse_grader(sub, where, settings))
     if kind == "label_model":
         raise GraderError(
             f"Invalid value for '{param}.type': label_model graders are for evals; fine-tuning takes "
