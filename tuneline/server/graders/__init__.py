@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tuneline.server.graders import multi, python_grader, string_check, text_similarity
+from tuneline.server.graders import multi, python_grader, score_model, string_check, text_similarity
 from tuneline.server.graders.base import (
     Grade,
     Grader,
@@ -53,6 +53,8 @@ def parse_grader(
         return text_similarity.parse(spec, param)
     if kind == "python":
         return python_grader.parse(spec, param, settings)
+    if kind == "score_model":
+        return score_model.parse(spec, param, settings)
     if kind == "multi":
         return multi.parse(spec, param, lambda sub, where: parse_grader(sub, where, settings))
     if kind == "label_model":
