@@ -38,6 +38,9 @@ class GraderSettings:
     python_memory_mb: int = 512
     score_model_timeout_s: float = 60
     score_model_retries: int = 2
+    # The endpoint's key itself, where it is not in an environment variable (this server's own key);
+    # never shown (repr) or logged.
+    score_model_api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -76,7 +76,7 @@ class ScoreModelGrader:
         with self._lock:
             if self._client is None:
                 env = self.settings.score_model_api_key_env
-                key = (os.environ.get(env) if env else None) or "no-key"
+                key = (os.environ.get(env) if env else None) or self.settings.score_model_api_key or "no-key"
                 self._client = OpenAI(
                     base_url=self.settings.score_model_base_url,
                     api_key=key,
