@@ -7,7 +7,8 @@ in `metadata.errors` (its flag, and the details for python and model graders).
 
 `score_model` graders call, by default, this very server (`http://127.0.0.1:<port>/v1`, with its own
 API key), so any model it serves can grade; TUNELINE_SCORE_MODEL_BASE_URL points them elsewhere and
-TUNELINE_SCORE_MODEL_API_KEY_ENV names the variable holding that endpoint's key.
+TUNELINE_SCORE_MODEL_API_KEY_ENV names the variable holding that endpoint's key. A python grader's
+limits: TUNELINE_PYTHON_GRADER_TIMEOUT_S (default 10) and TUNELINE_PYTHON_GRADER_MEMORY_MB (512).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from tuneline.server.settings import ServerSettings
 
 BASE_URL_ENV = "TUNELINE_SCORE_MODEL_BASE_URL"
 KEY_ENV_ENV = "TUNELINE_SCORE_MODEL_API_KEY_ENV"
+PYTHON_TIMEOUT_ENV = "TUNELINE_PYTHON_GRADER_TIMEOUT_S"
+PYTHON_MEMORY_ENV = "TUNELINE_PYTHON_GRADER_MEMORY_MB"
 # A flag of `metadata.errors` for each kind of failed grade (GraderError.kind); the rest: other_error.
 FLAGS = frozenset(
     {
@@ -66,9 +69,27 @@ def grader_settings(settings: ServerSettings, environ: dict[str, str] | None = N
         host = f"[{host}]" if ":" in host else host
         base_url = f"http://{host}:{settings.port}/v1"
         key_env, key = None, settings.api_key
+    defaults = GraderSettings()
     return GraderSettings(
-        score_model_base_url=base_url, score_model_api_key_env=key_env, score_model_api_key=key
+        score_model_base_url=base_url,
+        score_model_api_key_env=key_env,
+        score_model_api_key=key,
+        python_timeout_s=_positive(environ, PYTHON_TIMEOUT_ENV, defaults.python_timeout_s),
+        python_memory_mb=int(_positive(environ, PYTHON_MEMORY_ENV, defaults.python_memory_mb)),
     )
+
+
+def _positive(environ: dict[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {raw!r}")
+    return value
 
 
 def bad_grader(error: GraderError) -> APIError:
