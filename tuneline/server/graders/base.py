@@ -19,11 +19,15 @@ class GraderError(Exception):
     the hosted metadata error flag a failed grade sets (`python_grader_runtime_error`,
     `model_grader_server_error`, `invalid_variable_error`, ...), None for an invalid grader."""
 
-    def __init__(self, message: str, param: str, kind: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str, kind: str | None = None, report: GradeReport | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.kind = kind
+        # What the failed grade still used (a score model's tokens when its answer held no number).
+        self.report = report
 
 
 @dataclass

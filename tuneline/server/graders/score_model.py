@@ -128,14 +128,20 @@ class ScoreModelGrader:
         choice = response.choices[0].message if response.choices else None
         if choice is not None and getattr(choice, "refusal", None):
             raise GraderError(
-                f"The score model refused: {choice.refusal}", where, kind="model_grader_refusal_error"
+                f"The score model refused: {choice.refusal}",
+                where,
+                kind="model_grader_refusal_error",
+                report=report,
             )
         answer = (choice.content if choice is not None else None) or ""
         score = score_of(answer)
         if score is None:
             shown = answer if len(answer) <= 200 else answer[:200] + "..."
             raise GraderError(
-                f"The score model's answer holds no number: {shown!r}", where, kind="model_grader_parse_error"
+                f"The score model's answer holds no number: {shown!r}",
+                where,
+                kind="model_grader_parse_error",
+                report=report,
             )
         low, high = self.range
         return Grade(min(high, max(low, score)), report)

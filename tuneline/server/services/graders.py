@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from tuneline.server.errors import APIError, invalid_request
-from tuneline.server.graders import Grade, GraderError, GraderSettings, parse_grader, sample_of
+from tuneline.server.graders import Grade, GradeReport, GraderError, GraderSettings, parse_grader, sample_of
 from tuneline.server.protocol import (
     GraderRunErrors,
     GraderRunMetadata,
@@ -122,7 +122,7 @@ class GraderService:
         try:
             grade = grader.evaluate(sample, body.item or {})
         except GraderError as error:
-            grade = Grade(0.0)
+            grade = Grade(0.0, error.report or GradeReport())
             flag = error.kind if error.kind in FLAGS else "other_error"
             setattr(errors, flag, True)
             if flag == "python_grader_runtime_error":
