@@ -238,3 +238,36 @@ def test_score_model_parsing_and_an_unreachable_endpoint() -> None:
     assert time.monotonic() - started < 20
     assert unreachable.value.kind == "model_grader_server_error"
     assert f"127.0.0.1:{port}" in unreachable.value.message
+
+
+def test_the_service_bounds_grades_at_once() -> None:
+    import threading
+
+    from tuneline.server.errors import APIError
+    from tuneline.server.graders import GraderSettings
+    from tuneline.server.protocol import RunGraderRequest
+    from tuneline.server.services.graders import GraderService
+
+    service = GraderService(GraderSettings(python_timeout_s=5), max_concurrent_runs=1)
+    slow = RunGraderRequest(
+        grader={
+            "type": "python",
+            "name": "slow",
+            "source": "import time\ndef grade(s, i):\n    time.sleep(1)\n    return 1\n",
+        },
+        model_sample="x",
+    )
+    answers: list[float] = []
+    worker = threading.Thread(target=lambda: answers.append(service.run(slow).reward))
+    worker.start()
+    time.sleep(0.3)
+    with pytest.raises(APIError) as busy:
+        service.run(RunGraderRequest(grader=string_check("eq"), model_sample="a", item={"label": "a"}))
+    assert busy.value.status == 429 and busy.value.headers == {"Retry-After": "1"}
+    worker.join(timeout=10)
+    assert answers == [1.0]
+    # The slot is free again.
+    assert (
+        service.run(RunGraderRequest(grader=string_check("eq"), model_sample="a", item={"label": "a"})).reward
+        == 1.0
+    )

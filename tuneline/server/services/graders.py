@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import threading
 import time
 from typing import Any
 
@@ -32,6 +33,9 @@ from tuneline.server.settings import ServerSettings
 
 BASE_URL_ENV = "TUNELINE_SCORE_MODEL_BASE_URL"
 KEY_ENV_ENV = "TUNELINE_SCORE_MODEL_API_KEY_ENV"
+# Grades run at once by /run (each can hold a request thread for a python grader's whole time limit);
+# one more is answered 429 with Retry-After, which the openai SDK waits out and retries.
+MAX_CONCURRENT_RUNS = 8
 PYTHON_TIMEOUT_ENV = "TUNELINE_PYTHON_GRADER_TIMEOUT_S"
 PYTHON_MEMORY_ENV = "TUNELINE_PYTHON_GRADER_MEMORY_MB"
 # A flag of `metadata.errors` for each kind of failed grade (GraderError.kind); the rest: other_error.
@@ -97,8 +101,10 @@ def bad_grader(error: GraderError) -> APIError:
 
 
 class GraderService:
-    def __init__(self, settings: GraderSettings) -> None:
+    def __init__(self, settings: GraderSettings, max_concurrent_runs: int = MAX_CONCURRENT_RUNS) -> None:
         self.settings = settings
+        self.max_concurrent_runs = max_concurrent_runs
+        self._slots = threading.BoundedSemaphore(max_concurrent_runs)
 
     @classmethod
     def for_server(cls, settings: ServerSettings) -> GraderService:
@@ -116,6 +122,15 @@ class GraderService:
             grader = parse_grader(body.grader, "grader", self.settings)
         except GraderError as error:
             raise bad_grader(error) from None
+        if not self._slots.acquire(blocking=False):
+            raise APIError(
+                429,
+                f"Too many graders are running on this server ({self.max_concurrent_runs} at once): "
+                "retry in a moment.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
         sample = sample_of(body.model_sample)
         errors = GraderRunErrors()
         started = time.monotonic()
@@ -131,6 +146,8 @@ class GraderService:
                 errors.python_grader_server_error_type = "start_failed"
             elif flag.startswith("model_grader_"):
                 errors.model_grader_server_error_details = error.message
+        finally:
+            self._slots.release()
         elapsed = time.monotonic() - started
         report = grade.report
         tokens = report.prompt_tokens + report.completion_tokens
