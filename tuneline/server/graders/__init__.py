@@ -4,6 +4,8 @@
 `parse_grader(spec)` validates a grader spec and returns a `Grader`; `grader.grade(sample, item)`
 scores one model answer (`sample = {"output_text": str, "output_json": object | None}`, built by
 `sample_of(text)`) against one dataset line (`item`). Both raise `GraderError(message, param)`.
+`grade_many(grader, pairs)` grades many at once (python graders in one child process), each failed
+grade returned as its GraderError.
 The server's `/v1/fine_tuning/alpha/graders/run` and `/validate` (tuneline/server/services/graders.py)
 and the reinforcement trainer use this package.
 """
@@ -20,6 +22,8 @@ from tuneline.server.graders.base import (
     GradeReport,
     GraderError,
     GraderSettings,
+    Pair,
+    grade_many,
     require_object,
 )
 from tuneline.server.graders.template import sample_of
@@ -31,6 +35,8 @@ __all__ = [
     "Grader",
     "GraderError",
     "GraderSettings",
+    "Pair",
+    "grade_many",
     "parse_grader",
     "sample_of",
 ]

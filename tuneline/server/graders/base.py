@@ -83,6 +83,25 @@ class Grader(Protocol):
         ...
 
 
+Pair = tuple[Mapping[str, Any], Mapping[str, Any]]
+
+
+def grade_many(grader: Grader, pairs: list[Pair]) -> list[Grade | GraderError]:
+    """Grade many (sample, item) pairs: a grader that can batch (`evaluate_many`: python graders run
+    them in one child process, multi graders batch their sub-graders) does, the others grade one by one.
+    A failed grade is its GraderError in the list, not raised."""
+    batch = getattr(grader, "evaluate_many", None)
+    if batch is not None:
+        return batch(pairs)  # type: ignore[no-any-return]
+    outcomes: list[Grade | GraderError] = []
+    for sample, item in pairs:
+        try:
+            outcomes.append(grader.evaluate(sample, item))
+        except GraderError as error:
+            outcomes.append(error)
+    return outcomes
+
+
 def require_object(spec: Any, param: str) -> Mapping[str, Any]:
     if not isinstance(spec, Mapping):
         raise GraderError(f"Invalid type for '{param}': expected an object.", param)

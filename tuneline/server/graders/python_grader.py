@@ -1,9 +1,11 @@
 """`python`: the grader's `source` defines `grade(sample, item) -> float`, run in a child process so a
 failing, hanging or memory-hungry grader fails its grade with a clear error and never holds the server.
 
-What is enforced, per grade (one fresh `python -I` child; `GraderSettings.python_*` set the limits):
-- time: the child is killed (with its whole process group) after `python_timeout_s` of wall time,
-  interpreter start included; RLIMIT_CPU stops a child spinning past that on the CPU;
+What is enforced (one fresh `python -I` child per grade, or per batch of `evaluate_many`;
+`GraderSettings.python_*` set the limits):
+- time: each grade (and the import of the source) is stopped by a timer after `python_timeout_s` of
+  wall time; should the grader be stuck where the timer cannot interrupt it (one long C call), the
+  child is killed, with its whole process group, 2 s past its budget; RLIMIT_CPU backs both;
 - memory: RLIMIT_AS caps the child's address space at `python_memory_mb` (a big allocation raises
   MemoryError, reported as such);
 - network: the child first moves itself into a new, empty network namespace (`unshare(CLONE_NEWNET)`,
@@ -55,12 +57,12 @@ CLONE_NEWUSER = 0x10000000
 
 # The child: read the job, limit itself, cut the network, run the grader, write the result to its fd.
 RUNNER = r"""
-import json, math, os, resource, sys
+import json, math, os, resource, signal, sys
 job = json.loads(sys.stdin.read())
-result_fd = int(sys.argv[1])
+results = open(job["results_path"], "w")
 def answer(body):
-    with os.fdopen(result_fd, "w") as out:
-        out.write(json.dumps(body))
+    results.write(json.dumps(body) + "\n")
+    results.flush()
 def isolate():
     import ctypes
     try:
@@ -71,7 +73,7 @@ def isolate():
     except Exception:
         pass
     return "python"
-isolation = isolate() if job["isolate"] else "python"
+isolation = isolate()
 def blocked(*args, **kwargs):
     raise OSError("network access is disabled in python graders")
 import socket, _socket
@@ -85,58 +87,81 @@ resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 if job["probe"]:
     answer({"isolation": isolation})
     sys.exit(0)
-namespace = {"__name__": "grader"}
-try:
-    exec(compile(job["source"], "<grader>", "exec"), namespace)
-    reward = namespace["grade"](job["sample"], job["item"])
-except MemoryError:
-    answer({"error": "the grader ran out of memory (limit %d MB)" % (memory >> 20)})
-    sys.exit(0)
-except BaseException:
+class OutOfTime(BaseException):
+    pass
+def out_of_time(*args):
+    raise OutOfTime()
+signal.signal(signal.SIGALRM, out_of_time)
+limit = job["item_timeout_s"]
+def timed(call, *args):
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        return call(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+def failure():
+    kind = sys.exc_info()[0]
+    if kind is OutOfTime:
+        return {"error": "the grader did not finish within %g s and was stopped" % limit}
+    if kind is MemoryError:
+        return {"error": "the grader ran out of memory (limit %d MB)" % (memory >> 20)}
     import traceback
     lines = [line for line in traceback.format_exc().strip().splitlines() if not line.startswith('  File "<string>"')]
-    answer({"error": "\n".join(lines[-12:])})
+    return {"error": "\n".join(lines[-12:])}
+namespace = {"__name__": "grader"}
+try:
+    timed(exec, compile(job["source"], "<grader>", "exec"), namespace)
+except BaseException:
+    broken = failure()
+    for _ in job["pairs"]:
+        answer(broken)
     sys.exit(0)
-if isinstance(reward, bool) or not isinstance(reward, (int, float)):
-    answer({"error": "grade() returned %s, not a number" % type(reward).__name__})
-elif not math.isfinite(reward):
-    answer({"error": "grade() returned %r, not a finite number" % reward})
-else:
-    answer({"reward": float(reward)})
+for sample, item in job["pairs"]:
+    try:
+        reward = timed(namespace["grade"], sample, item)
+    except BaseException:
+        answer(failure())
+        continue
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        answer({"error": "grade() returned %s, not a number" % type(reward).__name__})
+    elif not math.isfinite(reward):
+        answer({"error": "grade() returned %r, not a finite number" % reward})
+    else:
+        answer({"reward": float(reward)})
 """
+# The parent's own guard, past the child's per-grade timer: for a grader stuck where the timer cannot
+# interrupt it (inside one long C call), the whole process group is killed.
+GRACE_S = 2.0
 
 
 def _child_env(home: str) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": home}
 
 
-def _run_child(job: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any] | None, int | None, str, bool]:
-    """Run RUNNER on `job`: (its answer or None, its exit status, the tail of its output, timed out)."""
-    read_fd, write_fd = os.pipe()
+def _run_child(job: dict[str, Any], timeout_s: float) -> tuple[list[dict[str, Any]], int | None, str, bool]:
+    """Run RUNNER on `job`: (its answers, one per pair so far, its exit status, the tail of its
+    output, killed at the deadline)."""
     with tempfile.TemporaryDirectory(prefix="tuneline-grader-") as home:
         output_path = Path(home) / ".output"
+        results_path = Path(home) / ".results"
+        results_path.touch()
+        job = {**job, "results_path": str(results_path)}
         with open(output_path, "wb") as output:
-            try:
-                child = subprocess.Popen(
-                    [sys.executable, "-I", "-c", RUNNER, str(write_fd)],
-                    stdin=subprocess.PIPE,
-                    stdout=output,
-                    stderr=output,
-                    cwd=home,
-                    env=_child_env(home),
-                    pass_fds=(write_fd,),
-                    start_new_session=True,
-                )
-            finally:
-                os.close(write_fd)
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-c", RUNNER],
+                stdin=subprocess.PIPE,
+                stdout=output,
+                stderr=output,
+                cwd=home,
+                env=_child_env(home),
+                start_new_session=True,
+            )
             timed_out = False
             try:
                 assert child.stdin is not None
-                try:
+                with contextlib.suppress(BrokenPipeError):
                     child.stdin.write(json.dumps(job).encode())
                     child.stdin.close()
-                except BrokenPipeError:
-                    pass
                 child.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
@@ -144,39 +169,39 @@ def _run_child(job: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any] | 
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-        with os.fdopen(read_fd, "rb") as result:
-            raw = result.read(OUTPUT_BYTES)
+        answers = []
+        with open(results_path, "rb") as results:
+            for line in results.read(OUTPUT_BYTES).splitlines():
+                try:
+                    answers.append(json.loads(line))
+                except ValueError:
+                    break
         tail = output_path.read_bytes()[-4000:].decode("utf-8", "replace").strip()
-    try:
-        answer = json.loads(raw) if raw else None
-    except ValueError:
-        answer = None
-    return answer, child.returncode, tail, timed_out
+    return answers, child.returncode, tail, timed_out
 
 
 @cache
 def network_isolation() -> str:
     """How python graders are cut off from the network on this host: "namespace" (a new, empty network
     namespace) or "python" (the socket guard only)."""
-    answer, _, _, _ = _run_child(_job({}, {}, "", GraderSettings(), probe=True), 30)
-    return str(answer.get("isolation")) if answer else "python"
+    answers, _, _, _ = _run_child(_job([], "", GraderSettings(), probe=True), 30)
+    return str(answers[0].get("isolation")) if answers else "python"
 
 
 def _job(
-    sample: Mapping[str, Any],
-    item: Mapping[str, Any],
+    pairs: list[tuple[Mapping[str, Any], Mapping[str, Any]]],
     source: str,
     settings: GraderSettings,
     probe: bool = False,
 ) -> dict[str, Any]:
+    budget = settings.python_timeout_s * max(1, len(pairs))
     return {
         "source": source,
-        "sample": dict(sample),
-        "item": dict(item),
+        "pairs": [[dict(sample), dict(item)] for sample, item in pairs],
         "memory_bytes": int(settings.python_memory_mb) << 20,
-        "cpu_s": max(1, math.ceil(settings.python_timeout_s)),
+        "item_timeout_s": float(settings.python_timeout_s),
+        "cpu_s": max(1, math.ceil(budget)),
         "output_bytes": OUTPUT_BYTES,
-        "isolate": True,
         "probe": probe,
     }
 
@@ -194,32 +219,54 @@ class PythonGrader:
         return self.evaluate(sample, item).reward
 
     def evaluate(self, sample: Mapping[str, Any], item: Mapping[str, Any]) -> Grade:
+        outcome = self.evaluate_many([(sample, item)])[0]
+        if isinstance(outcome, GraderError):
+            raise outcome
+        return outcome
+
+    def evaluate_many(
+        self, pairs: list[tuple[Mapping[str, Any], Mapping[str, Any]]]
+    ) -> list[Grade | GraderError]:
+        """Grade many answers in one child process (one interpreter start for all; each grade still has
+        its own time limit, and module-level state of the grader carries from one to the next)."""
+        if not pairs:
+            return []
         where = f"{self.param}.source"
+        timeout = self.settings.python_timeout_s
         try:
-            answer, status, tail, timed_out = _run_child(
-                _job(sample, item, self.source, self.settings), self.settings.python_timeout_s
+            answers, status, tail, killed = _run_child(
+                _job(pairs, self.source, self.settings), timeout * len(pairs) + GRACE_S
             )
         except OSError as error:
-            raise GraderError(
+            failed = GraderError(
                 f"The python grader could not be started: {error}", where, kind="python_grader_server_error"
-            ) from None
-        if timed_out:
-            raise GraderError(
-                f"The python grader did not finish within {self.settings.python_timeout_s:g} s and was stopped.",
-                where,
-                kind="python_grader_runtime_error",
             )
-        if answer is not None and "reward" in answer:
-            return Grade(float(answer["reward"]))
-        if answer is not None and "error" in answer:
-            detail = str(answer["error"])
-        elif status is not None and status < 0:
-            detail = _signal_detail(-status, self.settings)
-        else:
-            detail = f"the grader process exited with status {status} without a result"
-        if tail:
-            detail = f"{detail}\n{tail[-2000:]}"
-        raise GraderError(f"The python grader failed: {detail}", where, kind="python_grader_runtime_error")
+            return [failed] * len(pairs)
+        outcomes: list[Grade | GraderError] = []
+        for answer in answers[: len(pairs)]:
+            if "reward" in answer:
+                outcomes.append(Grade(float(answer["reward"])))
+            else:
+                detail = str(answer.get("error"))
+                if detail.startswith("the grader did not finish"):
+                    message = f"The python grader did not finish within {timeout:g} s and was stopped."
+                else:
+                    message = f"The python grader failed: {detail}"
+                outcomes.append(GraderError(message, where, kind="python_grader_runtime_error"))
+        if len(outcomes) < len(pairs):
+            if killed:
+                detail = f"it did not finish within {timeout:g} s and was stopped"
+            elif status is not None and status < 0:
+                detail = _signal_detail(-status, self.settings)
+            else:
+                detail = f"the grader process exited with status {status} without a result"
+            if tail:
+                detail = f"{detail}\n{tail[-2000:]}"
+            missing = GraderError(
+                f"The python grader failed: {detail}", where, kind="python_grader_runtime_error"
+            )
+            outcomes.extend([missing] * (len(pairs) - len(outcomes)))
+        return outcomes
 
     def spec(self) -> dict[str, Any]:
         spec = {"type": self.type, "name": self.name, "source": self.source}
