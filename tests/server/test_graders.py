@@ -271,3 +271,47 @@ def test_the_service_bounds_grades_at_once() -> None:
         service.run(RunGraderRequest(grader=string_check("eq"), model_sample="a", item={"label": "a"})).reward
         == 1.0
     )
+
+
+def test_grade_many_runs_a_batch_in_one_child_with_a_limit_per_grade() -> None:
+    from tuneline.server.graders import GraderSettings, grade_many
+
+    source = (
+        "import os, time\n"
+        "PID = os.getpid()\n"
+        "def grade(sample, item):\n"
+        "    if item['kind'] == 'hang':\n"
+        "        time.sleep(60)\n"
+        "    if item['kind'] == 'raise':\n"
+        "        raise ValueError('bad item')\n"
+        "    return float(PID)\n"
+    )
+    grader = parse_grader(
+        {"type": "python", "name": "b", "source": source}, settings=GraderSettings(python_timeout_s=1)
+    )
+    kinds = ["ok", "raise", "ok", "hang", "ok"]
+    started = time.monotonic()
+    outcomes = grade_many(grader, [(sample_of("x"), {"kind": kind}) for kind in kinds])
+    assert time.monotonic() - started < 8
+    rewards = [o.reward for o in outcomes if not isinstance(o, GraderError)]
+    assert len(rewards) == 3 and len(set(rewards)) == 1  # one process graded them all
+    assert isinstance(outcomes[1], GraderError) and "ValueError: bad item" in outcomes[1].message
+    assert isinstance(outcomes[3], GraderError) and "within 1 s" in outcomes[3].message
+    multi = parse_grader(
+        {
+            "type": "multi",
+            "name": "m",
+            "graders": {
+                "py": {"type": "python", "name": "py", "source": source},
+                "exact": string_check("eq"),
+            },
+            "calculate_output": "exact + py * 0",
+        },
+        settings=GraderSettings(python_timeout_s=1),
+    )
+    mixed = grade_many(
+        multi,
+        [(sample_of("a"), {"kind": "ok", "label": "a"}), (sample_of("a"), {"kind": "raise", "label": "a"})],
+    )
+    assert not isinstance(mixed[0], GraderError) and mixed[0].reward == 1.0
+    assert isinstance(mixed[1], GraderError) and mixed[1].kind == "python_grader_runtime_error"
