@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY, Validate
-
 PYTHON_TIMEOUT_S = 2
+API_KEY = "sk-tuneline-graders-test"
+Validate = Callable[[str, Any], None]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_invalid_graders_are_400_naming_the_field(
     ):
         with pytest.raises(openai.BadRequestError) as refused:
             call()
-        error = refused.value.body
+        error: Any = refused.value.body
         assert error["param"] == param
         assert error["type"] == "invalid_request_error"
         assert words in error["message"]
@@ -134,8 +134,9 @@ def test_invalid_graders_are_400_naming_the_field(
 def test_a_request_without_model_sample_is_refused(client: Any) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         client.post("/fine_tuning/alpha/graders/run", body={"grader": STRING_CHECK}, cast_to=object)
-    assert refused.value.body["param"] == "model_sample"
-    assert refused.value.body["code"] == "missing_required_parameter"
+    error: Any = refused.value.body
+    assert error["param"] == "model_sample"
+    assert error["code"] == "missing_required_parameter"
 
 
 def test_string_check_and_text_similarity(client: Any, validate: Validate) -> None:
