@@ -160,7 +160,7 @@ def test_multi_grader_shapes_and_errors() -> None:
     grader = parse_grader(as_list)
     assert grader.grade(sample_of("paris"), {"label": "paris"}) == 2.0
     assert grader.spec() == as_list
-    refusals = [
+    refusals: list[tuple[dict[str, Any], str]] = [
         ({**by_name, "graders": {"e": {**exact, "operation": "is"}}}, "grader.graders.e.operation"),
         ({**by_name, "graders": {"e": by_name}}, "grader.graders.e.type"),
         ({**by_name, "graders": {"bad name": exact}}, "grader.graders.bad name"),
