@@ -52,10 +52,9 @@ from tuneline.server.graders.base import (
 
 MAX_SOURCE_BYTES = 256 * 1024
 OUTPUT_BYTES = 1 << 20
-CLONE_NEWNET = 0x40000000
-CLONE_NEWUSER = 0x10000000
 
-# The child: read the job, limit itself, cut the network, run the grader, write the result to its fd.
+# The child: read the job, cut the network, limit itself, run the grader on each pair, one JSON line per
+# grade in the results file (0x40000000: CLONE_NEWNET, 0x10000000: CLONE_NEWUSER).
 RUNNER = r"""
 import json, math, os, resource, signal, sys
 job = json.loads(sys.stdin.read())
@@ -160,7 +159,7 @@ def _run_child(job: dict[str, Any], timeout_s: float) -> tuple[list[dict[str, An
             try:
                 assert child.stdin is not None
                 with contextlib.suppress(BrokenPipeError):
-                    child.stdin.write(json.dumps(job).encode())
+                    child.stdin.write(json.dumps(job, default=str).encode())
                     child.stdin.close()
                 child.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
