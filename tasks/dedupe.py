@@ -98,16 +98,22 @@ class _Stage:
         return f"record {self.record_id[position]} (line {self.line[position]} of {self.source[position]})"
 
 
-def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig) -> pd.DataFrame:
-    """The frame with the dedupe rules applied (see the module docstring for the guarantees)."""
+def dedupe(
+    frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig, *, screened: bool = False
+) -> pd.DataFrame:
+    """The frame with the dedupe rules applied (see the module docstring for the guarantees).
+    `screened`: rule 1 was already applied to the frame, block by block, by `credentials_and_pii`
+    (the ray engine, tuneline/engines/ray_engine.py); rule 1 is a function of one record alone, so the
+    result is the same."""
     # Copy-on-write: only the columns written here are copied (raw text stays shared).
     out = frame.copy(deep=False)
     stage = _Stage(out)
     rank = record_order(out)
     examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)
 
-    _credentials_and_pii(stage, examples, config)
-    out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
+    if not screened:
+        _credentials_and_pii(stage, examples, config)
+        out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
 
     positions = stage.kept()
     table = TextTable()
@@ -493,7 +499,7 @@ def _duplicates_of_quarantined_records(stage: _Stage) -> None:
 
 @task(name="dedupe", cache_policy=NO_CACHE, persist_result=False)
 def dedupe_task(
-    frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig
+    frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig, screened: bool = False
 ) -> pd.DataFrame:
     """Prefect wrapper of dedupe."""
-    return dedupe(frame, eval_examples, config)
+    return dedupe(frame, eval_examples, config, screened=screened)
