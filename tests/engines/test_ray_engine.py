@@ -22,9 +22,10 @@ import yaml
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'tuneline[ray]')")
 
 from tuneline import jsonl  # noqa: E402
-from tuneline.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+from tuneline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from tuneline.demo import generator  # noqa: E402
 from tuneline.engines import ray_engine  # noqa: E402
+from tuneline.flows.backfill import PREPARED, backfill  # noqa: E402
 from tuneline.flows.prepare import PrepareResult, prepare  # noqa: E402
 from tuneline.tasks import dedupe, export, ingest, validate  # noqa: E402
 
@@ -133,7 +134,9 @@ def local_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
 
 
 def ray_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
-    return dedupe.dedupe(ray_engine.screen(files, config), eval_examples(config), config.dedupe, screened=True)
+    return dedupe.dedupe(
+        ray_engine.screen(files, config), eval_examples(config), config.dedupe, screened=True
+    )
 
 
 def eval_examples(config: Any) -> list[dict[str, Any]]:
@@ -195,13 +198,16 @@ def test_a_worker_killed_mid_block_is_retried_and_nothing_is_counted_twice(
     assert isinstance(failed, ray.exceptions.RayError), failed
 
 
-def test_an_unreachable_cluster_is_one_line_naming_the_key(support_project: Any, tmp_path: Path) -> None:
-    config_path = support_project(tmp_path, {"2026-11-01": 5})
-    config = load_config(config_path, {"execution.engine": "ray", "execution.address": "ray://127.0.0.1:9"})
-    ray.shutdown()
-    try:
-        with pytest.raises(ConfigError, match=r"^execution\.address: could not connect to ray://127\.0\.0\.1:9"):
-            ray_engine.connect(config.execution)
-    finally:
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+def test_backfill_prepares_dates_on_ray_with_the_local_engines_hashes(
+    prefect_server: None, store: Path, support_project: Any, tmp_path: Path
+) -> None:
+    days = {"2026-11-01": 30, "2026-11-02": 30, "2026-11-03": 30}
+    tracking = {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}", "artifact_location": str(store / "art")}
+    hashes = {}
+    for engine in ("local", "ray"):
+        config = support_project(tmp_path / engine, days, execution={"engine": engine}, tracking=tracking)
+        result = backfill(start="2026-11-01", end="2026-11-03", config=str(config))
+        assert [d.outcome for d in result.days] == [PREPARED] * 3
+        hashes[engine] = [d.dataset_hash for d in result.days]
+    assert hashes["ray"] == hashes["local"]
+    assert len(set(hashes["ray"])) == 3  # each date's window holds more data than the last
