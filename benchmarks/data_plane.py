@@ -25,8 +25,9 @@ and on 10N records of the same generator, and prints the time ratio (target <= 1
 
 `--engine ray` (needs `pip install 'tuneline[ray]'`) writes the N lines as `--files` partition files
 instead of one, and runs the pipeline twice on them: with the ray engine (ingest, validate and the
-credential screen as Ray tasks on a local Ray of `--ray-cpus` CPUs, started before the clock starts;
-dedupe, quality and export in this process, as tuneline/engines/ray_engine.py does) and with the local
+credential screen as Ray tasks on a local Ray of `--ray-cpus` CPUs, started before the clock starts,
+and the near-duplicate candidates by map -> shuffle -> reduce on Ray; the rest of dedupe, quality and
+export in this process, as tuneline/engines/ray_engine.py does) and with the local
 engine; it prints both engines' examples/s, their ratio, whether their training, validation and
 quarantine files are byte-identical, and each run's peak memory summed over this process and its Ray
 processes (PSS, so the shared object store is counted once). The cookbook baselines and the recall
@@ -214,7 +215,8 @@ class TreeMemory:
 
 
 def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
-    """run_pipeline with the ray engine: ingest, validate and rule 1 of dedupe as Ray tasks."""
+    """run_pipeline with the ray engine: ingest, validate and rule 1 of dedupe as Ray tasks, and the
+    near-duplicate candidates by map -> shuffle -> reduce on Ray."""
     from tuneline.engines import ray_engine
 
     config = load_config(overrides={"execution.engine": "ray"})
@@ -222,8 +224,11 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     eval_examples = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
     files = ingest.select_files([Source(name="benchmark", uri=str(folder))], date(2026, 11, 22), 1).files
     frame = timed("screen", timings, lambda: ray_engine.screen(files, config))
+    search = ray_engine.RayCandidates(config.execution)
     frame = timed(
-        "dedupe", timings, lambda: dedupe.dedupe(frame, eval_examples, config.dedupe, screened=True)
+        "dedupe",
+        timings,
+        lambda: dedupe.dedupe(frame, eval_examples, config.dedupe, screened=True, candidates=search),
     )
     return _finish(frame, config, timings, out_dir)
 

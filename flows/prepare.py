@@ -10,7 +10,8 @@ into its own MLflow run. Either way:
 - the eval set (kept out of training by the leakage rule) and the general corpus are read from any
   path or fsspec URL, as evaluation reads them (tuneline/jsonl.py);
 - with `execution.engine: ray`, ingest, validate and the credential/PII screen run per block of files
-  as Ray tasks (tuneline/engines/ray_engine.py), with the same result as the default local engine;
+  as Ray tasks, and the near-duplicate candidate search as map -> shuffle -> reduce Ray tasks
+  (tuneline/engines/ray_engine.py), with the same result as the default local engine;
 - one MLflow run holds the params (config hash, as_of, sources), the dataset input (digest = dataset
   hash, cut to MLflow's 36 characters), the counts as metrics and the three files as artifacts, tagged
   with the Prefect flow run (tuneline/tracking.py's RunLog.log_prepared).
@@ -145,7 +146,9 @@ def prepare_dataset(
     if config.execution.engine == "ray":
         # Ingest, validate and rule 1 of dedupe per block of files, as Ray tasks (tuneline/engines/).
         frame = ray_engine.screen_task(selection.files, config)
-        frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe, screened=True)
+        # Near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
+        search = ray_engine.RayCandidates(config.execution)
+        frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe, screened=True, candidates=search)
     else:
         fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
         frame = ingest.ingest_task(selection.files, config.model.system_prompt, fallbacks)

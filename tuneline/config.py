@@ -256,6 +256,10 @@ class ExecutionConfig(Section):
     num_cpus: int | None = Field(default=None, ge=1, le=4096)
     # Files per Ray task: each task reads, validates and screens this many files (a block).
     files_per_task: int = Field(default=1, ge=1, le=100_000)
+    # Records per map task of the near-duplicate search (signatures and band keys of a block), and
+    # reduce tasks of its shuffle (None: one per CPU of the cluster).
+    block_records: int = Field(default=250_000, ge=1)
+    shuffle_partitions: int | None = Field(default=None, ge=1, le=4096)
     # Tries of a task whose worker died (killed, out of memory, node lost) before the run fails.
     max_retries: int = Field(default=3, ge=0, le=100)
 

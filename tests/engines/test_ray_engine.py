@@ -5,6 +5,7 @@ in the middle of a block is retried, with the same frame and no record counted t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -14,6 +15,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
@@ -24,9 +26,12 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 from tuneline import jsonl  # noqa: E402
 from tuneline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from tuneline.demo import generator  # noqa: E402
+from tuneline.demo.synthetic import synthetic_chat_lines  # noqa: E402
 from tuneline.engines import ray_engine  # noqa: E402
 from tuneline.flows.backfill import PREPARED, backfill  # noqa: E402
 from tuneline.flows.prepare import PrepareResult, prepare  # noqa: E402
+from tuneline.near_duplicates import Documents, TextTable, banding_for, local_candidates  # noqa: E402
+from tuneline.normalize import normalize_text  # noqa: E402
 from tuneline.tasks import dedupe, export, ingest, validate  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -119,7 +124,15 @@ def test_generated_demo_data_gives_the_same_files_and_hash(
 
 def test_several_files_per_task_give_the_same_frame(support_project: Any, tmp_path: Path) -> None:
     config_path = support_project(tmp_path, {f"2026-11-0{d}": 40 + d for d in range(1, 6)})
-    config = load_config(config_path, {"execution.engine": "ray", "execution.files_per_task": 2})
+    config = load_config(
+        config_path,
+        {
+            "execution.engine": "ray",
+            "execution.files_per_task": 2,
+            "execution.block_records": 50,
+            "execution.shuffle_partitions": 3,
+        },
+    )
     files = ingest.select_files(config.data.sources, date(2026, 11, 5), 7).files
     assert len(ray_engine.blocks(files, 2)) == 3
     local, on_ray = local_frame(config, files), ray_frame(config, files)
@@ -135,8 +148,37 @@ def local_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
 
 def ray_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
     return dedupe.dedupe(
-        ray_engine.screen(files, config), eval_examples(config), config.dedupe, screened=True
+        ray_engine.screen(files, config),
+        eval_examples(config),
+        config.dedupe,
+        screened=True,
+        candidates=ray_engine.RayCandidates(config.execution),
     )
+
+
+def parsed(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:  # the generator's malformed lines
+        return None
+
+
+def test_the_shuffled_candidate_search_gives_the_local_pairs_and_signatures() -> None:
+    chats = [parsed(line) for line in synthetic_chat_lines(3000, seed=7)]
+    turns = [
+        [normalize_text(m["content"]) for m in chat["messages"] if isinstance(m.get("content"), str)]
+        for chat in chats
+        if isinstance(chat, dict) and isinstance(chat.get("messages"), list)
+    ]
+    documents = Documents.build(TextTable(), turns)
+    rank = np.random.default_rng(3).permutation(len(documents))
+    banding = banding_for(64, 0.85)
+    expected = local_candidates(documents, rank, 64, 3, banding)
+    config = load_config(overrides={"execution.block_records": 700, "execution.shuffle_partitions": 3})
+    found = ray_engine.RayCandidates(config.execution)(documents, rank, 64, 3, banding)
+    assert len(expected[1]) > 100  # templated chats share buckets: there are pairs to find
+    for mine, theirs in zip(found, expected, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def eval_examples(config: Any) -> list[dict[str, Any]]:

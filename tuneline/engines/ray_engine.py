@@ -6,7 +6,10 @@ files (tasks/ingest.py's `read_files`), applies the format rules and counts exac
 (tasks/validate.py's `validate`) and screens for credentials and PII (tasks/dedupe.py's
 `credentials_and_pii`, rule 1). The blocks' frames come back in block order and are concatenated: the
 frame the local engine builds, row for row (see tuneline/engines/__init__.py for why). The batch-wide
-rules (rules 2 to 5 of tasks/dedupe.py) then run on it in the flow, `screened=True`.
+rules (rules 2 to 5 of tasks/dedupe.py) then run on it in the flow, `screened=True`, with the
+near-duplicate candidate search (signatures, LSH bands, candidate pairs: most of rule 4's work) as
+map -> shuffle -> reduce Ray tasks (`RayCandidates`); the exact check of the pairs, and the exact
+duplicates, leakage and contradictions, run in the flow's process.
 
 Faults: a task whose worker process dies (killed, out of memory, its node lost) is run again by Ray,
 up to `execution.max_retries` times, on the same block; only the finished attempt's frame is ever
@@ -32,6 +35,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -45,6 +49,14 @@ from tuneline.config import (
     ExecutionConfig,
     ModelConfig,
     ValidationConfig,
+)
+from tuneline.near_duplicates import (
+    Banding,
+    Documents,
+    band_bucket_pairs,
+    band_keys,
+    distinct_pair_codes,
+    sketches,
 )
 from tuneline.tasks import dedupe, ingest, validate
 
@@ -155,6 +167,99 @@ def concat(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     frame = pd.concat(full, ignore_index=True)
     assert list(frame.columns) == list(full[0].columns), "blocks disagree on their columns"
     return frame
+
+
+# --------------------------------------------------------------------------------------------------
+# Near-duplicate candidates: map -> shuffle -> reduce.
+
+
+def map_block(
+    documents: Documents, start: int, num_perm: int, shingle_size: int, banding: Banding, reducers: int
+) -> tuple[Any, ...]:
+    """Map: the MinHash signatures and band keys of one block of records (`start` is its first
+    record's index), and the band entries (record, key, next band's key) of its records with words,
+    split by reducer (key mod reducers: a bucket's entries all go to one reducer). Returns the
+    signatures, then one list of per-band entries per reducer (separate objects: each reducer
+    fetches only its own)."""
+    signatures, word_counts = sketches(documents, num_perm, shingle_size)
+    keys = band_keys(signatures, banding)
+    eligible = np.flatnonzero(word_counts > 0)
+    records = start + eligible
+    pieces: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(reducers)]
+    for band in range(banding.bands):
+        key = keys[band, eligible]
+        following = keys[(band + 1) % banding.bands, eligible]
+        target = (key % np.uint64(reducers)).astype(np.int64)
+        order = np.argsort(target, kind="stable")
+        bounds = np.searchsorted(target[order], np.arange(reducers + 1))
+        for reducer in range(reducers):
+            chosen = order[bounds[reducer] : bounds[reducer + 1]]
+            pieces[reducer].append((records[chosen], key[chosen], following[chosen]))
+    return (signatures, *pieces)
+
+
+def reduce_buckets(rank: np.ndarray, n: int, bands: int, *pieces: Any) -> np.ndarray:
+    """Reduce: the candidate pairs of the buckets one reducer holds (every entry of each, from every
+    map task), as distinct pair codes (later * n + earlier)."""
+    found: list[np.ndarray] = []
+    for band in range(bands):
+        parts = [piece[band] for piece in pieces]
+        found.extend(
+            band_bucket_pairs(
+                np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]),
+                rank,
+                n,
+            )
+        )
+    return distinct_pair_codes(found)
+
+
+class RayCandidates:
+    """The near-duplicate candidate search (tuneline/near_duplicates.py's CandidateSearch) on Ray: map
+    tasks over blocks of `execution.block_records` records, a shuffle of their band entries by bucket
+    through Ray's object store (which spills to disk when it is full), reduce tasks that pair the
+    records of each bucket, and their union here. Every bucket is whole in one reducer, so the pairs
+    are exactly those of `candidate_pairs`; the exact check then runs on them as with the local engine."""
+
+    def __init__(self, execution: ExecutionConfig) -> None:
+        self.execution = execution
+
+    def __call__(
+        self, documents: Documents, rank: np.ndarray, num_perm: int, shingle_size: int, banding: Banding
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ray = connect(self.execution)
+        n = len(documents)
+        reducers = self.execution.shuffle_partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        retries = {"max_retries": self.execution.max_retries, "retry_exceptions": False}
+        mapper = ray.remote(map_block).options(
+            name="tuneline.near_duplicates.map", num_returns=reducers + 1, **retries
+        )
+        reducer = ray.remote(reduce_buckets).options(name="tuneline.near_duplicates.reduce", **retries)
+        step = self.execution.block_records
+        maps = [
+            mapper.remote(
+                documents.detached(start, min(start + step, n)),
+                start,
+                num_perm,
+                shingle_size,
+                banding,
+                reducers,
+            )
+            for start in range(0, n, step)
+        ]
+        rank_ref = ray.put(np.asarray(rank))
+        reduced = [
+            reducer.remote(rank_ref, n, banding.bands, *[outputs[1 + r] for outputs in maps])
+            for r in range(reducers)
+        ]
+        signatures = np.concatenate(ray.get([outputs[0] for outputs in maps]))
+        codes = distinct_pair_codes(ray.get(reduced))
+        log.info(
+            "ray engine: near-duplicate candidates from %d map and %d reduce task(s)", len(maps), reducers
+        )
+        return signatures, codes // n, codes % n
 
 
 @task(name="screen", cache_policy=NO_CACHE, persist_result=False)
