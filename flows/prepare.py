@@ -144,6 +144,7 @@ def prepare_dataset(
     general = _general_examples(config)
 
     if config.execution.engine == "ray":
+        logger.info("execution engine: ray (%s)", config.execution.address or "a local Ray started on demand")
         # Ingest, validate and rule 1 of dedupe per block of files, as Ray tasks (tuneline/engines/).
         frame = ray_engine.screen_task(selection.files, config)
         # Near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
