@@ -41,6 +41,7 @@ from tuneline import records
 from tuneline.config import DedupeConfig
 from tuneline.formats import example_text_places, example_texts, prompt_and_answer
 from tuneline.near_duplicates import (
+    CandidateSearch,
     Documents,
     TextTable,
     find_exact_duplicates,
@@ -98,16 +99,28 @@ class _Stage:
         return f"record {self.record_id[position]} (line {self.line[position]} of {self.source[position]})"
 
 
-def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig) -> pd.DataFrame:
-    """The frame with the dedupe rules applied (see the module docstring for the guarantees)."""
+def dedupe(
+    frame: pd.DataFrame,
+    eval_examples: list[dict[str, Any]],
+    config: DedupeConfig,
+    *,
+    screened: bool = False,
+    candidates: CandidateSearch | None = None,
+) -> pd.DataFrame:
+    """The frame with the dedupe rules applied (see the module docstring for the guarantees).
+    `screened`: rule 1 was already applied to the frame, block by block, by `credentials_and_pii`
+    (the ray engine, tuneline/engines/ray_engine.py); rule 1 is a function of one record alone, so the
+    result is the same. `candidates`: how the near-duplicate search finds its candidate pairs (default:
+    here; the ray engine's map -> shuffle -> reduce gives the same pairs)."""
     # Copy-on-write: only the columns written here are copied (raw text stays shared).
     out = frame.copy(deep=False)
     stage = _Stage(out)
     rank = record_order(out)
     examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)
 
-    _credentials_and_pii(stage, examples, config)
-    out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
+    if not screened:
+        _credentials_and_pii(stage, examples, config)
+        out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
 
     positions = stage.kept()
     table = TextTable()
@@ -123,7 +136,7 @@ def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: Ded
 
     alive &= ~_eval_leakage(stage, positions, prompts, table, eval_examples, config)
     alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
-    alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config)
+    alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config, candidates)
     _contradictions(stage, positions, prompts, answers, rank, alive, config)
     _duplicates_of_quarantined_records(stage)
     log.info("dedupe: %s", records.counts_by_reason(out))
@@ -332,6 +345,7 @@ def _near_duplicates(
     rank: np.ndarray,
     alive: np.ndarray,
     config: DedupeConfig,
+    candidates: CandidateSearch | None = None,
 ) -> np.ndarray:
     """Rule 4; returns which of `positions` it quarantined."""
     duplicated = np.zeros(len(positions), dtype=bool)
@@ -342,6 +356,7 @@ def _near_duplicates(
         threshold=config.near_duplicate_threshold,
         num_perm=config.num_perm,
         shingle_size=config.shingle_size,
+        candidates=candidates,
     )
     found = np.flatnonzero(result.duplicate_of >= 0)
     originals = positions[considered[result.duplicate_of[found]]]
@@ -493,7 +508,11 @@ def _duplicates_of_quarantined_records(stage: _Stage) -> None:
 
 @task(name="dedupe", cache_policy=NO_CACHE, persist_result=False)
 def dedupe_task(
-    frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig
+    frame: pd.DataFrame,
+    eval_examples: list[dict[str, Any]],
+    config: DedupeConfig,
+    screened: bool = False,
+    candidates: CandidateSearch | None = None,
 ) -> pd.DataFrame:
     """Prefect wrapper of dedupe."""
-    return dedupe(frame, eval_examples, config)
+    return dedupe(frame, eval_examples, config, screened=screened, candidates=candidates)

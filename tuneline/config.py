@@ -242,6 +242,28 @@ class BackfillConfig(Section):
     concurrency: int = Field(default=2, ge=1, le=32)
 
 
+class ExecutionConfig(Section):
+    """Where the data plane's per-partition work runs (tuneline/engines/): `local`, in this process
+    (the default; needs no Ray), or `ray`, as Ray tasks (`pip install 'tuneline[ray]'`). The engine
+    never changes a result, so this section is left out of the config hash."""
+
+    engine: Literal["local", "ray"] = "local"
+    # The Ray cluster: None starts a local Ray on demand (in this process's machine); "auto" joins the
+    # cluster of this machine (`ray start --head`); "ray://HOST:10001" a remote cluster's Ray Client
+    # (a KubeRay head service). Its workers need tuneline installed, at the same version.
+    address: str | None = None
+    # CPUs of the local Ray started on demand (None: every core); ignored when `address` is set.
+    num_cpus: int | None = Field(default=None, ge=1, le=4096)
+    # Files per Ray task: each task reads, validates and screens this many files (a block).
+    files_per_task: int = Field(default=1, ge=1, le=100_000)
+    # Records per map task of the near-duplicate search (signatures and band keys of a block), and
+    # reduce tasks of its shuffle (None: one per CPU of the cluster).
+    block_records: int = Field(default=250_000, ge=1)
+    shuffle_partitions: int | None = Field(default=None, ge=1, le=4096)
+    # Tries of a task whose worker died (killed, out of memory, node lost) before the run fails.
+    max_retries: int = Field(default=3, ge=0, le=100)
+
+
 class Config(Section):
     project: str = "support-assistant"
     data: DataConfig
@@ -257,10 +279,14 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     server: ServerConfig = ServerConfig()
     backfill: BackfillConfig = BackfillConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON form: equal configs hash equal whatever their YAML layout."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON form: equal configs hash equal whatever their YAML layout.
+        `execution` is left out: where the work runs never changes what it produces."""
+        canonical = json.dumps(
+            self.model_dump(mode="json", exclude={"execution"}), sort_keys=True, separators=(",", ":")
+        )
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
