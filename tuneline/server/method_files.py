@@ -150,3 +150,23 @@ def _check_reinforcement_file(
 def grader_item(example: dict[str, Any]) -> dict[str, Any]:
     """The fields of a reinforcement line a grader reads as `item`: all but its `messages`."""
     return {key: value for key, value in example.items() if key != "messages"}
+
+
+def preference_chats(example: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A preference line as two chat examples (prompt + preferred answer, prompt + non-preferred):
+    what the DPO trainer encodes, each trained on its final answer only."""
+    prompt = list(example["input"]["messages"])
+    extra = {k: v for k, v in example["input"].items() if k in ("tools", "parallel_tool_calls")}
+    return (
+        {**extra, "messages": prompt + list(example["preferred_output"])},
+        {**extra, "messages": prompt + list(example["non_preferred_output"])},
+    )
+
+
+def method_chats(example: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """The chat examples one training line of a `method` job is encoded as."""
+    if method == "dpo":
+        return list(preference_chats(example))
+    if method == "reinforcement":
+        return [{"messages": example["messages"]}]
+    return [example]
