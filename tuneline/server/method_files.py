@@ -61,9 +61,9 @@ def check_method_file(
     count, issue = check_training_file(
         remember(lines), min_examples=min_examples, max_line_bytes=max_line_bytes
     )
-    if issue is not None or not kinds:
+    first = kinds[0] if kinds else None
+    if first is None:  # no line, or a first line that is not JSON: the file's own issue
         return count, issue
-    first = kinds[0]
     if method == "dpo" and first != "preference":
         return count, FileIssue(
             1,
@@ -77,7 +77,7 @@ def check_method_file(
             "preference_example_in_supervised_job",
             "preference (DPO) examples need method 'dpo'; supervised jobs take chat examples",
         )
-    return count, None
+    return count, issue
 
 
 def check_reinforcement_example(example: Any) -> tuple[str, str] | None:
