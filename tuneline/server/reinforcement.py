@@ -225,8 +225,8 @@ class ReinforcementTrainer(Trainer):
             start = {"valid_mean_reward": self.validation_reward()}
             self._metrics.pending.append((0, None, 0, torch.zeros(()), start))  # type: ignore[arg-type]
         lr = learning_rate_at(self.step, self.total_steps, self.peak)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
         answers = [self.sample(self.prompts[i], self.group) for i in indices]
         rewards = torch.tensor(
             [
