@@ -266,3 +266,37 @@ def test_a_dpo_job_pauses_with_its_state_and_resumes_to_the_end(client: Any, wai
     assert max(steps) == 80 and min(steps) <= step < 80
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [80, 60, 40]
+
+
+def test_a_score_model_grader_job_calls_this_server_and_never_shows_its_key(
+    client: Any, wait_for: Any
+) -> None:
+    """A score_model grader is accepted at create (the server is its endpoint), and the worker grades
+    through it: the job runs, with the server's key handed in its environment, not its command line."""
+    grader = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "tuneline-tiny",
+        "input": [{"role": "user", "content": "Score 0 to 1: {{sample.output_text}}"}],
+        "range": [0, 1],
+    }
+    job = client.fine_tuning.jobs.create(
+        model="tuneline-tiny",
+        training_file=upload(client, [prompt_line(i) for i in range(10)]),
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": grader,
+                "hyperparameters": {"n_epochs": 1, "batch_size": 10, "compute_multiplier": 0.5},
+            },
+        },
+    )
+    done = finished(client, wait_for, job.id)
+    assert done.status == "succeeded", done.error
+    events = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=20) if e.type == "metrics"]
+    assert len(events) == 1 and "train_mean_reward" in events[0]
+    # Every grade reached the server: none failed for want of an endpoint or a key.
+    assert "train_grader_errors/model_grader_server_error" not in events[0], events[0]
+    assert client.api_key not in json.dumps(
+        client.fine_tuning.jobs.with_raw_response.retrieve(job.id).http_response.json()
+    )

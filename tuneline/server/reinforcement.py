@@ -10,7 +10,8 @@ end with the user's turn):
 - each answer's reward from the job's grader (`grader.grade({"output_text", "output_json"}, item)`,
   item = the line's fields other than `messages`), or any `reward(text, item) -> float`: the core takes a
   callable, the job passes its grader. A grade that fails scores 0 and is counted
-  (`train_grader_errors`), as the hosted service scores a failed grade;
+  (`train_grader_errors`, and by the hosted error flag: `train_grader_errors/model_grader_parse_error`),
+  as the hosted service scores a failed grade;
 - advantages within the group: (reward - group mean) / (group std + 1e-4); a group whose answers all
   score the same teaches nothing;
 - the loss per answer token: -(advantage x the token's probability ratio) + KL_COEF x the k3 estimate
@@ -57,18 +58,20 @@ ADVANTAGE_EPSILON = 1e-4
 FIGURES = ("train_loss", "train_mean_reward", "train_reward_std", "train_kl", "train_completion_tokens")
 
 
-def grader_reward(spec: Mapping[str, Any]) -> tuple[Reward, list[int]]:
-    """A Reward from a grader spec (tuneline/server/graders), and the running count of failed grades."""
+def grader_reward(spec: Mapping[str, Any], settings: Any = None) -> tuple[Reward, dict[str, int]]:
+    """A Reward from a grader spec (tuneline/server/graders, with the server's GraderSettings), and the
+    running count of failed grades by the hosted error flag (`model_grader_server_error`, ...)."""
     from tuneline.server.graders import GraderError, parse_grader, sample_of
 
-    grader = parse_grader(spec, "method.reinforcement.grader")
-    errors = [0]
+    grader = parse_grader(spec, "method.reinforcement.grader", settings)
+    errors: dict[str, int] = {}
 
     def reward(text: str, item: Mapping[str, Any]) -> float:
         try:
             value = float(grader.grade(sample_of(text), item))
-        except GraderError:
-            errors[0] += 1
+        except GraderError as exc:
+            kind = exc.kind or "grader_error"
+            errors[kind] = errors.get(kind, 0) + 1
             return 0.0
         return value if math.isfinite(value) else 0.0
 
@@ -127,6 +130,7 @@ class ReinforcementTrainer(Trainer):
         lora: bool,
         reference_model: Any = None,
         reward: Reward | None = None,
+        grader_settings: Any = None,
         **options: Any,
     ) -> None:
         options["packing"] = False
@@ -155,9 +159,9 @@ class ReinforcementTrainer(Trainer):
         self.lora = lora
         if reward is not None:
             self.reward: Reward = reward
-            self.grader_errors = [0]
+            self.grader_errors: dict[str, int] = {}
         else:
-            self.reward, self.grader_errors = grader_reward(settings.get("grader") or {})
+            self.reward, self.grader_errors = grader_reward(settings.get("grader") or {}, grader_settings)
         if not lora and reference_model is None:
             raise ValueError("a full fine-tune's reinforcement job needs the base model as its reference")
         self.reference_model = reference_model
@@ -277,7 +281,8 @@ class ReinforcementTrainer(Trainer):
             float(totals[1]) / count,
             tokens / count,
         ]
-        extra: dict[str, float] = {"train_grader_errors": float(self.grader_errors[0])}
+        extra: dict[str, float] = {"train_grader_errors": float(sum(self.grader_errors.values()))}
+        extra.update({f"train_grader_errors/{kind}": float(n) for kind, n in self.grader_errors.items()})
         last = self.step == self.total_steps
         if self.validation_prompts and (self.step % self.eval_interval == 0 or last):
             extra["valid_mean_reward"] = self.validation_reward()

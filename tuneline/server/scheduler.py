@@ -101,6 +101,22 @@ def base_auto_rules(store: Store, job: JobRecord, model_dirs: Sequence[Path]) ->
     return auto_rules(directory) if directory is not None else AutoRules()
 
 
+def grader_environment(settings: ServerSettings) -> dict[str, str]:
+    """A reinforcement worker's environment: the server's, plus where its score_model graders call (the
+    configured endpoint, else this server) and the variable that holds the key (this server's own key
+    in a variable of the worker's environment: never on its command line)."""
+    from tuneline.server.services.graders import BASE_URL_ENV, KEY_ENV_ENV, grader_settings
+    from tuneline.server.worker import SCORE_MODEL_KEY_ENV
+
+    graders = grader_settings(settings)
+    environment = dict(os.environ)
+    environment[BASE_URL_ENV] = str(graders.score_model_base_url)
+    if graders.score_model_api_key is not None:
+        environment[SCORE_MODEL_KEY_ENV] = graders.score_model_api_key
+        environment[KEY_ENV_ENV] = SCORE_MODEL_KEY_ENV
+    return environment
+
+
 # -- the scheduler ----------------------------------------------------------------------------
 
 
@@ -344,7 +360,11 @@ class JobRunner:
             command += ["--model-dir", str(model_dir)]
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=grader_environment(self.settings) if job.method_type == "reinforcement" else None,
             )
         with self._lock:
             self._workers[job.id] = Worker(job.id, token, process, log_path)

@@ -328,6 +328,7 @@ def make_trainer(
             settings=spec.method_settings,
             lora=lora,
             reference_model=reference,
+            grader_settings=spec.grader_settings,
             **options,
         )
     return Trainer(*common, spec.validation_every, **options)

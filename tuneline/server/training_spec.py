@@ -51,6 +51,9 @@ class TrainingSpec:
     # the method's own settings: beta; grader, compute_multiplier, eval_interval, eval_samples.
     method: str = "supervised"
     method_settings: dict[str, Any] = field(default_factory=dict)
+    # What a reinforcement job's graders need from the server (tuneline.server.graders.GraderSettings:
+    # the score_model endpoint, the python limits); None: the defaults.
+    grader_settings: Any = None
 
 
 @dataclass

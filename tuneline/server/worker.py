@@ -238,6 +238,7 @@ def run_job(
             batch_size_auto=job.requested_hyperparameters.get("batch_size", "auto") == "auto",
             method=job.method_type,
             method_settings=method_settings(job),
+            grader_settings=worker_grader_settings() if job.method_type == "reinforcement" else None,
         )
         for name in (spec.train_file, spec.validation_file):
             if name is not None and not name.is_file():
@@ -307,6 +308,20 @@ def method_settings(job: JobRecord) -> dict[str, Any]:
     if job.method_type == "reinforcement":
         settings["grader"] = (job.method or {}).get("grader") or {}
     return settings
+
+
+# The environment variable the scheduler hands this server's own key in, for score_model graders that
+# call this server (never on a command line, never logged).
+SCORE_MODEL_KEY_ENV = "TUNELINE_WORKER_SCORE_MODEL_KEY"
+
+
+def worker_grader_settings() -> Any:
+    """The graders' settings in a worker: the score_model endpoint and key variable the scheduler put in
+    its environment (grader_environment), the python limits of the server's environment."""
+    from tuneline.server.services.graders import grader_settings
+    from tuneline.server.settings import ServerSettings
+
+    return grader_settings(ServerSettings(state_dir=Path(".")))
 
 
 def _hyperparameters_dict(hyperparameters: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from tuneline.server.catalog import fine_tuned_model_name
 from tuneline.server.errors import APIError, file_not_found, invalid_request, job_not_found
@@ -125,6 +126,7 @@ def new_job(
     store: Store,
     base_of: ModelLookup,
     available_models: Callable[[], Sequence[str]],
+    grader_settings: Any = None,
 ) -> JobRecord:
     """A new job (status validating_files, not stored yet) from a valid create request, or the
     APIError of a model or file the request names that this server does not have."""
@@ -143,7 +145,7 @@ def new_job(
 
         param = "method.reinforcement.grader"
         try:
-            parse_grader(request.method.reinforcement.grader, param)
+            parse_grader(request.method.reinforcement.grader, param, grader_settings)
         except GraderError as exc:
             raise APIError(400, str(exc), param=exc.param or param, code="invalid_grader") from None
     _fine_tune_file(store, request.training_file, "training_file")
@@ -187,8 +189,16 @@ class JobService:
         self.models = models
 
     def create(self, request: CreateFineTuningJobRequest) -> FineTuningJob:
+        from tuneline.server.services.graders import grader_settings
+
         job = new_job(
-            request, store=self.store, base_of=self.models.base_of, available_models=self.models.available
+            request,
+            store=self.store,
+            base_of=self.models.base_of,
+            available_models=self.models.available,
+            grader_settings=grader_settings(self.runner.settings)
+            if request.method_type == "reinforcement"
+            else None,
         )
         self.store.create_job(job)
         log.info(
