@@ -70,8 +70,9 @@ def prompts(numbers: range) -> list[dict[str, Any]]:
 
 
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, stop_after: int | None = None) -> None:
         self.events: list[tuple[int, dict[str, float]]] = []
+        self.stop_after = stop_after
 
     def message(self, text: str, level: str = "info") -> None:
         pass
@@ -83,28 +84,49 @@ class Recorder:
         pass
 
     def should_stop(self) -> bool:
-        return False
+        trained = [step for step, _ in self.events if step > 0]
+        return self.stop_after is not None and len(trained) >= self.stop_after
+
+
+def rl_spec(model: Path, tmp_path: Path, epochs: int, name: str = "out", **options: Any) -> TrainingSpec:
+    train_file = tmp_path / "train.jsonl"
+    validation_file = tmp_path / "valid.jsonl"
+    train_file.write_text("".join(json.dumps(line) + "\n" for line in prompts(range(1, 13))))
+    validation_file.write_text("".join(json.dumps(line) + "\n" for line in prompts(range(100, 112))))
+    return TrainingSpec(
+        base_model_dir=model,
+        train_file=train_file,
+        validation_file=validation_file,
+        output_dir=tmp_path / name,
+        hyperparameters=Hyperparameters(epochs, 4, 0.25),
+        seed=0,
+        cpu_threads=1,
+        method="reinforcement",
+        method_settings={"grader": GRADER, "compute_multiplier": 2.0, "eval_interval": 3, "eval_samples": 4},
+        **options,
+    )
+
+
+def test_a_stopped_reinforcement_run_resumes_to_the_same_weights(builtin_model: Path, tmp_path: Path) -> None:
+    from tuneline.server.modeling import load_causal_lm
+
+    whole = train(rl_spec(builtin_model, tmp_path, 1, "whole"), Recorder())
+    stopped = train(rl_spec(builtin_model, tmp_path, 1, "part"), Recorder(stop_after=1))
+    assert stopped.stopped and stopped.steps == 1 and stopped.model_dir is not None
+    rest = Recorder()
+    resumed = train(rl_spec(builtin_model, tmp_path, 1, "rest", resume_from=stopped.model_dir), rest)
+    assert resumed.steps == whole.steps == 3 and [step for step, _ in rest.events] == [2, 3]
+    cpu = torch.device("cpu")
+    a = load_causal_lm(whole.model_dir, cpu, torch.float32).state_dict()  # type: ignore[arg-type]
+    b = load_causal_lm(resumed.model_dir, cpu, torch.float32).state_dict()  # type: ignore[arg-type]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_grpo_raises_the_validation_reward_of_a_task_the_model_fails(
     builtin_model: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("tuneline.server.graders")
-    train_file = tmp_path / "train.jsonl"
-    validation_file = tmp_path / "valid.jsonl"
-    train_file.write_text("".join(json.dumps(line) + "\n" for line in prompts(range(1, 13))))
-    validation_file.write_text("".join(json.dumps(line) + "\n" for line in prompts(range(100, 112))))
-    spec = TrainingSpec(
-        base_model_dir=builtin_model,
-        train_file=train_file,
-        validation_file=validation_file,
-        output_dir=tmp_path / "out",
-        hyperparameters=Hyperparameters(6, 4, 0.25),
-        seed=0,
-        cpu_threads=1,
-        method="reinforcement",
-        method_settings={"grader": GRADER, "compute_multiplier": 2.0, "eval_interval": 3, "eval_samples": 4},
-    )
+    spec = rl_spec(builtin_model, tmp_path, 6)
     recorder = Recorder()
     started = time.monotonic()
     outcome = train(spec, recorder)
