@@ -4,7 +4,7 @@ worker processes (tuneline/server/worker.py), reaps them, and carries out cancel
 Lifecycle, as the hosted service behaves:
   validating_files -> queued -> running -> succeeded | failed | cancelled; running/queued -> paused -> queued.
 - validating_files: the training (and validation) file is checked with tuneline.formats, the same
-  rules as the pipeline's validate stage; a bad file fails the job with `invalid_training_file` and
+  rules as the pipeline's validate stage, for the job's method (tuneline/server/method_files.py); a bad file fails the job with `invalid_training_file` and
   a message naming the line and the rule.
 - running: training happens in a separate worker process (`python -m tuneline.server.worker`), so the
   API keeps answering; the worker records events, metrics and checkpoints itself, each write guarded

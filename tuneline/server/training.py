@@ -1,6 +1,8 @@
 """Supervised fine-tuning for `tuneline serve`: real gradient descent on a causal LM. This module is
 the job's entry (`train(spec, reporter)`): loading, hyperparameters, checkpoints, devices; the loop
-itself is tuneline/server/trainer.py, GPU memory planning tuneline/server/gpu_memory.py.
+itself is tuneline/server/trainer.py, GPU memory planning tuneline/server/gpu_memory.py. DPO and
+reinforcement jobs (`spec.method`) run through the same loop, checkpoints and resume with the Trainer
+of their method (`make_trainer`: tuneline/server/preference.py, reinforcement.py), on one device.
 
 What `train` guarantees:
 - the loss is taken only on assistant turns whose weight is not 0 (tuneline/server/chat_template.py),
