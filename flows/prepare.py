@@ -141,9 +141,10 @@ def prepare_dataset(
 
     fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
     frame = ingest.ingest_task(selection.files, config.model.system_prompt, fallbacks)
-    frame = validate.validate_task(frame, config.model, config.validation)
+    method = config.training.method
+    frame = validate.validate_task(frame, config.model, config.validation, method)
     frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe)
-    verdict = quality.quality_task(frame, config.model, config.validation)
+    verdict = quality.quality_task(frame, config.model, config.validation, method)
     if verdict.success:
         logger.info("data quality passed: %d expectations", len(verdict.outcomes))
     else:
