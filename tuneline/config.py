@@ -428,9 +428,9 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
         more = len({_field_path(e) for e in errors}) - 1
         tail = f" (and {more} more key{'s' if more > 1 else ''} to fix)" if more else ""
         raise ConfigError(f"{origin}: {path}: {problem}{tail}") from None
-    problem = method_problem(config)
-    if problem:
-        raise ConfigError(f"{origin}: {problem}")
+    mismatch = method_problem(config)
+    if mismatch:
+        raise ConfigError(f"{origin}: {mismatch}")
     return config
 
 
