@@ -222,3 +222,69 @@ def test_training_files_are_checked_by_method(method: str, line: dict[str, Any],
     count, issue = formats.check_training_file(body, min_examples=1, method=method)  # type: ignore[arg-type]
     assert count == 3 and issue is not None and (issue.line, issue.key) == (4, key)
     assert formats.check_training_file(body[:3], min_examples=1, method=method) == (3, None)  # type: ignore[arg-type]
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tuneline demo-data --preferences`, once for the module."""
+    from tuneline.demo import generator
+
+    out = tmp_path_factory.mktemp("demo")
+    data = generator.generate(out, preferences=True)
+    committed = {
+        p.relative_to(REPOSITORY / "data").as_posix() for p in (REPOSITORY / "data").rglob("*") if p.is_file()
+    }
+    added = set(data.files) - committed
+    assert committed <= set(data.files) and added  # the option only adds files: data/ stays as it was
+    assert {p.split("/dt=")[0] for p in added} == {"raw/support_preferences", "raw/support_prompts"}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("config_file", "folder", "planted"),
+    [
+        ("configs/local-dpo.yaml", "support_preferences", {"exact_duplicate": 1, "contradiction": 1}),
+        ("configs/local-reinforcement.yaml", "support_prompts", {}),
+    ],
+)
+def test_the_demo_partitions_through_the_example_configs(
+    demo_data: Path, config_file: str, folder: str, planted: dict[str, int]
+) -> None:
+    """`tuneline demo-data --preferences` data with configs/local-dpo.yaml and local-reinforcement.yaml:
+    every planted record gets its reason, every other line is kept, and the batch passes the suite."""
+    from datetime import date
+
+    from tuneline.config import load_config
+    from tuneline.demo import generator
+
+    config = load_config(
+        REPOSITORY / config_file,
+        overrides={
+            "data.sources": [{"name": "demo", "uri": str(demo_data / "raw" / folder / "dt=*" / "*.jsonl")}],
+            "data.eval_set": str(demo_data / generator.EVAL_PATH),
+        },
+    )
+    selection = ingest.select_files(config.data.sources, date(2026, 11, 21), 1)
+    assert len(selection.files) == 1
+    frame = ingest.read_files(selection.files, config.model.system_prompt)
+    method = config.training.method
+    frame = validate.validate(frame, config.model, config.validation, method)
+    eval_examples = [json.loads(line) for line in (demo_data / generator.EVAL_PATH).read_text().splitlines()]
+    frame = dedupe.dedupe(frame, eval_examples, config.dedupe)
+    assert records.counts_by_reason(frame) == planted
+    if planted:
+        # The last two lines: a duplicate of the first pair (input + preferred answer), and the second
+        # pair swapped, which keep-latest keeps, quarantining the second line it contradicts.
+        reasons = reasons_by_line(frame)
+        last = len(frame)
+        ids = dict(zip(frame[records.LINE], frame[records.RECORD_ID], strict=True))
+        of = dict(zip(frame[records.LINE], frame[records.DUPLICATE_OF], strict=True))
+        assert (reasons[last - 1], of[last - 1]) == (records.EXACT_DUPLICATE, ids[1])
+        assert (reasons[2], of[2]) == (records.CONTRADICTION, ids[last])
+    verdict = quality.check_quality(frame, config.model, config.validation, method)
+    assert verdict.success, verdict.failures
+    dataset = export.build_dataset(frame, config)
+    assert dataset.counts["train"] + dataset.counts["validation"] == dataset.counts["kept"] > 50
