@@ -298,9 +298,9 @@ def test_jobs_list_pages_and_filters_by_metadata(
         ),
         ({"hyperparameters": {"learning_rate_multiplier": -1}}, 400, "greater than 0"),
         (
-            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}},
+            {"method": {"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}}},
             400,
-            "method 'dpo' is not supported by this server",
+            "method.supervised does not go with method.type 'dpo'",
         ),
         ({"suffix": "s" * 65}, 400, "suffix must be a string of 1 to 64 characters"),
         ({"seed": 2**31}, 400, "seed must be an integer between 0 and 2147483647"),

@@ -39,6 +39,7 @@ MAX_SEED = 2**31 - 1
 MAX_LEARNING_RATE_MULTIPLIER = 10.0
 MAX_METADATA_PAIRS = 16
 METHODS = ("supervised", "dpo", "reinforcement")
+REASONING_EFFORTS = ("default", "low", "medium", "high")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Purposes a client may upload with; `fine-tune-results` files are written by the server only.
 UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data")
@@ -122,16 +123,73 @@ class SupervisedHyperparameters(RequestBody):
     learning_rate_multiplier: LearningRateMultiplier = "auto"
 
 
+def _beta(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return "auto"
+    if _is_number(value) and 0 < value <= 2:
+        return float(value)
+    raise invalid(f"beta must be 'auto' or a number greater than 0 and at most 2, got {shown(value)}.")
+
+
+def _compute_multiplier(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return "auto"
+    if _is_number(value) and 0.00001 <= value <= 10:
+        return float(value)
+    raise invalid(
+        f"compute_multiplier must be 'auto' or a number between 0.00001 and 10, got {shown(value)}."
+    )
+
+
+def _reasoning_effort(value: Any) -> Any:
+    if value is None:
+        return "default"
+    if isinstance(value, str) and value in REASONING_EFFORTS:
+        return value
+    raise invalid(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {shown(value)}.")
+
+
+Beta = Annotated[Literal["auto"] | float, BeforeValidator(_beta)]
+ComputeMultiplier = Annotated[Literal["auto"] | float, BeforeValidator(_compute_multiplier)]
+# The contract bounds these below only; above, this server stops at what one job can sensibly run.
+EvalInterval = Annotated[Literal["auto"] | int, BeforeValidator(_auto_or_int("eval_interval", 1, 1_000_000))]
+EvalSamples = Annotated[Literal["auto"] | int, BeforeValidator(_auto_or_int("eval_samples", 1, 1000))]
+ReasoningEffort = Annotated[str, BeforeValidator(_reasoning_effort)]
+
+
+class DPOHyperparameters(SupervisedHyperparameters):
+    """Contract: FineTuneDPOHyperparameters."""
+
+    beta: Beta = "auto"
+
+
+class ReinforcementHyperparameters(SupervisedHyperparameters):
+    """Contract: FineTuneReinforcementHyperparameters. `reasoning_effort` is accepted and reported; a
+    model of this server has no reasoning mode, so it changes nothing."""
+
+    reasoning_effort: ReasoningEffort = "default"
+    compute_multiplier: ComputeMultiplier = "auto"
+    eval_interval: EvalInterval = "auto"
+    eval_samples: EvalSamples = "auto"
+
+
 def _method_type(value: Any) -> Any:
     if value is None:
         raise missing()
-    if isinstance(value, str) and value in ("dpo", "reinforcement"):
-        raise invalid(
-            f"method '{value}' is not supported by this server: only 'supervised' fine-tuning is available.",
-            code="unsupported_method",
-        )
-    if value != "supervised":
+    if not isinstance(value, str) or value not in METHODS:
         raise invalid(f"method.type must be one of {', '.join(METHODS)}, got {shown(value)}.")
+    return value
+
+
+def _grader(value: Any) -> Any:
+    if value is None:
+        raise missing(
+            ": a reinforcement job needs a grader (string_check, text_similarity, python, score_model or multi)"
+        )
+    if not isinstance(value, dict):
+        raise invalid(
+            "method.reinforcement.grader must be an object, got {shown}.".replace("{shown}", shown(value))
+        )
     return value
 
 
@@ -139,21 +197,48 @@ class SupervisedMethod(RequestBody):
     hyperparameters: SupervisedHyperparameters | None = None
 
 
+class DPOMethod(RequestBody):
+    """Contract: FineTuneDPOMethod."""
+
+    hyperparameters: DPOHyperparameters | None = None
+
+
+class ReinforcementMethod(RequestBody):
+    """Contract: FineTuneReinforcementMethod. The grader is checked by tuneline/server/graders
+    (parse_grader) when the job is created, so a bad one is a 400 naming its place."""
+
+    grader: Annotated[dict[str, Any], BeforeValidator(_grader)]
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class FineTuneMethod(RequestBody):
-    type: Annotated[Literal["supervised"], BeforeValidator(_method_type)]
+    """Contract: FineTuneMethod: `type` and the settings of that type only."""
+
+    type: Annotated[Literal["supervised", "dpo", "reinforcement"], BeforeValidator(_method_type)]
     supervised: SupervisedMethod | None = None
-    # Only so that a supervised job naming them is told they do not go with it.
-    dpo: dict[str, Any] | None = None
-    reinforcement: dict[str, Any] | None = None
+    dpo: DPOMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
 
     @model_validator(mode="after")
     def _settings_of_its_type_only(self) -> FineTuneMethod:
-        for other in ("dpo", "reinforcement"):
-            if getattr(self, other) is not None:
+        for other in METHODS:
+            if other != self.type and getattr(self, other) is not None:
                 raise invalid(
-                    f"method.{other} does not go with method.type 'supervised'.", param=f"method.{other}"
+                    f"method.{other} does not go with method.type '{self.type}': pass method.{self.type}.",
+                    param=f"method.{other}",
                 )
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise invalid(
+                "Missing required parameter: 'method.reinforcement': a reinforcement job needs "
+                "method.reinforcement.grader.",
+                param="method.reinforcement",
+                code="missing_required_parameter",
+            )
         return self
+
+    def hyperparameters(self) -> SupervisedHyperparameters | None:
+        settings = getattr(self, self.type)
+        return settings.hyperparameters if settings is not None else None
 
 
 def _required_string(name: str) -> Callable[[Any], Any]:
@@ -234,7 +319,15 @@ class CreateFineTuningJobRequest(RequestBody):
 
     @model_validator(mode="after")
     def _hyperparameters_in_one_place(self) -> CreateFineTuningJobRequest:
-        if self.hyperparameters is not None and self._method_hyperparameters() is not None:
+        if self.hyperparameters is None:
+            return self
+        if self.method_type != "supervised":
+            raise invalid(
+                f"The top-level hyperparameters are for supervised jobs only: pass them in "
+                f"method.{self.method_type}.hyperparameters.",
+                param="hyperparameters",
+            )
+        if self._method_hyperparameters() is not None:
             raise invalid(
                 "Pass hyperparameters either in method.supervised.hyperparameters or in the deprecated "
                 "top-level hyperparameters, not both.",
@@ -242,15 +335,31 @@ class CreateFineTuningJobRequest(RequestBody):
             )
         return self
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method is not None else "supervised"
+
     def _method_hyperparameters(self) -> SupervisedHyperparameters | None:
-        if self.method is None or self.method.supervised is None:
-            return None
-        return self.method.supervised.hyperparameters
+        return self.method.hyperparameters() if self.method is not None else None
 
     def requested_hyperparameters(self) -> dict[str, Any]:
-        """n_epochs, batch_size, learning_rate_multiplier as asked ("auto" where not given)."""
-        chosen = self._method_hyperparameters() or self.hyperparameters or SupervisedHyperparameters()
+        """The method's hyperparameters as asked ("auto" where not given): n_epochs, batch_size,
+        learning_rate_multiplier, and beta (dpo) or the reinforcement ones."""
+        default: SupervisedHyperparameters = {
+            "supervised": SupervisedHyperparameters,
+            "dpo": DPOHyperparameters,
+            "reinforcement": ReinforcementHyperparameters,
+        }[self.method_type]()
+        chosen = self._method_hyperparameters() or self.hyperparameters or default
         return chosen.model_dump()
+
+    def method_record(self) -> dict[str, Any]:
+        """What the job keeps of its method besides the hyperparameters: the type, and a
+        reinforcement job's grader."""
+        record: dict[str, Any] = {"type": self.method_type}
+        if self.method is not None and self.method.reinforcement is not None:
+            record["grader"] = self.method.reinforcement.grader
+        return record
 
 
 class ListQuery(BaseModel):
@@ -559,13 +668,38 @@ class JobHyperparameters(ResponseBody):
     learning_rate_multiplier: Literal["auto"] | float
 
 
+class JobDPOHyperparameters(JobHyperparameters):
+    beta: Literal["auto"] | float
+
+
+class JobReinforcementHyperparameters(JobHyperparameters):
+    reasoning_effort: str
+    compute_multiplier: Literal["auto"] | float
+    eval_interval: Literal["auto"] | int
+    eval_samples: Literal["auto"] | int
+
+
 class JobSupervisedMethod(ResponseBody):
     hyperparameters: JobHyperparameters
 
 
+class JobDPOMethod(ResponseBody):
+    hyperparameters: JobDPOHyperparameters
+
+
+class JobReinforcementMethod(ResponseBody):
+    grader: dict[str, Any]
+    hyperparameters: JobReinforcementHyperparameters
+
+
 class JobMethod(ResponseBody):
-    type: Literal["supervised"] = "supervised"
-    supervised: JobSupervisedMethod
+    """The method a job reports: its type and that type's settings only (the others left out)."""
+
+    omittable: ClassVar[frozenset[str]] = frozenset({"supervised", "dpo", "reinforcement"})
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
+    supervised: JobSupervisedMethod | None = None
+    dpo: JobDPOMethod | None = None
+    reinforcement: JobReinforcementMethod | None = None
 
 
 class FineTuningJob(ResponseBody):

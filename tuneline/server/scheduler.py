@@ -31,9 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from tuneline.formats import MAX_EXAMPLE_BYTES, bounded_lines, check_training_file, detect_kind, jsonl_line
+from tuneline.formats import MAX_EXAMPLE_BYTES, bounded_lines
 from tuneline.server.catalog import (
     BUILTIN_LEARNING_RATE_BATCH_SIZE,
     BUILTIN_MIN_EXAMPLES_SEEN,
@@ -41,7 +39,8 @@ from tuneline.server.catalog import (
     model_dir_of,
 )
 from tuneline.server.errors import invalid_request, job_not_found
-from tuneline.server.hyperparameters import AutoRules, auto_rules, resolve_hyperparameters
+from tuneline.server.hyperparameters import AutoRules, auto_rules, resolve_method_hyperparameters
+from tuneline.server.method_files import check_method_file
 from tuneline.server.settings import ServerSettings
 from tuneline.server.store import ACTIVE_STATUSES, JobRecord, Store, now
 
@@ -52,9 +51,15 @@ log = logging.getLogger("tuneline.server.jobs")
 
 
 def file_error(
-    store: Store, file_id: str, param: str, min_examples: int, max_example_bytes: int = MAX_EXAMPLE_BYTES
+    store: Store,
+    file_id: str,
+    param: str,
+    min_examples: int,
+    max_example_bytes: int = MAX_EXAMPLE_BYTES,
+    method: str = "supervised",
 ) -> tuple[int, dict[str, Any] | None]:
-    """Check a job's file with the pipeline's own rules: (examples, None) or (count, job error).
+    """Check a job's file with the pipeline's own rules, for the job's method
+    (tuneline/server/method_files.py): (examples, None) or (count, job error).
 
     A line longer than `max_example_bytes` is refused unread (tuneline.formats.bounded_lines)."""
     code = f"invalid_{param}"
@@ -63,51 +68,25 @@ def file_error(
         message = f"The {param.replace('_', ' ')} {file_id} was deleted before the job could use it."
         return 0, {"code": code, "message": message, "param": param}
     with open(path, "rb") as handle:
-        count, issue = check_training_file(
+        count, issue = check_method_file(
             bounded_lines(handle, max_example_bytes),
+            method,
             min_examples=min_examples,
             max_line_bytes=max_example_bytes,
         )
     if issue is None:
-        if _first_kind(path, max_example_bytes) == "preference":
-            message = (
-                "Invalid file format. Line 1: preference (DPO) examples need method 'dpo', which this server "
-                "does not support; supervised jobs take chat examples (preference_example_in_supervised_job)"
-            )
-            return count, {"code": code, "message": message, "param": param}
         return count, None
     where = f"Line {issue.line}: " if issue.line is not None else ""
     message = f"Invalid file format. {where}{issue.message} ({issue.key})"
     return count, {"code": code, "message": message, "param": param}
 
 
-def _first_kind(path: Path, max_example_bytes: int) -> str | None:
-    """The format of the first example of a file that check_training_file found valid."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(bounded_lines(handle, max_example_bytes), start=1):
-            line = jsonl_line(raw, number)
-            if line.strip():
-                return detect_kind(orjson.loads(line))
-    return None
-
-
 def resolve_requested_hyperparameters(
     n_examples: int, requested: Mapping[str, Any], rules: AutoRules | None = None
 ) -> dict[str, Any]:
     """The job's hyperparameters with every "auto" resolved (tuneline/server/hyperparameters.py, with
-    the base model's AutoRules)."""
-    resolved = resolve_hyperparameters(
-        n_examples,
-        requested["n_epochs"],
-        requested["batch_size"],
-        requested["learning_rate_multiplier"],
-        rules or AutoRules(),
-    )
-    return {
-        "n_epochs": int(resolved.n_epochs),
-        "batch_size": int(resolved.batch_size),
-        "learning_rate_multiplier": float(resolved.learning_rate_multiplier),
-    }
+    the base model's AutoRules), the method's own (beta; the reinforcement ones) included."""
+    return resolve_method_hyperparameters(n_examples, requested, rules or AutoRules())
 
 
 def base_auto_rules(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> AutoRules:
@@ -291,9 +270,10 @@ class JobRunner:
         for message in events:
             self.store.add_event(job.id, message)
         limit = self.settings.max_example_bytes
-        count, error = file_error(self.store, job.training_file, "training_file", min_examples, limit)
+        method = job.method_type
+        count, error = file_error(self.store, job.training_file, "training_file", min_examples, limit, method)
         if error is None and job.validation_file:
-            _, error = file_error(self.store, job.validation_file, "validation_file", 1, limit)
+            _, error = file_error(self.store, job.validation_file, "validation_file", 1, limit, method)
         if error is None:
             try:
                 rules = base_auto_rules(self.store, job, self.settings.model_dirs)

@@ -33,6 +33,7 @@ import orjson
 
 from tuneline.formats import jsonl_line
 from tuneline.server.catalog import checkpoint_model_name
+from tuneline.server.method_files import method_chats
 from tuneline.server.store import JobRecord, Store, now, publish_dir
 
 log = logging.getLogger("tuneline.server.jobs")
@@ -178,7 +179,8 @@ def check_context(spec: Any, model: str) -> None:
                 line = jsonl_line(raw, number)
                 if not line.strip():
                     continue
-                tokens = len(chat_format.encode_example(orjson.loads(line), sys.maxsize).input_ids)
+                chats = method_chats(orjson.loads(line), spec.method)
+                tokens = max(len(chat_format.encode_example(chat, sys.maxsize).input_ids) for chat in chats)
                 if tokens > limit:
                     raise JobFileError(
                         f"Invalid file format. Line {number}: the example is {tokens} tokens long, but {model} "
@@ -234,6 +236,8 @@ def run_job(
             lora_above_params=lora_above,
             devices=gpus_per_job,
             batch_size_auto=job.requested_hyperparameters.get("batch_size", "auto") == "auto",
+            method=job.method_type,
+            method_settings=method_settings(job),
         )
         for name in (spec.train_file, spec.validation_file):
             if name is not None and not name.is_file():
@@ -284,7 +288,7 @@ def run_job(
         model_path=final_dir,
         result_file=result,
         trained_tokens=int(outcome.trained_tokens),
-        hyperparameters=_hyperparameters_dict(outcome.hyperparameters),
+        hyperparameters={**(job.hyperparameters or {}), **_hyperparameters_dict(outcome.hyperparameters)},
     )
     if finished is None:  # cancelled while the model was being saved
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -293,6 +297,16 @@ def run_job(
     store.remove_work_dirs(job_id)
     log.info("job %s: succeeded -> %s", job_id, finished.fine_tuned_model)
     return 0
+
+
+def method_settings(job: JobRecord) -> dict[str, Any]:
+    """A DPO or reinforcement job's own settings for its trainer: its resolved hyperparameters beyond
+    the three every method has, and a reinforcement job's grader."""
+    common = ("n_epochs", "batch_size", "learning_rate_multiplier")
+    settings = {k: v for k, v in (job.hyperparameters or {}).items() if k not in common}
+    if job.method_type == "reinforcement":
+        settings["grader"] = (job.method or {}).get("grader") or {}
+    return settings
 
 
 def _hyperparameters_dict(hyperparameters: Any) -> dict[str, Any]:

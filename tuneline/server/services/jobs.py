@@ -18,9 +18,13 @@ from tuneline.server.protocol import (
     FineTuningJob,
     FineTuningJobCheckpoint,
     FineTuningJobEvent,
+    JobDPOHyperparameters,
+    JobDPOMethod,
     JobError,
     JobHyperparameters,
     JobMethod,
+    JobReinforcementHyperparameters,
+    JobReinforcementMethod,
     JobSupervisedMethod,
     ListCheckpointsQuery,
     ListEventsQuery,
@@ -42,8 +46,13 @@ ModelLookup = Callable[[str], "str | None"]
 
 
 def job_object(job: JobRecord) -> FineTuningJob:
-    """A job as the API answers it: the resolved hyperparameters once known, the requested ones before."""
-    hyperparameters = JobHyperparameters(**(job.hyperparameters or job.requested_hyperparameters))
+    """A job as the API answers it: the resolved hyperparameters once known, the requested ones before;
+    the top-level (deprecated) hyperparameters are the three every method has, `method` reports the
+    method's own (beta; the reinforcement ones) and a reinforcement job's grader."""
+    values = job.hyperparameters or job.requested_hyperparameters
+    hyperparameters = JobHyperparameters(
+        **{key: values[key] for key in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    )
     return FineTuningJob(
         id=job.id,
         created_at=job.created_at,
@@ -61,10 +70,31 @@ def job_object(job: JobRecord) -> FineTuningJob:
         integrations=[],
         seed=job.seed,
         estimated_finish=job.estimated_finish if job.status == "running" else None,
-        method=JobMethod(supervised=JobSupervisedMethod(hyperparameters=hyperparameters)),
+        method=method_object(job, hyperparameters),
         metadata=job.metadata,
         user_provided_suffix=job.suffix,
     )
+
+
+def method_object(job: JobRecord, common: JobHyperparameters) -> JobMethod:
+    values = job.hyperparameters or job.requested_hyperparameters
+    kind = job.method_type
+    if kind == "dpo":
+        dpo = JobDPOHyperparameters(**common.model_dump(), beta=values.get("beta", "auto"))
+        return JobMethod(type="dpo", dpo=JobDPOMethod(hyperparameters=dpo))
+    if kind == "reinforcement":
+        extra = {
+            key: values.get(key, "auto") for key in ("compute_multiplier", "eval_interval", "eval_samples")
+        }
+        reinforcement = JobReinforcementHyperparameters(
+            **common.model_dump(), reasoning_effort=values.get("reasoning_effort", "default"), **extra
+        )
+        grader = (job.method or {}).get("grader") or {}
+        return JobMethod(
+            type="reinforcement",
+            reinforcement=JobReinforcementMethod(grader=grader, hyperparameters=reinforcement),
+        )
+    return JobMethod(type="supervised", supervised=JobSupervisedMethod(hyperparameters=common))
 
 
 def event_object(event: EventRecord) -> FineTuningJobEvent:
@@ -108,6 +138,14 @@ def new_job(
             param="model",
             code="model_not_available",
         )
+    if request.method is not None and request.method.reinforcement is not None:
+        from tuneline.server.graders import GraderError, parse_grader
+
+        param = "method.reinforcement.grader"
+        try:
+            parse_grader(request.method.reinforcement.grader, param)
+        except GraderError as exc:
+            raise APIError(400, str(exc), param=exc.param or param, code="invalid_grader") from None
     _fine_tune_file(store, request.training_file, "training_file")
     if request.validation_file is not None:
         _fine_tune_file(store, request.validation_file, "validation_file")
@@ -125,6 +163,7 @@ def new_job(
         seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
         metadata=dict(request.metadata) if request.metadata is not None else None,
         model_name=fine_tuned_model_name(base, request.suffix),
+        method=request.method_record(),
     )
 
 
