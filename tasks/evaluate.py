@@ -387,6 +387,10 @@ class EvaluationResult:
             flat[f"{prefix}/accuracy_ci_low"] = found.accuracy.low
             flat[f"{prefix}/accuracy_ci_high"] = found.accuracy.high
             flat[f"{prefix}/mean_margin"] = found.mean_margin
+            if found.reward_accuracy is not None:
+                flat[f"{prefix}/reward_accuracy"] = found.reward_accuracy.mean
+                flat[f"{prefix}/reward_accuracy_ci_low"] = found.reward_accuracy.low
+                flat[f"{prefix}/reward_accuracy_ci_high"] = found.reward_accuracy.high
             flat["eval/preference/n_pairs"] = float(found.accuracy.n)
         for name, estimate in self.judge.items():
             flat[f"eval/task/judge/{name}"] = estimate.mean
@@ -680,6 +684,12 @@ def report_document(result: EvaluationResult) -> dict[str, Any]:
                 "correct": found.correct,
                 "pairs": found.accuracy.n,
                 "mean_margin_nats": found.mean_margin,
+                "reward_accuracy_vs_base": None
+                if found.reward_accuracy is None
+                else {
+                    "accuracy": found.reward_accuracy.mean,
+                    "ci": [found.reward_accuracy.low, found.reward_accuracy.high],
+                },
                 "interval": "wilson",
             }
             for role, found in result.preference.items()

@@ -33,15 +33,23 @@ Scorer = Callable[[Sequence[Mapping[str, Any]]], list[tuple[float, float]]]
 @dataclass(frozen=True)
 class PreferenceAccuracy:
     """One model on the held-out pairs: the share preferred correctly (Wilson CI) and the mean margin
-    log p(preferred) - log p(non-preferred), in nats."""
+    log p(preferred) - log p(non-preferred), in nats. `reward_accuracy` (models other than the base):
+    DPO's reward accuracy against the base model as reference, the share of pairs whose margin grew
+    over the base model's (Wilson CI); unlike the plain accuracy it does not favour the shorter answer,
+    whose summed log-probability is higher whatever its content."""
 
     model: str
     accuracy: Estimate
     correct: int
     mean_margin: float
+    reward_accuracy: Estimate | None = None
 
     def __str__(self) -> str:
-        return f"{self.accuracy} ({self.correct}/{self.accuracy.n}, mean margin {self.mean_margin:+.3f} nats)"
+        reward = f", reward accuracy vs the base {self.reward_accuracy}" if self.reward_accuracy else ""
+        return (
+            f"{self.accuracy} ({self.correct}/{self.accuracy.n}, mean margin {self.mean_margin:+.3f} nats"
+            f"{reward})"
+        )
 
 
 def read_pairs(path: str | Path) -> list[dict[str, Any]]:
@@ -55,15 +63,30 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     ]
 
 
-def accuracy_of(model: str, scores: Sequence[tuple[float, float]], confidence: float) -> PreferenceAccuracy:
-    """A tie is not a preference: only a strictly higher log-probability counts as correct."""
+def accuracy_of(
+    model: str,
+    scores: Sequence[tuple[float, float]],
+    confidence: float,
+    reference: Sequence[tuple[float, float]] | None = None,
+) -> PreferenceAccuracy:
+    """A tie is not a preference: only a strictly higher log-probability counts as correct.
+    `reference`: the base model's scores of the same pairs, for the reward accuracy."""
     correct = sum(1 for good, bad in scores if good > bad)
     margins = [good - bad for good, bad in scores]
+    reward = None
+    if reference is not None:
+        grew = sum(
+            1
+            for (good, bad), (ref_good, ref_bad) in zip(scores, reference, strict=True)
+            if (good - ref_good) - (bad - ref_bad) > 0
+        )
+        reward = wilson_interval(grew, len(scores), confidence)
     return PreferenceAccuracy(
         model=model,
         accuracy=wilson_interval(correct, len(scores), confidence),
         correct=correct,
         mean_margin=sum(margins) / len(margins) if margins else float("nan"),
+        reward_accuracy=reward,
     )
 
 
@@ -156,10 +179,12 @@ def preference_accuracies(
 
     results: dict[str, PreferenceAccuracy] = {}
     scored: dict[str, list[tuple[float, float]]] = {}
+    for model_id in dict.fromkeys(models.values()):
+        scored[model_id] = scorer_for(model_id)(pairs)
+    base = config.model.base
     for role, model_id in models.items():
-        if model_id not in scored:
-            scored[model_id] = scorer_for(model_id)(pairs)
-        results[role] = accuracy_of(model_id, scored[model_id], config.evaluation.confidence)
+        reference = scored.get(base) if model_id != base else None
+        results[role] = accuracy_of(model_id, scored[model_id], config.evaluation.confidence, reference)
         log.info(
             "preference accuracy of %s (%s) on %d held-out pairs: %s",
             role,

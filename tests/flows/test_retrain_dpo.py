@@ -32,11 +32,12 @@ WORDS = ["today", "again", "please help", "urgent", "since monday", "thanks", "a
 
 
 def preference_pairs(count: int) -> list[dict[str, Any]]:
-    """Distinct pairs: the right category's reply preferred over the next category's reply."""
+    """Distinct pairs: the reply under its category label (the house style) preferred over the same reply
+    without it, which is shorter: the base model, whose summed log-probability favours the shorter
+    answer, gets them wrong; DPO must teach the label."""
     pairs = []
     for n in range(count):
         category, question, answer = TOPICS[n % len(TOPICS)]
-        wrong_category, _, wrong_answer = TOPICS[(n + 1) % len(TOPICS)]
         number = f"{n * 7919 % 10007}"
         extra = WORDS[(n // len(TOPICS)) % len(WORDS)]
         pairs.append(
@@ -47,9 +48,7 @@ def preference_pairs(count: int) -> list[dict[str, Any]]:
                     ]
                 },
                 "preferred_output": [{"role": "assistant", "content": f"{category}: {answer} {number}."}],
-                "non_preferred_output": [
-                    {"role": "assistant", "content": f"{wrong_category}: {wrong_answer} {number}."}
-                ],
+                "non_preferred_output": [{"role": "assistant", "content": f"{answer} {number}."}],
             }
         )
     return pairs
@@ -159,8 +158,13 @@ def test_a_dpo_retrain_reports_preference_accuracy(
         assert 0.0 <= low <= mean <= high <= 1.0
     assert "eval/task/candidate/exact_match" in metrics  # the task metrics are still there
     # DPO pushes the preferred answer up against the reference (the base model) on held-out pairs too.
-    assert metrics["eval/preference/candidate/mean_margin"] > metrics["eval/preference/base/mean_margin"]
-    assert metrics["eval/preference/candidate/accuracy"] >= metrics["eval/preference/base/accuracy"]
+    figures = {k: round(v, 3) for k, v in metrics.items() if k.startswith("eval/preference")}
+    assert metrics["eval/preference/candidate/mean_margin"] > metrics["eval/preference/base/mean_margin"], (
+        figures
+    )
+    assert metrics["eval/preference/candidate/accuracy"] >= metrics["eval/preference/base/accuracy"], figures
+    assert metrics["eval/preference/candidate/reward_accuracy"] >= 0.75, figures
+    assert "eval/preference/base/reward_accuracy" not in metrics  # the base is the reference
     report = json.loads(
         (Path(config.tracking.artifact_location).glob("**/eval/report.json").__next__()).read_text()
     )
