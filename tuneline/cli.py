@@ -433,6 +433,9 @@ def serve(
             lora_above_params=cfg.lora_above_params,
             gpus_per_job=cfg.gpus_per_job,
         )
+        from tuneline.server.services.graders import grader_settings
+
+        grader_settings(settings)  # the TUNELINE_PYTHON_GRADER_* limits, checked before starting
     except ValueError as exc:
         usage_error(str(exc))
     for path in settings.model_dirs:

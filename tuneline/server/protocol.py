@@ -966,3 +966,64 @@ def error_of(errors: Iterable[Mapping[str, Any]], model: str | None) -> ErrorRes
     return ErrorResponse(
         error=ErrorObject(message=message, type="invalid_request_error", param=path or None, code=code)
     )
+
+
+# -- graders (POST /v1/fine_tuning/alpha/graders/run and /validate) ---------------------------------
+# The grader object itself is validated by tuneline/server/graders/ (`parse_grader`), which names the
+# wrong field as `grader.<path>`; these models only shape the request around it and the responses.
+
+
+class RunGraderRequest(RequestBody):
+    """POST /v1/fine_tuning/alpha/graders/run (contract: RunGraderRequest)."""
+
+    grader: dict[str, Any]
+    model_sample: str
+    item: dict[str, Any] | None = None
+
+
+class ValidateGraderRequest(RequestBody):
+    """POST /v1/fine_tuning/alpha/graders/validate (contract: ValidateGraderRequest)."""
+
+    grader: dict[str, Any]
+
+
+class GraderRunErrors(ResponseBody):
+    formula_parse_error: bool = False
+    sample_parse_error: bool = False
+    truncated_observation_error: bool = False
+    unresponsive_reward_error: bool = False
+    invalid_variable_error: bool = False
+    other_error: bool = False
+    python_grader_server_error: bool = False
+    python_grader_server_error_type: str | None = None
+    python_grader_runtime_error: bool = False
+    python_grader_runtime_error_details: str | None = None
+    model_grader_server_error: bool = False
+    model_grader_refusal_error: bool = False
+    model_grader_parse_error: bool = False
+    model_grader_server_error_details: str | None = None
+
+
+class GraderRunMetadata(ResponseBody):
+    name: str
+    type: str
+    errors: GraderRunErrors
+    execution_time: float
+    scores: dict[str, Any]
+    token_usage: int | None
+    sampled_model_name: str | None
+
+
+class RunGraderResponse(ResponseBody):
+    """Contract: RunGraderResponse."""
+
+    reward: float
+    metadata: GraderRunMetadata
+    sub_rewards: dict[str, Any]
+    model_grader_token_usage_per_model: dict[str, Any]
+
+
+class ValidateGraderResponse(ResponseBody):
+    """Contract: ValidateGraderResponse."""
+
+    grader: dict[str, Any]

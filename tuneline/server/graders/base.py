@@ -19,11 +19,15 @@ class GraderError(Exception):
     the hosted metadata error flag a failed grade sets (`python_grader_runtime_error`,
     `model_grader_server_error`, `invalid_variable_error`, ...), None for an invalid grader."""
 
-    def __init__(self, message: str, param: str, kind: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str, kind: str | None = None, report: GradeReport | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.kind = kind
+        # What the failed grade still used (a score model's tokens when its answer held no number).
+        self.report = report
 
 
 @dataclass
@@ -38,6 +42,9 @@ class GraderSettings:
     python_memory_mb: int = 512
     score_model_timeout_s: float = 60
     score_model_retries: int = 2
+    # The endpoint's key itself, where it is not in an environment variable (this server's own key);
+    # never shown (repr) or logged.
+    score_model_api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -74,6 +81,25 @@ class Grader(Protocol):
     def spec(self) -> dict[str, Any]:
         """The grader as the API shows it back (the validated spec)."""
         ...
+
+
+Pair = tuple[Mapping[str, Any], Mapping[str, Any]]
+
+
+def grade_many(grader: Grader, pairs: list[Pair]) -> list[Grade | GraderError]:
+    """Grade many (sample, item) pairs: a grader that can batch (`evaluate_many`: python graders run
+    them in one child process, multi graders batch their sub-graders) does, the others grade one by one.
+    A failed grade is its GraderError in the list, not raised."""
+    batch = getattr(grader, "evaluate_many", None)
+    if batch is not None:
+        return batch(pairs)  # type: ignore[no-any-return]
+    outcomes: list[Grade | GraderError] = []
+    for sample, item in pairs:
+        try:
+            outcomes.append(grader.evaluate(sample, item))
+        except GraderError as error:
+            outcomes.append(error)
+    return outcomes
 
 
 def require_object(spec: Any, param: str) -> Mapping[str, Any]:
