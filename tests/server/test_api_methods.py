@@ -188,3 +188,81 @@ def test_a_file_of_the_wrong_kind_fails_the_job_naming_the_line(
     assert done.status == "failed"
     assert done.error.code == "invalid_training_file" and done.error.param == "training_file"
     assert needle in done.error.message
+
+
+def test_reinforcement_job_reports_its_method_and_rewards(client: Any, wait_for: Any, validate: Any) -> None:
+    def ticket(n: int) -> dict[str, Any]:
+        return {
+            "messages": [{"role": "user", "content": f"Ticket {n}: write the number ten in digits."}],
+            "answer": "10.",
+        }
+
+    grader = {**GRADER, "reference": "{{item.answer}}"}
+    job = client.fine_tuning.jobs.create(
+        model="tuneline-tiny",
+        training_file=upload(client, [ticket(n) for n in range(12)]),
+        validation_file=upload(client, [ticket(100 + n) for n in range(3)], "valid.jsonl"),
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": grader,
+                "hyperparameters": {
+                    "n_epochs": 1,
+                    "batch_size": 4,
+                    "compute_multiplier": 0.5,
+                    "eval_samples": 2,
+                },
+            },
+        },
+    )
+    done = finished(client, wait_for, job.id)
+    assert done.status == "succeeded", done.error
+    body = client.fine_tuning.jobs.with_raw_response.retrieve(job.id).http_response.json()
+    validate("FineTuningJob", body)
+    assert body["method"]["type"] == "reinforcement" and set(body["method"]) == {"type", "reinforcement"}
+    assert body["method"]["reinforcement"]["grader"] == grader
+    resolved = body["method"]["reinforcement"]["hyperparameters"]
+    assert resolved["compute_multiplier"] == 0.5 and resolved["eval_samples"] == 2
+    assert resolved["eval_interval"] == 1 and resolved["reasoning_effort"] == "default"  # auto: ~10 per job
+    events = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"][
+        ::-1
+    ]
+    assert [d["step"] for d in events] == [0, 1, 2, 3]
+    assert all("valid_mean_reward" in d for d in events)
+    assert all(0.0 <= d["train_mean_reward"] <= 1.0 and "train_kl" in d for d in events[1:])
+
+
+def test_a_dpo_job_pauses_with_its_state_and_resumes_to_the_end(client: Any, wait_for: Any) -> None:
+    job = client.fine_tuning.jobs.create(
+        model="tuneline-tiny",
+        training_file=upload(client, [preference(i) for i in range(20)]),
+        seed=5,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 4, "batch_size": 1, "beta": 0.2}}},
+    )
+
+    def stepped() -> Any:
+        return [e for e in client.fine_tuning.jobs.list_events(job.id, limit=5) if e.type == "metrics"]
+
+    wait_for(stepped, timeout_s=240, what=f"{job.id} to report a training step")
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"
+
+    def saved() -> Any:
+        return [
+            e.message
+            for e in client.fine_tuning.jobs.list_events(job.id, limit=20)
+            if "stopped at" in e.message
+        ]
+
+    stopped = wait_for(saved, timeout_s=60, what="the paused job's state to be saved")
+    step = int(stopped[0].split()[4].rstrip(";"))
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = finished(client, wait_for, job.id)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200)]
+    assert f"Fine-tuning job resumed from step {step}" in messages
+    steps = [
+        e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=200) if e.type == "metrics"
+    ]
+    assert max(steps) == 80 and min(steps) <= step < 80
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [80, 60, 40]

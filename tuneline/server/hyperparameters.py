@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def samples_per_prompt(compute_multiplier: float) -> int:
 
 
 def resolve_method_hyperparameters(
-    n_examples: int, requested: dict[str, Any], rules: AutoRules = AutoRules()
+    n_examples: int, requested: Mapping[str, Any], rules: AutoRules = AutoRules()
 ) -> dict[str, Any]:
     """A job's requested hyperparameters (any method's) with every "auto" resolved."""
     resolved = resolve_hyperparameters(

@@ -17,7 +17,7 @@ Where the hosted service departs from the published schema, these models follow 
 (shared/spec/fine-tuning-api.md): a job can be `paused`; jobs carry `user_provided_suffix`; an empty
 file list has null `first_id` and `last_id`.
 
-One module of declarations (~800 lines) on purpose: every body the wire carries, with the rules of
+One module of declarations (~950 lines) on purpose: every body the wire carries, with the rules of
 each request field beside it, so a field of the API is added, and read, in one place.
 """
 

@@ -320,8 +320,15 @@ def make_trainer(
     if spec.method == "reinforcement":
         from tuneline.server.reinforcement import ReinforcementTrainer
 
+        # A full fine-tune keeps a frozen copy of the base as its KL reference (LoRA: adapters disabled).
+        reference = None if lora else load_causal_lm(spec.base_model_dir, device, torch.float32)
         return ReinforcementTrainer(
-            *common, spec.validation_every, settings=spec.method_settings, lora=lora, **options
+            *common,
+            spec.validation_every,
+            settings=spec.method_settings,
+            lora=lora,
+            reference_model=reference,
+            **options,
         )
     return Trainer(*common, spec.validation_every, **options)
 
