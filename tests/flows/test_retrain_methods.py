@@ -1,8 +1,12 @@
-"""The `retrain` flow with `training.method: dpo`, end to end: real Prefect (test server), a real MLflow
-store in tmp_path, a real `tuneline serve` driven by the openai SDK. Preference lines go through the data
-plane (a chat line and a swapped pair are quarantined), the job is created with method dpo and its beta,
-and the evaluation reports, beside the task metrics, the candidate's and the base model's preference
-accuracy on the held-out pairs with Wilson intervals: DPO must widen the margin of the preferred answer."""
+"""The `retrain` flow with `training.method: dpo` and `reinforcement`, end to end: real Prefect (test
+server), a real MLflow store in tmp_path, a real `tuneline serve` driven by the openai SDK.
+
+DPO: preference lines go through the data plane (a chat line and a swapped pair are quarantined), the job
+is created with method dpo and its beta, and the evaluation reports, beside the task metrics, the
+candidate's and the base model's preference accuracy on the held-out pairs with Wilson intervals: DPO must
+widen the margin of the preferred answer. Reinforcement: prompts with a grader field go through the data
+plane (a line ending in an answer is quarantined), the job is created with the config's grader, and the
+server's reward metrics come back."""
 
 from __future__ import annotations
 
@@ -62,7 +66,9 @@ def server(
         yield process
 
 
-def write_config(folder: Path, lines: list[Any], server: ServerProcess) -> Path:
+def write_config(
+    folder: Path, lines: list[Any], server: ServerProcess, training: dict[str, Any] | None = None
+) -> Path:
     (folder / "input.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
     eval_example = {
         "messages": [
@@ -101,6 +107,7 @@ def write_config(folder: Path, lines: list[Any], server: ServerProcess) -> Path:
             "hyperparameters": {"n_epochs": 3, "batch_size": 4},
             "runs_dir": str(folder / "runs"),
             "suffix": re.sub(r"[^a-z0-9]+", "-", folder.name.lower())[-40:].strip("-"),
+            **(training or {}),
         },
         "tracking": {
             "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
@@ -170,3 +177,71 @@ def test_a_dpo_retrain_reports_preference_accuracy(
     )
     assert report["preference_accuracy"]["candidate"]["interval"] == "wilson"
     assert KEY not in json.dumps(run.params) + json.dumps(run.tags)
+
+
+NAMES = ["Ana", "Bo", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Mo", "Nia"]
+THINGS = ["invoice", "parcel", "password", "update", "receipt", "refund", "login", "order", "card", "plan"]
+GRADER = {
+    "type": "string_check",
+    "name": "digits",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+
+
+def prompt_lines(count: int) -> list[dict[str, Any]]:
+    """Distinct prompts (no near-duplicates for dedupe to remove), each with its grader field."""
+    return [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": f"{NAMES[n % len(NAMES)]} asks, about the {THINGS[(n * 3) % len(THINGS)]} "
+                    f"{n * 7919 % 10007}: write the number ten in digits {WORDS[n % len(WORDS)]}.",
+                }
+            ],
+            "answer": "10.",
+        }
+        for n in range(count)
+    ]
+
+
+def test_a_reinforcement_retrain_sends_the_grader_and_gets_rewards(
+    prefect_server: None, server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNELINE_API_KEY", KEY)
+    answered = {"messages": [{"role": "user", "content": "ten?"}, {"role": "assistant", "content": "10."}]}
+    training = {
+        "method": "reinforcement",
+        "dpo": None,
+        "grader": GRADER,
+        "reinforcement": {"compute_multiplier": 0.5, "eval_samples": 2},
+        "hyperparameters": {"n_epochs": 1, "batch_size": 4},
+    }
+    config_path = write_config(tmp_path, [*prompt_lines(14), answered], server, training)
+    config = load_config(config_path)
+
+    result = retrain(config_path=str(config_path))
+
+    manifest = json.loads((Path(result.export_dir) / "manifest.json").read_text())
+    assert manifest["method"] == "reinforcement"
+    assert manifest["counts"]["quarantined_by_reason"] == {"invalid_reinforcement_example": 1}
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY)
+    body = client.fine_tuning.jobs.with_raw_response.retrieve(result.job_id or "").http_response.json()
+    assert body["status"] == "succeeded" and body["method"]["type"] == "reinforcement"
+    assert body["method"]["reinforcement"]["grader"] == GRADER
+    assert body["method"]["reinforcement"]["hyperparameters"]["compute_multiplier"] == 0.5
+    events = [
+        e.data
+        for e in client.fine_tuning.jobs.list_events(result.job_id or "", limit=100)
+        if e.type == "metrics"
+    ]
+    assert events and all("valid_mean_reward" in (d or {}) for d in events)
+
+    run = tracking.read_run(config.tracking, result.mlflow_run_id)
+    assert run.params["method"] == "reinforcement"
+    assert (run.params["grader.type"], run.params["grader.name"]) == ("string_check", "digits")
+    assert run.params["hyperparameters.requested.eval_samples"] == "2"
+    assert "eval/task/candidate/exact_match" in run.metrics
+    assert not any(k.startswith("eval/preference") for k in run.metrics)  # a dpo figure only
