@@ -166,6 +166,7 @@ def test_a_dpo_retrain_reports_preference_accuracy(
     assert "eval/task/candidate/exact_match" in metrics  # the task metrics are still there
     # DPO pushes the preferred answer up against the reference (the base model) on held-out pairs too.
     figures = {k: round(v, 3) for k, v in metrics.items() if k.startswith("eval/preference")}
+    print("dpo preference figures:", figures)  # shown with -s: the figures the README quotes
     assert metrics["eval/preference/candidate/mean_margin"] > metrics["eval/preference/base/mean_margin"], (
         figures
     )
@@ -219,7 +220,7 @@ def test_a_reinforcement_retrain_sends_the_grader_and_gets_rewards(
         "reinforcement": {"compute_multiplier": 0.5, "eval_samples": 2},
         "hyperparameters": {"n_epochs": 1, "batch_size": 4},
     }
-    config_path = write_config(tmp_path, [*prompt_lines(14), answered], server, training)
+    config_path = write_config(tmp_path, [*prompt_lines(24), answered], server, training)
     config = load_config(config_path)
 
     result = retrain(config_path=str(config_path))
