@@ -288,3 +288,18 @@ def test_the_demo_partitions_through_the_example_configs(
     assert verdict.success, verdict.failures
     dataset = export.build_dataset(frame, config)
     assert dataset.counts["train"] + dataset.counts["validation"] == dataset.counts["kept"] > 50
+
+
+def test_few_shot_examples_come_from_preference_lines_too() -> None:
+    from tuneline.tasks.evaluate import select_few_shot
+
+    lines = [
+        pair("where is my refund", "Category: billing.", "Category: delivery."),
+        pair("my parcel is late", "Category: delivery.", "Category: billing."),
+        prompt("a reinforcement prompt has no answer to show", "billing"),
+    ]
+    shots = select_few_shot(lines, 4)
+    assert [(s.user, s.assistant) for s in shots] == [
+        ("where is my refund", "Category: billing."),
+        ("my parcel is late", "Category: delivery."),
+    ]
