@@ -13,6 +13,9 @@ chat (or legacy prompt/completion) lines, dpo takes preference lines, reinforcem
 (`messages`, `tools`, and any other key, which a grader reads as `{{item.<key>}}`). A line of another
 format is `wrong_method_format`. A `messages` line is a chat line or a reinforcement prompt by the
 method, never by its keys, so `kind_for_method` needs the method.
+
+Over 600 lines on purpose: every line format's rules, and the file check built on them, stay in the one
+module both the validate stage and `tuneline serve` import, so the two can never disagree.
 """
 
 from __future__ import annotations
