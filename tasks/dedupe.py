@@ -49,7 +49,7 @@ from prefect.cache_policies import NO_CACHE
 from tuneline import records
 from tuneline.config import DedupeConfig
 from tuneline.formats import (
-    REINFORCEMENT_KEYS,
+    CHAT_KEYS,
     example_text_places,
     example_texts,
     grader_fields,
@@ -252,7 +252,7 @@ def normalized_documents(
         turns, prompt, answer = turns_prompt_and_answer(example)
         if "input" in example:  # preference: the input and the preferred answer
             turns = [turn for turn in turns if turn[0] != "non_preferred_output"]
-        elif "messages" in example and example.keys() - REINFORCEMENT_KEYS:
+        elif "messages" in example and example.keys() - CHAT_KEYS:
             answer = _fields_text(example)  # reinforcement: the grader's fields are the answer
             turns = [*turns, ("item", answer)]
         for role, text in turns:

@@ -303,3 +303,19 @@ def test_few_shot_examples_come_from_preference_lines_too() -> None:
         ("where is my refund", "Category: billing."),
         ("my parcel is late", "Category: delivery."),
     ]
+
+
+def test_a_chat_line_with_parallel_tool_calls_is_still_a_chat_line_to_dedupe(tmp_path: Path) -> None:
+    """Only a reinforcement line's grader fields become its answer: `parallel_tool_calls` on a chat
+    line is no grader field, so the same question with two answers is still a contradiction."""
+    tool = {"type": "function", "function": {"name": "track", "parameters": {"type": "object"}}}
+    lines = [
+        {
+            **chat("where is parcel 42 today", f"Category: delivery {n}."),
+            "tools": [tool],
+            "parallel_tool_calls": False,
+        }
+        for n in range(2)
+    ] + [chat(f"an unrelated question number {n} about plans", "Category: billing.") for n in range(3)]
+    frame, _, _ = run_stages(tmp_path, lines, config_for("supervised"))
+    assert reasons_by_line(frame)[1] == records.CONTRADICTION
