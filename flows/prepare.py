@@ -143,6 +143,7 @@ def prepare_dataset(
     eval_examples = _eval_examples(config)
     general = _general_examples(config)
 
+    method = config.training.method
     if config.execution.engine == "ray":
         logger.info("execution engine: ray (%s)", config.execution.address or "a local Ray started on demand")
         # Ingest, validate and rule 1 of dedupe per block of files, as Ray tasks (tuneline/engines/).
@@ -153,9 +154,9 @@ def prepare_dataset(
     else:
         fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
         frame = ingest.ingest_task(selection.files, config.model.system_prompt, fallbacks)
-        frame = validate.validate_task(frame, config.model, config.validation)
+        frame = validate.validate_task(frame, config.model, config.validation, method)
         frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe)
-    verdict = quality.quality_task(frame, config.model, config.validation)
+    verdict = quality.quality_task(frame, config.model, config.validation, method)
     if verdict.success:
         logger.info("data quality passed: %d expectations", len(verdict.outcomes))
     else:

@@ -606,13 +606,18 @@ def demo(config: Path | None = ConfigOption) -> None:
 def demo_data(
     out: Path | None = typer.Option(None, "--out", help="Where to write the demo data (default: data/)."),
     seed: int | None = typer.Option(None, "--seed", help="Generator seed (default: the committed data's)."),
+    preferences: bool = typer.Option(
+        False,
+        "--preferences",
+        help="Also write raw/support_preferences/: preference (DPO) lines for configs/local-dpo.yaml.",
+    ),
 ) -> None:
     """Regenerate the demo data (partitions with planted dirt, eval, canary and general sets)."""
     from tuneline.demo import generator
     from tuneline.paths import data_dir
 
     target = out if out is not None else data_dir()
-    data = generator.generate(target, seed if seed is not None else generator.DEFAULT_SEED)
+    data = generator.generate(target, seed if seed is not None else generator.DEFAULT_SEED, preferences)
     console.print(generator.summary(data, target), highlight=False, soft_wrap=True)
 
 

@@ -159,8 +159,46 @@ class Hyperparameters(Section):
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
 
 
+TrainingMethod = Literal["supervised", "dpo", "reinforcement"]
+TRAINING_METHODS: tuple[str, ...] = ("supervised", "dpo", "reinforcement")
+GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "multi")
+# The keys each hosted grader type needs (FineTuneReinforcementMethod.grader in the OpenAPI contract).
+GRADER_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "string_check": ("name", "input", "reference", "operation"),
+    "text_similarity": ("name", "input", "reference", "evaluation_metric"),
+    "python": ("name", "source"),
+    "score_model": ("name", "model", "input"),
+    "multi": ("name", "graders", "calculate_output"),
+}
+
+
+class DpoConfig(Section):
+    """`training.dpo`: what DPO adds to training.hyperparameters (FineTuneDPOHyperparameters)."""
+
+    # Weight of the penalty that keeps the policy near the reference (the base model); hosted: (0, 2].
+    beta: Auto | Annotated[float, Field(gt=0.0, le=2.0)] = "auto"
+
+
+class ReinforcementConfig(Section):
+    """`training.reinforcement`: what reinforcement adds to training.hyperparameters
+    (FineTuneReinforcementHyperparameters)."""
+
+    eval_interval: Auto | Annotated[int, Field(ge=1)] = "auto"
+    eval_samples: Auto | Annotated[int, Field(ge=1)] = "auto"
+    compute_multiplier: Auto | Annotated[float, Field(ge=0.00001, le=10.0)] = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+
+
 class TrainingConfig(Section):
+    # supervised: chat (or prompt/completion) lines; dpo: preference lines; reinforcement: prompts
+    # (`messages` plus the fields the grader reads as {{item.*}}) and `grader`.
+    method: TrainingMethod = "supervised"
     hyperparameters: Hyperparameters = Hyperparameters()
+    dpo: DpoConfig | None = None
+    reinforcement: ReinforcementConfig | None = None
+    # The hosted grader object (string_check, text_similarity, python, score_model, multi): required
+    # with method reinforcement, refused otherwise.
+    grader: dict[str, Any] | None = None
     suffix: str | None = Field(default="support", max_length=64)
     seed: int | None = Field(default=42, ge=0, le=2**31 - 1)
     # Overfitting guard: pick the checkpoint with the lowest full validation loss as the candidate.
@@ -283,11 +321,91 @@ class Config(Section):
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON form: equal configs hash equal whatever their YAML layout.
-        `execution` is left out: where the work runs never changes what it produces."""
-        canonical = json.dumps(
-            self.model_dump(mode="json", exclude={"execution"}), sort_keys=True, separators=(",", ":")
-        )
+        `execution` is left out: where the work runs never changes what it produces. The method's keys
+        are left out while they are unset, so a supervised config hashes as it did before the methods
+        existed."""
+        dumped = self.model_dump(mode="json", exclude={"execution"})
+        training = dumped["training"]
+        method_keys = ("method", "dpo", "reinforcement", "grader")
+        if training["method"] == "supervised" and all(training[k] is None for k in method_keys[1:]):
+            for key in method_keys:
+                del training[key]
+        canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def method_problem(config: Config) -> str | None:
+    """The first way the training method and the keys that go with it disagree, as `key: problem (fix)`;
+    None when they agree. Checked after the schema, so each message names one key."""
+    training = config.training
+    method = training.method
+    if training.dpo is not None and method != "dpo":
+        return f"training.dpo: only used with training.method: dpo (remove it, or set method: dpo; method is {method})"
+    if training.reinforcement is not None and method != "reinforcement":
+        return (
+            "training.reinforcement: only used with training.method: reinforcement (remove it, or set "
+            f"method: reinforcement; method is {method})"
+        )
+    if training.grader is not None and method != "reinforcement":
+        return (
+            "training.grader: only used with training.method: reinforcement (remove it, or set "
+            f"method: reinforcement; method is {method})"
+        )
+    if method == "reinforcement":
+        if training.grader is None:
+            return (
+                "training.grader: required with training.method: reinforcement (add a grader object, e.g. "
+                "{type: string_check, name: exact, input: '{{sample.output_text}}', reference: "
+                "'{{item.reference_answer}}', operation: eq})"
+            )
+        problem = grader_problem(training.grader)
+        if problem:
+            return problem
+    if method != "supervised" and config.export.general_mix_fraction > 0:
+        return (
+            f"export.general_mix_fraction: must be 0 with training.method: {method} (the general corpus "
+            "holds chat examples, which a preference or reinforcement file cannot mix in; set it to 0)"
+        )
+    return None
+
+
+def grader_problem(grader: dict[str, Any], path: str = "training.grader") -> str | None:
+    """What is wrong with a hosted grader object, naming its key; None when it looks right.
+
+    The shape (type, the keys that type needs, nested graders of a multi grader) is checked here, so
+    a config without the server installed is checked too; when `tuneline serve`'s graders
+    (tuneline/server/graders/) are installed, they parse it as the server will (templates, operations,
+    metrics, the python source), so a grader the server would refuse stops the run before any upload.
+    """
+    kind = grader.get("type")
+    if kind not in GRADER_TYPES:
+        return f"{path}.type: must be one of {', '.join(GRADER_TYPES)} (got {kind!r})"
+    for key in GRADER_REQUIRED_KEYS[str(kind)]:
+        if key not in grader:
+            return f"{path}.{key}: required for a {kind} grader (add it)"
+    if kind == "multi":
+        graders = grader["graders"]
+        if not isinstance(graders, dict) or not graders:
+            return f"{path}.graders: must be a mapping of names to graders (add at least one)"
+        for name, inner in graders.items():
+            if not isinstance(inner, dict):
+                return f"{path}.graders.{name}: must be a grader object"
+            problem = grader_problem(inner, f"{path}.graders.{name}")
+            if problem:
+                return problem
+    if path != "training.grader":
+        return None
+    try:
+        from tuneline.server.graders import GraderError, parse_grader  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # the server's graders are not installed: the shape above is what can be checked
+        return None
+    try:
+        parse_grader(grader, "grader")
+    except GraderError as exc:
+        param = str(getattr(exc, "param", "") or "grader")
+        key = "training." + (param if param.startswith("grader") else f"grader.{param}")
+        return f"{key}: {getattr(exc, 'message', None) or exc} (fix the grader)"
+    return None
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -313,7 +431,7 @@ _UNION_TAGS = {"int", "float", "str", "bool", "date", "constrained-int", "constr
 
 def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         path = _field_path(errors[0])
@@ -333,6 +451,10 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
         more = len({_field_path(e) for e in errors}) - 1
         tail = f" (and {more} more key{'s' if more > 1 else ''} to fix)" if more else ""
         raise ConfigError(f"{origin}: {path}: {problem}{tail}") from None
+    mismatch = method_problem(config)
+    if mismatch:
+        raise ConfigError(f"{origin}: {mismatch}")
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -115,10 +115,12 @@ def screen_block(
     model: ModelConfig,
     validation: ValidationConfig,
     dedupe_config: DedupeConfig,
+    method: str = "supervised",
 ) -> pd.DataFrame:
-    """What one Ray task does: a block of files read, validated and screened (rule 1)."""
+    """What one Ray task does: a block of files read, validated (as lines of a `method` training file)
+    and screened (rule 1)."""
     frame = ingest.read_files(files, system_prompt, csv_fallbacks)
-    frame = validate.validate(frame, model, validation)
+    frame = validate.validate(frame, model, validation, method)
     return dedupe.credentials_and_pii(frame, dedupe_config)
 
 
@@ -153,7 +155,14 @@ def screen(files: Sequence[ingest.InputFile], config: Config) -> pd.DataFrame:
 
 def _arguments(config: Config) -> tuple[Any, ...]:
     fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
-    return (config.model.system_prompt, fallbacks, config.model, config.validation, config.dedupe)
+    return (
+        config.model.system_prompt,
+        fallbacks,
+        config.model,
+        config.validation,
+        config.dedupe,
+        config.training.method,
+    )
 
 
 def concat(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
