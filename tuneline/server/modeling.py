@@ -173,6 +173,13 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    # With logprobs asked for: one entry per answer token, {token, logprob, bytes, top_logprobs}.
+    logprobs: list[dict[str, Any]] | None = None
+
+
+# What the decoder notes about one chosen token when asked: (token id, its logprob, the ids and logprobs
+# of the likeliest tokens at that position, best first).
+Scored = tuple[int, float, list[int], list[float]]
 
 
 @dataclass
@@ -214,6 +221,9 @@ class _Row:
     whole: bool = False
     cancelled: bool = False
     produced: list[int] = field(default_factory=list)
+    # Where the logprob of each chosen token goes (with `top` alternatives), None when not asked for.
+    scores: list[Scored] | None = None
+    top: int = 0
 
 
 class _FutureSink:
@@ -274,11 +284,16 @@ class BatchedDecoder:
         budget: int,
         seed: int | None,
         whole: bool = False,
+        scores: list[Scored] | None = None,
+        top: int = 0,
     ) -> Iterator[int]:
         """The row's tokens as they come, or with `whole` all at its end (for a reader that needs none
-        before then: fewer thread switches while the batch decodes)."""
+        before then: fewer thread switches while the batch decodes). With `scores`, each token's
+        logprob (and `top` alternatives) is appended there before the token is handed over."""
         out: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        row = _Row(prompt, temperature, top_p, budget, self._generator(seed), out, whole)
+        row = _Row(
+            prompt, temperature, top_p, budget, self._generator(seed), out, whole, scores=scores, top=top
+        )
         self._enqueue(row)
         try:
             while (item := out.get()) is not None:
@@ -292,14 +307,31 @@ class BatchedDecoder:
             row.cancelled = True
 
     async def whole_tokens(
-        self, prompt: list[int], temperature: float, top_p: float, budget: int, seed: int | None
+        self,
+        prompt: list[int],
+        temperature: float,
+        top_p: float,
+        budget: int,
+        seed: int | None,
+        scores: list[Scored] | None = None,
+        top: int = 0,
     ) -> list[int]:
         """All of the row's tokens, awaited in the event loop: the decoder thread settles the future,
         no thread of the caller's waits (one thread switch per answer instead of two or more)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[int]] = loop.create_future()
         sink = _FutureSink(loop, future)
-        row = _Row(prompt, temperature, top_p, budget, self._generator(seed), sink, whole=True)
+        row = _Row(
+            prompt,
+            temperature,
+            top_p,
+            budget,
+            self._generator(seed),
+            sink,
+            whole=True,
+            scores=scores,
+            top=top,
+        )
         self._enqueue(row)
         try:
             return await future
@@ -403,6 +435,9 @@ class BatchedDecoder:
         batch.positions = positions[:, -1:] + 1
         logits = output.logits[:, -1].float()
         greedy = logits.argmax(dim=-1).tolist()
+        # The model's own distribution (before temperature and top_p), as the hosted logprobs are.
+        scored = [index for index, row in enumerate(batch.rows) if row.scores is not None]
+        logprobs = torch.log_softmax(logits[scored], dim=-1) if scored else None
         chosen: list[int] = []
         kept: list[int] = []
         for index, row in enumerate(batch.rows):
@@ -414,6 +449,17 @@ class BatchedDecoder:
                 if row.temperature <= 0
                 else _sample(logits[index], row.temperature, row.top_p, row.generator)
             )
+            if row.scores is not None and logprobs is not None:
+                own = logprobs[scored.index(index)]
+                best = torch.topk(own, row.top) if row.top > 0 else None
+                row.scores.append(
+                    (
+                        token,
+                        float(own[token]),
+                        best.indices.tolist() if best is not None else [],
+                        best.values.tolist() if best is not None else [],
+                    )
+                )
             row.produced.append(token)
             if not row.whole:
                 row.out.put(token)
@@ -521,6 +567,7 @@ class ChatModel:
         self.decoder = BatchedDecoder(
             model, self.device, int(pad or 0), frozenset(self.format.stop_token_ids)
         )
+        self._token_bytes: dict[int, bytes] = {}
 
     @classmethod
     def load(cls, path: Path) -> ChatModel:
@@ -543,13 +590,33 @@ class ChatModel:
         max_tokens: int | None = None,
         stop: list[str] | None = None,
         seed: int | None = None,
+        top_logprobs: int | None = None,
     ) -> Generation:
+        """The whole answer; with `top_logprobs` (0 or more) each answer token's logprob too."""
         progress = _Progress()
-        pieces = self._pieces(messages, temperature, top_p, max_tokens, stop, seed, progress, streaming=False)
+        scores: list[Scored] | None = [] if top_logprobs is not None else None
+        pieces = self._pieces(
+            messages,
+            temperature,
+            top_p,
+            max_tokens,
+            stop,
+            seed,
+            progress,
+            streaming=False,
+            scores=scores,
+            top=top_logprobs or 0,
+        )
         for piece in pieces:
             progress.text.append(piece)
         return Generation(
-            "".join(progress.text), progress.prompt_tokens, progress.completion_tokens, progress.finish_reason
+            "".join(progress.text),
+            progress.prompt_tokens,
+            progress.completion_tokens,
+            progress.finish_reason,
+            self.scored_tokens(scores[: progress.completion_tokens], top_logprobs or 0)
+            if scores is not None
+            else None,
         )
 
     async def generate_async(
@@ -562,6 +629,7 @@ class ChatModel:
         max_tokens: int | None = None,
         stop: list[str] | None = None,
         seed: int | None = None,
+        top_logprobs: int | None = None,
     ) -> Generation:
         """generate() for an asyncio caller: the answer is awaited, not waited for in a thread. An
         answer that must be watched for stop strings as it grows runs generate() in `executor`."""
@@ -575,16 +643,57 @@ class ChatModel:
                 max_tokens=max_tokens,
                 stop=stop,
                 seed=seed,
+                top_logprobs=top_logprobs,
             )
             return await asyncio.get_running_loop().run_in_executor(executor, call)
-        ids = await self.decoder.whole_tokens(prompt, temperature, top_p, budget, seed)
+        scores: list[Scored] | None = [] if top_logprobs is not None else None
+        ids = await self.decoder.whole_tokens(
+            prompt, temperature, top_p, budget, seed, scores=scores, top=top_logprobs or 0
+        )
         finish = "length"
         for index, token in enumerate(ids):
             if token in self.format.stop_token_ids:
                 ids, finish = ids[:index], "stop"
                 break
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-        return Generation(text, len(prompt), len(ids), finish)
+        logprobs = self.scored_tokens(scores[: len(ids)], top_logprobs or 0) if scores is not None else None
+        return Generation(text, len(prompt), len(ids), finish, logprobs)
+
+    def scored_tokens(self, scores: Sequence[Scored], top: int) -> list[dict[str, Any]]:
+        """Decoder scores in the hosted shape: {token, logprob, bytes, top_logprobs: [{token, logprob,
+        bytes}]} (`bytes` the token's own UTF-8 bytes, which a token that splits a character needs)."""
+
+        def described(token: int, logprob: float) -> dict[str, Any]:
+            raw = self.token_bytes(token)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+        return [
+            {
+                **described(token, logprob),
+                "top_logprobs": [described(i, v) for i, v in zip(ids[:top], values[:top], strict=True)],
+            }
+            for token, logprob, ids, values in scores
+        ]
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for: byte-level BPE pieces mapped back through GPT-2's byte alphabet,
+        SentencePiece byte tokens (`<0xE2>`) as their byte, anything else as its decoded text."""
+        if token not in self._token_bytes:
+            text = self.tokenizer.decode([token])
+            raw = text.encode("utf-8")
+            if "\ufffd" in text:
+                piece = self.tokenizer.convert_ids_to_tokens(token)
+                if (
+                    isinstance(piece, str)
+                    and len(piece) == 6
+                    and piece.startswith("<0x")
+                    and piece.endswith(">")
+                ):
+                    raw = bytes([int(piece[3:5], 16)])
+                elif isinstance(piece, str) and all(c in _UNICODE_TO_BYTE for c in piece):
+                    raw = bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            self._token_bytes[token] = raw
+        return self._token_bytes[token]
 
     def stream(
         self,
@@ -624,6 +733,8 @@ class ChatModel:
         seed: int | None,
         progress: _Progress,
         streaming: bool = True,
+        scores: list[Scored] | None = None,
+        top: int = 0,
     ) -> Iterator[str]:
         prompt, budget, stops = self._prepared(messages, max_tokens, stop)
         progress.prompt_tokens = len(prompt)
@@ -632,7 +743,14 @@ class ChatModel:
         emitted = 0
         progress.finish_reason = "length"
         for token in self.decoder.tokens(
-            prompt, temperature, top_p, budget, seed, whole=not (streaming or stops)
+            prompt,
+            temperature,
+            top_p,
+            budget,
+            seed,
+            whole=not (streaming or stops),
+            scores=scores,
+            top=top,
         ):
             if token in self.format.stop_token_ids:
                 progress.finish_reason = "stop"
@@ -657,6 +775,26 @@ class ChatModel:
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
         if len(text) > emitted:
             yield text[emitted:]
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: the printable character standing for each byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    codes = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:

@@ -7,7 +7,9 @@ model (torch) happens only in `chat_model`, on first use; answering which models
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -23,6 +25,30 @@ from tuneline.server.store import ModelRecord, Store
 log = logging.getLogger("tuneline.server")
 
 
+# The `created` of each base model, fixed when this server first named it: {"model id": unix seconds}.
+CREATED_FILE = "base_models_created.json"
+
+
+def _read_created(path: Path) -> dict[str, int]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {str(k): int(v) for k, v in loaded.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _write_created(path: Path, created: dict[str, int]) -> None:
+    """Written whole to a temporary file, then renamed over the old one (never half written)."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps(created, sort_keys=True), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        log.warning("could not record base model creation times in %s", path, exc_info=True)
+
+
 def model_object(record: ModelRecord) -> Model:
     return Model(id=record.id, created=record.created, owned_by=ORGANIZATION)
 
@@ -36,6 +62,7 @@ class ModelService:
         self.settings = settings
         self.started = int(time.time())
         self._base_ids: list[str] | None = None
+        self._created: dict[str, int] | None = None
         self._loaded: OrderedDict[str, Any] = OrderedDict()
         self._load_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -94,17 +121,27 @@ class ModelService:
         return DeleteModelResponse(id=model_id, deleted=True)
 
     def _made(self, base_id: str) -> int:
-        """When a base model's weights were written (a rebuilt or replaced model gets a new time, as a
-        new snapshot would); the server's start while the built-in model is not built yet."""
-        if base_id == BUILTIN_MODEL:
-            directories = [self.store.state_dir / "models" / base_id]
-        else:
-            directories = [Path(d) for d in self.settings.model_dirs if Path(d).name == base_id]
-        for directory in directories[:1]:
-            for name in ("config.json", "adapter_config.json"):
-                if (directory / name).is_file():
-                    return int((directory / name).stat().st_mtime)
-        return self.started
+        """A base model's `created`: fixed the first time this server names it (its config's time when
+        its weights are on disk then, else that moment) and kept in the state directory (CREATED_FILE),
+        so that it does not change when the weights are first built or downloaded, nor across restarts."""
+        with self._lock:
+            if self._created is None:
+                self._created = _read_created(self.store.state_dir / CREATED_FILE)
+            if base_id in self._created:
+                return self._created[base_id]
+            if base_id == BUILTIN_MODEL:
+                directories = [self.store.state_dir / "models" / base_id]
+            else:
+                directories = [Path(d) for d in self.settings.model_dirs if Path(d).name == base_id]
+            made = int(time.time())
+            for directory in directories[:1]:
+                for name in ("config.json", "adapter_config.json"):
+                    if (directory / name).is_file():
+                        made = int((directory / name).stat().st_mtime)
+                        break
+            self._created[base_id] = made
+            _write_created(self.store.state_dir / CREATED_FILE, self._created)
+            return made
 
     def path_of(self, model_id: str) -> Path:
         own = self.store.get_model(model_id)
