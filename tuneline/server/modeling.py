@@ -570,11 +570,17 @@ class ChatModel:
         self._token_bytes: dict[int, bytes] = {}
 
     @classmethod
-    def load(cls, path: Path) -> ChatModel:
-        """A model directory (full checkpoint or LoRA adapter) on CUDA when present, else CPU."""
+    def load(cls, path: Path, dtype: str = "auto", context_length: int | None = None) -> ChatModel:
+        """A model directory (full checkpoint or LoRA adapter) on CUDA when present, else CPU, in
+        `dtype` (auto: inference_dtype), answering within `context_length` tokens when that is below
+        the checkpoint's own."""
         device = pick_device()
-        model = load_causal_lm(Path(path), device, inference_dtype(device))
-        return cls(model, load_tokenizer(Path(path)), device)
+        chosen = inference_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+        model = load_causal_lm(Path(path), device, chosen)
+        loaded = cls(model, load_tokenizer(Path(path)), device)
+        if context_length is not None:
+            loaded.context_length = min(loaded.context_length, context_length)
+        return loaded
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]], text: str) -> tuple[int, int]:
         """(prompt tokens, completion tokens) of a prompt and an answer text, with this tokenizer."""

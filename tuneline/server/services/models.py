@@ -1,6 +1,7 @@
 """/v1/models: which model ids this server knows, and the chat models it holds in memory.
 
-Base models are named by tuneline/server/catalog.py (the built-in one and every --model-dir); the
+Base models are named by tuneline/server/catalog.py (the catalog, or the built-in one, and every
+--model-dir): a name the catalog does not hold is answered with OpenAI's 404 (model_not_found); the
 models the server made (fine-tuned models and kept checkpoints) are rows of the store. Loading a
 model (torch) happens only in `chat_model`, on first use; answering which models exist never does.
 """
@@ -16,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from tuneline.server.catalog import BUILTIN_MODEL, base_model_ids, is_model_dir
+from tuneline.server.catalog import BUILTIN_MODEL, base_model_ids, entry_of, is_model_dir
 from tuneline.server.errors import APIError, model_not_found
 from tuneline.server.protocol import DeleteModelResponse, ListModelsResponse, Model
 from tuneline.server.settings import ORGANIZATION, ServerSettings
@@ -71,7 +72,7 @@ class ModelService:
 
     def base_ids(self) -> list[str]:
         if self._base_ids is None:
-            self._base_ids = list(base_model_ids(self.settings.model_dirs))
+            self._base_ids = list(base_model_ids(self.settings.model_dirs, self.settings.models))
         return self._base_ids
 
     def base_of(self, model_id: str) -> str | None:
@@ -129,7 +130,10 @@ class ModelService:
                 self._created = _read_created(self.store.state_dir / CREATED_FILE)
             if base_id in self._created:
                 return self._created[base_id]
-            if base_id == BUILTIN_MODEL:
+            entry = entry_of(base_id, self.settings.models)
+            if entry is not None and entry.path is not None:
+                directories = [Path(entry.path)]
+            elif base_id == BUILTIN_MODEL:
                 directories = [self.store.state_dir / "models" / base_id]
             else:
                 directories = [Path(d) for d in self.settings.model_dirs if Path(d).name == base_id]
@@ -152,7 +156,9 @@ class ModelService:
         from tuneline.server.builtin import resolve_base_model  # torch: only where a model is loaded
 
         try:
-            return resolve_base_model(model_id, self.store.state_dir, self.settings.model_dirs)
+            return resolve_base_model(
+                model_id, self.store.state_dir, self.settings.model_dirs, catalog=self.settings.models
+            )
         except KeyError:
             raise model_not_found(model_id) from None
 
@@ -178,8 +184,14 @@ class ModelService:
             from tuneline.server.modeling import ChatModel  # torch: only where a model is loaded
 
             path = self.path_of(model_id)
+            base = self.base_of(model_id)
+            entry = entry_of(base, self.settings.models) if base is not None else None
             started = time.monotonic()
-            model = ChatModel.load(path)
+            model = ChatModel.load(
+                path,
+                dtype=entry.dtype if entry is not None else "auto",
+                context_length=entry.context_length if entry is not None else None,
+            )
             log.info("loaded model %s from %s in %.1f s", model_id, path, time.monotonic() - started)
             with self._lock:
                 self._loaded[model_id] = model
