@@ -494,6 +494,39 @@ def serve(
         usage_error(str(exc))
 
 
+@app.command("export-model")
+def export_model(
+    model_id: str = typer.Argument(
+        ..., help="A fine-tuned model or checkpoint id (ft:...) of the local server."
+    ),
+    fmt: str = typer.Option("merged", "--format", help="adapter (a LoRA fine-tune's adapter) or merged."),
+    out: Path = typer.Option(..., "--out", help="A new folder to write the model to."),
+    config: Path | None = ConfigOption,
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="The server's state directory (server.state_dir)."
+    ),
+) -> None:
+    """Write a model of the local server as a folder transformers, peft and vLLM load; prints its path."""
+    from tuneline.paths import resolve
+
+    cfg = read_config(config).server
+    try:
+        from tuneline.server.export import ExportError
+        from tuneline.server.export import export_model as write_export
+    except ImportError as exc:
+        usage_error(
+            f"export needs the server's extra dependencies ({exc.name} is missing): pip install 'tuneline\\[server]'"
+        )
+    root = state_dir.resolve() if state_dir else resolve(cfg.state_dir)
+    if not (root / "tuneline.db").is_file():
+        usage_error(f"no server state in {root}: pass --state-dir or set server.state_dir")
+    try:
+        written = write_export(root, model_id, fmt, out)
+    except ExportError as exc:
+        usage_error(str(exc))
+    typer.echo(str(written))
+
+
 @app.command()
 def run(
     config: Path | None = ConfigOption,

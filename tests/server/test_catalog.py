@@ -122,39 +122,140 @@ def test_context_length_bounds_what_the_model_answers(client: Any, local_checkpo
     assert answer.usage.prompt_tokens > CONTEXT
 
 
+SHORT = [
+    {"messages": [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": "It ships."}]}
+] * 10
+
+
+@pytest.fixture(scope="module")
+def trained(client: Any, wait_for: Any, to_jsonl: Any) -> dict[str, Any]:
+    """A LoRA fine-tune of tiny-chat (training: lora) and a full one of local-chat (training: auto, a
+    model this small trains all its weights), one epoch each on ten short examples."""
+    short_file = client.files.create(file=("s.jsonl", io.BytesIO(to_jsonl(SHORT))), purpose="fine-tune").id
+    jobs = {
+        name: client.fine_tuning.jobs.create(
+            model=name, training_file=short_file, hyperparameters={"n_epochs": 1}
+        ).id
+        for name in ("tiny-chat", "local-chat")
+    }
+
+    def ended(job_id: str) -> Any:
+        found = client.fine_tuning.jobs.retrieve(job_id)
+        return found if found.status in ("succeeded", "failed", "cancelled") else None
+
+    done = {
+        name: wait_for(lambda j=job_id: ended(j), timeout_s=240, what=f"{name} job")
+        for name, job_id in jobs.items()
+    }
+    for job in done.values():
+        assert job.status == "succeeded", job.error
+    return {"file": short_file, **{name: job.fine_tuned_model for name, job in done.items()}}
+
+
 def test_jobs_may_name_only_catalog_models_and_follow_their_settings(
-    client: Any, server: Any, wait_for: Any, to_jsonl: Any, examples: Any
+    client: Any, server: Any, wait_for: Any, to_jsonl: Any, examples: Any, trained: dict[str, Any]
 ) -> None:
-    short = [
-        {"messages": [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": "It ships."}]}
-    ] * 10
-    short_file = client.files.create(file=("s.jsonl", io.BytesIO(to_jsonl(short))), purpose="fine-tune").id
     with pytest.raises(openai.BadRequestError) as caught:
-        client.fine_tuning.jobs.create(model="tuneline-tiny", training_file=short_file)
+        client.fine_tuning.jobs.create(model="tuneline-tiny", training_file=trained["file"])
     assert caught.value.body["code"] == "model_not_available"  # type: ignore[index]
     assert "tiny-chat, local-chat" in caught.value.message
     long_file = client.files.create(
         file=("l.jsonl", io.BytesIO(to_jsonl(examples(10)))), purpose="fine-tune"
     ).id
     too_long = client.fine_tuning.jobs.create(model="tiny-chat", training_file=long_file)
-    job = client.fine_tuning.jobs.create(
-        model="tiny-chat", training_file=short_file, hyperparameters={"n_epochs": 1}
+    failed = wait_for(
+        lambda: (j := client.fine_tuning.jobs.retrieve(too_long.id)).status == "failed" and j,
+        timeout_s=240,
+        what="the too-long job to fail",
     )
+    assert f"at most {CONTEXT} tokens" in failed.error.message
+    from tuneline.server.store import Store
 
-    def ended(job_id: str) -> Any:
-        found = client.fine_tuning.jobs.retrieve(job_id)
-        return found if found.status in ("succeeded", "failed", "cancelled") else None
+    store = Store(Path(server.state_dir))
+    lora_dir, full_dir = (Path(store.get_model(trained[name]).path) for name in ("tiny-chat", "local-chat"))
+    store.close()
+    assert json.loads((lora_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"  # training: lora
+    assert not (lora_dir / "config.json").exists()
+    assert (full_dir / "config.json").exists() and not (full_dir / "adapter_config.json").exists()
+    for model in (trained["tiny-chat"], trained["local-chat"]):
+        answer = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Where?"}], max_tokens=3
+        )
+        assert answer.model == model
 
-    failed = wait_for(lambda: ended(too_long.id), timeout_s=240, what="the too-long job to fail")
-    assert failed.status == "failed" and f"at most {CONTEXT} tokens" in failed.error.message
-    done = wait_for(lambda: ended(job.id), timeout_s=240, what="the LoRA job to succeed")
-    assert done.status == "succeeded", done.error
-    adapters = [json.loads(p.read_text()) for p in Path(server.state_dir).rglob("adapter_config.json")]
-    assert adapters and all(a["peft_type"] == "LORA" for a in adapters)  # training: lora
+
+def served_logprobs(client: Any, model: str, messages: list[dict[str, str]]) -> dict[str, float]:
+    """The server's 20 likeliest first tokens and their logprobs (token text -> logprob)."""
     answer = client.chat.completions.create(
-        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Where?"}], max_tokens=3
+        model=model, messages=messages, logprobs=True, top_logprobs=20, max_tokens=1, temperature=0
     )
-    assert answer.model == done.fine_tuned_model
+    return {t.token: t.logprob for t in answer.choices[0].logprobs.content[0].top_logprobs}
+
+
+def loaded_logprobs(model: Any, tokenizer: Any, messages: list[dict[str, str]]) -> dict[str, float]:
+    import torch
+
+    from tuneline.server.chat_template import ChatFormat
+
+    prompt = ChatFormat(tokenizer).encode_prompt(messages)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    best = torch.topk(logprobs, 20)
+    return {tokenizer.decode([int(i)]): float(v) for i, v in zip(best.indices, best.values, strict=True)}
+
+
+def export(state: Path, model: str, fmt: str, out: Path) -> Any:
+    from typer.testing import CliRunner
+
+    from tuneline.cli import app
+
+    return CliRunner().invoke(
+        app, ["export-model", model, "--format", fmt, "--out", str(out), "--state-dir", str(state)]
+    )
+
+
+def test_exports_load_in_transformers_and_peft_with_the_server_s_logits(
+    client: Any, server: Any, trained: dict[str, Any], cache: Path, tmp_path: Path
+) -> None:
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    messages = [{"role": "user", "content": "Where is my parcel?"}]
+    state = Path(server.state_dir)
+    lora, full = trained["tiny-chat"], trained["local-chat"]
+
+    done = export(state, lora, "adapter", tmp_path / "adapter")
+    assert done.exit_code == 0, done.output
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == REPO  # found in the hub cache by any loader
+    model = AutoPeftModelForCausalLM.from_pretrained(
+        str(tmp_path / "adapter"), cache_dir=str(cache), local_files_only=True
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "adapter"))
+    expected = served_logprobs(client, lora, messages)
+    got = loaded_logprobs(model, tokenizer, messages)
+    assert list(got) == list(expected) and list(got.values()) == pytest.approx(
+        list(expected.values()), abs=1e-4
+    )
+
+    for model_id, folder in ((lora, "merged-lora"), (full, "merged-full")):
+        done = export(state, model_id, "merged", tmp_path / folder)
+        assert done.exit_code == 0, done.output
+        assert not (tmp_path / folder / "adapter_config.json").exists()
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / folder)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / folder))
+        expected = served_logprobs(client, model_id, messages)
+        got = loaded_logprobs(model, tokenizer, messages)
+        assert list(got) == list(expected)
+        assert list(got.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+
+    refused = export(state, full, "adapter", tmp_path / "no-adapter")
+    assert (
+        refused.exit_code == 2 and "full fine-tune" in refused.output and "--format merged" in refused.output
+    )
+    assert not (tmp_path / "no-adapter").exists()
+    unknown = export(state, "ft:nothing:tuneline::xxxxxxxx", "merged", tmp_path / "none")
+    assert unknown.exit_code == 2 and "is not a fine-tuned model" in unknown.output
 
 
 def test_a_hub_model_that_is_not_cached_stops_serve_in_one_line(tmp_path: Path, cache: Path) -> None:
