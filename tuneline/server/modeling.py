@@ -126,6 +126,18 @@ def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
     return model
 
 
+def is_adapter_of_checkpoint(path: Path) -> bool:
+    """A LoRA adapter directory whose base is a full checkpoint (not itself an adapter)."""
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file() or (path / "config.json").is_file():
+        return False
+    try:
+        base = adapter_base(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return (base / "config.json").is_file()
+
+
 def parameter_count(path: Path) -> int:
     """The number of parameters of the model in a directory, counted without loading its weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -224,6 +236,8 @@ class _Row:
     # Where the logprob of each chosen token goes (with `top` alternatives), None when not asked for.
     scores: list[Scored] | None = None
     top: int = 0
+    # The LoRA adapter this row decodes with, on a decoder over a shared base (adapters.py); None: none.
+    adapter: str | None = None
 
 
 class _FutureSink:
@@ -262,15 +276,28 @@ class BatchedDecoder:
 
     MAX_BATCH = 16
 
-    def __init__(self, model: Any, device: torch.device, pad_id: int, stop_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        pad_id: int,
+        stop_ids: frozenset[int],
+        per_row_adapters: bool = False,
+    ) -> None:
+        """`per_row_adapters`: `model` is a peft model over a shared base whose rows each name their
+        adapter (peft's mixed-adapter batches; a row naming none decodes with the base alone)."""
         self.model = model
         self.device = device
         self.pad_id = pad_id
         self.stop_ids = stop_ids
-        self._cache_keyword = cache_keyword(model)
+        self.multi_adapter = per_row_adapters
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_keyword = cache_keyword(inner)
+        # Held around each forward pass, and by whoever adds an adapter to the model meanwhile.
+        self.forward_lock = threading.Lock()
         # Only the last position's logits are needed: a large vocabulary's prefill logits for a whole
         # batch of prompts would take gigabytes.
-        parameters = inspect.signature(model.forward).parameters
+        parameters = inspect.signature(inner.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self._waiting: list[_Row] = []
         self._lock = threading.Lock()
@@ -286,13 +313,23 @@ class BatchedDecoder:
         whole: bool = False,
         scores: list[Scored] | None = None,
         top: int = 0,
+        adapter: str | None = None,
     ) -> Iterator[int]:
         """The row's tokens as they come, or with `whole` all at its end (for a reader that needs none
         before then: fewer thread switches while the batch decodes). With `scores`, each token's
         logprob (and `top` alternatives) is appended there before the token is handed over."""
         out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         row = _Row(
-            prompt, temperature, top_p, budget, self._generator(seed), out, whole, scores=scores, top=top
+            prompt,
+            temperature,
+            top_p,
+            budget,
+            self._generator(seed),
+            out,
+            whole,
+            scores=scores,
+            top=top,
+            adapter=adapter,
         )
         self._enqueue(row)
         try:
@@ -315,6 +352,7 @@ class BatchedDecoder:
         seed: int | None,
         scores: list[Scored] | None = None,
         top: int = 0,
+        adapter: str | None = None,
     ) -> list[int]:
         """All of the row's tokens, awaited in the event loop: the decoder thread settles the future,
         no thread of the caller's waits (one thread switch per answer instead of two or more)."""
@@ -331,6 +369,7 @@ class BatchedDecoder:
             whole=True,
             scores=scores,
             top=top,
+            adapter=adapter,
         )
         self._enqueue(row)
         try:
@@ -423,14 +462,19 @@ class BatchedDecoder:
     ) -> None:
         """Runs `ids` through the model into the batch's cache, samples each row's next token, hands
         it over, and drops the rows that ended (stop token, budget, or a reader that left)."""
-        output = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_keyword: batch.cache},
-            **self._last_logits_only,
+        adapters = (
+            {"adapter_names": [row.adapter or "__base__" for row in batch.rows]} if self.multi_adapter else {}
         )
+        with self.forward_lock:
+            output = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_keyword: batch.cache},
+                **self._last_logits_only,
+                **adapters,
+            )
         batch.mask = mask
         batch.positions = positions[:, -1:] + 1
         logits = output.logits[:, -1].float()
@@ -552,8 +596,18 @@ class ChatModel:
     stopping at the end-of-turn token, a `stop` string or `max_tokens`; usage counts are real tokens.
     Concurrent requests are decoded together (BatchedDecoder)."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device | None = None,
+        decoder: BatchedDecoder | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        """`decoder` and `adapter`: a LoRA fine-tune answering through the decoder of its shared base
+        (tuneline/server/adapters.py) with its adapter, instead of a decoder of its own."""
         self.model = model
+        self.adapter = adapter
         self.tokenizer = tokenizer
         self.device = device or next(model.parameters()).device
         self.format = ChatFormat(tokenizer)
@@ -564,7 +618,7 @@ class ChatModel:
         )
         self.context_length = context_length(model.config)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.decoder = BatchedDecoder(
+        self.decoder = decoder or BatchedDecoder(
             model, self.device, int(pad or 0), frozenset(self.format.stop_token_ids)
         )
         self._token_bytes: dict[int, bytes] = {}
@@ -576,8 +630,13 @@ class ChatModel:
         the checkpoint's own."""
         device = pick_device()
         chosen = inference_dtype(device) if dtype == "auto" else getattr(torch, dtype)
-        model = load_causal_lm(Path(path), device, chosen)
-        loaded = cls(model, load_tokenizer(Path(path)), device)
+        loaded: ChatModel
+        if is_adapter_of_checkpoint(Path(path)):
+            from tuneline.server.adapters import adapter_chat_model  # LoRA over a base held once
+
+            loaded = adapter_chat_model(Path(path), device, chosen)
+        else:
+            loaded = cls(load_causal_lm(Path(path), device, chosen), load_tokenizer(Path(path)), device)
         if context_length is not None:
             loaded.context_length = min(loaded.context_length, context_length)
         return loaded
@@ -654,7 +713,14 @@ class ChatModel:
             return await asyncio.get_running_loop().run_in_executor(executor, call)
         scores: list[Scored] | None = [] if top_logprobs is not None else None
         ids = await self.decoder.whole_tokens(
-            prompt, temperature, top_p, budget, seed, scores=scores, top=top_logprobs or 0
+            prompt,
+            temperature,
+            top_p,
+            budget,
+            seed,
+            scores=scores,
+            top=top_logprobs or 0,
+            adapter=self.adapter,
         )
         finish = "length"
         for index, token in enumerate(ids):
@@ -757,6 +823,7 @@ class ChatModel:
             whole=not (streaming or stops),
             scores=scores,
             top=top,
+            adapter=self.adapter,
         ):
             if token in self.format.stop_token_ids:
                 progress.finish_reason = "stop"
