@@ -151,8 +151,49 @@ def test_n_choices_are_seeded_rows_of_one_request(client: Any) -> None:
         for i in range(3)
     ]
     assert several.usage.completion_tokens == sum(alone)
+
+
+def test_streamed_choices_carry_their_index_and_logprobs(client: Any) -> None:
+    settings: dict[str, Any] = {
+        "model": "tuneline-tiny",
+        "messages": QUESTION,
+        "temperature": 1.5,
+        "seed": 5,
+        "max_tokens": 8,
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    whole = client.chat.completions.create(**settings)
+    texts, entries, finishes = ["", ""], [[], []], [None, None]
+    usage = None
+    for chunk in client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **settings
+    ):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            entries[choice.index] += choice.logprobs.content if choice.logprobs else []
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    for streamed, choice in zip(entries, whole.choices, strict=True):
+        # The same tokens; logprobs equal up to float rounding (the rows shared a batch differently).
+        assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == [
+            (e.token, [t.token for t in e.top_logprobs]) for e in choice.logprobs.content
+        ]
+        assert [e.logprob for e in streamed] == pytest.approx(
+            [e.logprob for e in choice.logprobs.content], abs=1e-4
+        )
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(n=2, stream=True, **settings)
+        client.chat.completions.create(
+            model="tuneline-tiny",
+            messages=JSON_QUESTION,
+            response_format={"type": "json_object"},
+            stream=True,
+        )
     assert caught.value.body["param"] == "stream"  # type: ignore[index]
 
 

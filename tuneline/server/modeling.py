@@ -780,6 +780,44 @@ class ChatModel:
         """The answer as text deltas (never splitting a UTF-8 character or emitting part of a stop string)."""
         yield from self._pieces(messages, temperature, top_p, max_tokens, stop, seed, _Progress())
 
+    def scored_stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        top_logprobs: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> tuple[Iterator[tuple[str, list[dict[str, Any]] | None]], Generation]:
+        """stream() with each text delta's logprob entries (the tokens it adds; None without
+        `top_logprobs`), and a Generation whose counts and finish_reason are filled in when the
+        deltas end."""
+        progress = _Progress()
+        scores: list[Scored] | None = [] if top_logprobs is not None else None
+        result = Generation("", 0, 0, "length")
+        top = top_logprobs or 0
+
+        def pairs() -> Iterator[tuple[str, list[dict[str, Any]] | None]]:
+            reported = 0
+            pieces = self._pieces(
+                messages, temperature, top_p, max_tokens, stop, seed, progress, scores=scores, top=top
+            )
+            for piece in pieces:
+                entries = None
+                if scores is not None:
+                    entries = self.scored_tokens(scores[reported : progress.completion_tokens], top)
+                    reported = progress.completion_tokens
+                yield piece, entries
+            result.prompt_tokens = progress.prompt_tokens
+            result.completion_tokens = progress.completion_tokens
+            result.finish_reason = progress.finish_reason
+            if scores is not None and reported < progress.completion_tokens:
+                yield "", self.scored_tokens(scores[reported : progress.completion_tokens], top)
+
+        return pairs(), result
+
     def _prepared(
         self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None, stop: list[str] | None
     ) -> tuple[list[int], int, list[str]]:

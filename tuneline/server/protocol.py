@@ -518,10 +518,10 @@ class CreateChatCompletionRequest(RequestBody):
     def _combinations(self) -> CreateChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
-        if self.stream and (self.logprobs or (self.n or 1) > 1 or self.response_format == "json_object"):
+        if self.stream and self.response_format == "json_object":
             raise invalid(
-                "stream is not supported with logprobs, n > 1 or response_format json_object on this server: "
-                "send the request without stream.",
+                "stream is not supported with response_format json_object on this server (an answer is "
+                "checked whole before it is sent): send the request without stream.",
                 param="stream",
                 code="unsupported_parameter",
             )
@@ -802,7 +802,7 @@ class ChatCompletionDelta(ResponseBody):
 class ChatCompletionChunkChoice(ResponseBody):
     index: int = 0
     delta: ChatCompletionDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -99,6 +99,10 @@ class ChatService:
         completion_id = new_id("chatcmpl-")
         created = now()
         done = object()
+        if request.stream and (request.logprobs or request.choices > 1):
+            return await self._streamed_choices(
+                chat_model, messages, options, request, completion_id, created
+            )
         try:
             if not request.stream:
                 generations = await asyncio.gather(
@@ -174,6 +178,107 @@ class ChatService:
 
         return events()
 
+    async def _streamed_choices(
+        self,
+        chat_model: Any,
+        messages: list[dict[str, Any]],
+        options: dict[str, Any],
+        request: CreateChatCompletionRequest,
+        completion_id: str,
+        created: int,
+    ) -> AsyncIterator[bytes]:
+        """The stream of `n` choices (chunks of different choices interleave, each with its index), each
+        delta with the logprobs of the tokens it adds when asked. Each choice's first delta is computed
+        before the stream starts (a prompt that does not fit is a 400, not a broken stream)."""
+        loop = asyncio.get_running_loop()
+        done = object()
+        streams = [
+            chat_model.scored_stream(
+                messages, top_logprobs=request.top_logprob_count, **self._settings(options, request, index, 0)
+            )
+            for index in range(request.choices)
+        ]
+        try:
+            firsts = [await loop.run_in_executor(self.pool, next, pairs, done) for pairs, _ in streams]
+        except ValueError as exc:
+            from tuneline.server.modeling import ContextLengthExceeded
+
+            if isinstance(exc, ContextLengthExceeded):
+                raise invalid_request(str(exc), param="messages", code="context_length_exceeded") from None
+            raise
+
+        def chunk(index: int, delta: ChatCompletionDelta, finish: Any, entries: Any = None) -> bytes:
+            logprobs = (
+                ChoiceLogprobs(content=[ChatCompletionTokenLogprob(**e) for e in entries])
+                if entries is not None
+                else None
+            )
+            choice = ChatCompletionChunkChoice(
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish
+            )
+            body = CreateChatCompletionStreamResponse(
+                id=completion_id, created=created, model=request.model, choices=[choice]
+            )
+            return sse(wire(body))
+
+        async def events() -> AsyncIterator[bytes]:
+            queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+            async def pump(index: int) -> None:
+                pairs, _ = streams[index]
+                item = firsts[index]
+                while item is not done:
+                    await queue.put((index, item))
+                    item = await loop.run_in_executor(self.pool, next, pairs, done)
+                await queue.put((index, done))
+
+            tasks = [asyncio.create_task(pump(index)) for index in range(len(streams))]
+            try:
+                for index in range(len(streams)):
+                    yield chunk(index, ChatCompletionDelta(role="assistant", content=""), None)
+                left = len(streams)
+                while left:
+                    index, item = await queue.get()
+                    if item is done:
+                        left -= 1
+                        yield chunk(index, ChatCompletionDelta(), streams[index][1].finish_reason)
+                        continue
+                    piece, entries = item
+                    yield chunk(index, ChatCompletionDelta(content=piece), None, entries)
+                for task in tasks:
+                    await task  # re-raises a failure of the model
+                if request.include_usage:
+                    results = [result for _, result in streams]
+                    final = CreateChatCompletionStreamResponse(
+                        id=completion_id,
+                        created=created,
+                        model=request.model,
+                        choices=[],
+                        usage=CompletionUsage.of(
+                            results[0].prompt_tokens, sum(r.completion_tokens for r in results)
+                        ),
+                    )
+                    yield sse(wire(final))
+                yield sse(b"[DONE]")
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+        return events()
+
+    @staticmethod
+    def _settings(
+        options: dict[str, Any], request: CreateChatCompletionRequest, index: int, attempt: int
+    ) -> dict[str, Any]:
+        """The sampling settings of choice `index`, attempt `attempt`: its own seed when the request
+        has one (seed + index for the first attempt), a sampled retry of a greedy request."""
+        settings = dict(options)
+        if "seed" in settings:
+            settings["seed"] = settings["seed"] + index + attempt * request.choices
+        if attempt and settings.get("temperature", 1.0) <= 0:
+            settings["temperature"] = RETRY_TEMPERATURE
+        return settings
+
     async def _choice(
         self,
         chat_model: Any,
@@ -186,11 +291,7 @@ class ChatService:
         first of up to JSON_ATTEMPTS samples that parses as a JSON object, else a 422."""
         attempts = JSON_ATTEMPTS if request.response_format == "json_object" else 1
         for attempt in range(attempts):
-            settings = dict(options)
-            if "seed" in settings:
-                settings["seed"] = settings["seed"] + index + attempt * request.choices
-            if attempt and settings.get("temperature", 1.0) <= 0:
-                settings["temperature"] = RETRY_TEMPERATURE
+            settings = self._settings(options, request, index, attempt)
             generation = await chat_model.generate_async(
                 messages, self.pool, top_logprobs=request.top_logprob_count, **settings
             )
