@@ -289,3 +289,16 @@ def test_a_base_model_keeps_its_created_time_when_its_weights_appear(
     with start_server(state, api_key=API_KEY) as process:
         sdk = openai.OpenAI(base_url=process.base_url, api_key=API_KEY, max_retries=0)
         assert sdk.models.retrieve("tuneline-tiny").created == before
+
+
+def test_logprob_bytes_rebuild_characters_that_tokens_split(builtin_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from tuneline.server.logprobs import token_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(str(builtin_model))
+    text = "café ☕ naïve"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some token holds part of a character
+    memo: dict[int, bytes] = {}
+    assert b"".join(token_bytes(tokenizer, i, memo) for i in ids).decode() == text

@@ -6,8 +6,14 @@ model directory is either a full checkpoint (config.json + safetensors + tokeniz
 adapter directory (adapter_config.json) whose `base_model_name_or_path` is the directory of the model
 it adapts (itself possibly an adapter).
 
-Loading and generation share one module (~650 lines, most of it the batched decoder): a loaded model
-is only ever used through the decoder built around it here.
+Hub ids never reach this module: `tuneline serve` resolves them to directories of its model cache before
+it starts (tuneline/server/hub.py). A LoRA adapter over a full checkpoint is served over a shared copy
+of its base (tuneline/server/adapters.py); an adapter over another adapter is merged.
+
+Loading and generation share one module (~860 lines, most of it the batched decoder, with its per-row
+sampling, logprobs and adapters, and ChatModel's whole, streamed and scored answers): a loaded model is
+only ever used through the decoder built around it here, and splitting the two would expose the
+decoder's rows and batches to a second module. Turning scores into the hosted shape is logprobs.py.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 
 from tuneline.server.catalog import ADAPTER_CONFIG, is_model_dir
 from tuneline.server.chat_template import ChatFormat
+from tuneline.server.logprobs import Scored, hosted_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +194,6 @@ class Generation:
     finish_reason: str  # "stop" | "length"
     # With logprobs asked for: one entry per answer token, {token, logprob, bytes, top_logprobs}.
     logprobs: list[dict[str, Any]] | None = None
-
-
-# What the decoder notes about one chosen token when asked: (token id, its logprob, the ids and logprobs
-# of the likeliest tokens at that position, best first).
-Scored = tuple[int, float, list[int], list[float]]
 
 
 @dataclass
@@ -732,40 +734,8 @@ class ChatModel:
         return Generation(text, len(prompt), len(ids), finish, logprobs)
 
     def scored_tokens(self, scores: Sequence[Scored], top: int) -> list[dict[str, Any]]:
-        """Decoder scores in the hosted shape: {token, logprob, bytes, top_logprobs: [{token, logprob,
-        bytes}]} (`bytes` the token's own UTF-8 bytes, which a token that splits a character needs)."""
-
-        def described(token: int, logprob: float) -> dict[str, Any]:
-            raw = self.token_bytes(token)
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
-
-        return [
-            {
-                **described(token, logprob),
-                "top_logprobs": [described(i, v) for i, v in zip(ids[:top], values[:top], strict=True)],
-            }
-            for token, logprob, ids, values in scores
-        ]
-
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes a token stands for: byte-level BPE pieces mapped back through GPT-2's byte alphabet,
-        SentencePiece byte tokens (`<0xE2>`) as their byte, anything else as its decoded text."""
-        if token not in self._token_bytes:
-            text = self.tokenizer.decode([token])
-            raw = text.encode("utf-8")
-            if "\ufffd" in text:
-                piece = self.tokenizer.convert_ids_to_tokens(token)
-                if (
-                    isinstance(piece, str)
-                    and len(piece) == 6
-                    and piece.startswith("<0x")
-                    and piece.endswith(">")
-                ):
-                    raw = bytes([int(piece[3:5], 16)])
-                elif isinstance(piece, str) and all(c in _UNICODE_TO_BYTE for c in piece):
-                    raw = bytes(_UNICODE_TO_BYTE[c] for c in piece)
-            self._token_bytes[token] = raw
-        return self._token_bytes[token]
+        """Decoder scores in the hosted logprobs shape (tuneline/server/logprobs.py)."""
+        return hosted_logprobs(self.tokenizer, scores, top, self._token_bytes)
 
     def stream(
         self,
@@ -886,26 +856,6 @@ class ChatModel:
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
         if len(text) > emitted:
             yield text[emitted:]
-
-
-def _byte_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet, reversed: the printable character standing for each byte."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    codes = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
-
-
-_UNICODE_TO_BYTE = _byte_alphabet()
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:
