@@ -247,10 +247,31 @@ class TrackingConfig(Section):
     registered_model: str = "support-assistant"
 
 
+class ServedModel(Section):
+    """One entry of server.models: where the model comes from and how it is trained and served."""
+
+    # A hub id (`Qwen/Qwen2.5-0.5B-Instruct`, optionally `@revision`), a checkpoint directory, or
+    # `tuneline-tiny` (the built-in model).
+    source: str = Field(min_length=1)
+    revision: str | None = None
+    # lora | full | auto (auto: LoRA above lora_above_params parameters).
+    training: Literal["auto", "lora", "full"] = "auto"
+    # Trained and served within this many tokens (unset: the checkpoint's own; larger is capped at it).
+    context_length: int | None = Field(default=None, ge=16)
+    # Served in (auto: bfloat16/float16 on a GPU, float32 on a CPU).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 class ServerConfig(Section):
     """The embedded `tuneline serve` (provider.kind = local)."""
 
     state_dir: str = ".tuneline/server"
+    # The catalog: model name -> a hub id or directory (or a ServedModel with its settings). When
+    # given, it decides what /v1/models lists and what jobs may name (tuneline-tiny only if listed).
+    models: dict[str, str | ServedModel] = Field(default_factory=dict)
+    # Where hub models are downloaded to (huggingface_hub's cache layout); unset: HF_HUB_CACHE when set,
+    # else <state_dir>/hub.
+    model_cache: str | None = None
     model_dirs: list[str] = Field(default_factory=list)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     # A JSON request body; a larger one is refused (413) before it is read whole.

@@ -427,9 +427,9 @@ def test_chat_request_errors(client: Any, validate: Any) -> None:
         ),
         ({"model": "tuneline-tiny", "messages": []}, 400, "Missing required parameter: 'messages'"),
         (
-            {"model": "tuneline-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2},
+            {"model": "tuneline-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 17},
             400,
-            "n must be 1",
+            "n must be an integer between 1 and 16",
         ),
         (
             {"model": "tuneline-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 3},

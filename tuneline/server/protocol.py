@@ -449,6 +449,15 @@ def _content(value: Any) -> Any:
     return value
 
 
+def message_words(content: Any) -> str:
+    """The lower-cased text of a message's content (a string, or the text of its content parts)."""
+    if isinstance(content, str):
+        return content.lower()
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict)).lower()
+    return ""
+
+
 class ChatMessage(BaseModel):
     """One message of a chat request; keys this server has no use for (name, tool_calls...) pass."""
 
@@ -505,22 +514,43 @@ def _chat_seed(value: Any) -> Any:
     return value
 
 
+# Choices of one request are decoded as rows of one batch (tuneline/server/modeling.py BatchedDecoder).
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20  # the contract's bound
+
+
 def _n(value: Any) -> Any:
-    if value is not None and not (_is_int(value) and value == 1):
-        raise invalid("n must be 1: this server returns one choice per request.")
+    if value is not None and not (_is_int(value) and 1 <= value <= MAX_CHOICES):
+        raise invalid(f"n must be an integer between 1 and {MAX_CHOICES} on this server, got {shown(value)}.")
     return value
 
 
 def _logprobs(value: Any) -> Any:
-    if value:
-        raise invalid("logprobs are not supported by this server.")
+    if value is not None and not isinstance(value, bool):
+        raise invalid(f"logprobs must be true or false, got {shown(value)}.")
+    return value
+
+
+def _top_logprobs(value: Any) -> Any:
+    if value is not None and not (_is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS):
+        raise invalid(
+            f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {shown(value)}."
+        )
     return value
 
 
 def _response_format(value: Any) -> Any:
-    if value not in (None, {"type": "text"}):
-        raise invalid("Only response_format {'type': 'text'} is supported by this server.")
-    return value
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object"):
+        return kind
+    if kind == "json_schema":
+        raise invalid(
+            "response_format type 'json_schema' is not supported by this server: use {'type': 'json_object'}.",
+            code="unsupported_parameter",
+        )
+    raise invalid("response_format must be {'type': 'text'} or {'type': 'json_object'}.")
 
 
 def _stream(value: Any) -> Any:
@@ -568,8 +598,10 @@ class CreateChatCompletionRequest(RequestBody):
     n: Annotated[int | None, BeforeValidator(_n)] = None
     stream: Annotated[bool, BeforeValidator(_stream)] = False
     stream_options: Annotated[dict[str, Any], BeforeValidator(_stream_options)] = {}
-    logprobs: Annotated[Any, BeforeValidator(_logprobs)] = None
-    response_format: Annotated[Any, BeforeValidator(_response_format)] = None
+    logprobs: Annotated[bool | None, BeforeValidator(_logprobs)] = None
+    top_logprobs: Annotated[int | None, BeforeValidator(_top_logprobs)] = None
+    # "text" or "json_object" (the `type` of the request's object).
+    response_format: Annotated[str | None, BeforeValidator(_response_format)] = None
     user: NoEffect = None
     metadata: NoEffect = None
     store: NoEffect = None
@@ -578,7 +610,6 @@ class CreateChatCompletionRequest(RequestBody):
     logit_bias: NoEffect = None
     service_tier: NoEffect = None
     parallel_tool_calls: NoEffect = None
-    top_logprobs: NoEffect = None
     prompt_cache_key: NoEffect = None
     safety_identifier: NoEffect = None
     reasoning_effort: NoEffect = None
@@ -592,9 +623,40 @@ class CreateChatCompletionRequest(RequestBody):
     prediction: Unsupported = None
     web_search_options: Unsupported = None
 
+    @model_validator(mode="after")
+    def _combinations(self) -> CreateChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        if self.stream and self.response_format == "json_object":
+            raise invalid(
+                "stream is not supported with response_format json_object on this server (an answer is "
+                "checked whole before it is sent): send the request without stream.",
+                param="stream",
+                code="unsupported_parameter",
+            )
+        if self.response_format == "json_object" and not any(
+            "json" in message_words(m.content) for m in self.messages
+        ):
+            # The hosted rule: the instruction to answer in JSON is in the prompt, not only in the option.
+            raise invalid(
+                "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+                "'json_object'.",
+                param="messages",
+            )
+        return self
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def top_logprob_count(self) -> int | None:
+        """None without logprobs; else how many alternatives to report for each token (0 or more)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def include_usage(self) -> bool:
@@ -825,10 +887,30 @@ class ChatCompletionMessage(ResponseBody):
     annotations: list[Any] = []
 
 
+class TopLogprob(ResponseBody):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatCompletionTokenLogprob(ResponseBody):
+    """Contract: ChatCompletionTokenLogprob (one answer token, its logprob and the likeliest others)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(ResponseBody):
+    content: list[ChatCompletionTokenLogprob] | None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
 class ChatCompletionChoice(ResponseBody):
     index: int = 0
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -854,7 +936,7 @@ class ChatCompletionDelta(ResponseBody):
 class ChatCompletionChunkChoice(ResponseBody):
     index: int = 0
     delta: ChatCompletionDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -36,6 +36,8 @@ from tuneline.server.catalog import (
     BUILTIN_LEARNING_RATE_BATCH_SIZE,
     BUILTIN_MIN_EXAMPLES_SEEN,
     BUILTIN_MODEL,
+    CatalogEntry,
+    catalog_json,
     model_dir_of,
 )
 from tuneline.server.errors import invalid_request, job_not_found
@@ -89,7 +91,9 @@ def resolve_requested_hyperparameters(
     return resolve_method_hyperparameters(n_examples, requested, rules or AutoRules())
 
 
-def base_auto_rules(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> AutoRules:
+def base_auto_rules(
+    store: Store, job: JobRecord, model_dirs: Sequence[Path], catalog: Sequence[CatalogEntry] = ()
+) -> AutoRules:
     """What "auto" hyperparameters mean for the job's base model: its model card's rules, without
     building the built-in model when it is not built yet (catalog.py states its rules)."""
     own = store.get_model(job.model)
@@ -97,7 +101,7 @@ def base_auto_rules(store: Store, job: JobRecord, model_dirs: Sequence[Path]) ->
         return auto_rules(Path(own.path))
     if job.model == BUILTIN_MODEL:
         return AutoRules(BUILTIN_LEARNING_RATE_BATCH_SIZE, BUILTIN_MIN_EXAMPLES_SEEN)
-    directory = model_dir_of(job.model, model_dirs)
+    directory = model_dir_of(job.model, model_dirs, catalog)
     return auto_rules(directory) if directory is not None else AutoRules()
 
 
@@ -292,7 +296,7 @@ class JobRunner:
             _, error = file_error(self.store, job.validation_file, "validation_file", 1, limit, method)
         if error is None:
             try:
-                rules = base_auto_rules(self.store, job, self.settings.model_dirs)
+                rules = base_auto_rules(self.store, job, self.settings.model_dirs, self.settings.models)
                 resolved = resolve_requested_hyperparameters(count, job.requested_hyperparameters, rules)
             except Exception as exc:
                 error = {"code": "invalid_hyperparameters", "message": f"{exc}", "param": "hyperparameters"}
@@ -358,6 +362,8 @@ class JobRunner:
             command += ["--gpus-per-job", str(self.settings.gpus_per_job)]
         for model_dir in self.settings.model_dirs:
             command += ["--model-dir", str(model_dir)]
+        if self.settings.models:
+            command += ["--catalog", catalog_json(self.settings.models)]
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 command,

@@ -474,9 +474,18 @@ class Store:
         return (row[0], row[1]) if row else None
 
     def list_jobs(
-        self, *, after: str | None, limit: int, metadata: Mapping[str, str] | None = None
+        self,
+        *,
+        after: str | None,
+        limit: int,
+        metadata: Mapping[str, str] | None = None,
+        without_metadata: bool = False,
     ) -> tuple[list[JobRecord], bool]:
+        """A page of jobs, newest first: those whose metadata has every key-value pair of `metadata`,
+        or (`without_metadata`) those created without metadata (none, or an empty object)."""
         where, params = [], []
+        if without_metadata:
+            where.append("(jobs.metadata IS NULL OR NOT EXISTS (SELECT 1 FROM json_each(jobs.metadata)))")
         for key, value in (metadata or {}).items():
             where.append("EXISTS (SELECT 1 FROM json_each(jobs.metadata) WHERE key = ? AND value = ?)")
             params.extend([key, value])

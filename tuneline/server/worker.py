@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from tuneline.formats import jsonl_line
-from tuneline.server.catalog import checkpoint_model_name
+from tuneline.server.catalog import CatalogEntry, catalog_from_json, checkpoint_model_name, entry_of
 from tuneline.server.method_files import method_chats
 from tuneline.server.store import JobRecord, Store, now, publish_dir
 
@@ -163,14 +163,17 @@ def job_error(exc: BaseException) -> dict[str, Any]:
     return {"code": "training_failed", "message": message, "param": None}
 
 
-def check_context(spec: Any, model: str) -> None:
-    """Refuse, naming its line, an example longer than the model's context, as the hosted service does
-    (the trainer would cut it silently): a JobFileError with `too_long`, the data plane's reason."""
+def check_context(spec: Any, model: str, context_limit: int | None = None) -> None:
+    """Refuse, naming its line, an example longer than the model's context (or the catalog's shorter
+    `context_length`), as the hosted service does (the trainer would cut it silently): a JobFileError
+    with `too_long`, the data plane's reason."""
     from tuneline.server.chat_template import ChatFormat
     from tuneline.server.modeling import context_length_of, load_tokenizer
 
     chat_format = ChatFormat(load_tokenizer(spec.base_model_dir))
     limit = context_length_of(spec.base_model_dir)
+    if context_limit is not None:
+        limit = min(limit, context_limit)
     for path, param in ((spec.train_file, "training_file"), (spec.validation_file, "validation_file")):
         if path is None:
             continue
@@ -189,7 +192,9 @@ def check_context(spec: Any, model: str) -> None:
                     )
 
 
-def base_model_dir(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> Path:
+def base_model_dir(
+    store: Store, job: JobRecord, model_dirs: Sequence[Path], catalog: Sequence[CatalogEntry] = ()
+) -> Path:
     """Where the weights to start from are: a model of this server, or a base model."""
     own = store.get_model(job.model)
     if own is not None:
@@ -197,7 +202,7 @@ def base_model_dir(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> 
     from tuneline.server.builtin import resolve_base_model  # torch: the worker trains
 
     try:
-        return resolve_base_model(job.model, store.state_dir, model_dirs)
+        return resolve_base_model(job.model, store.state_dir, model_dirs, catalog=catalog)
     except KeyError:
         raise RuntimeError(f"the model {job.model} no longer exists on this server") from None
 
@@ -210,11 +215,16 @@ def run_job(
     model_dirs: Sequence[Path],
     lora_above: int,
     gpus_per_job: int | None = None,
+    catalog: Sequence[CatalogEntry] = (),
 ) -> int:
-    """Train one job to its end (or until it is paused, cancelled or the server goes away)."""
+    """Train one job to its end (or until it is paused, cancelled or the server goes away). A catalog
+    entry's `training` (lora | full) and `context_length` apply to the fine-tunes of its model."""
     job = store.get_job(job_id)
     if job is None or job.worker_token != token:
         return 0
+    entry = entry_of(job.base_model, catalog)
+    if entry is not None:
+        lora_above = entry.lora_above(lora_above)
     reporter = JobReporter(store, job, token, parent_pid)
     try:
         from tuneline.server.hyperparameters import Hyperparameters
@@ -222,7 +232,7 @@ def run_job(
 
         hyperparameters = job.hyperparameters or {}
         spec = TrainingSpec(
-            base_model_dir=base_model_dir(store, job, model_dirs),
+            base_model_dir=base_model_dir(store, job, model_dirs, catalog),
             train_file=store.file_path(job.training_file),
             validation_file=store.file_path(job.validation_file) if job.validation_file else None,
             output_dir=store.work_dir / job.id,
@@ -243,7 +253,7 @@ def run_job(
         for name in (spec.train_file, spec.validation_file):
             if name is not None and not name.is_file():
                 raise RuntimeError(f"the file {name.name} was deleted while the job waited")
-        check_context(spec, job.model)
+        check_context(spec, job.model, entry.context_length if entry is not None else None)
         outcome = train(spec, reporter)
     except Exception as exc:
         error = job_error(exc)
@@ -342,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-dir", action="append", default=[], type=Path)
     parser.add_argument("--lora-above-params", type=int, default=300_000_000)
     parser.add_argument("--gpus-per-job", type=int, default=None)  # None: every visible GPU
+    parser.add_argument("--catalog", default="")  # catalog.catalog_json of the server's resolved catalog
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -355,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model_dir,
             args.lora_above_params,
             args.gpus_per_job,
+            catalog_from_json(args.catalog),
         )
     finally:
         store.close()

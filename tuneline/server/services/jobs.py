@@ -208,10 +208,12 @@ class JobService:
         return job_object(job)
 
     def listing(
-        self, query: ListJobsQuery, metadata: Mapping[str, str]
+        self, query: ListJobsQuery, metadata: Mapping[str, str], without_metadata: bool = False
     ) -> ListPaginatedFineTuningJobsResponse:
         try:
-            jobs, has_more = self.store.list_jobs(after=query.after, limit=query.limit, metadata=metadata)
+            jobs, has_more = self.store.list_jobs(
+                after=query.after, limit=query.limit, metadata=metadata, without_metadata=without_metadata
+            )
         except CursorNotFound as exc:
             raise stale_cursor(exc, "fine-tuning job") from None
         return ListPaginatedFineTuningJobsResponse(data=[job_object(j) for j in jobs], has_more=has_more)
