@@ -392,7 +392,8 @@ def check_reinforcement(example: dict[str, Any]) -> FormatIssue | None:
     if messages[-1]["role"] != "user":
         return FormatIssue(
             "invalid_reinforcement_example",
-            "the last message must be the user turn the model answers (the grader scores the answer)",
+            "the last message must be the user's: a reinforcement line is the prompt the model answers "
+            "(its reference answer goes in another field, which the grader reads as {{item.<field>}})",
         )
     for key in example.keys() - REINFORCEMENT_KEYS:
         if not isinstance(key, str) or not key.isidentifier():

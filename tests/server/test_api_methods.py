@@ -162,7 +162,7 @@ def test_top_level_hyperparameters_are_for_supervised_jobs_only(client: Any) -> 
 @pytest.mark.parametrize(
     ("method", "lines", "needle"),
     [
-        ({"type": "dpo"}, [prompt_line(i) for i in range(10)], "Line 1: method 'dpo' takes preference lines"),
+        ({"type": "dpo"}, [prompt_line(i) for i in range(10)], "Line 1: a chat line in a dpo training file"),
         (
             {"type": "reinforcement", "reinforcement": {"grader": GRADER}},
             [prompt_line(i) for i in range(3)]
@@ -173,9 +173,13 @@ def test_top_level_hyperparameters_are_for_supervised_jobs_only(client: Any) -> 
         (
             {"type": "reinforcement", "reinforcement": {"grader": GRADER}},
             [preference(i) for i in range(10)],
-            "Line 1: a reinforcement line needs a non-empty `messages` list",
+            "Line 1: a preference line in a reinforcement training file",
         ),
-        ({"type": "supervised"}, [preference(i) for i in range(10)], "preference_example_in_supervised_job"),
+        (
+            {"type": "supervised"},
+            [preference(i) for i in range(10)],
+            "a preference line in a supervised training file",
+        ),
     ],
 )
 def test_a_file_of_the_wrong_kind_fails_the_job_naming_the_line(

@@ -199,7 +199,7 @@ def test_file_validation_uses_the_pipeline_rules_and_names_the_line(
     }
     dpo = store.add_file("t.jsonl", "fine-tune", to_jsonl([preference] * 10)).id
     _, error = file_error(store, dpo, "training_file", 10)
-    assert error is not None and "preference_example_in_supervised_job" in error["message"]
+    assert error is not None and "a preference line in a supervised training file" in error["message"]
 
     validation = store.add_file("v.jsonl", "fine-tune", to_jsonl([lines[2]])).id
     _, error = file_error(store, validation, "validation_file", 1)

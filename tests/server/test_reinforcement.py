@@ -149,16 +149,17 @@ def test_grpo_raises_the_validation_reward_of_a_task_the_model_fails(
 
 
 def test_reinforcement_lines_end_with_the_user_and_keep_their_other_fields_as_the_item() -> None:
-    from tuneline.server.method_files import check_method_file, check_reinforcement_example, grader_item
+    from tuneline.formats import check_for_method, grader_fields
+    from tuneline.server.method_files import check_method_file
 
     line = {"messages": [{"role": "user", "content": "Ticket 1"}], "answer": "10.", "meta": {"k": [1]}}
-    assert check_reinforcement_example(line) is None
-    assert grader_item(line) == {"answer": "10.", "meta": {"k": [1]}}
+    assert check_for_method(line, "reinforcement") is None
+    assert grader_fields(line) == {"answer": "10.", "meta": {"k": [1]}}
     answered = {"messages": [*line["messages"], {"role": "assistant", "content": "10."}]}
-    assert check_reinforcement_example(answered)[0] == "invalid_reinforcement_example"  # type: ignore[index]
-    assert (
-        check_reinforcement_example({"messages": [{"role": "bot", "content": "x"}]})[0] == "unrecognized_role"
-    )  # type: ignore[index]
+    issue = check_for_method(answered, "reinforcement")
+    assert issue is not None and issue.key == "invalid_reinforcement_example"
+    issue = check_for_method({"messages": [{"role": "bot", "content": "x"}]}, "reinforcement")
+    assert issue is not None and issue.key == "unrecognized_role"
     lines = [json.dumps(line).encode() + b"\n"] * 3 + [b"{broken\n"]
     count, issue = check_method_file(lines, "reinforcement", min_examples=1)
     assert count == 3 and issue is not None and (issue.line, issue.key) == (4, "invalid_json")

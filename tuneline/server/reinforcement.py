@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
+from tuneline.formats import grader_fields
 from tuneline.server.hyperparameters import Hyperparameters, samples_per_prompt
-from tuneline.server.method_files import grader_item
 from tuneline.server.trainer import GRADIENT_CLIP, Trainer, learning_rate_at
 from tuneline.server.training_errors import TrainingDiverged
 from tuneline.server.training_spec import TrainingReporter
@@ -148,9 +148,9 @@ class ReinforcementTrainer(Trainer):
             **options,
         )
         self.prompts = [self.format.encode_prompt(e["messages"]) for e in train_examples]
-        self.items = [grader_item(e) for e in train_examples]
+        self.items = [grader_fields(e) for e in train_examples]
         self.validation_prompts = [self.format.encode_prompt(e["messages"]) for e in validation_examples]
-        self.validation_items = [grader_item(e) for e in validation_examples]
+        self.validation_items = [grader_fields(e) for e in validation_examples]
         self.lengths = [len(p) for p in self.prompts]
         self.tokens_per_epoch = sum(self.lengths)
         self.group = samples_per_prompt(float(settings.get("compute_multiplier", 1.0)))
