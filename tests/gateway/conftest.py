@@ -15,9 +15,10 @@ from tuneline.gateway.app import GatewaySettings, create_app
 from tuneline.gateway.echo import EchoState, create_echo_app
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One store per module: creating an MLflow SQLite schema takes seconds on a shared machine."""
+    """One store for the gateway tests (each test registers its own model name): creating an MLflow
+    SQLite schema takes seconds on a shared machine."""
     root = tmp_path_factory.mktemp("gateway-store")
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_experiments()
     return root

@@ -115,6 +115,7 @@ class Gateway:
     config: Config
     server: ServerThread
     registry: Registry
+    _client: openai.OpenAI | None = None
 
     @property
     def base_url(self) -> str:
@@ -129,7 +130,10 @@ class Gateway:
         return self.server.server.config.app.state.gateway
 
     def client(self, **options: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key="test-key", max_retries=0, **options)
+        """One SDK client per gateway (building one reads the CA bundle: tens of milliseconds)."""
+        if self._client is None:
+            self._client = openai.OpenAI(base_url=self.base_url, api_key="test-key", max_retries=0)
+        return self._client.with_options(**options) if options else self._client
 
     def ask(
         self, model: str | None = None, user: str | None = None, text: str = "hello", **extra: Any
