@@ -263,6 +263,8 @@ class ServingConfig(Section):
     # (default: tracking.tracking_uri), in the experiment `serving/<registered model>`.
     tracing: bool = True
     trace_queue_size: int = Field(default=10_000, ge=1, le=10_000_000)
+    # Who writes traces: a child process (MLflow's work off the gateway's interpreter) or its threads.
+    trace_export: Literal["process", "thread"] = "process"
     trace_uri: str | None = None
     # Acknowledged feedback is written here (fsync) before it goes to MLflow, and retried from here.
     feedback_spool: str = ".tuneline/gateway/feedback"

@@ -18,7 +18,7 @@ def answer_of(raw: object) -> str:
 
 def test_the_champion_serves_and_pins_choose_a_version(gateways, upstreams) -> None:
     one, two = upstreams(answer="from version one"), upstreams(answer="from version two")
-    gw: Gateway = gateways()
+    gw: Gateway = gateways(trace_export="thread")
     v1 = gw.registry.register(one, "ft:tuneline-tiny:tuneline:support:v1", "champion")
     v2 = gw.registry.register(two, "ft:tuneline-tiny:tuneline:support:v2", "challenger")
 
@@ -47,7 +47,7 @@ def test_the_champion_serves_and_pins_choose_a_version(gateways, upstreams) -> N
     [("@99", "model_not_found"), ("@nosuchalias", "model_not_found")],
 )
 def test_a_pin_to_nothing_is_a_404(gateways, upstreams, suffix: str, code: str) -> None:
-    gw: Gateway = gateways()
+    gw: Gateway = gateways(tracing=False)
     gw.registry.register(upstreams(), "ft:x:v1", "champion")
     with pytest.raises(openai.NotFoundError) as caught:
         gw.ask(f"{gw.name}{suffix}")
@@ -56,7 +56,7 @@ def test_a_pin_to_nothing_is_a_404(gateways, upstreams, suffix: str, code: str) 
 
 
 def test_unknown_models_and_a_missing_champion(gateways, upstreams) -> None:
-    gw: Gateway = gateways()
+    gw: Gateway = gateways(tracing=False)
     with pytest.raises(openai.NotFoundError) as caught:
         gw.ask("some-other-model")
     assert caught.value.code == "model_not_found"
@@ -73,7 +73,7 @@ def test_unknown_models_and_a_missing_champion(gateways, upstreams) -> None:
 
 def test_a_moved_alias_is_served_within_the_ttl(gateways, upstreams) -> None:
     ttl = 1.0
-    gw: Gateway = gateways(alias_ttl_s=ttl)
+    gw: Gateway = gateways(alias_ttl_s=ttl, tracing=False)
     v1 = gw.registry.register(upstreams(answer="one"), "ft:x:v1", "champion")
     v2 = gw.registry.register(upstreams(answer="two"), "ft:x:v2")
     assert gw.ask().headers["x-tuneline-model-version"] == v1
@@ -88,7 +88,7 @@ def test_a_moved_alias_is_served_within_the_ttl(gateways, upstreams) -> None:
 
 
 def test_bad_requests_get_openai_shaped_4xx(gateways, upstreams) -> None:
-    gw: Gateway = gateways()
+    gw: Gateway = gateways(tracing=False)
     gw.registry.register(upstreams(), "ft:x:v1", "champion")
     url = f"{gw.base_url}/chat/completions"
     for body, param in (

@@ -27,7 +27,7 @@ def traces_of(gw: Gateway, **filters: str) -> list:
 
 
 def test_every_answer_is_traced_with_variant_version_user_session_and_tokens(gateways, upstreams) -> None:
-    gw: Gateway = gateways()
+    gw: Gateway = gateways(trace_export="thread")
     v1 = gw.registry.register(upstreams(), "ft:x:v1", "champion")
     v2 = gw.registry.register(upstreams(), "ft:x:v2", "challenger")
     client = gw.client()
@@ -77,7 +77,7 @@ def test_every_answer_is_traced_with_variant_version_user_session_and_tokens(gat
 
 
 def test_failures_are_traced_as_errors(gateways, upstreams) -> None:
-    gw: Gateway = gateways(upstream_retries=0)
+    gw: Gateway = gateways(upstream_retries=0, trace_export="thread")
     down = upstreams()
     down.state.fail_status = 503
     gw.registry.register(down, "ft:x:v1", "champion")
@@ -93,7 +93,7 @@ def test_failures_are_traced_as_errors(gateways, upstreams) -> None:
 
 
 def test_feedback_round_trip_into_mlflow(gateways, upstreams) -> None:
-    gw: Gateway = gateways()
+    gw: Gateway = gateways(trace_export="thread")
     gw.registry.register(upstreams(), "ft:x:v1", "champion")
     raw = gw.ask(user="dora", text="I was charged twice")
     trace_id = raw.headers["x-tuneline-trace-id"]
@@ -140,7 +140,7 @@ def test_acknowledged_feedback_survives_a_down_backend_and_a_restart(
     gateways, upstreams, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    gw: Gateway = gateways()
+    gw: Gateway = gateways(trace_export="thread")
     gw.registry.register(upstreams(), "ft:x:v1", "champion")
     trace_id = gw.ask(user="erin").headers["x-tuneline-trace-id"]
     assert gw.app_state.tracer.flush(30)

@@ -51,7 +51,7 @@ from tuneline.gateway.routing import (
     Target,
     parse_model,
 )
-from tuneline.gateway.tracing import TraceExporter, TraceRecord, default_threads, new_trace_id
+from tuneline.gateway.tracing import TraceExporter, TraceRecord, new_trace_id
 from tuneline.gateway.upstream import UpstreamPool
 from tuneline.paths import resolve
 from tuneline.provider import is_transient
@@ -132,7 +132,7 @@ class Gateway:
                 trace_store,
                 artifact_uri(config.tracking),
                 queue_size=serving.trace_queue_size,
-                threads=default_threads(),
+                mode=serving.trace_export,
             )
             if serving.tracing
             else None
@@ -287,7 +287,7 @@ class Gateway:
             "fallbacks": self.fallbacks,
             "upstream_failures": self.upstream_failures,
             "traces": self.tracer.stats.as_dict() if self.tracer is not None else None,
-            "trace_queue_depth": self.tracer.queue.qsize() if self.tracer is not None else 0,
+            "trace_queue_depth": self.tracer.depth() if self.tracer is not None else 0,
             "feedback": {
                 "accepted": feedback.accepted,
                 "delivered": feedback.delivered,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
+import multiprocessing
 import queue
 import secrets
 import threading
@@ -266,64 +266,14 @@ class TraceStats:
         }
 
 
-class TraceExporter:
-    """A bounded queue of trace records and the threads that write them to MLflow."""
+class TraceWriter:
+    """Writes trace records to MLflow: the experiment per registered model, then the trace and its span."""
 
-    def __init__(
-        self, tracking_uri: str, artifact_root: str | None, *, queue_size: int, threads: int = 2
-    ) -> None:
+    def __init__(self, tracking_uri: str, artifact_root: str | None) -> None:
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root.rstrip("/") if artifact_root else None
-        self.queue: queue.Queue[TraceRecord | None] = queue.Queue(maxsize=queue_size)
-        self.stats = TraceStats()
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._pending = 0
         self._experiments: dict[str, str] = {}
-        self._threads = [
-            threading.Thread(target=self._run, name=f"tuneline-trace-export-{i}", daemon=True)
-            for i in range(threads)
-        ]
         self._client: Any = None
-        self._last_failure_log = 0.0
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, record: TraceRecord) -> bool:
-        """Queue a record without waiting; False (and counted) when the queue is full."""
-        with self._lock:
-            try:
-                self.queue.put_nowait(record)
-            except queue.Full:
-                self.stats.dropped_queue_full += 1
-                return False
-            self.stats.queued += 1
-            self._pending += 1
-        return True
-
-    def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every queued record is exported or dropped; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        with self._idle:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Export what is queued (within `timeout_s`), then stop the threads."""
-        self.flush(timeout_s)
-        for _ in self._threads:
-            try:
-                self.queue.put_nowait(None)
-            except queue.Full:
-                break
-        for thread in self._threads:
-            thread.join(timeout=1.0)
 
     def _tracing_client(self) -> Any:
         if self._client is None:
@@ -367,34 +317,164 @@ class TraceExporter:
         except NotImplementedError:  # a store without span logging keeps spans as an artifact
             client._upload_trace_data(info, trace.data)
 
+
+class _FailureLog:
+    """One warning per 10 s while exports fail, not one per trace."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self.last > 10.0:
+            self.last = now
+            log.warning(
+                "trace export failed (%s: %s); traces are dropped and counted until the tracking "
+                "backend answers (see GET /gateway/stats)",
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+
+
+def _export_process(
+    records: Any, tracking_uri: str, artifact_root: str | None, exported: Any, failed: Any
+) -> None:
+    """The exporter process's loop: its own interpreter, so MLflow's work never holds the gateway's GIL."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    writer = TraceWriter(tracking_uri, artifact_root)
+    failure_log = _FailureLog()
+    while True:
+        record = records.get()
+        if record is None:
+            return
+        try:
+            writer.export(record)
+        except Exception as exc:
+            with failed.get_lock():
+                failed.value += 1
+            failure_log(exc)
+        else:
+            with exported.get_lock():
+                exported.value += 1
+
+
+class TraceExporter:
+    """A bounded queue of trace records and who writes them to MLflow: a child process (`process`, the
+    default: MLflow's per-trace work, a few milliseconds of CPU, runs outside the gateway's interpreter
+    and never holds its GIL) or threads of the gateway's own process (`thread`)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        artifact_root: str | None,
+        *,
+        queue_size: int,
+        mode: str = "process",
+        threads: int = 2,
+    ) -> None:
+        self.mode = mode
+        self.writer = TraceWriter(tracking_uri, artifact_root)
+        self.dropped_queue_full = 0
+        self.queued = 0
+        self._lock = threading.Lock()
+        self._failure_log = _FailureLog()
+        if mode == "process":
+            context = multiprocessing.get_context("spawn")
+            self.queue: Any = context.Queue(maxsize=queue_size)
+            self._exported: Any = context.Value("q", 0)
+            self._failed: Any = context.Value("q", 0)
+            self._process: Any = context.Process(
+                target=_export_process,
+                args=(self.queue, tracking_uri, artifact_root, self._exported, self._failed),
+                name="tuneline-trace-export",
+                daemon=True,
+            )
+            self._threads: list[threading.Thread] = []
+        else:
+            self.queue = queue.Queue(maxsize=queue_size)
+            self._exported = _Counter()
+            self._failed = _Counter()
+            self._process = None
+            self._threads = [
+                threading.Thread(target=self._run, name=f"tuneline-trace-export-{i}", daemon=True)
+                for i in range(threads)
+            ]
+
+    @property
+    def stats(self) -> TraceStats:
+        return TraceStats(
+            queued=self.queued,
+            exported=int(self._exported.value),
+            dropped_queue_full=self.dropped_queue_full,
+            failed_export=int(self._failed.value),
+        )
+
+    def depth(self) -> int:
+        return max(0, self.queued - int(self._exported.value) - int(self._failed.value))
+
+    def start(self) -> None:
+        if self._process is not None:
+            self._process.start()
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, record: TraceRecord) -> bool:
+        """Queue a record without waiting; False (and counted) when the queue is full."""
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped_queue_full += 1
+            return False
+        self.queued += 1
+        return True
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued record is exported or dropped; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.depth():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Export what is queued (within `timeout_s`), then stop."""
+        self.flush(timeout_s)
+        workers = 1 if self._process is not None else len(self._threads)
+        for _ in range(workers):
+            try:
+                self.queue.put(None, timeout=1.0)
+            except queue.Full:
+                break
+        for thread in self._threads:
+            thread.join(timeout=1.0)
+        if self._process is not None:
+            self._process.join(timeout=2.0)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(timeout=2.0)
+
     def _run(self) -> None:
         while True:
             record = self.queue.get()
             if record is None:
                 return
             try:
-                self.export(record)
+                self.writer.export(record)
             except Exception as exc:  # the backend is down or refused: count, never raise
-                with self._lock:
-                    self.stats.failed_export += 1
-                now = time.monotonic()
-                if now - self._last_failure_log > 10.0:
-                    self._last_failure_log = now
-                    log.warning(
-                        "trace export failed (%s: %s); traces are dropped and counted until the "
-                        "tracking backend answers (see GET /gateway/stats)",
-                        type(exc).__name__,
-                        str(exc)[:200],
-                    )
+                self._failed.add()
+                self._failure_log(exc)
             else:
-                with self._lock:
-                    self.stats.exported += 1
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    if not self._pending:
-                        self._idle.notify_all()
+                self._exported.add()
 
 
-def default_threads() -> int:
-    return max(1, min(4, (os.cpu_count() or 2)))
+class _Counter:
+    """A thread-safe counter with the `.value` of a multiprocessing Value."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
