@@ -24,9 +24,11 @@ Each trace carries the tags `tuneline.variant` (champion | challenger | previous
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import secrets
 import threading
@@ -52,7 +54,7 @@ TRACE_NAME = "chat.completions"
 TRACE_TAG_ATTRIBUTE = "mlflow.traceTag."
 # Traces written per store transaction, at most, and how long the exporter waits to fill a batch.
 BATCH_SIZE = 100
-BATCH_WAIT_S = 0.1
+BATCH_WAIT_S = 0.5
 # Inputs and outputs longer than this are cut in the trace (a trace is for reading, not an archive).
 MAX_TEXT = 64 * 1024
 
@@ -358,8 +360,13 @@ class _FailureLog:
 def _export_process(
     records: Any, tracking_uri: str, artifact_root: str | None, exported: Any, failed: Any
 ) -> None:
-    """The exporter process's loop: its own interpreter, so MLflow's work never holds the gateway's GIL."""
+    """The exporter process's loop: its own interpreter, so MLflow's work never holds the gateway's GIL,
+    at a lower CPU priority than the gateway."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Below the gateway in CPU priority: on a busy host answers come first, and a backlog of traces
+    # waits in the bounded queue (and is dropped and counted when it overflows).
+    with contextlib.suppress(OSError):
+        os.nice(10)
     writer = TraceWriter(tracking_uri, artifact_root)
     failure_log = _FailureLog()
     while True:
