@@ -454,6 +454,9 @@ def gateway(
     port: int | None = typer.Option(
         None, "--port", min=1, max=65535, help="Port (config serving.port, 8100)."
     ),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, max=64, help="Processes serving the port (config serving.workers, 1)."
+    ),
 ) -> None:
     """Serve the registered model's champion (A/B against a challenger), trace answers, take feedback.
 
@@ -484,7 +487,11 @@ def gateway(
     # A tracking server that is down must not hold the trace exporter for minutes of HTTP retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    run_gateway(GatewaySettings(cfg, key.strip() if key else None, bind, port or cfg.serving.port))
+    run_gateway(
+        GatewaySettings(cfg, key.strip() if key else None, bind, port or cfg.serving.port),
+        config_path=config.resolve() if config else None,
+        workers=workers or cfg.serving.workers,
+    )
 
 
 @app.command()

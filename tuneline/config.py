@@ -240,6 +240,8 @@ class ServingConfig(Section):
     # Loopback by default; any other address needs TUNELINE_API_KEY set or the gateway refuses to start.
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=1, le=65535)
+    # Processes serving the port (one event loop each, one core's worth of requests).
+    workers: int = Field(default=1, ge=1, le=64)
     # Registered models the gateway serves (default: tracking.registered_model).
     models: list[str] = Field(default_factory=list)
     # The share of users (sticky: a hash of the request's `user`, or of `user_header`) sent to the

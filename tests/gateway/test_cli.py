@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 from gateway_harness import Registry, free_port, make_config
@@ -18,10 +19,10 @@ from typer.testing import CliRunner
 from tuneline.cli import app
 
 
-def test_the_command_serves_with_its_api_key(store: Path, tmp_path: Path, upstreams) -> None:
+def test_the_command_serves_with_its_api_key_from_two_workers(store: Path, tmp_path: Path, upstreams) -> None:
     name = "support-cli"
     port = free_port()
-    config = make_config(store, tmp_path, name, port=port, tracing=False)
+    config = make_config(store, tmp_path, name, port=port, tracing=False, workers=2)
     Registry(config.tracking).register(upstreams(answer="from the champion"), "ft:x:v1", "champion")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
@@ -45,9 +46,13 @@ def test_the_command_serves_with_its_api_key(store: Path, tmp_path: Path, upstre
             openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
         assert refused.value.code == "invalid_api_key"
         assert "gateway-secret" not in refused.value.message
-        client = openai.OpenAI(base_url=base_url, api_key="gateway-secret", max_retries=0)
-        answer = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
-        assert answer.choices[0].message.content == "from the champion"
+        for _ in range(4):  # new connections: both workers' accept loops take their share
+            client = openai.OpenAI(base_url=base_url, api_key="gateway-secret", max_retries=0)
+            answer = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+            assert answer.choices[0].message.content == "from the champion"
+            client.close()
+        children = [" ".join(p.cmdline()) for p in psutil.Process(process.pid).children()]
+        assert sum("spawn_main" in command for command in children) == 2  # the two worker processes
     finally:
         process.terminate()
         _, errors = process.communicate(timeout=30)

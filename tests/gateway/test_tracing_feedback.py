@@ -155,12 +155,16 @@ def test_acknowledged_feedback_survives_a_down_backend_and_a_restart(
     entry = json.loads(kept.read_text())
     assert entry["id"] == feedback_id and entry["attempts"] >= 2 and entry["last_error"]
 
-    up = FeedbackSpool(spool, gw.config.tracking.tracking_uri)
-    up.start()  # a restart on the same spool delivers it
+    # A restart on the same spool delivers it; two processes on one spool (workers) deliver it once.
+    up, also_up = (FeedbackSpool(spool, gw.config.tracking.tracking_uri) for _ in range(2))
+    up.start()
+    also_up.start()
     try:
         assert up.wait_delivered(60)
     finally:
         up.stop()
+        also_up.stop()
+    assert up.stats.delivered + also_up.stats.delivered == 1
     (verdict,) = [a for a in mlflow.get_trace(trace_id).info.assessments if a.name == "user_feedback"]
     assert verdict.value == 5 and verdict.rationale == "great" and verdict.source.source_id == "erin"
     assert not list(spool.glob("fb-*.json"))

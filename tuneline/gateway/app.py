@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,7 +42,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from tuneline.config import Config
+from tuneline.config import Config, load_config
 from tuneline.gateway import ab
 from tuneline.gateway.feedback import FeedbackSpool
 from tuneline.gateway.routing import (
@@ -637,22 +639,48 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
-def run_gateway(settings: GatewaySettings) -> None:
+WORKER_SETTINGS_ENV = "TUNELINE_GATEWAY_WORKER_SETTINGS"
+
+
+def api_key_from_env() -> str | None:
+    for name in API_KEY_ENVS:
+        value = os.environ.get(name)
+        if value is not None:
+            return value.strip() or None
+    return None
+
+
+def worker_app() -> FastAPI:
+    """The app of one uvicorn worker process (`serving.workers` > 1), from the settings `run_gateway`
+    left in the environment: each worker has its own registry cache, upstream clients and trace
+    exporter; they share the feedback spool (one of them delivers it at a time)."""
+    raw = json.loads(os.environ[WORKER_SETTINGS_ENV])
+    config = load_config(raw["config"] or None)
+    return create_app(GatewaySettings(config, api_key_from_env(), raw["host"], int(raw["port"])))
+
+
+def run_gateway(settings: GatewaySettings, *, config_path: Path | None = None, workers: int = 1) -> None:
     """Serve the gateway with uvicorn (uvloop and httptools when installed), access log off: one log
-    line per request would cost more than the gateway's own work."""
+    line per request would cost more than the gateway's own work. `workers` > 1: that many processes
+    on the one port (one event loop is one core: about 600 requests/s, benchmarks/gateway.py)."""
     import uvicorn
 
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="auto",
-        http="auto",
-        access_log=False,
-        log_level="info",
-        timeout_keep_alive=30,
-    )
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "auto",
+        "http": "auto",
+        "access_log": False,
+        "log_level": "info",
+        "timeout_keep_alive": 30,
+    }
+    if workers > 1:
+        os.environ[WORKER_SETTINGS_ENV] = json.dumps(
+            {"config": str(config_path or ""), "host": settings.host, "port": settings.port}
+        )
+        uvicorn.run("tuneline.gateway.app:worker_app", factory=True, workers=workers, **common)
+        return
+    uvicorn.run(create_app(settings), **common)
 
 
 def spool_folder(config: Config) -> Path:

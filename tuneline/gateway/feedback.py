@@ -12,13 +12,15 @@ and `mlflow.log_expectation` call, on the gateway's own store rather than the pr
 URI. Each carries the metadata `tuneline.feedback_id`.
 What is done is recorded in the file as it goes (the feedback's assessment id), so a retry after a
 partial failure never logs the same feedback twice. A failure (tracking backend down; a trace not
-exported yet) is retried with backoff, also after a restart (the spool is read again at start). A
+exported yet) is retried with backoff, also after a restart (the spool is read again at start).
+Several gateway processes may share a spool: one at a time delivers (an flock on `.sender.lock`). A
 feedback whose trace still does not exist after `give_up_after_s` moves to `dead/` in the spool, with
 its last error: kept, never silently dropped.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -175,7 +177,30 @@ class FeedbackSpool:
             entry["correction_assessment_id"] = expectation.assessment_id
             write_durably(path, entry)
 
+    def _hold_sender_lock(self) -> Any:
+        """Wait (until stopped) for the spool's sender lock: with several gateway processes on one spool
+        (uvicorn workers), one delivers and the others only write; the kernel frees the lock of a
+        process that dies, and another takes over. None when stopped first."""
+        handle = open(self.folder / ".sender.lock", "a+b")  # noqa: SIM115 (held for the thread's life)
+        while not self._stop.is_set():
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except OSError:
+                self._stop.wait(1.0)
+        handle.close()
+        return None
+
     def _run(self) -> None:
+        lock = self._hold_sender_lock()
+        if lock is None:
+            return
+        try:
+            self._deliver_loop()
+        finally:
+            lock.close()
+
+    def _deliver_loop(self) -> None:
         delay = self.retry_initial_s
         while not self._stop.is_set():
             failed = False
