@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--upstream-latency-ms", type=float, default=50.0)
     parser.add_argument("--no-tracing", action="store_true", help="Measure with tracing off.")
+    parser.add_argument("--workers", type=int, default=1, help="Gateway processes (serving.workers).")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tuneline-gateway-bench-") as tmp:
@@ -168,6 +169,7 @@ def main() -> None:
                 "tracing": not args.no_tracing,
                 "feedback_spool": str(root / "spool"),
                 "trace_queue_size": 100_000,
+                "workers": args.workers,
             },
         }
         config_path = root / "config.yaml"
@@ -209,10 +211,13 @@ def main() -> None:
                     ("direct", f"{upstream_url}/chat/completions", MODEL_ID, direct),
                     ("gateway", f"{gateway_url}/v1/chat/completions", MODEL, through),
                 ):
-                    before = cpu_seconds(gateway_process), cpu_seconds(upstream_process)
+                    serving = [gateway_process] + [
+                        c for c in gateway_process.children() if "spawn_main" in " ".join(c.cmdline())
+                    ]
+                    before = sum(map(cpu_seconds, serving)), cpu_seconds(upstream_process)
                     latencies, wall, failed = asyncio.run(load(url, model, args.clients, args.requests))
                     if path == "gateway":
-                        cpu["gateway"] += cpu_seconds(gateway_process) - before[0]
+                        cpu["gateway"] += sum(map(cpu_seconds, serving)) - before[0]
                         cpu["upstream"] += cpu_seconds(upstream_process) - before[1]
                     into.extend(latencies)
                     walls[path] += wall
@@ -233,7 +238,14 @@ def main() -> None:
                 if not stats.get("trace_queue_depth"):
                     break
                 time.sleep(0.5)
-            cpu["exporter"] = sum(cpu_seconds(child) for child in gateway_process.children(recursive=True))
+            # With workers, the gateway's own CPU is its worker processes'; exporters are grandchildren.
+            workers = [c for c in gateway_process.children() if "spawn_main" in " ".join(c.cmdline())]
+            exporters = [
+                c
+                for c in gateway_process.children(recursive=True)
+                if c not in workers and "resource_tracker" not in " ".join(c.cmdline())
+            ]
+            cpu["exporter"] = sum(cpu_seconds(child) for child in exporters)
         finally:
             for process in (gateway, upstream):
                 if process is not None:
@@ -247,6 +259,7 @@ def main() -> None:
     print(
         f"{args.clients} clients, {args.rounds} x {args.requests} requests per path, upstream latency "
         f"{args.upstream_latency_ms:g} ms, tracing {'off' if args.no_tracing else 'on'}, "
+        f"{args.workers} gateway worker{'s' if args.workers > 1 else ''}, "
         f"{os.cpu_count()} CPUs"
     )
     print(f"{'':10s}{'p50 ms':>10s}{'p99 ms':>10s}{'req/s':>10s}{'failed':>8s}")
@@ -266,6 +279,7 @@ def main() -> None:
         print(
             f"traces: {traces.get('exported')} exported, {traces.get('dropped_queue_full')} dropped (queue "
             f"full), {traces.get('failed_export')} failed exports, {stats.get('trace_queue_depth')} still queued"
+            + (" (the counters of the worker that answered /gateway/stats)" if args.workers > 1 else "")
         )
     served = len(through)
     print(
