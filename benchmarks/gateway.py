@@ -47,6 +47,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def uvicorn_workers(gateway: psutil.Process, workers: int) -> list[psutil.Process]:
+    """The gateway's worker processes (none with one worker: then its only spawned child is the trace
+    exporter)."""
+    if workers <= 1:
+        return []
+    return [c for c in gateway.children() if "spawn_main" in " ".join(c.cmdline())]
+
+
 def cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
@@ -211,9 +219,7 @@ def main() -> None:
                     ("direct", f"{upstream_url}/chat/completions", MODEL_ID, direct),
                     ("gateway", f"{gateway_url}/v1/chat/completions", MODEL, through),
                 ):
-                    serving = [gateway_process] + [
-                        c for c in gateway_process.children() if "spawn_main" in " ".join(c.cmdline())
-                    ]
+                    serving = [gateway_process, *uvicorn_workers(gateway_process, args.workers)]
                     before = sum(map(cpu_seconds, serving)), cpu_seconds(upstream_process)
                     latencies, wall, failed = asyncio.run(load(url, model, args.clients, args.requests))
                     if path == "gateway":
@@ -239,7 +245,7 @@ def main() -> None:
                     break
                 time.sleep(0.5)
             # With workers, the gateway's own CPU is its worker processes'; exporters are grandchildren.
-            workers = [c for c in gateway_process.children() if "spawn_main" in " ".join(c.cmdline())]
+            workers = uvicorn_workers(gateway_process, args.workers)
             exporters = [
                 c
                 for c in gateway_process.children(recursive=True)
