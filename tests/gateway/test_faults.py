@@ -52,6 +52,11 @@ def test_without_previous_the_client_gets_a_502(gateways, upstreams) -> None:
     assert set(error.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
     assert "no `previous` version" in error.message
     assert error.response.headers["x-tuneline-model-version"] == v1
+    with pytest.raises(openai.InternalServerError) as streamed:
+        gw.client().chat.completions.create(
+            model=gw.name, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    assert streamed.value.status_code == 502 and "no `previous` version" in streamed.value.message
 
 
 def test_a_pinned_version_never_falls_back_and_client_errors_pass_through(gateways, upstreams) -> None:

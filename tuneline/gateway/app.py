@@ -329,6 +329,8 @@ def _bound_to_loopback(host: str) -> bool:
 
 
 def _upstream_failure(exc: Exception) -> str:
+    if isinstance(exc, openai.APIStatusError) and exc.status_code in (401, 403):
+        return f"the upstream refused the gateway's API key for it ({exc.status_code})"
     if isinstance(exc, openai.APIStatusError):
         return f"the upstream answered {exc.status_code}"
     if isinstance(exc, openai.APITimeoutError):
@@ -533,8 +535,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         record: TraceRecord, target: Target, pinned: bool, payload: dict[str, Any], exc: Exception
     ) -> Response:
         previous = await previous_for(record, target, pinned)
-        if previous is None:
-            return await fallback(record, target, True, payload, exc)
+        if previous is None:  # the 502 (fallback finds no `previous` either)
+            return await fallback(record, target, pinned, payload, exc)
         gateway.upstream_failures += 1
         gateway.fallbacks += 1
         record.fallback_from = f"{record.variant}:{record.version}"
