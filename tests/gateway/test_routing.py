@@ -108,6 +108,12 @@ def test_bad_requests_get_openai_shaped_4xx(gateways, upstreams) -> None:
         assert error["param"] == param
     too_big = httpx.post(url, content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"})
     assert too_big.status_code == 413
+    # Without a declared length (chunked), it is cut off as it streams in.
+    chunked = httpx.post(
+        url, content=iter([b"x" * (1 << 20)] * 9), headers={"content-type": "application/json"}
+    )
+    assert chunked.status_code == 413
+    assert chunked.json()["error"]["code"] == "request_too_large"
     browser = httpx.post(url, json={"model": gw.name}, headers={"origin": "https://evil.example"})
     assert browser.status_code == 403
 

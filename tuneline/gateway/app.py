@@ -213,11 +213,17 @@ class Gateway:
                 f"{limit} bytes (serving.max_request_bytes in the config).",
                 code="request_too_large",
             )
-        raw = await request.body()
-        if len(raw) > limit:
-            raise GatewayError(
-                413, f"The request body is too large (over {limit} bytes).", code="request_too_large"
-            )
+        # Read as it streams in, so a body without a declared length is cut off at the limit.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(
+                    413, f"The request body is too large (over {limit} bytes).", code="request_too_large"
+                )
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
