@@ -20,6 +20,10 @@ Security as `tuneline serve`: loopback by default; with an API key set (TUNELINE
 TUNELINE_API_KEY) every /v1 and /gateway request needs `Authorization: Bearer <key>`, and without one
 the gateway only binds loopback; a loopback-bound gateway refuses a non-loopback Host header (DNS
 rebinding) and any browser Origin.
+
+The module is longer than most (about 700 lines) because the request path of a chat completion (plain,
+streamed, fallback, 502, trace) reads best in one place; routing, A/B, upstream clients, tracing and
+feedback live in their own modules.
 """
 
 from __future__ import annotations
