@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0" || $(BIN)/pip install --quiet "torch>=2.4,<3"
-	$(BIN)/pip install --quiet -e ".[server,ray,dev]"
+	$(BIN)/pip install --quiet -e ".[server,gateway,ray,dev]"
 	touch $(STAMP)
 
 # Prefect creates its home folder without parents: make it first (a fresh clone has no .tuneline/).

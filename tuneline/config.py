@@ -384,10 +384,11 @@ class Config(Section):
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON form: equal configs hash equal whatever their YAML layout.
-        `execution` is left out: where the work runs never changes what it produces. The method's keys
+        `execution` and `serving` are left out: where the work runs and how the champion is served never
+        change what a run produces. The method's keys
         are left out while they are unset, so a supervised config hashes as it did before the methods
         existed."""
-        dumped = self.model_dump(mode="json", exclude={"execution"})
+        dumped = self.model_dump(mode="json", exclude={"execution", "serving"})
         training = dumped["training"]
         method_keys = ("method", "dpo", "reinforcement", "grader")
         if training["method"] == "supervised" and all(training[k] is None for k in method_keys[1:]):
