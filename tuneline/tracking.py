@@ -70,6 +70,7 @@ def store_location(tracking: TrackingConfig) -> Path | str:
 MODEL_ID_TAG = "tuneline.model_id"  # the provider's model id, on every registered model version
 CHAMPION = "champion"
 PREVIOUS = "previous"
+CHALLENGER = "challenger"  # promotion.rollout = ab: the version under A/B test against the champion
 
 
 class RegistryError(RuntimeError):
@@ -183,6 +184,10 @@ def register_external_model(
 
 def set_alias(tracking: TrackingConfig, alias: str, version: str) -> None:
     client(tracking).set_registered_model_alias(tracking.registered_model, alias, str(version))
+
+
+def delete_alias(tracking: TrackingConfig, alias: str) -> None:
+    client(tracking).delete_registered_model_alias(tracking.registered_model, alias)
 
 
 def set_version_tags(tracking: TrackingConfig, version: str, tags: Mapping[str, str]) -> None:
