@@ -209,6 +209,8 @@ class MonitorConfig(Section):
     # Guard rails that end a test whatever the feedback says: the challenger's error rate significantly
     # above the champion's, or its p95 latency over this multiple of the champion's.
     max_latency_ratio_p95: float = Field(default=2.0, gt=1.0)
+    # The latest traces per variant sent through mlflow.genai.evaluate for the UI's comparison (0: off).
+    evaluate_max_traces: int = Field(default=500, ge=0)
     # The registered-model experiment traces are read from is `serving/<registered model>`.
     trace_experiment_prefix: str = "serving/"
     # Where feedback corrections become raw data (a `dt=YYYY-MM-DD/feedback.jsonl` partition);

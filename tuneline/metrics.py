@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, fisher_exact, norm
 
 MetricName = Literal["exact_match", "normalized_match", "token_f1"]
 METRICS: tuple[MetricName, ...] = ("exact_match", "normalized_match", "token_f1")
@@ -223,3 +223,69 @@ def pairwise_judge_score(candidate_first: JudgeVerdict, candidate_second: JudgeV
     first_pass = {"first": 1.0, "second": 0.0, "tie": 0.5}[candidate_first]
     second_pass = {"first": 0.0, "second": 1.0, "tie": 0.5}[candidate_second]
     return (first_pass + second_pass) / 2
+
+
+# --- A/B tests on live traffic (the monitor flow): independent samples, not paired ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A proportion with its Wilson score interval (nan for an empty sample)."""
+
+    successes: int
+    n: int
+    low: float
+    high: float
+    confidence: float
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n if self.n else math.nan
+
+    def __str__(self) -> str:
+        return f"{self.rate:.3f} [{self.low:.3f}, {self.high:.3f}] ({self.successes}/{self.n})"
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Rate:
+    """`successes` of `n` with the Wilson score interval (scipy's), which stays inside [0, 1] and keeps
+    its coverage at small n and at rates near 0 or 1, where the normal interval does not."""
+    if n == 0:
+        return Rate(0, 0, math.nan, math.nan, confidence)
+    interval = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return Rate(successes, n, float(interval.low), float(interval.high), confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class ProportionTest:
+    """B's rate minus A's on independent samples, with both one-sided p-values (Fisher's exact test)."""
+
+    delta: float  # rate(b) - rate(a)
+    p_greater: float  # H1: b's rate > a's
+    p_less: float  # H1: b's rate < a's
+    n_a: int
+    n_b: int
+
+
+def two_proportion_test(successes_a: int, n_a: int, successes_b: int, n_b: int) -> ProportionTest:
+    """Is B's rate higher (or lower) than A's? Fisher's exact test on the 2x2 table, each way: exact at
+    any sample size (no normal approximation at small n), conservative rather than optimistic."""
+    if n_a == 0 or n_b == 0:
+        return ProportionTest(math.nan, 1.0, 1.0, n_a, n_b)
+    table = [[successes_b, n_b - successes_b], [successes_a, n_a - successes_a]]
+    greater = fisher_exact(table, alternative="greater").pvalue
+    less = fisher_exact(table, alternative="less").pvalue
+    return ProportionTest(successes_b / n_b - successes_a / n_a, float(greater), float(less), n_a, n_b)
+
+
+def samples_per_group(rate: float, min_effect: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Observations per group for a one-sided two-proportion test at `alpha` to detect a difference of
+    `min_effect` around `rate` with probability `power` (the normal-approximation formula, e.g. Fleiss,
+    Statistical Methods for Rates and Proportions, 3rd ed., 4.14)."""
+    if not 0 < min_effect <= 1:
+        raise ValueError(f"min_effect must be in (0, 1], got {min_effect}")
+    low = min(max(rate - min_effect / 2, 0.0), 1.0 - min_effect)
+    p1, p2 = low, low + min_effect
+    mean = (p1 + p2) / 2
+    z_alpha, z_power = norm.ppf(1 - alpha), norm.ppf(power)
+    spread = z_alpha * math.sqrt(2 * mean * (1 - mean)) + z_power * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return max(1, math.ceil(spread**2 / min_effect**2))

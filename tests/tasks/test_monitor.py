@@ -1,0 +1,340 @@
+"""The A/B monitor against a real MLflow store: planted traffic decided right.
+
+Traces and feedback are written with the same MLflow APIs and the same tags as the gateway
+(tuneline/gateway/): a span per request in the experiment `serving/<registered model>`, tagged with the
+variant, model version and registered model, the user in the trace metadata, and the user's verdict
+logged with `mlflow.log_feedback` (human source). Each scenario plants a known truth (a challenger rated
+clearly better, clearly worse, the same, or barely rated) and checks the monitor's decision and what it
+did to the registry.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.entities import AssessmentSource, AssessmentSourceType, SpanStatusCode
+from mlflow.tracing.constant import SpanAttributeKey
+
+from tuneline import tracking
+from tuneline.config import EvaluationConfig, MonitorConfig, PromotionConfig, TrackingConfig
+from tuneline.metrics import samples_per_group
+from tuneline.tasks.evaluate import EvaluationResult, score_frame, summarize
+from tuneline.tasks.monitor import (
+    CORRECTION,
+    FEEDBACK,
+    MODEL_VERSION_TAG,
+    REGISTERED_MODEL_TAG,
+    SESSION_KEY,
+    USER_KEY,
+    VARIANT_TAG,
+    decide_ab,
+    feedback_verdict,
+    monitor,
+    serving_experiment,
+)
+from tuneline.tasks.promote import Candidate, promote
+from tuneline.tracking import CHALLENGER, CHAMPION, PREVIOUS
+
+MONITOR = MonitorConfig(min_feedback_per_variant=30, min_effect=0.05, alpha=0.05, evaluate_max_traces=0)
+AB = PromotionConfig(rollout="ab", min_delta=0.02, alpha=0.05)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def registry(store: Path) -> Iterator[TrackingConfig]:
+    config = TrackingConfig(
+        tracking_uri=f"sqlite:///{store / 'mlflow.db'}",
+        artifact_location=str(store / "artifacts"),
+        experiment="monitor-tests",
+        registered_model=f"support-{uuid.uuid4().hex[:8]}",
+    )
+    mlflow.set_tracking_uri(tracking.tracking_uri(config))
+    yield config
+
+
+def offline_result(
+    models: dict[str, str], champion_version: str | None, right: dict[str, int]
+) -> EvaluationResult:
+    settings = EvaluationConfig(bootstrap_samples=100)
+    records = []
+    for set_name, n in (("task", 40), ("canary", 10)):
+        for role, model in models.items():
+            k = right[role] if set_name == "task" else n
+            for position in range(n):
+                records.append(
+                    {
+                        "set": set_name,
+                        "example_id": f"{set_name}:{position}",
+                        "position": position,
+                        "role": role,
+                        "model": model,
+                        "question": f"q{position}",
+                        "reference": "Category: billing",
+                        "answer": "Category: billing" if position < k else "Category: shipping",
+                        "error": None,
+                        "latency_s": 0.01,
+                    }
+                )
+    frame = score_frame(pd.DataFrame.from_records(records))
+    estimates, labels = summarize(frame, settings)
+    return EvaluationResult(
+        models=models,
+        answers=frame,
+        estimates=estimates,
+        label_accuracy=labels,
+        champion_version=champion_version,
+        settings=settings.model_dump(mode="json"),
+    )
+
+
+def champion_and_challenger(registry: TrackingConfig) -> tuple[str, str]:
+    """Version 1 champion, version 2 challenger, both through the real promote stage (rollout ab)."""
+
+    def candidate(model: str) -> Candidate:
+        return Candidate(model, provider="local", base_model="tuneline-tiny")
+
+    first = offline_result({"candidate": "ft:a", "base": "tiny"}, None, {"candidate": 30, "base": 5})
+    promote(registry, AB, first, candidate("ft:a"), tracking.RunLog.start(registry, flow="t", name="t"))
+    second = offline_result(
+        {"candidate": "ft:b", "base": "tiny", "champion": "ft:a"},
+        "1",
+        {"candidate": 38, "base": 5, "champion": 30},
+    )
+    outcome = promote(
+        registry, AB, second, candidate("ft:b"), tracking.RunLog.start(registry, flow="t", name="t")
+    )
+    assert outcome.alias == CHALLENGER
+    return "1", "2"
+
+
+@dataclass
+class Planted:
+    variant: str
+    version: str
+    requests: int
+    rated: int
+    positive: int
+    latency_ms: float = 40.0
+    errors: int = 0
+
+
+def plant(
+    registry: TrackingConfig, *groups: Planted, corrections: dict[int, object] | None = None
+) -> list[str]:
+    """Traces and feedback as the gateway writes them; returns the trace ids in order."""
+    experiment = serving_experiment(registry, MONITOR)
+    found = mlflow.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+    rng = random.Random(7)
+    ids: list[tuple[str, Planted, int]] = []
+    for group in groups:
+        for i in range(group.requests):
+            start = time.time_ns()
+            span = mlflow.start_span_no_context(
+                "chat.completions",
+                span_type="CHAT_MODEL",
+                inputs={
+                    "model": registry.registered_model,
+                    "messages": [
+                        {"role": "system", "content": "You are the support assistant."},
+                        {"role": "user", "content": f"My card was charged twice ({group.variant} {i})"},
+                    ],
+                },
+                tags={
+                    VARIANT_TAG: group.variant,
+                    MODEL_VERSION_TAG: group.version,
+                    REGISTERED_MODEL_TAG: registry.registered_model,
+                },
+                metadata={USER_KEY: f"user-{group.variant}-{i}", SESSION_KEY: f"s-{i}"},
+                experiment_id=experiment_id,
+                start_time_ns=start,
+            )
+            failed = i < group.errors
+            span.set_attribute(
+                SpanAttributeKey.CHAT_USAGE, {"input_tokens": 20, "output_tokens": 10, "total_tokens": 30}
+            )
+            latency = group.latency_ms * (0.5 + rng.random())
+            span.end(
+                outputs=None
+                if failed
+                else {"choices": [{"message": {"role": "assistant", "content": "Category: billing"}}]},
+                status=SpanStatusCode.ERROR if failed else SpanStatusCode.OK,
+                end_time_ns=start + int(latency * 1e6),
+            )
+            ids.append((span.trace_id, group, i))
+    mlflow.flush_trace_async_logging()
+    for trace_id, group, i in ids:
+        rated_index = i - group.errors
+        if 0 <= rated_index < group.rated:
+            value = rated_index < group.positive
+            mlflow.log_feedback(
+                trace_id=trace_id,
+                name=FEEDBACK,
+                value=value,
+                source=AssessmentSource(
+                    source_type=AssessmentSourceType.HUMAN, source_id=f"user-{group.variant}-{i}"
+                ),
+            )
+    for index, correction in (corrections or {}).items():
+        mlflow.log_expectation(
+            trace_id=ids[index][0],
+            name=CORRECTION,
+            value=correction,
+            source=AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id="user"),
+        )
+    return [trace_id for trace_id, _, _ in ids]
+
+
+def test_feedback_verdicts_read_bools_numbers_and_words() -> None:
+    assert [feedback_verdict(v) for v in (True, False, 1, 0, 0.9, 0.2, 5, -1, "up", "Thumbs_Down", "👍")] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert (
+        feedback_verdict("maybe") is None
+        and feedback_verdict(None) is None
+        and feedback_verdict({"a": 1}) is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("champion_positive", "challenger_positive", "rated", "expected"),
+    [
+        (44, 68, 80, "promote"),  # 0.55 vs 0.85
+        (68, 44, 80, "end_test"),  # 0.85 vs 0.55
+        (56, 58, 80, "keep_collecting"),  # 0.70 vs 0.725: equal within noise
+        (2, 10, 10, "keep_collecting"),  # 0.2 vs 1.0, but ten ratings each
+    ],
+    ids=["clearly-better", "worse", "equal-within-noise", "too-few-samples"],
+)
+def test_planted_ab_scenarios_are_decided_right(
+    registry: TrackingConfig, champion_positive: int, challenger_positive: int, rated: int, expected: str
+) -> None:
+    # Before the challenger went live the champion was rated the other way round: not part of the test.
+    plant(registry, Planted(CHAMPION, "1", 40, 40, 40 if expected == "end_test" else 0))
+    time.sleep(1.1)  # the challenger's start is recorded to the second
+    champion, challenger = champion_and_challenger(registry)
+    requests = rated + 20  # not every user rates an answer
+    plant(
+        registry,
+        Planted(CHAMPION, champion, requests, rated, champion_positive),
+        Planted(CHALLENGER, challenger, requests, rated, challenger_positive),
+        # Pinned requests (`model@challenger`) are not part of the randomised comparison.
+        Planted("pinned", challenger, 30, 30, 0 if expected == "promote" else 30),
+    )
+    report = monitor(registry, MONITOR, by="test", at=datetime(2026, 11, 24, 8, tzinfo=UTC))
+    decision = report.decision
+    assert decision is not None and decision.action == expected, decision.reason if decision else report
+    assert (decision.champion.requests, decision.challenger.requests) == (requests, requests)
+    assert (decision.champion.rated, decision.challenger.rated) == (rated, rated)
+    assert decision.champion.positive.successes == champion_positive
+    assert decision.challenger.positive.successes == challenger_positive
+    # The Wilson interval holds the observed rate, and the figures every variant reports are there.
+    for stats in (decision.champion, decision.challenger):
+        assert stats.positive.low <= stats.positive.rate <= stats.positive.high
+        assert stats.errors == 0 and stats.tokens_total == 30 * requests and stats.tokens_mean == 30
+        assert 20 <= stats.latency_ms["p50"] <= stats.latency_ms["p95"] <= stats.latency_ms["p99"] <= 60
+
+    aliases = {alias: tracking.alias_version(registry, alias) for alias in (CHAMPION, CHALLENGER, PREVIOUS)}
+    versions = {alias: record.version if record else None for alias, record in aliases.items()}
+    if expected == "promote":
+        assert versions == {CHAMPION: "2", CHALLENGER: None, PREVIOUS: "1"}
+        assert report.outcome is not None and report.outcome.action == "promoted"
+        assert "rated better" in aliases[CHAMPION].tags["tuneline.champion.reason"]  # type: ignore[union-attr]
+        assert aliases[CHAMPION].tags["tuneline.champion.by"] == f"test (MLflow run {report.run_id})"  # type: ignore[union-attr]
+    elif expected == "end_test":
+        assert versions == {CHAMPION: "1", CHALLENGER: None, PREVIOUS: None}
+        assert "rated worse" in tracking.model_version(registry, "2").tags["tuneline.challenger_ended.reason"]
+    else:
+        assert versions == {CHAMPION: "1", CHALLENGER: "2", PREVIOUS: None}
+        assert report.outcome is None
+        required = samples_per_group(
+            (champion_positive + challenger_positive) / (2 * rated),
+            MONITOR.min_effect,
+            MONITOR.alpha,
+            MONITOR.power,
+        )
+        assert decision.needed_rated_per_variant == max(required, MONITOR.min_feedback_per_variant) - rated
+        # Rated answers come at 80 of 100 requests (10 of 30 with too few): the requests still needed.
+        assert decision.needed_requests == pytest.approx(
+            2 * decision.needed_rated_per_variant * requests / rated, abs=1
+        )
+        assert ("too few rated answers" in decision.reason) == (rated == 10)
+
+    # The decision is an MLflow run in the serving experiment, with its figures.
+    assert report.run_id is not None
+    run = tracking.read_run(registry, report.run_id)
+    assert run.tags["tuneline.monitor.action"] == expected
+    assert (
+        run.metrics["ab/champion/rated"] == rated
+        and run.metrics["ab/challenger/positive"] == challenger_positive
+    )
+    assert run.metrics["ab/challenger/feedback_rate"] == pytest.approx(challenger_positive / rated)
+    assert "ab/champion/latency_p99_ms" in run.metrics and "ab/p_better" in run.metrics
+    experiment = tracking.client(registry).get_experiment_by_name(serving_experiment(registry, MONITOR))
+    assert (
+        experiment is not None
+        and tracking.client(registry).get_run(report.run_id).info.experiment_id == experiment.experiment_id
+    )
+
+
+def test_a_challenger_that_fails_more_often_ends_the_test_whatever_its_ratings(
+    registry: TrackingConfig,
+) -> None:
+    champion, challenger = champion_and_challenger(registry)
+    plant(
+        registry,
+        Planted(CHAMPION, champion, 60, 50, 30),
+        Planted(CHALLENGER, challenger, 60, 40, 40, errors=15),
+    )
+    report = monitor(registry, MONITOR, apply=False)
+    assert report.decision is not None and report.decision.action == "end_test"
+    assert "fails more often" in report.decision.reason
+    assert report.decision.challenger.errors == 15
+    # apply=False decides and records, but moves nothing.
+    assert not report.applied and tracking.alias_version(registry, CHALLENGER).version == "2"  # type: ignore[union-attr]
+
+
+def test_no_challenger_means_no_test(registry: TrackingConfig) -> None:
+    report = monitor(registry, MONITOR)
+    assert report.action == "no_test" and report.run_id is None
+
+
+def test_the_latency_guard_and_the_sample_cap_end_a_test(registry: TrackingConfig) -> None:
+    """decide_ab on figures read from planted traces: slow challenger, and no difference at the cap."""
+    champion, challenger = champion_and_challenger(registry)
+    plant(
+        registry,
+        Planted(CHAMPION, champion, 40, 40, 20, latency_ms=20),
+        Planted(CHALLENGER, challenger, 40, 40, 20, latency_ms=200),
+    )
+    slow = monitor(registry, MONITOR, apply=False).decision
+    assert slow is not None and slow.action == "end_test" and "slower" in slow.reason
+    capped = decide_ab(
+        slow.champion,
+        slow.challenger,
+        MONITOR.model_copy(update={"max_feedback_per_variant": 40, "max_latency_ratio_p95": 100.0}),
+    )
+    assert capped.action == "end_test" and "no significant difference after 40" in capped.reason
