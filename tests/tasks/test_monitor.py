@@ -27,7 +27,7 @@ from mlflow.tracing.constant import SpanAttributeKey
 from tuneline import tracking
 from tuneline.config import EvaluationConfig, MonitorConfig, PromotionConfig, TrackingConfig
 from tuneline.metrics import samples_per_group
-from tuneline.tasks.evaluate import EvaluationResult, score_frame, summarize
+from tuneline.tasks.evaluate import EvaluationResult, Role, score_frame, summarize
 from tuneline.tasks.monitor import (
     CORRECTION,
     FEEDBACK,
@@ -50,6 +50,7 @@ AB = PromotionConfig(rollout="ab", min_delta=0.02, alpha=0.05)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store per module: creating an MLflow SQLite schema takes seconds on a shared machine."""
     return tmp_path_factory.mktemp("mlflow")
 
 
@@ -66,7 +67,7 @@ def registry(store: Path) -> Iterator[TrackingConfig]:
 
 
 def offline_result(
-    models: dict[str, str], champion_version: str | None, right: dict[str, int]
+    models: dict[Role, str], champion_version: str | None, right: dict[Role, int]
 ) -> EvaluationResult:
     settings = EvaluationConfig(bootstrap_samples=100)
     records = []
@@ -222,9 +223,9 @@ def test_feedback_verdicts_read_bools_numbers_and_words() -> None:
 @pytest.mark.parametrize(
     ("champion_positive", "challenger_positive", "rated", "expected"),
     [
-        (44, 68, 80, "promote"),  # 0.55 vs 0.85
-        (68, 44, 80, "end_test"),  # 0.85 vs 0.55
-        (56, 58, 80, "keep_collecting"),  # 0.70 vs 0.725: equal within noise
+        (27, 43, 50, "promote"),  # 0.54 vs 0.86
+        (43, 27, 50, "end_test"),  # 0.86 vs 0.54
+        (35, 37, 50, "keep_collecting"),  # 0.70 vs 0.74: equal within noise
         (2, 10, 10, "keep_collecting"),  # 0.2 vs 1.0, but ten ratings each
     ],
     ids=["clearly-better", "worse", "equal-within-noise", "too-few-samples"],
@@ -233,16 +234,16 @@ def test_planted_ab_scenarios_are_decided_right(
     registry: TrackingConfig, champion_positive: int, challenger_positive: int, rated: int, expected: str
 ) -> None:
     # Before the challenger went live the champion was rated the other way round: not part of the test.
-    plant(registry, Planted(CHAMPION, "1", 40, 40, 40 if expected == "end_test" else 0))
+    plant(registry, Planted(CHAMPION, "1", 20, 20, 20 if expected == "end_test" else 0))
     time.sleep(1.1)  # the challenger's start is recorded to the second
     champion, challenger = champion_and_challenger(registry)
-    requests = rated + 20  # not every user rates an answer
+    requests = rated + 10  # not every user rates an answer
     plant(
         registry,
         Planted(CHAMPION, champion, requests, rated, champion_positive),
         Planted(CHALLENGER, challenger, requests, rated, challenger_positive),
         # Pinned requests (`model@challenger`) are not part of the randomised comparison.
-        Planted("pinned", challenger, 30, 30, 0 if expected == "promote" else 30),
+        Planted("pinned", challenger, 10, 10, 0 if expected == "promote" else 10),
     )
     report = monitor(registry, MONITOR, by="test", at=datetime(2026, 11, 24, 8, tzinfo=UTC))
     decision = report.decision
@@ -277,7 +278,7 @@ def test_planted_ab_scenarios_are_decided_right(
             MONITOR.power,
         )
         assert decision.needed_rated_per_variant == max(required, MONITOR.min_feedback_per_variant) - rated
-        # Rated answers come at 80 of 100 requests (10 of 30 with too few): the requests still needed.
+        # Rated answers come at 50 of 60 requests (10 of 20 with too few): the requests still needed.
         assert decision.needed_requests == pytest.approx(
             2 * decision.needed_rated_per_variant * requests / rated, abs=1
         )
@@ -306,13 +307,13 @@ def test_a_challenger_that_fails_more_often_ends_the_test_whatever_its_ratings(
     champion, challenger = champion_and_challenger(registry)
     plant(
         registry,
-        Planted(CHAMPION, champion, 60, 50, 30),
-        Planted(CHALLENGER, challenger, 60, 40, 40, errors=15),
+        Planted(CHAMPION, champion, 40, 35, 20),
+        Planted(CHALLENGER, challenger, 40, 30, 30, errors=10),
     )
     report = monitor(registry, MONITOR, apply=False)
     assert report.decision is not None and report.decision.action == "end_test"
     assert "fails more often" in report.decision.reason
-    assert report.decision.challenger.errors == 15
+    assert report.decision.challenger.errors == 10
     # apply=False decides and records, but moves nothing.
     assert not report.applied and tracking.alias_version(registry, CHALLENGER).version == "2"  # type: ignore[union-attr]
 
@@ -327,14 +328,14 @@ def test_the_latency_guard_and_the_sample_cap_end_a_test(registry: TrackingConfi
     champion, challenger = champion_and_challenger(registry)
     plant(
         registry,
-        Planted(CHAMPION, champion, 40, 40, 20, latency_ms=20),
-        Planted(CHALLENGER, challenger, 40, 40, 20, latency_ms=200),
+        Planted(CHAMPION, champion, 30, 30, 15, latency_ms=20),
+        Planted(CHALLENGER, challenger, 30, 30, 15, latency_ms=200),
     )
     slow = monitor(registry, MONITOR, apply=False).decision
     assert slow is not None and slow.action == "end_test" and "slower" in slow.reason
     capped = decide_ab(
         slow.champion,
         slow.challenger,
-        MONITOR.model_copy(update={"max_feedback_per_variant": 40, "max_latency_ratio_p95": 100.0}),
+        MONITOR.model_copy(update={"max_feedback_per_variant": 30, "max_latency_ratio_p95": 100.0}),
     )
-    assert capped.action == "end_test" and "no significant difference after 40" in capped.reason
+    assert capped.action == "end_test" and "no significant difference after 30" in capped.reason
