@@ -33,6 +33,8 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Trace
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from tuneline import tracking
 from tuneline.config import Config, ConfigError
@@ -211,3 +213,8 @@ def _append(path: Path, lines: Sequence[str]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write("".join(line + "\n" for line in lines))
         handle.flush()
+
+
+@task(name="harvest-feedback", cache_policy=NO_CACHE)
+def harvest_task(config: Config, day: date, since: datetime) -> Harvest:
+    return harvest_corrections(config, day, since, log=get_run_logger())

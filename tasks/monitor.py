@@ -476,7 +476,9 @@ def evaluate_variants(
     the variants side by side, trace by trace. Returns variant -> evaluation run id."""
     runs: dict[str, str] = {}
     for variant, traces in by_variant.items():
-        chosen = list(traces)[-max_traces:]
+        # With their spans (read without them), so the evaluation view shows each request and answer.
+        fetched = (mlflow.get_trace(t.info.trace_id) for t in list(traces)[-max_traces:])
+        chosen = [t for t in fetched if t is not None]
         if not chosen:
             continue
         runs[variant] = tracking.evaluate_traces(

@@ -562,6 +562,54 @@ def rollback(
     )
 
 
+@app.command()
+def monitor(
+    config: Path | None = ConfigOption,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Decide and record the decision, but move no alias."
+    ),
+    no_harvest: bool = typer.Option(
+        False, "--no-harvest", help="Do not turn users' corrections into a raw data partition."
+    ),
+    as_of: str | None = typer.Option(
+        None, "--as-of", help="Day (YYYY-MM-DD) the harvested corrections are filed under (default: today)."
+    ),
+) -> None:
+    """Decide the A/B test (promotion.rollout: ab) on the gateway's traces: promote the challenger, keep
+    collecting (and how much more), or end the test; and turn corrections from feedback into data."""
+    read_config(config)
+    day = None
+    if as_of:
+        try:
+            day = date.fromisoformat(as_of)
+        except ValueError:
+            usage_error(f"--as-of: {as_of!r} is not a date (write it as YYYY-MM-DD)")
+    from tuneline.flows.monitor import monitor as monitor_flow
+
+    with reporting_failures() as expected:
+        try:
+            report = monitor_flow(
+                config=str(config) if config else None, apply=not dry_run, harvest=not no_harvest, as_of=day
+            )
+        except expected as exc:
+            failed("monitor failed", exc)
+    decision = report.decision
+    if decision is None:
+        typer.echo(f"{report.registered_model}: no challenger, no A/B test to decide")
+        return
+    typer.echo(f"{decision.action}: {decision.reason}")
+    if decision.needed_rated_per_variant is not None:
+        typer.echo(
+            f"still needed: about {decision.needed_rated_per_variant} rated answers per variant"
+            + (f" (~{decision.needed_requests} requests)" if decision.needed_requests is not None else "")
+        )
+    if report.outcome is not None:
+        typer.echo(
+            f"champion: version {report.outcome.champion}"
+            + (f"; previous: version {report.outcome.previous}" if report.outcome.previous else "")
+        )
+
+
 DEMO_NIGHTS = ("2026-11-21", "2026-11-22")  # two consecutive days of the demo data in data/raw/support
 
 

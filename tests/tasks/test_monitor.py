@@ -10,10 +10,11 @@ did to the registry.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import mlflow
@@ -26,6 +27,7 @@ from tuneline.config import EvaluationConfig, MonitorConfig, PromotionConfig, Tr
 from tuneline.metrics import samples_per_group
 from tuneline.tasks.evaluate import EvaluationResult, Role, score_frame, summarize
 from tuneline.tasks.monitor import (
+    VARIANT_TAG,
     decide_ab,
     feedback_verdict,
     monitor,
@@ -251,3 +253,55 @@ def test_the_latency_guard_and_the_sample_cap_end_a_test(registry: TrackingConfi
         MONITOR.model_copy(update={"max_feedback_per_variant": 30, "max_latency_ratio_p95": 100.0}),
     )
     assert capped.action == "end_test" and "no significant difference after 30" in capped.reason
+
+
+def test_the_monitor_flow_decides_evaluates_each_variant_publishes_a_summary_and_harvests(
+    prefect_server: None, tmp_path: Path, support_project: Callable[..., Path]
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tuneline.config import load_config
+    from tuneline.flows.monitor import monitor as monitor_flow
+
+    config_path = support_project(
+        tmp_path / "project",
+        {"2026-11-20": 14},
+        promotion={"rollout": "ab", "monitor": {"evaluate_max_traces": 15}},
+    )
+    config = load_config(config_path)
+    mlflow.set_tracking_uri(tracking.tracking_uri(config.tracking))
+    champion, challenger = champion_and_challenger(config.tracking)
+    traces = plant(
+        config.tracking,
+        Planted(CHAMPION, champion, 50, 50, 27),
+        Planted(CHALLENGER, challenger, 50, 50, 43),
+        corrections={0: "Category: billing/double_charge. We have refunded the duplicate charge."},
+    )
+    report = monitor_flow(config=str(config_path), as_of=date(2026, 11, 21))
+    assert report.action == "promote" and report.applied
+    assert tracking.alias_version(config.tracking, CHAMPION).version == challenger  # type: ignore[union-attr]
+
+    # One mlflow.genai.evaluate run per variant, nested under the decision run, scored by code scorers.
+    assert set(report.evaluation_run_ids) == {CHAMPION, CHALLENGER}
+    for variant, run_id in report.evaluation_run_ids.items():
+        run = tracking.read_run(config.tracking, run_id)
+        assert run.tags[tracking.PARENT_RUN_TAG] == report.run_id and run.tags[VARIANT_TAG] == variant
+        assert run.metrics["error/mean"] == 0 and 20 <= run.metrics["latency_ms/mean"] <= 60
+        assert run.metrics["total_tokens/mean"] == 30
+
+    # The correction became a raw partition, with its trace as provenance.
+    feedback = tmp_path / "project" / "raw" / "dt=2026-11-21" / "feedback.jsonl"
+    assert "refunded the duplicate charge" in feedback.read_text()
+    provenance = feedback.with_name("_feedback_provenance.jsonl").read_text()
+    assert json.loads(provenance)["trace_id"] == traces[0]
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["monitor-summary"])),
+            limit=1,
+        )
+    summary = str(artifact.data)
+    assert "**Outcome:** promote" in summary and "| challenger | 2 | 50 |" in summary
+    assert f"version {challenger} is champion; version {champion} is previous" in summary
+    assert "1 correction(s) appended" in summary
