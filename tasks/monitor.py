@@ -8,7 +8,8 @@ is the assessment `user_feedback` (human source). The monitor:
 
 - reads the traces of both variants since the challenger went live (its `tuneline.challenger.at` tag,
   tasks/promote.py) with `mlflow.search_traces`, filtered by tag (pinned requests, `@3` or
-  `@challenger`, are not part of the randomised test and are left out);
+  `@challenger`, are not part of the randomised test and are left out); a request a variant failed
+  and the gateway answered from `previous` (tag `tuneline.fallback_from`) counts as that variant's error;
 - per variant: requests, error rate, latency p50/p95/p99, tokens, rated answers and the share rated
   positive with its Wilson interval (tuneline/metrics.py, the statistics module of the offline gate);
 - decides, in this order:
@@ -33,6 +34,7 @@ Feedback that carries a correction becomes training data: tasks/feedback.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -59,6 +61,7 @@ DEFAULT_LOG = logging.getLogger("tuneline.monitor")
 VARIANT_TAG = "tuneline.variant"
 MODEL_VERSION_TAG = "tuneline.model_version"
 REGISTERED_MODEL_TAG = "tuneline.registered_model"
+FALLBACK_TAG = "tuneline.fallback_from"  # `variant:version` that failed when `previous` answered instead
 USER_KEY = "mlflow.trace.user"
 SESSION_KEY = "mlflow.trace.session"
 FEEDBACK = "user_feedback"
@@ -127,19 +130,16 @@ def observe(trace: Trace) -> Observation:
 def read_traces(
     tracking_config: TrackingConfig,
     monitor: MonitorConfig,
-    variant: str,
-    model_version: str | None,
+    tags: Mapping[str, str],
     since: datetime | None,
 ) -> list[Trace]:
-    """The traces of one variant (and version, when given) since `since`, oldest first."""
+    """The traces carrying every tag of `tags` since `since`, oldest first."""
     experiment = tracking.client(tracking_config).get_experiment_by_name(
         serving_experiment(tracking_config, monitor)
     )
     if experiment is None:
         return []
-    clauses = [f"tags.`{VARIANT_TAG}` = '{variant}'"]
-    if model_version is not None:
-        clauses.append(f"tags.`{MODEL_VERSION_TAG}` = '{model_version}'")
+    clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
     if since is not None:
         clauses.append(f"trace.timestamp_ms >= {int(since.timestamp() * 1000)}")
     mlflow.set_tracking_uri(tracking.tracking_uri(tracking_config))
@@ -150,6 +150,29 @@ def read_traces(
         include_spans=False,
     )
     return sorted(traces, key=lambda t: (t.info.request_time or 0, t.info.trace_id))
+
+
+def variant_observations(
+    tracking_config: TrackingConfig,
+    monitor: MonitorConfig,
+    variant: str,
+    model_version: str,
+    since: datetime | None,
+) -> tuple[list[Trace], list[Observation]]:
+    """A variant's traces, and its observations: its own answers, plus the requests it failed that the
+    gateway answered from `previous` instead (tagged `tuneline.fallback_from`), which count as its
+    errors and whose ratings are not its own."""
+    own = read_traces(
+        tracking_config, monitor, {VARIANT_TAG: variant, MODEL_VERSION_TAG: model_version}, since
+    )
+    fallbacks = read_traces(tracking_config, monitor, {FALLBACK_TAG: f"{variant}:{model_version}"}, since)
+    failed = [
+        dataclasses.replace(
+            observe(t), variant=variant, model_version=model_version, error=True, feedback=None
+        )
+        for t in fallbacks
+    ]
+    return own, [observe(t) for t in own] + failed
 
 
 @dataclass(frozen=True)
@@ -368,12 +391,13 @@ def monitor(
         )
         return MonitorReport(name, champion.version if champion else None, None, None, None, None)
     since = challenger_since(challenger)
-    by_variant: dict[str, list[Trace]] = {
-        CHAMPION: read_traces(tracking_config, monitor_config, CHAMPION, champion.version, since),
-        CHALLENGER: read_traces(tracking_config, monitor_config, CHALLENGER, challenger.version, since),
+    read = {
+        variant: variant_observations(tracking_config, monitor_config, variant, version, since)
+        for variant, version in ((CHAMPION, champion.version), (CHALLENGER, challenger.version))
     }
+    by_variant = {variant: traces for variant, (traces, _) in read.items()}
     stats = {
-        variant: variant_stats(variant, version, [observe(t) for t in by_variant[variant]], confidence)
+        variant: variant_stats(variant, version, read[variant][1], confidence)
         for variant, version in ((CHAMPION, champion.version), (CHALLENGER, challenger.version))
     }
     decision = decide_ab(stats[CHAMPION], stats[CHALLENGER], monitor_config)

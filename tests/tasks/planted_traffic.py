@@ -16,6 +16,7 @@ from mlflow.tracing.constant import SpanAttributeKey
 from tuneline.config import MonitorConfig, TrackingConfig
 from tuneline.tasks.monitor import (
     CORRECTION,
+    FALLBACK_TAG,
     FEEDBACK,
     MODEL_VERSION_TAG,
     REGISTERED_MODEL_TAG,
@@ -35,6 +36,7 @@ class Planted:
     positive: int
     latency_ms: float = 40.0
     errors: int = 0
+    fallback_from: str | None = None  # `variant:version` that failed, when `previous` answered instead
 
 
 def plant(
@@ -63,6 +65,7 @@ def plant(
                     VARIANT_TAG: group.variant,
                     MODEL_VERSION_TAG: group.version,
                     REGISTERED_MODEL_TAG: registry.registered_model,
+                    **({FALLBACK_TAG: group.fallback_from} if group.fallback_from else {}),
                 },
                 metadata={USER_KEY: f"user-{group.variant}-{i}", SESSION_KEY: f"s-{i}"},
                 experiment_id=experiment_id,

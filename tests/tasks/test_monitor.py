@@ -222,12 +222,15 @@ def test_a_challenger_that_fails_more_often_ends_the_test_whatever_its_ratings(
     plant(
         registry,
         Planted(CHAMPION, champion, 40, 35, 20),
-        Planted(CHALLENGER, challenger, 40, 30, 30, errors=10),
+        Planted(CHALLENGER, challenger, 40, 30, 30, errors=5),
+        # Five more failed and were answered from `previous`: the challenger's errors, not its ratings.
+        Planted(PREVIOUS, "0", 5, 5, 0, fallback_from=f"challenger:{challenger}"),
     )
     report = monitor(registry, MONITOR, apply=False)
     assert report.decision is not None and report.decision.action == "end_test"
     assert "fails more often" in report.decision.reason
-    assert report.decision.challenger.errors == 10
+    assert (report.decision.challenger.errors, report.decision.challenger.requests) == (10, 45)
+    assert (report.decision.challenger.rated, report.decision.challenger.positive.successes) == (30, 30)
     # apply=False decides and records, but moves nothing.
     assert not report.applied and tracking.alias_version(registry, CHALLENGER).version == "2"  # type: ignore[union-attr]
 
