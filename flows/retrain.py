@@ -189,7 +189,14 @@ def train_candidate(
             provider,
             run,
             Candidate(
-                outcome.candidate.model, provider.name, config.model.base, dataset_hash, outcome.job_id
+                outcome.candidate.model,
+                provider.name,
+                config.model.base,
+                dataset_hash,
+                outcome.job_id,
+                provider_kind=provider.kind,
+                base_url=providers.endpoint(config.provider),
+                azure_api_version=config.provider.azure_api_version or "",
             ),
             train_file=str(export_dir / "train.jsonl"),
         )

@@ -27,6 +27,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -57,6 +58,11 @@ class Candidate:
     base_model: str
     dataset_hash: str | None = None
     job_id: str | None = None
+    # Where the gateway serves it (tuneline/gateway/routing.py): the provider kind, its base URL (empty
+    # for a run's embedded server, whose port was ephemeral) and Azure's API version when one is set.
+    provider_kind: str = ""
+    base_url: str = ""
+    azure_api_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -321,6 +327,15 @@ def register(
         "job_id": candidate.job_id or "",
     }
     tags = {f"tuneline.{k}": v for k, v in facts.items() if k != "model_id"}
+    # A base URL carrying credentials (https://user:key@host) is not recorded: tags are not for secrets.
+    parts = urlsplit(candidate.base_url)
+    base_url = "" if parts.username or parts.password else candidate.base_url
+    serving = {
+        "tuneline.provider_kind": candidate.provider_kind,
+        "tuneline.base_url": base_url,
+        "tuneline.azure_api_version": candidate.azure_api_version,
+    }
+    tags.update({k: v for k, v in serving.items() if v})
     tags["tuneline.promoted_against"] = f"{decision.reference}:{decision.reference_model}"
     return tracking.register_external_model(
         tracking_config,

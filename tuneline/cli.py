@@ -448,6 +448,46 @@ def serve(
 
 
 @app.command()
+def gateway(
+    config: Path | None = ConfigOption,
+    host: str | None = typer.Option(None, "--host", help="Address to bind (config serving.host, 127.0.0.1)."),
+    port: int | None = typer.Option(
+        None, "--port", min=1, max=65535, help="Port (config serving.port, 8100)."
+    ),
+) -> None:
+    """Serve the registered model's champion (A/B against a challenger), trace answers, take feedback.
+
+    Clients call `POST /v1/chat/completions` with `model` set to the registered model's name (or
+    NAME@ALIAS, NAME@VERSION) and send feedback to `POST /v1/feedback`. With TUNELINE_GATEWAY_API_KEY
+    (else TUNELINE_API_KEY) set, clients authenticate with `Authorization: Bearer <key>`; without one the
+    gateway only binds a loopback address.
+    """
+    cfg = read_config(config)
+    try:
+        from tuneline.gateway.app import API_KEY_ENVS, GatewaySettings, run_gateway
+    except ImportError as exc:
+        usage_error(
+            f"the gateway needs its extra dependencies ({exc.name} is missing): pip install 'tuneline\\[gateway]'"
+        )
+    from tuneline.server.settings import is_loopback
+
+    key_env = next((name for name in API_KEY_ENVS if name in os.environ), None)
+    key = os.environ.get(key_env) if key_env else None
+    bind = host or cfg.serving.host
+    if key is not None and not key.strip():
+        usage_error(f"{key_env} is set but empty: set it to a secret value or unset it (loopback only)")
+    if key is None and not is_loopback(bind):
+        usage_error(
+            f"refusing to listen on {bind} without an API key: set TUNELINE_GATEWAY_API_KEY (or "
+            "TUNELINE_API_KEY), or bind 127.0.0.1 (serving.host)"
+        )
+    # A tracking server that is down must not hold the trace exporter for minutes of HTTP retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    run_gateway(GatewaySettings(cfg, key.strip() if key else None, bind, port or cfg.serving.port))
+
+
+@app.command()
 def run(
     config: Path | None = ConfigOption,
     as_of: str | None = typer.Option(

@@ -262,6 +262,45 @@ class ServerConfig(Section):
     latency_ms: float = Field(default=0.0, ge=0.0)
 
 
+class ServingConfig(Section):
+    """`tuneline gateway`: the endpoint that serves the registered model's `champion`, A/B tests a
+    `challenger`, traces every answer to MLflow and takes feedback (tuneline/gateway/)."""
+
+    # Loopback by default; any other address needs TUNELINE_API_KEY set or the gateway refuses to start.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=1, le=65535)
+    # Registered models the gateway serves (default: tracking.registered_model).
+    models: list[str] = Field(default_factory=list)
+    # The share of users (sticky: a hash of the request's `user`, or of `user_header`) sent to the
+    # version holding the alias `challenger`, while one does.
+    challenger_share: Probability = 0.0
+    user_header: str = "x-tuneline-user"
+    session_header: str = "x-tuneline-session"
+    # How long an alias -> version lookup is reused: a moved alias is served within this many seconds.
+    alias_ttl_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    # Upstream retries (429, 5xx, connection errors, timeouts) before falling back or answering 502.
+    upstream_retries: int = Field(default=2, ge=0, le=10)
+    upstream_timeout_s: float = Field(default=60.0, gt=0.0)
+    # Connections kept per upstream provider (one shared async client each).
+    max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # When the upstream fails past its retries: answer from the version holding `previous`.
+    fallback_to_previous: bool = True
+    # The `tuneline serve` that versions trained on an embedded server (provider kind `local`, no
+    # recorded base URL) are served from; default http://<server.host>:<server.port>/v1.
+    local_base_url: str | None = None
+    # Traces: on, the export queue's bound (a full queue drops and counts), and the store they go to
+    # (default: tracking.tracking_uri), in the experiment `serving/<registered model>`.
+    tracing: bool = True
+    trace_queue_size: int = Field(default=10_000, ge=1, le=10_000_000)
+    # Who writes traces: a child process (MLflow's work off the gateway's interpreter) or its threads.
+    trace_export: Literal["process", "thread"] = "process"
+    trace_uri: str | None = None
+    # Acknowledged feedback is written here (fsync) before it goes to MLflow, and retried from here.
+    feedback_spool: str = ".tuneline/gateway/feedback"
+    # A request body over this many bytes is refused (413).
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
 class BackfillConfig(Section):
     """`tuneline backfill`: where each date's results live and how many dates are prepared at once."""
 
@@ -285,6 +324,7 @@ class Config(Section):
     promotion: PromotionConfig = PromotionConfig()
     tracking: TrackingConfig = TrackingConfig()
     server: ServerConfig = ServerConfig()
+    serving: ServingConfig = ServingConfig()
     backfill: BackfillConfig = BackfillConfig()
 
     def config_hash(self) -> str:

@@ -1,0 +1,136 @@
+"""Alias resolution and pinning through the gateway, over real HTTP, against a real MLflow registry."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from gateway_harness import Gateway
+
+from tuneline.gateway.routing import RoutingError, parse_model, upstream_of
+
+
+def answer_of(raw: object) -> str:
+    return raw.parse().choices[0].message.content  # type: ignore[attr-defined]
+
+
+def test_the_champion_serves_and_pins_choose_a_version(gateways, upstreams) -> None:
+    one, two = upstreams(answer="from version one"), upstreams(answer="from version two")
+    gw: Gateway = gateways(trace_export="thread")
+    v1 = gw.registry.register(one, "ft:tuneline-tiny:tuneline:support:v1", "champion")
+    v2 = gw.registry.register(two, "ft:tuneline-tiny:tuneline:support:v2", "challenger")
+
+    raw = gw.ask()
+    assert answer_of(raw) == "from version one"
+    assert raw.headers["x-tuneline-variant"] == "champion"
+    assert raw.headers["x-tuneline-model-version"] == v1
+    assert raw.headers["x-tuneline-trace-id"].startswith("tr-")
+    # The upstream was asked for the provider's model id, not the registered name.
+    assert one.state.models_seen == ["ft:tuneline-tiny:tuneline:support:v1"]
+
+    raw = gw.ask(f"{gw.name}@challenger")
+    assert answer_of(raw) == "from version two"
+    assert (raw.headers["x-tuneline-variant"], raw.headers["x-tuneline-model-version"]) == ("challenger", v2)
+
+    raw = gw.ask(f"{gw.name}@{v1}")
+    assert answer_of(raw) == "from version one"
+    assert (raw.headers["x-tuneline-variant"], raw.headers["x-tuneline-model-version"]) == ("pinned", v1)
+
+    models = {m.id for m in gw.client().models.list()}
+    assert models == {gw.name, f"{gw.name}@champion", f"{gw.name}@challenger"}
+
+
+@pytest.mark.parametrize(
+    ("suffix", "code"),
+    [("@99", "model_not_found"), ("@nosuchalias", "model_not_found")],
+)
+def test_a_pin_to_nothing_is_a_404(gateways, upstreams, suffix: str, code: str) -> None:
+    gw: Gateway = gateways(tracing=False)
+    gw.registry.register(upstreams(), "ft:x:v1", "champion")
+    with pytest.raises(openai.NotFoundError) as caught:
+        gw.ask(f"{gw.name}{suffix}")
+    assert caught.value.code == code
+    assert caught.value.body["param"] == "model"  # type: ignore[index]
+
+
+def test_unknown_models_and_a_missing_champion(gateways, upstreams) -> None:
+    gw: Gateway = gateways(tracing=False)
+    with pytest.raises(openai.NotFoundError) as caught:
+        gw.ask("some-other-model")
+    assert caught.value.code == "model_not_found"
+    # Served, but not registered yet.
+    with pytest.raises(openai.NotFoundError):
+        gw.ask()
+    gw.registry.register(upstreams(), "ft:x:v1")  # a version, no alias
+    time.sleep(0.6)  # past the TTL of the 404 above (not cached anyway)
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        gw.ask()
+    assert unavailable.value.status_code == 503
+    assert unavailable.value.code == "no_champion"
+
+
+def test_a_moved_alias_is_served_within_the_ttl(gateways, upstreams) -> None:
+    ttl = 1.0
+    gw: Gateway = gateways(alias_ttl_s=ttl, tracing=False)
+    v1 = gw.registry.register(upstreams(answer="one"), "ft:x:v1", "champion")
+    v2 = gw.registry.register(upstreams(answer="two"), "ft:x:v2")
+    assert gw.ask().headers["x-tuneline-model-version"] == v1
+    gw.registry.move("champion", v2)
+    moved_at = time.monotonic()
+    time.sleep(ttl + 0.05)
+    raw = gw.ask()
+    # No restart, no polling: the first request after the TTL gets the new champion.
+    assert raw.headers["x-tuneline-model-version"] == v2
+    assert answer_of(raw) == "two"
+    assert time.monotonic() - moved_at < ttl + 5
+
+
+def test_bad_requests_get_openai_shaped_4xx(gateways, upstreams) -> None:
+    gw: Gateway = gateways(tracing=False)
+    gw.registry.register(upstreams(), "ft:x:v1", "champion")
+    url = f"{gw.base_url}/chat/completions"
+    for body, param in (
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+        (f'{{"model": "{gw.name}", "messages": []}}'.encode(), "messages"),
+        (
+            f'{{"model": "{gw.name}", "messages": [{{"role": "user", "content": "x"}}], "user": 5}}'.encode(),
+            "user",
+        ),
+    ):
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, body
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["param"] == param
+    too_big = httpx.post(url, content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert too_big.status_code == 413
+    browser = httpx.post(url, json={"model": gw.name}, headers={"origin": "https://evil.example"})
+    assert browser.status_code == 403
+
+
+def test_model_names_and_recorded_providers() -> None:
+    assert parse_model("support-assistant").selector is None
+    assert parse_model("support-assistant@3").pinned_version == "3"
+    assert parse_model("support-assistant@challenger").selector == "challenger"
+    with pytest.raises(RoutingError):
+        parse_model("a@b@c")
+    local = "http://127.0.0.1:8000/v1"
+    assert upstream_of({"tuneline.provider_kind": "local"}, local).base_url == local  # type: ignore[union-attr]
+    assert upstream_of({"tuneline.provider": "local"}, local).kind == "local"  # type: ignore[union-attr]
+    assert upstream_of({"tuneline.provider": "openai-api.openai.com"}, local).base_url == (  # type: ignore[union-attr]
+        "https://api.openai.com/v1"
+    )
+    assert upstream_of({"tuneline.provider": "compatible-host"}, local) is None
+    azure = upstream_of(
+        {
+            "tuneline.provider_kind": "azure",
+            "tuneline.base_url": "https://r.openai.azure.com/",
+            "tuneline.azure_api_version": "2025-04-01",
+        },
+        local,
+    )
+    assert azure is not None and azure.base_url == "https://r.openai.azure.com" and azure.azure_api_version
