@@ -654,9 +654,18 @@ DEMO_NIGHTS = ("2026-11-21", "2026-11-22")  # two consecutive days of the demo d
 
 
 @app.command()
-def demo(config: Path | None = ConfigOption) -> None:
+def demo(
+    config: Path | None = ConfigOption,
+    traffic: bool = typer.Option(
+        False,
+        "--traffic",
+        help="After the two nights: simulated users talk to the gateway and rate its answers; the monitor decides.",
+    ),
+) -> None:
     """Two nights of the nightly job on the demo data: night 1 trains and promotes the first champion,
-    night 2 sees a new day of data, trains a candidate, compares it with the champion and decides."""
+    night 2 sees a new day of data, trains a candidate, compares it with the champion and decides.
+    With --traffic, users then talk to `tuneline gateway` (A/B: champion vs challenger), rate the answers
+    from the demo's answer key, and the monitor decides the test (README: A/B rollout)."""
     import time
 
     from tuneline.flows.retrain import retrain
@@ -678,13 +687,60 @@ def demo(config: Path | None = ConfigOption) -> None:
         _print_decision(result)
     from tuneline.tracking import store_location
 
+    if traffic:
+        _demo_traffic(cfg, config)
     console.rule("done")
     console.print(
-        f"two nights in {time.monotonic() - started:.0f} s. MLflow store: {store_location(cfg.tracking)}\n"
+        f"{'two nights and the traffic' if traffic else 'two nights'} in {time.monotonic() - started:.0f} s. "
+        f"MLflow store: {store_location(cfg.tracking)}\n"
         f"open the UI with: .venv/bin/tuneline ui{f' --config {config}' if config else ''}",
         highlight=False,
         soft_wrap=True,
     )
+
+
+DEMO_TRAFFIC_DAY = "2026-11-23"  # the day the users' corrections are filed under (the night after night 2)
+
+
+def _demo_traffic(cfg: Config, config: Path | None) -> None:
+    """The traffic part of `tuneline demo --traffic` (tuneline/demo/traffic.py), then the monitor."""
+    from tuneline.demo.traffic import ensure_challenger, run_traffic
+    from tuneline.flows.monitor import monitor as monitor_flow
+
+    console.rule("traffic: users talk to the gateway, the monitor decides")
+    with reporting_failures() as expected:
+        try:
+            champion, challenger, stand_in = ensure_challenger(cfg)
+            if stand_in:
+                console.print(
+                    f"night 2 made no challenger: version {challenger}, the untuned base model "
+                    f"{cfg.model.base}, stands in (tagged tuneline.demo) against champion version {champion}",
+                    highlight=False,
+                )
+            else:
+                console.print(
+                    f"challenger version {challenger} vs champion version {champion}", highlight=False
+                )
+            outcome = run_traffic(cfg, log=lambda line: console.print(line, highlight=False))
+            for variant in sorted(outcome.by_variant):
+                rated = outcome.rated[variant]
+                console.print(
+                    f"  {variant}: {outcome.by_variant[variant]} answers, {rated} rated, "
+                    f"{outcome.positive[variant]} up",
+                    highlight=False,
+                )
+            console.print(
+                f"  {outcome.corrections} corrections, {outcome.failed} failed requests", highlight=False
+            )
+            report = monitor_flow(
+                config=str(config) if config else None, as_of=date.fromisoformat(DEMO_TRAFFIC_DAY)
+            )
+        except expected as exc:
+            failed("the traffic demo failed", exc)
+    if report.decision is not None:
+        console.print(f"monitor: {report.decision.action}: {report.decision.reason}", highlight=False)
+        if report.outcome is not None:
+            console.print(f"champion is now version {report.outcome.champion}", highlight=False)
 
 
 @app.command("demo-data")
