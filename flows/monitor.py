@@ -29,10 +29,16 @@ def monitor(
     apply: bool = True,
     harvest: bool = True,
     as_of: date | None = None,
+    feedback_dir: str | None = None,
 ) -> MonitorReport:
     """Decide the A/B test of the configured registered model; `apply=False` decides and records without
-    moving an alias. `as_of` is the day the harvested corrections are filed under (default: today, UTC)."""
+    moving an alias. `as_of` is the day the harvested corrections are filed under (default: today, UTC);
+    `feedback_dir` replaces `promotion.monitor.feedback_dir` for this run."""
     settings = load_config(config)
+    if feedback_dir:
+        monitor_settings = settings.promotion.monitor.model_copy(update={"feedback_dir": feedback_dir})
+        promotion = settings.promotion.model_copy(update={"monitor": monitor_settings})
+        settings = settings.model_copy(update={"promotion": promotion})
     now = datetime.now(UTC)
     flow_run = (
         str(prefect_runtime.flow_run.id) if prefect_runtime.flow_run.id else None,

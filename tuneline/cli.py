@@ -700,6 +700,7 @@ def demo(
 
 
 DEMO_TRAFFIC_DAY = "2026-11-23"  # the day the users' corrections are filed under (the night after night 2)
+DEMO_FEEDBACK_DIR = ".tuneline/demo/feedback/support"
 
 
 def _demo_traffic(cfg: Config, config: Path | None) -> None:
@@ -732,15 +733,25 @@ def _demo_traffic(cfg: Config, config: Path | None) -> None:
             console.print(
                 f"  {outcome.corrections} corrections, {outcome.failed} failed requests", highlight=False
             )
+            # Filed apart from the committed demo data (data/ is what `tuneline demo-data` writes, byte for byte).
             report = monitor_flow(
-                config=str(config) if config else None, as_of=date.fromisoformat(DEMO_TRAFFIC_DAY)
+                config=str(config) if config else None,
+                as_of=date.fromisoformat(DEMO_TRAFFIC_DAY),
+                feedback_dir=DEMO_FEEDBACK_DIR,
             )
         except expected as exc:
             failed("the traffic demo failed", exc)
     if report.decision is not None:
         console.print(f"monitor: {report.decision.action}: {report.decision.reason}", highlight=False)
         if report.outcome is not None:
-            console.print(f"champion is now version {report.outcome.champion}", highlight=False)
+            moved = "is now" if report.outcome.action == "promoted" else "stays"
+            console.print(f"champion {moved} version {report.outcome.champion}", highlight=False)
+    console.print(
+        f"users' corrections: {DEMO_FEEDBACK_DIR}/dt={DEMO_TRAFFIC_DAY}/feedback.jsonl (the demo keeps them "
+        "out of data/; a real deployment files them under its data source, where the next nightly run "
+        "reads them)",
+        highlight=False,
+    )
 
 
 @app.command("demo-data")

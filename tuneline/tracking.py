@@ -611,7 +611,9 @@ class RunLog:
     ) -> None:
         """An A/B monitor decision: the whole decision as monitor/decision.json, its figures as metrics
         (ab/<variant>/<figure>, ab/p_better, ...), its outcome as tags."""
-        self._client.log_dict(self.run_id, json.loads(json.dumps(decision, default=str)), "monitor/decision.json")
+        self._client.log_dict(
+            self.run_id, json.loads(json.dumps(decision, default=str)), "monitor/decision.json"
+        )
         self._metrics(metrics)
         self._tags(tags)
 
