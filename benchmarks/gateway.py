@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,6 +45,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -191,6 +197,9 @@ def main() -> None:
             gateway_url = f"http://127.0.0.1:{gateway_port}"
             wait_http(f"{gateway_url}/health", gateway)
 
+            gateway_process = psutil.Process(gateway.pid)
+            upstream_process = psutil.Process(upstream.pid)
+            cpu = {"gateway": 0.0, "upstream": 0.0, "exporter": 0.0}
             direct: list[float] = []
             through: list[float] = []
             walls = {"direct": 0.0, "gateway": 0.0}
@@ -200,7 +209,11 @@ def main() -> None:
                     ("direct", f"{upstream_url}/chat/completions", MODEL_ID, direct),
                     ("gateway", f"{gateway_url}/v1/chat/completions", MODEL, through),
                 ):
+                    before = cpu_seconds(gateway_process), cpu_seconds(upstream_process)
                     latencies, wall, failed = asyncio.run(load(url, model, args.clients, args.requests))
+                    if path == "gateway":
+                        cpu["gateway"] += cpu_seconds(gateway_process) - before[0]
+                        cpu["upstream"] += cpu_seconds(upstream_process) - before[1]
                     into.extend(latencies)
                     walls[path] += wall
                     failures[path] += failed
@@ -220,6 +233,7 @@ def main() -> None:
                 if not stats.get("trace_queue_depth"):
                     break
                 time.sleep(0.5)
+            cpu["exporter"] = sum(cpu_seconds(child) for child in gateway_process.children(recursive=True))
         finally:
             for process in (gateway, upstream):
                 if process is not None:
@@ -253,6 +267,13 @@ def main() -> None:
             f"traces: {traces.get('exported')} exported, {traces.get('dropped_queue_full')} dropped (queue "
             f"full), {traces.get('failed_export')} failed exports, {stats.get('trace_queue_depth')} still queued"
         )
+    served = len(through)
+    print(
+        f"CPU per request through the gateway: gateway process {cpu['gateway'] / served * 1000:.2f} ms, "
+        f"upstream {cpu['upstream'] / served * 1000:.2f} ms; trace exporter process "
+        f"{cpu['exporter'] / max(1, served) * 1000:.2f} ms per trace (off the gateway's interpreter)"
+    )
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"target p50 added < 5 ms: {'met' if p50 < 5 else 'NOT met'}")
 
 

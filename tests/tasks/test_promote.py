@@ -99,7 +99,13 @@ def result_of(
 
 def candidate(model_id: str) -> Candidate:
     return Candidate(
-        model_id, provider="local", base_model="tuneline-tiny", dataset_hash="ab" * 32, job_id="ftjob-1"
+        model_id,
+        provider="local",
+        base_model="tuneline-tiny",
+        dataset_hash="ab" * 32,
+        job_id="ftjob-1",
+        provider_kind="local",
+        base_url="http://127.0.0.1:8000/v1",
     )
 
 
@@ -134,6 +140,9 @@ def test_promotion_registers_an_external_model_and_moves_champion(registry: Trac
     assert champion.tags["tuneline.dataset_hash"] == "ab" * 32
     assert champion.tags["tuneline.job_id"] == "ftjob-1"
     assert champion.tags["tuneline.provider"] == "local"
+    # Where `tuneline gateway` serves it (tuneline/gateway/routing.py).
+    assert champion.tags["tuneline.provider_kind"] == "local"
+    assert champion.tags["tuneline.base_url"] == "http://127.0.0.1:8000/v1"
     assert tracking.alias_version(registry, PREVIOUS) is None
 
     # The registered version points at an external LoggedModel that carries the facts and the scores.

@@ -141,6 +141,7 @@ class Gateway:
         self.feedback = FeedbackSpool(resolve(serving.feedback_spool), trace_store)
         self.key = settings.api_key.encode() if settings.api_key else None
         self.loopback = _bound_to_loopback(settings.host)
+        self._hosts: dict[str, bool] = {}
         self.requests = 0
         self.fallbacks = 0
         self.upstream_failures = 0
@@ -158,6 +159,14 @@ class Gateway:
 
     # --- checks --------------------------------------------------------------------------------------
 
+    def _loopback_host(self, host: str) -> bool:
+        known = self._hosts.get(host)
+        if known is None:
+            known = _is_loopback_host(host)
+            if len(self._hosts) < 1024:  # a few names in practice; bounded against hostile Host headers
+                self._hosts[host] = known
+        return known
+
     def refused(self, request: Request) -> Response | None:
         headers = request.headers
         if headers.get("origin") is not None:
@@ -166,7 +175,7 @@ class Gateway:
                 "Requests from web pages (an Origin header) are not accepted by the gateway.",
                 code="origin_not_allowed",
             )
-        if self.loopback and not _is_loopback_host(headers.get("host", "")):
+        if self.loopback and not self._loopback_host(headers.get("host", "")):
             return error_response(
                 403,
                 "This gateway listens on loopback and answers only loopback host names.",
