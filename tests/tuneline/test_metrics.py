@@ -146,3 +146,44 @@ def test_judge_verdicts_and_position_bias_cancels() -> None:
     assert pairwise_judge_score("second", "first") == 0.0
     assert pairwise_judge_score("first", "first") == 0.5
     assert pairwise_judge_score("first", "tie") == 0.75
+
+
+def test_wilson_interval_matches_the_closed_form_and_stays_in_bounds() -> None:
+    from tuneline.metrics import wilson_interval
+
+    z = 1.959963984540054
+    for successes, n in ((40, 80), (0, 79), (61, 65), (1, 3)):
+        rate = wilson_interval(successes, n)
+        p = successes / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        assert rate.low == pytest.approx(max(0.0, centre - half)) and rate.high == pytest.approx(
+            centre + half
+        )
+        assert 0.0 <= rate.low <= rate.rate <= rate.high <= 1.0
+    assert math.isnan(wilson_interval(0, 0).low)
+
+
+def test_two_proportion_test_is_one_sided_each_way_and_symmetric() -> None:
+    from tuneline.metrics import two_proportion_test
+
+    better = two_proportion_test(27, 50, 43, 50)
+    assert better.delta == pytest.approx(0.32) and better.p_greater < 0.001 < 0.99 < better.p_less
+    swapped = two_proportion_test(43, 50, 27, 50)
+    assert swapped.p_less == pytest.approx(better.p_greater) and swapped.p_greater == pytest.approx(
+        better.p_less
+    )
+    same = two_proportion_test(35, 50, 35, 50)
+    assert same.delta == 0 and same.p_greater > 0.5 and same.p_less > 0.5
+    assert two_proportion_test(0, 0, 3, 5).p_greater == 1.0
+
+
+def test_samples_per_group_is_the_textbook_figure() -> None:
+    from tuneline.metrics import samples_per_group
+
+    # 10% vs 15%, one-sided alpha 0.05, power 0.8: about 540 per group (Fleiss, without continuity correction).
+    assert abs(samples_per_group(0.125, 0.05, alpha=0.05, power=0.8) - 540) <= 1
+    assert samples_per_group(0.5, 0.2) < samples_per_group(0.5, 0.1) < samples_per_group(0.5, 0.05)
+    assert samples_per_group(0.99, 0.05) == samples_per_group(0.975, 0.05)  # clipped into [0, 1]
+    with pytest.raises(ValueError, match="min_effect"):
+        samples_per_group(0.5, 0.0)
