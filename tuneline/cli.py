@@ -537,6 +537,8 @@ def _print_decision(result: Any) -> None:
     if result.decision is None:
         return
     verdict = "PROMOTED" if result.promoted else "REJECTED"
+    if result.promoted and result.decision.get("alias") == "challenger":
+        verdict = "PROMOTED to challenger (A/B test: `tuneline monitor` decides)"
     rules = "\n".join(
         f"  {'PASS' if rule['passed'] else 'FAIL'} {rule['rule']}: {rule['detail']}"
         for rule in result.decision["rules"]

@@ -228,6 +228,8 @@ def _decision_section(decision: Mapping[str, Any]) -> list[str]:
 def _verdict(decision: Mapping[str, Any] | None) -> str:
     if not decision:
         return "-"
+    if decision.get("promoted") and decision.get("alias") == "challenger":
+        return "PROMOTED to challenger (A/B)"
     return "PROMOTED" if decision.get("promoted") else "REJECTED"
 
 
