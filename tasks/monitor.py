@@ -51,7 +51,13 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneline import tracking
 from tuneline.config import MonitorConfig, TrackingConfig
-from tuneline.metrics import ProportionTest, Rate, samples_per_group, two_proportion_test, wilson_interval
+from tuneline.metrics import (
+    Estimate,
+    ProportionTest,
+    samples_per_group,
+    two_proportion_test,
+    wilson_interval,
+)
 from tuneline.tasks.promote import ChallengerOutcome, challenger_since, end_challenger, promote_challenger
 from tuneline.tracking import CHALLENGER, CHAMPION
 
@@ -182,7 +188,8 @@ class VariantStats:
     requests: int
     errors: int
     rated: int
-    positive: Rate  # the share of rated answers rated positive, with its Wilson interval
+    positives: int  # rated answers rated positive
+    positive: Estimate  # their share of the rated answers, with its Wilson interval
     rated_share: float  # rated / requests
     latency_ms: Mapping[str, float]  # p50, p95, p99
     tokens_mean: float
@@ -199,8 +206,8 @@ class VariantStats:
             "errors": self.errors,
             "error_rate": self.error_rate,
             "rated": self.rated,
-            "positive": self.positive.successes,
-            "feedback_rate": self.positive.rate,
+            "positive": self.positives,
+            "feedback_rate": self.positive.mean,
             "feedback_rate_low": self.positive.low,
             "feedback_rate_high": self.positive.high,
             "rated_share": self.rated_share,
@@ -228,6 +235,7 @@ def variant_stats(
         requests=len(observations),
         errors=sum(o.error for o in observations),
         rated=len(rated),
+        positives=sum(rated),
         positive=wilson_interval(sum(rated), len(rated), confidence),
         rated_share=len(rated) / len(observations) if observations else math.nan,
         latency_ms=latency,
@@ -252,7 +260,7 @@ class MonitorDecision:
         def stats(s: VariantStats) -> dict[str, Any]:
             return {
                 **asdict(s),
-                "positive": {**asdict(s.positive), "rate": s.positive.rate},
+                "positive": asdict(s.positive),
                 "error_rate": s.error_rate,
             }
 
@@ -270,9 +278,7 @@ class MonitorDecision:
 
 def decide_ab(champion: VariantStats, challenger: VariantStats, monitor: MonitorConfig) -> MonitorDecision:
     """The monitor's decision on the figures (pure; the order of the rules is the module docstring's)."""
-    feedback = two_proportion_test(
-        champion.positive.successes, champion.rated, challenger.positive.successes, challenger.rated
-    )
+    feedback = two_proportion_test(champion.positives, champion.rated, challenger.positives, challenger.rated)
     errors = two_proportion_test(champion.errors, champion.requests, challenger.errors, challenger.requests)
 
     def decision(action: Action, reason: str, needed: int | None = None) -> MonitorDecision:
@@ -306,11 +312,12 @@ def decide_ab(champion: VariantStats, challenger: VariantStats, monitor: Monitor
         )
 
     pooled_n = champion.rated + challenger.rated
-    pooled = (champion.positive.successes + challenger.positive.successes) / pooled_n if pooled_n else 0.5
+    pooled = (champion.positives + challenger.positives) / pooled_n if pooled_n else 0.5
     required = samples_per_group(pooled, monitor.min_effect, monitor.alpha, monitor.power)
     fewest = min(champion.rated, challenger.rated)
     rates = (
-        f"positive feedback {challenger.positive} for the challenger vs {champion.positive} for the champion"
+        f"positive feedback {challenger.positive} ({challenger.positives}/{challenger.rated}) for the "
+        f"challenger vs {champion.positive} ({champion.positives}/{champion.rated}) for the champion"
     )
     if fewest < monitor.min_feedback_per_variant:
         needed = max(monitor.min_feedback_per_variant, required) - fewest

@@ -225,34 +225,16 @@ def pairwise_judge_score(candidate_first: JudgeVerdict, candidate_second: JudgeV
     return (first_pass + second_pass) / 2
 
 
-# --- A/B tests on live traffic (the monitor flow): independent samples, not paired ------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """A proportion with its Wilson score interval (nan for an empty sample)."""
-
-    successes: int
-    n: int
-    low: float
-    high: float
-    confidence: float
-
-    @property
-    def rate(self) -> float:
-        return self.successes / self.n if self.n else math.nan
-
-    def __str__(self) -> str:
-        return f"{self.rate:.3f} [{self.low:.3f}, {self.high:.3f}] ({self.successes}/{self.n})"
-
-
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Rate:
-    """`successes` of `n` with the Wilson score interval (scipy's), which stays inside [0, 1] and keeps
-    its coverage at small n and at rates near 0 or 1, where the normal interval does not."""
-    if n == 0:
-        return Rate(0, 0, math.nan, math.nan, confidence)
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Estimate:
+    """A proportion with its Wilson score interval (scipy's `binomtest(...).proportion_ci`): unlike
+    the bootstrap, right for a 0/1 outcome on few examples and near 0 or 1 (nan for n = 0)."""
+    if n <= 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, confidence)
     interval = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return Rate(successes, n, float(interval.low), float(interval.high), confidence)
+    return Estimate(successes / n, float(interval.low), float(interval.high), n, confidence)
+
+
+# --- A/B tests on live traffic (the monitor flow): independent samples, not paired ------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -317,7 +317,7 @@ def render_monitor_summary(
         positive = stats["positive"]
         latency = stats["latency_ms"]
         rate = (
-            f"{_number(positive['rate'])} [{_number(positive['low'])}, {_number(positive['high'])}]"
+            f"{_number(positive['mean'])} [{_number(positive['low'])}, {_number(positive['high'])}]"
             if positive["n"]
             else "n/a"
         )

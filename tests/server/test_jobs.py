@@ -107,16 +107,16 @@ def test_method_and_deprecated_hyperparameters_are_both_accepted(store: Store, t
         ({"hyperparameters": {"n_epochs": True}}, 400, "between 1 and 50", "hyperparameters.n_epochs"),
         ({"hyperparameters": {"warmup": 3}}, 400, "extra inputs are not permitted", "hyperparameters.warmup"),
         (
-            {"method": {"type": "dpo", "dpo": {}}},
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
             400,
-            "method 'dpo' is not supported by this server",
-            "method.type",
+            "beta must be 'auto' or a number greater than 0 and at most 2",
+            "method.dpo.hyperparameters.beta",
         ),
         (
             {"method": {"type": "reinforcement"}},
             400,
-            "method 'reinforcement' is not supported",
-            "method.type",
+            "a reinforcement job needs method.reinforcement.grader",
+            "method.reinforcement",
         ),
         ({"method": {"type": "magic"}}, 400, "method.type must be one of", "method.type"),
         ({"method": {"type": "supervised", "extra": 1}}, 400, "method.extra: extra inputs", "method.extra"),
@@ -199,7 +199,7 @@ def test_file_validation_uses_the_pipeline_rules_and_names_the_line(
     }
     dpo = store.add_file("t.jsonl", "fine-tune", to_jsonl([preference] * 10)).id
     _, error = file_error(store, dpo, "training_file", 10)
-    assert error is not None and "preference_example_in_supervised_job" in error["message"]
+    assert error is not None and "a preference line in a supervised training file" in error["message"]
 
     validation = store.add_file("v.jsonl", "fine-tune", to_jsonl([lines[2]])).id
     _, error = file_error(store, validation, "validation_file", 1)

@@ -164,11 +164,11 @@ def test_planted_ab_scenarios_are_decided_right(
     assert decision is not None and decision.action == expected, decision.reason if decision else report
     assert (decision.champion.requests, decision.challenger.requests) == (requests, requests)
     assert (decision.champion.rated, decision.challenger.rated) == (rated, rated)
-    assert decision.champion.positive.successes == champion_positive
-    assert decision.challenger.positive.successes == challenger_positive
+    assert decision.champion.positives == champion_positive
+    assert decision.challenger.positives == challenger_positive
     # The Wilson interval holds the observed rate, and the figures every variant reports are there.
     for stats in (decision.champion, decision.challenger):
-        assert stats.positive.low <= stats.positive.rate <= stats.positive.high
+        assert stats.positive.low <= stats.positive.mean <= stats.positive.high
         assert stats.errors == 0 and stats.tokens_total == 30 * requests and stats.tokens_mean == 30
         assert 20 <= stats.latency_ms["p50"] <= stats.latency_ms["p95"] <= stats.latency_ms["p99"] <= 60
 
@@ -230,7 +230,7 @@ def test_a_challenger_that_fails_more_often_ends_the_test_whatever_its_ratings(
     assert report.decision is not None and report.decision.action == "end_test"
     assert "fails more often" in report.decision.reason
     assert (report.decision.challenger.errors, report.decision.challenger.requests) == (10, 45)
-    assert (report.decision.challenger.rated, report.decision.challenger.positive.successes) == (30, 30)
+    assert (report.decision.challenger.rated, report.decision.challenger.positives) == (30, 30)
     # apply=False decides and records, but moves nothing.
     assert not report.applied and tracking.alias_version(registry, CHALLENGER).version == "2"  # type: ignore[union-attr]
 
