@@ -214,8 +214,14 @@ def train_candidate(
         actual_cost_usd=outcome.actual_cost_usd,
         promoted=promotion.decision.promoted,
         champion_version=promotion.champion,
-        decision=promotion.decision.as_dict(),
+        decision={**promotion.decision.as_dict(), "alias": promotion.alias},
     )
+
+
+def _to_challenger(result: RetrainResult) -> str:
+    """promotion.rollout ab: the candidate became `challenger`; the monitor flow decides."""
+    alias = (result.decision or {}).get("alias")
+    return " to challenger (A/B test: the monitor flow decides)" if alias == "challenger" else ""
 
 
 def _path(config_path: str | None) -> Path | None:
@@ -289,7 +295,11 @@ def publish_summary(
         outcome = (
             "dry run: prepared only"
             if result.candidate_model is None
-            else ("candidate promoted" if result.promoted else "candidate rejected by the promotion gate")
+            else (
+                ("candidate promoted" + _to_challenger(result))
+                if result.promoted
+                else "candidate rejected by the promotion gate"
+            )
         )
     job = None
     if result is not None and result.job_id:

@@ -4,20 +4,29 @@ Guarantees:
 - the decision is made by tuneline/gate.py on figures measured in the same evaluation, every rule
   is reported with its figures, and the decision is logged on the run (promotion/decision.json and
   tags) whatever it is;
-- only a passed gate moves the `champion` alias: the candidate becomes an MLflow external model
-  (provider, model id, dataset hash, job id, eval metrics), registered as a new version; the version
-  that was champion gets the `previous` alias. A rejected or failed run never moves an alias;
+- only a passed gate moves an alias: the candidate becomes an MLflow external model (provider, model
+  id, dataset hash, job id, eval metrics), registered as a new version. With `promotion.rollout:
+  direct` it becomes `champion` and the version that was champion gets `previous`; with `ab` it becomes
+  `challenger` (replacing a challenger still under test) and the monitor (tasks/monitor.py) decides on
+  user feedback: `promote_challenger` makes it champion (the old champion becomes `previous`),
+  `end_challenger` removes the alias. The first model of a registry becomes champion either way (there is
+  nothing to test it against). A rejected or failed run never moves an alias;
 - if the champion moved while this run was evaluating, the run fails instead of replacing a model it
   was never compared with;
 - `rollback` moves `champion` to `previous` (or to a given version), and `previous` to the version it
   leaves (so a second rollback undoes the first); who, when and why are written on both versions' tags.
+
+Every alias move is recorded on the version it lands on: `tuneline.<alias>.by|at|reason` (the latest
+move) and `tuneline.alias_history` (a JSON list of every move, newest last, trimmed to what a tag holds),
+so the registry answers who put a version where, when and why.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task
@@ -28,7 +37,14 @@ from tuneline.config import Config, PromotionConfig, TrackingConfig
 from tuneline.gate import Decision, GateEvidence, ReferenceRole, decide
 from tuneline.metrics import paired_test
 from tuneline.tasks.evaluate import EvaluationResult, Role, SetName
-from tuneline.tracking import CHAMPION, PREVIOUS, ModelVersionRecord, RegistryError, RunLog
+from tuneline.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    ModelVersionRecord,
+    RegistryError,
+    RunLog,
+)
 
 DEFAULT_LOG = logging.getLogger("tuneline.promote")
 
@@ -54,6 +70,17 @@ class PromotionOutcome:
     decision: Decision
     version: str | None  # the new model version when promoted
     champion: str | None  # the version holding `champion` after the decision
+    alias: str | None = None  # the alias the new version got (champion, or challenger with rollout ab)
+
+
+@dataclass(frozen=True)
+class ChallengerOutcome:
+    """What the monitor did to the registry: `promoted` (challenger -> champion) or `ended`."""
+
+    action: str
+    challenger: str  # the version that was challenger
+    champion: str  # the version holding `champion` afterwards
+    previous: str | None  # the version holding `previous` afterwards
 
 
 @dataclass(frozen=True)
@@ -134,23 +161,41 @@ def promote(
             "evaluating; nothing was promoted: run again to compare with the new champion"
         )
     version: str | None = None
+    alias: str | None = None
     if decision.promoted:
         record = register(tracking_config, result, candidate, run.run_id, decision)
         version = record.version
-        if current is not None:
-            tracking.set_alias(tracking_config, PREVIOUS, current.version)
-        tracking.set_alias(tracking_config, CHAMPION, record.version)
+        alias = CHALLENGER if promotion.rollout == "ab" and current is not None else CHAMPION
+        by, at = f"promote (MLflow run {run.run_id})", datetime.now(UTC)
+        against = f"passed the offline gate against the {decision.reference} ({decision.reference_model})"
+        if alias == CHALLENGER:
+            replaced = tracking.alias_version(tracking_config, CHALLENGER)
+            if replaced is not None:
+                record_alias_move(
+                    tracking_config, "challenger_replaced", replaced.version, by, at, f"replaced by {version}"
+                )
+            tracking.set_alias(tracking_config, CHALLENGER, record.version)
+            record_alias_move(tracking_config, CHALLENGER, version, by, at, f"{against}; rollout ab")
+        else:
+            if current is not None:
+                tracking.set_alias(tracking_config, PREVIOUS, current.version)
+                record_alias_move(
+                    tracking_config, PREVIOUS, current.version, by, at, f"replaced by {version}"
+                )
+            tracking.set_alias(tracking_config, CHAMPION, record.version)
+            record_alias_move(tracking_config, CHAMPION, version, by, at, against)
     tags = {
         "tuneline.promotion": "promoted" if decision.promoted else "rejected",
         "tuneline.promotion.reference": f"{decision.reference}:{decision.reference_model}",
     }
-    if version is not None:
+    if version is not None and alias is not None:
         tags["tuneline.promotion.version"] = version
+        tags["tuneline.promotion.alias"] = alias
     else:
         tags["tuneline.promotion.reasons"] = "; ".join(r.rule for r in decision.failed_rules)[:5000]
-    run.log_decision(decision.as_dict(), tags)
+    run.log_decision({**decision.as_dict(), "alias": alias}, tags)
     log.info("%s", decision.summary())
-    if version is not None:
+    if version is not None and alias == CHAMPION:
         log.info(
             "version %s of %r is now the champion (%s)%s",
             version,
@@ -158,7 +203,112 @@ def promote(
             candidate.model_id,
             f"; version {current.version} is `previous`" if current else "",
         )
-    return PromotionOutcome(decision, version, version if version is not None else current_version)
+    elif version is not None:
+        log.info(
+            "version %s of %r is now the challenger (%s), A/B tested against champion %s: the monitor "
+            "flow decides on user feedback",
+            version,
+            tracking_config.registered_model,
+            candidate.model_id,
+            current_version,
+        )
+    champion_after = version if alias == CHAMPION else current_version
+    return PromotionOutcome(decision, version, champion_after, alias)
+
+
+_HISTORY_TAG = "tuneline.alias_history"
+_TAG_LIMIT = 5000  # characters a model version tag value holds
+
+
+def record_alias_move(
+    tracking_config: TrackingConfig, alias: str, version: str, by: str, at: datetime, reason: str
+) -> None:
+    """Write who/when/why of an alias move on the version it concerns (see the module docstring)."""
+    when = at.isoformat(timespec="seconds")
+    history: list[dict[str, str]] = []
+    raw = tracking.model_version(tracking_config, version).tags.get(_HISTORY_TAG)
+    if raw:
+        try:
+            loaded = json.loads(raw)
+            history = loaded if isinstance(loaded, list) else []
+        except json.JSONDecodeError:
+            history = []
+    history.append({"alias": alias, "at": when, "by": by, "reason": reason[:500]})
+    text = json.dumps(history, separators=(",", ":"))
+    while len(text) > _TAG_LIMIT and len(history) > 1:
+        history.pop(0)
+        text = json.dumps(history, separators=(",", ":"))
+    tracking.set_version_tags(
+        tracking_config,
+        version,
+        {
+            f"tuneline.{alias}.by": by,
+            f"tuneline.{alias}.at": when,
+            f"tuneline.{alias}.reason": reason[:_TAG_LIMIT],
+            _HISTORY_TAG: text,
+        },
+    )
+
+
+def challenger_since(record: ModelVersionRecord) -> datetime | None:
+    """When the version became challenger (its `tuneline.challenger.at` tag), None when not recorded."""
+    raw = record.tags.get(f"tuneline.{CHALLENGER}.at")
+    if not raw:
+        return None
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def promote_challenger(
+    tracking_config: TrackingConfig, expected: str, by: str, reason: str, at: datetime
+) -> ChallengerOutcome:
+    """The challenger (version `expected`) becomes champion, the champion `previous`; the challenger alias
+    is removed. Fails without moving anything when the challenger is no longer `expected`."""
+    challenger = _expected_challenger(tracking_config, expected)
+    champion = tracking.alias_version(tracking_config, CHAMPION)
+    if champion is not None:
+        tracking.set_alias(tracking_config, PREVIOUS, champion.version)
+        record_alias_move(
+            tracking_config, PREVIOUS, champion.version, by, at, f"challenger {expected} won: {reason}"
+        )
+    tracking.set_alias(tracking_config, CHAMPION, challenger.version)
+    tracking.delete_alias(tracking_config, CHALLENGER)
+    record_alias_move(tracking_config, CHAMPION, challenger.version, by, at, reason)
+    return ChallengerOutcome(
+        "promoted", challenger.version, challenger.version, champion.version if champion else None
+    )
+
+
+def end_challenger(
+    tracking_config: TrackingConfig, expected: str, by: str, reason: str, at: datetime
+) -> ChallengerOutcome:
+    """End the A/B test: the challenger alias is removed (the version stays registered); champion stays."""
+    challenger = _expected_challenger(tracking_config, expected)
+    tracking.delete_alias(tracking_config, CHALLENGER)
+    record_alias_move(tracking_config, "challenger_ended", challenger.version, by, at, reason)
+    champion = tracking.alias_version(tracking_config, CHAMPION)
+    previous = tracking.alias_version(tracking_config, PREVIOUS)
+    return ChallengerOutcome(
+        "ended",
+        challenger.version,
+        champion.version if champion else "",
+        previous.version if previous else None,
+    )
+
+
+def _expected_challenger(tracking_config: TrackingConfig, expected: str) -> ModelVersionRecord:
+    challenger = tracking.alias_version(tracking_config, CHALLENGER)
+    name = tracking_config.registered_model
+    if challenger is None or challenger.version != str(expected):
+        found = challenger.version if challenger else "(none)"
+        raise RegistryError(
+            f"the challenger of {name!r} is now version {found}, not {expected}: nothing was moved "
+            "(run the monitor again to decide on the current challenger)"
+        )
+    return challenger
 
 
 def register(

@@ -139,7 +139,7 @@ def test_prefect_yaml_deploys_and_a_worker_runs_the_backfill_deployment(
 
     declared = {d["name"] for d in yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())["deployments"]}
     deployed = deployments_by_name(api)
-    assert declared == {"nightly-retrain", "backfill", "rollback"} == set(deployed)
+    assert declared == {"nightly-retrain", "backfill", "rollback", "monitor"} == set(deployed)
     nightly = deployed["nightly-retrain"]
     [schedule] = nightly["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "Europe/Berlin"
@@ -147,6 +147,9 @@ def test_prefect_yaml_deploys_and_a_worker_runs_the_backfill_deployment(
     assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert all(d["work_pool_name"] == POOL for d in deployed.values())
     assert deployed["backfill"]["schedules"] == []
+    [hourly] = deployed["monitor"]["schedules"]
+    assert hourly["schedule"]["cron"] == "15 * * * *" and hourly["active"]
+    assert deployed["monitor"]["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     # The pull step runs flows from the checkout `prefect deploy` ran in.
     [pull] = deployed["backfill"]["pull_steps"]
     assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == str(PROJECT_ROOT)

@@ -627,6 +627,8 @@ def _print_decision(result: Any) -> None:
     if result.decision is None:
         return
     verdict = "PROMOTED" if result.promoted else "REJECTED"
+    if result.promoted and result.decision.get("alias") == "challenger":
+        verdict = "PROMOTED to challenger (A/B test: `tuneline monitor` decides)"
     rules = "\n".join(
         f"  {'PASS' if rule['passed'] else 'FAIL'} {rule['rule']}: {rule['detail']}"
         for rule in result.decision["rules"]
@@ -692,13 +694,70 @@ def rollback(
     )
 
 
+@app.command()
+def monitor(
+    config: Path | None = ConfigOption,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Decide and record the decision, but move no alias."
+    ),
+    no_harvest: bool = typer.Option(
+        False, "--no-harvest", help="Do not turn users' corrections into a raw data partition."
+    ),
+    as_of: str | None = typer.Option(
+        None, "--as-of", help="Day (YYYY-MM-DD) the harvested corrections are filed under (default: today)."
+    ),
+) -> None:
+    """Decide the A/B test (promotion.rollout: ab) on the gateway's traces: promote the challenger, keep
+    collecting (and how much more), or end the test; and turn corrections from feedback into data."""
+    read_config(config)
+    day = None
+    if as_of:
+        try:
+            day = date.fromisoformat(as_of)
+        except ValueError:
+            usage_error(f"--as-of: {as_of!r} is not a date (write it as YYYY-MM-DD)")
+    from tuneline.flows.monitor import monitor as monitor_flow
+
+    with reporting_failures() as expected:
+        try:
+            report = monitor_flow(
+                config=str(config) if config else None, apply=not dry_run, harvest=not no_harvest, as_of=day
+            )
+        except expected as exc:
+            failed("monitor failed", exc)
+    decision = report.decision
+    if decision is None:
+        typer.echo(f"{report.registered_model}: no challenger, no A/B test to decide")
+        return
+    typer.echo(f"{decision.action}: {decision.reason}")
+    if decision.needed_rated_per_variant is not None:
+        typer.echo(
+            f"still needed: about {decision.needed_rated_per_variant} rated answers per variant"
+            + (f" (~{decision.needed_requests} requests)" if decision.needed_requests is not None else "")
+        )
+    if report.outcome is not None:
+        typer.echo(
+            f"champion: version {report.outcome.champion}"
+            + (f"; previous: version {report.outcome.previous}" if report.outcome.previous else "")
+        )
+
+
 DEMO_NIGHTS = ("2026-11-21", "2026-11-22")  # two consecutive days of the demo data in data/raw/support
 
 
 @app.command()
-def demo(config: Path | None = ConfigOption) -> None:
+def demo(
+    config: Path | None = ConfigOption,
+    traffic: bool = typer.Option(
+        False,
+        "--traffic",
+        help="After the two nights: simulated users talk to the gateway and rate its answers; the monitor decides.",
+    ),
+) -> None:
     """Two nights of the nightly job on the demo data: night 1 trains and promotes the first champion,
-    night 2 sees a new day of data, trains a candidate, compares it with the champion and decides."""
+    night 2 sees a new day of data, trains a candidate, compares it with the champion and decides.
+    With --traffic, users then talk to `tuneline gateway` (A/B: champion vs challenger), rate the answers
+    from the demo's answer key, and the monitor decides the test (README: A/B rollout)."""
     import time
 
     from tuneline.flows.retrain import retrain
@@ -720,12 +779,70 @@ def demo(config: Path | None = ConfigOption) -> None:
         _print_decision(result)
     from tuneline.tracking import store_location
 
+    if traffic:
+        _demo_traffic(cfg, config)
     console.rule("done")
     console.print(
-        f"two nights in {time.monotonic() - started:.0f} s. MLflow store: {store_location(cfg.tracking)}\n"
+        f"{'two nights and the traffic' if traffic else 'two nights'} in {time.monotonic() - started:.0f} s. "
+        f"MLflow store: {store_location(cfg.tracking)}\n"
         f"open the UI with: .venv/bin/tuneline ui{f' --config {config}' if config else ''}",
         highlight=False,
         soft_wrap=True,
+    )
+
+
+DEMO_TRAFFIC_DAY = "2026-11-23"  # the day the users' corrections are filed under (the night after night 2)
+DEMO_FEEDBACK_DIR = ".tuneline/demo/feedback/support"
+
+
+def _demo_traffic(cfg: Config, config: Path | None) -> None:
+    """The traffic part of `tuneline demo --traffic` (tuneline/demo/traffic.py), then the monitor."""
+    from tuneline.demo.traffic import ensure_challenger, run_traffic
+    from tuneline.flows.monitor import monitor as monitor_flow
+
+    console.rule("traffic: users talk to the gateway, the monitor decides")
+    with reporting_failures() as expected:
+        try:
+            champion, challenger, stand_in = ensure_challenger(cfg)
+            if stand_in:
+                console.print(
+                    f"night 2 made no challenger: version {challenger}, the untuned base model "
+                    f"{cfg.model.base}, stands in (tagged tuneline.demo) against champion version {champion}",
+                    highlight=False,
+                )
+            else:
+                console.print(
+                    f"challenger version {challenger} vs champion version {champion}", highlight=False
+                )
+            outcome = run_traffic(cfg, log=lambda line: console.print(line, highlight=False))
+            for variant in sorted(outcome.by_variant):
+                rated = outcome.rated[variant]
+                console.print(
+                    f"  {variant}: {outcome.by_variant[variant]} answers, {rated} rated, "
+                    f"{outcome.positive[variant]} up",
+                    highlight=False,
+                )
+            console.print(
+                f"  {outcome.corrections} corrections, {outcome.failed} failed requests", highlight=False
+            )
+            # Filed apart from the committed demo data (data/ is what `tuneline demo-data` writes, byte for byte).
+            report = monitor_flow(
+                config=str(config) if config else None,
+                as_of=date.fromisoformat(DEMO_TRAFFIC_DAY),
+                feedback_dir=DEMO_FEEDBACK_DIR,
+            )
+        except expected as exc:
+            failed("the traffic demo failed", exc)
+    if report.decision is not None:
+        console.print(f"monitor: {report.decision.action}: {report.decision.reason}", highlight=False)
+        if report.outcome is not None:
+            moved = "is now" if report.outcome.action == "promoted" else "stays"
+            console.print(f"champion {moved} version {report.outcome.champion}", highlight=False)
+    console.print(
+        f"users' corrections: {DEMO_FEEDBACK_DIR}/dt={DEMO_TRAFFIC_DAY}/feedback.jsonl (the demo keeps them "
+        "out of data/; a real deployment files them under its data source, where the next nightly run "
+        "reads them)",
+        highlight=False,
     )
 
 

@@ -231,7 +231,36 @@ class EvaluationConfig(Section):
     judge: JudgeConfig = JudgeConfig()
 
 
+class MonitorConfig(Section):
+    """The A/B monitor (flows/monitor.py): when the challenger has earned `champion`, or lost its test."""
+
+    # One-sided significance of the feedback-rate difference, each way (better -> promote, worse -> end).
+    alpha: Probability = 0.05
+    # Power the "sample size still needed" estimate is computed for.
+    power: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.8
+    # The smallest difference in the positive-feedback rate worth detecting (absolute).
+    min_effect: Annotated[float, Field(gt=0.0, le=1.0)] = 0.05
+    # Fewer rated answers than this on either variant decide nothing yet.
+    min_feedback_per_variant: int = Field(default=30, ge=1)
+    # With this many rated answers per variant and still no significant difference, the test ends.
+    max_feedback_per_variant: int = Field(default=5000, ge=1)
+    # Guard rails that end a test whatever the feedback says: the challenger's error rate significantly
+    # above the champion's, or its p95 latency over this multiple of the champion's.
+    max_latency_ratio_p95: float = Field(default=2.0, gt=1.0)
+    # The latest traces per variant sent through mlflow.genai.evaluate for the UI's comparison (0: off).
+    evaluate_max_traces: int = Field(default=500, ge=0)
+    # The registered-model experiment traces are read from is `serving/<registered model>`.
+    trace_experiment_prefix: str = "serving/"
+    # Where feedback corrections become raw data (a `dt=YYYY-MM-DD/feedback.jsonl` partition);
+    # None: the folder of the first configured source.
+    feedback_dir: str | None = None
+
+
 class PromotionConfig(Section):
+    # direct: a candidate that passes the gate becomes `champion`; ab: it becomes `challenger`, and the
+    # monitor flow promotes it (or ends its test) on what users said (the first model becomes champion).
+    rollout: Literal["direct", "ab"] = "direct"
+    monitor: MonitorConfig = MonitorConfig()
     primary_metric: Literal["exact_match", "normalized_match", "token_f1"] = "exact_match"
     min_delta: float = Field(default=0.02, ge=0.0)
     alpha: Probability = 0.05

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, fisher_exact, norm
 
 MetricName = Literal["exact_match", "normalized_match", "token_f1"]
 METRICS: tuple[MetricName, ...] = ("exact_match", "normalized_match", "token_f1")
@@ -232,3 +232,42 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Estimat
         return Estimate(math.nan, math.nan, math.nan, 0, confidence)
     interval = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
     return Estimate(successes / n, float(interval.low), float(interval.high), n, confidence)
+
+
+# --- A/B tests on live traffic (the monitor flow): independent samples, not paired ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProportionTest:
+    """B's rate minus A's on independent samples, with both one-sided p-values (Fisher's exact test)."""
+
+    delta: float  # rate(b) - rate(a)
+    p_greater: float  # H1: b's rate > a's
+    p_less: float  # H1: b's rate < a's
+    n_a: int
+    n_b: int
+
+
+def two_proportion_test(successes_a: int, n_a: int, successes_b: int, n_b: int) -> ProportionTest:
+    """Is B's rate higher (or lower) than A's? Fisher's exact test on the 2x2 table, each way: exact at
+    any sample size (no normal approximation at small n), conservative rather than optimistic."""
+    if n_a == 0 or n_b == 0:
+        return ProportionTest(math.nan, 1.0, 1.0, n_a, n_b)
+    table = [[successes_b, n_b - successes_b], [successes_a, n_a - successes_a]]
+    greater = fisher_exact(table, alternative="greater").pvalue
+    less = fisher_exact(table, alternative="less").pvalue
+    return ProportionTest(successes_b / n_b - successes_a / n_a, float(greater), float(less), n_a, n_b)
+
+
+def samples_per_group(rate: float, min_effect: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Observations per group for a one-sided two-proportion test at `alpha` to detect a difference of
+    `min_effect` around `rate` with probability `power` (the normal-approximation formula, e.g. Fleiss,
+    Statistical Methods for Rates and Proportions, 3rd ed., 4.14)."""
+    if not 0 < min_effect <= 1:
+        raise ValueError(f"min_effect must be in (0, 1], got {min_effect}")
+    low = min(max(rate - min_effect / 2, 0.0), 1.0 - min_effect)
+    p1, p2 = low, low + min_effect
+    mean = (p1 + p2) / 2
+    z_alpha, z_power = norm.ppf(1 - alpha), norm.ppf(power)
+    spread = z_alpha * math.sqrt(2 * mean * (1 - mean)) + z_power * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return max(1, math.ceil(spread**2 / min_effect**2))

@@ -228,6 +228,8 @@ def _decision_section(decision: Mapping[str, Any]) -> list[str]:
 def _verdict(decision: Mapping[str, Any] | None) -> str:
     if not decision:
         return "-"
+    if decision.get("promoted") and decision.get("alias") == "challenger":
+        return "PROMOTED to challenger (A/B)"
     return "PROMOTED" if decision.get("promoted") else "REJECTED"
 
 
@@ -268,3 +270,77 @@ def _usd(value: float | None) -> str:
 def _cell(value: Any) -> str:
     # A pipe or a newline inside a cell would break the table's columns.
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_monitor_summary(
+    registered_model: str,
+    decision: Mapping[str, Any] | None,
+    *,
+    champion_version: str | None,
+    challenger_version: str | None,
+    since: str | None,
+    registry_move: str | None,
+    harvested: str | None,
+    mlflow_run_url: str | None = None,
+    mlflow_hint: str | None = None,
+) -> str:
+    """Markdown for one monitor run: per-variant figures, the decision and why, what it moved, and the
+    corrections it turned into data. `decision` is `MonitorDecision.as_dict()` (None: no A/B test)."""
+    lines = [f"# monitor of {_cell(registered_model)}", ""]
+    if decision is None:
+        facts = [
+            "**Outcome:** no A/B test (no challenger)",
+            f"**Champion:** version {_cell(champion_version)}",
+        ]
+    else:
+        facts = [
+            f"**Outcome:** {_cell(decision['action'])}",
+            f"**Challenger:** version {_cell(challenger_version)} vs champion version {_cell(champion_version)}",
+            f"**Since:** {_cell(since)}",
+        ]
+        if registry_move:
+            facts.append(f"**Registry:** {_cell(registry_move)}")
+        facts.append(_mlflow_line(mlflow_run_url, mlflow_hint))
+    if harvested:
+        facts.append(f"**Feedback as data:** {_cell(harvested)}")
+    lines += ["  \n".join(facts), ""]
+    if decision is None:
+        return "\n".join(lines).rstrip() + "\n"
+    lines += ["## Variants", ""]
+    lines += [
+        "| variant | version | requests | error rate | rated | positive feedback [CI] | p50 ms | p95 ms "
+        "| p99 ms | tokens/request |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for variant in ("champion", "challenger"):
+        stats = decision[variant]
+        positive = stats["positive"]
+        latency = stats["latency_ms"]
+        rate = (
+            f"{_number(positive['mean'])} [{_number(positive['low'])}, {_number(positive['high'])}]"
+            if positive["n"]
+            else "n/a"
+        )
+        lines.append(
+            f"| {variant} | {_cell(stats['model_version'])} | {_number(stats['requests'])} "
+            f"| {_number(stats['error_rate'])} | {_number(stats['rated'])} | {rate} | {_number(latency['p50'])} "
+            f"| {_number(latency['p95'])} | {_number(latency['p99'])} | {_number(stats['tokens_mean'])} |"
+        )
+    test = decision["feedback_test"]
+    lines += [
+        "",
+        "## Decision",
+        "",
+        f"{_cell(decision['reason'])}",
+        "",
+        f"Fisher's exact test on positive feedback: delta {_number(test['delta'])}, p (challenger better) "
+        f"{_number(test['p_greater'])}, p (challenger worse) {_number(test['p_less'])}.",
+    ]
+    if decision.get("needed_rated_per_variant") is not None:
+        needed = (
+            f"Still needed: about {_number(decision['needed_rated_per_variant'])} rated answers per variant"
+        )
+        if decision.get("needed_requests") is not None:
+            needed += f" (about {_number(decision['needed_requests'])} requests at the current rating share)"
+        lines += ["", needed + "."]
+    return "\n".join(lines).rstrip() + "\n"

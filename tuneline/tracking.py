@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ def store_location(tracking: TrackingConfig) -> Path | str:
 MODEL_ID_TAG = "tuneline.model_id"  # the provider's model id, on every registered model version
 CHAMPION = "champion"
 PREVIOUS = "previous"
+CHALLENGER = "challenger"  # promotion.rollout = ab: the version under A/B test against the champion
 
 
 class RegistryError(RuntimeError):
@@ -185,10 +186,44 @@ def set_alias(tracking: TrackingConfig, alias: str, version: str) -> None:
     client(tracking).set_registered_model_alias(tracking.registered_model, alias, str(version))
 
 
+def delete_alias(tracking: TrackingConfig, alias: str) -> None:
+    client(tracking).delete_registered_model_alias(tracking.registered_model, alias)
+
+
 def set_version_tags(tracking: TrackingConfig, version: str, tags: Mapping[str, str]) -> None:
     mlflow_client = client(tracking)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(tracking.registered_model, str(version), key, value)
+
+
+def evaluate_traces(
+    tracking: TrackingConfig,
+    traces: Sequence[Any],
+    scorers: Sequence[Any],
+    *,
+    run_name: str,
+    parent_run_id: str,
+    tags: Mapping[str, str],
+) -> str:
+    """`mlflow.genai.evaluate` of existing traces with code scorers, in a run nested under
+    `parent_run_id` (in the parent's experiment); returns the evaluation run's id."""
+    import pandas as pd
+
+    uri = tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
+    mlflow_client = client(tracking)
+    experiment_id = mlflow_client.get_run(parent_run_id).info.experiment_id
+    created = mlflow_client.create_run(
+        experiment_id, run_name=run_name, tags=_masked({**tags, PARENT_RUN_TAG: parent_run_id})
+    )
+    run_id = created.info.run_id
+    try:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.genai.evaluate(data=pd.DataFrame({"trace": list(traces)}), scorers=list(scorers))
+    except BaseException:
+        mlflow_client.set_terminated(run_id, status="FAILED")
+        raise
+    return run_id
 
 
 # --- reading runs back (summaries, tests, `tuneline ui`) -----------------------------------------------
@@ -577,6 +612,17 @@ class RunLog:
     def log_decision(self, decision: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         """A promotion decision: the whole decision as promotion/decision.json, its outcome as tags."""
         self._client.log_dict(self.run_id, dict(decision), "promotion/decision.json")
+        self._tags(tags)
+
+    def log_monitor(
+        self, decision: Mapping[str, Any], metrics: Mapping[str, float], tags: Mapping[str, str]
+    ) -> None:
+        """An A/B monitor decision: the whole decision as monitor/decision.json, its figures as metrics
+        (ab/<variant>/<figure>, ab/p_better, ...), its outcome as tags."""
+        self._client.log_dict(
+            self.run_id, json.loads(json.dumps(decision, default=str)), "monitor/decision.json"
+        )
+        self._metrics(metrics)
         self._tags(tags)
 
     def log_backfill(self, dates_csv: str, outcomes: Mapping[str, int]) -> None:

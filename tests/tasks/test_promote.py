@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -13,8 +14,16 @@ import pytest
 from tuneline import tracking
 from tuneline.config import EvaluationConfig, PromotionConfig, TrackingConfig
 from tuneline.tasks.evaluate import EvaluationResult, Role, score_frame, summarize
-from tuneline.tasks.promote import Candidate, gate_evidence, promote, rollback
-from tuneline.tracking import CHAMPION, PREVIOUS, RegistryError
+from tuneline.tasks.promote import (
+    Candidate,
+    challenger_since,
+    end_challenger,
+    gate_evidence,
+    promote,
+    promote_challenger,
+    rollback,
+)
+from tuneline.tracking import CHALLENGER, CHAMPION, PREVIOUS, RegistryError
 
 SETTINGS = EvaluationConfig(bootstrap_samples=200)
 GATE = PromotionConfig(min_delta=0.02, alpha=0.05, max_canary_drop=0.1)
@@ -270,3 +279,98 @@ def test_rollback_errors_name_the_fix(registry: TrackingConfig) -> None:
         rollback(registry, "7", by="a", reason="r", at=at)
     with pytest.raises(RegistryError, match="already the champion"):
         rollback(registry, "1", by="a", reason="r", at=at)
+
+
+AB = GATE.model_copy(update={"rollout": "ab"})
+
+
+def better_than_champion(model: str, champion_version: str) -> EvaluationResult:
+    return result_of(
+        {"candidate": 38, "base": 10, "champion": 30},
+        {"candidate": 16, "base": 16, "champion": 16},
+        {**MODELS, "candidate": model, "champion": "ft:tiny:a"},
+        champion_version=champion_version,
+    )
+
+
+def test_rollout_ab_makes_a_passing_candidate_the_challenger_not_the_champion(
+    registry: TrackingConfig,
+) -> None:
+    # The first model has nothing to be tested against: it becomes champion even with rollout ab.
+    first = promote(
+        registry,
+        AB,
+        result_of({"candidate": 30, "base": 10}, {"candidate": 16, "base": 16}, MODELS),
+        candidate("ft:tiny:a"),
+        new_run(registry),
+    )
+    assert (first.version, first.alias, first.champion) == ("1", CHAMPION, "1")
+
+    run_log = new_run(registry)
+    outcome = promote(registry, AB, better_than_champion("ft:tiny:b", "1"), candidate("ft:tiny:b"), run_log)
+    assert outcome.decision.promoted and (outcome.version, outcome.alias, outcome.champion) == (
+        "2",
+        CHALLENGER,
+        "1",
+    )
+    assert tracking.alias_version(registry, CHAMPION).version == "1"  # type: ignore[union-attr]
+    assert tracking.alias_version(registry, PREVIOUS) is None
+    challenger = tracking.alias_version(registry, CHALLENGER)
+    assert challenger is not None and challenger.model_id == "ft:tiny:b"
+    assert challenger.tags["tuneline.challenger.by"] == f"promote (MLflow run {run_log.run_id})"
+    assert "passed the offline gate against the champion" in challenger.tags["tuneline.challenger.reason"]
+    since = challenger_since(challenger)
+    assert since is not None and abs((datetime.now(UTC) - since).total_seconds()) < 120
+    assert [m["alias"] for m in json.loads(challenger.tags["tuneline.alias_history"])] == [CHALLENGER]
+    run = tracking.read_run(registry, run_log.run_id)
+    assert (run.tags["tuneline.promotion"], run.tags["tuneline.promotion.alias"]) == ("promoted", CHALLENGER)
+
+    # A newer passing candidate replaces a challenger still under test; the champion never moves.
+    third = promote(
+        registry, AB, better_than_champion("ft:tiny:c", "1"), candidate("ft:tiny:c"), new_run(registry)
+    )
+    assert (third.version, third.alias) == ("3", CHALLENGER)
+    assert tracking.alias_version(registry, CHALLENGER).version == "3"  # type: ignore[union-attr]
+    assert (
+        tracking.model_version(registry, "2").tags["tuneline.challenger_replaced.reason"] == "replaced by 3"
+    )
+    assert tracking.alias_version(registry, CHAMPION).version == "1"  # type: ignore[union-attr]
+
+
+def test_the_monitor_promotes_or_ends_the_challenger_and_the_registry_keeps_the_history(
+    registry: TrackingConfig,
+) -> None:
+    seed_champion(registry)
+    promote(registry, AB, better_than_champion("ft:tiny:b", "1"), candidate("ft:tiny:b"), new_run(registry))
+    at = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
+    with pytest.raises(RegistryError, match=r"now version 2, not 7: nothing was moved"):
+        promote_challenger(registry, "7", by="monitor", reason="r", at=at)
+
+    won = promote_challenger(registry, "2", by="monitor (run x)", reason="feedback 0.80 vs 0.60", at=at)
+    assert (won.action, won.challenger, won.champion, won.previous) == ("promoted", "2", "2", "1")
+    assert tracking.alias_version(registry, CHAMPION).version == "2"  # type: ignore[union-attr]
+    assert tracking.alias_version(registry, PREVIOUS).version == "1"  # type: ignore[union-attr]
+    assert tracking.alias_version(registry, CHALLENGER) is None
+    champion = tracking.model_version(registry, "2")
+    history = json.loads(champion.tags["tuneline.alias_history"])
+    assert [(m["alias"], m["by"]) for m in history] == [
+        (CHALLENGER, history[0]["by"]),
+        (CHAMPION, "monitor (run x)"),
+    ]
+    assert history[1] == {
+        "alias": CHAMPION,
+        "at": "2026-11-24T08:00:00+00:00",
+        "by": "monitor (run x)",
+        "reason": "feedback 0.80 vs 0.60",
+    }
+    assert "challenger 2 won" in tracking.model_version(registry, "1").tags["tuneline.previous.reason"]
+
+    # A losing challenger: its alias goes, champion and previous stay where they were.
+    promote(registry, AB, better_than_champion("ft:tiny:c", "2"), candidate("ft:tiny:c"), new_run(registry))
+    lost = end_challenger(registry, "3", by="monitor", reason="worse feedback", at=at)
+    assert (lost.action, lost.challenger, lost.champion, lost.previous) == ("ended", "3", "2", "1")
+    assert tracking.alias_version(registry, CHALLENGER) is None
+    ended = tracking.model_version(registry, "3")
+    assert ended.aliases == () and ended.tags["tuneline.challenger_ended.reason"] == "worse feedback"
+    with pytest.raises(RegistryError, match=r"now version \(none\), not 3"):
+        end_challenger(registry, "3", by="monitor", reason="again", at=at)

@@ -262,3 +262,23 @@ def test_only_expected_failures_lose_their_traceback() -> None:
         )
         assert keep.filter(record) and (record.exc_info is None) == stripped
     assert ProviderError in expected_failures()
+
+
+def test_monitor_usage_and_config_errors_are_one_line(tmp_path: Path, support_project: Any) -> None:
+    config = support_project(tmp_path, {"2025-01-02": 12})
+    outcome = runner.invoke(app, ["monitor", "--config", str(config), "--as-of", "2026-13-45"])
+    assert outcome.exit_code == 2 and "--as-of" in one_line(outcome.output), outcome.output
+    config.write_text(config.read_text() + "promotion:\n  rollout: canary\n")
+    outcome = runner.invoke(app, ["monitor", "--config", str(config)])
+    assert outcome.exit_code == 2, outcome.output
+    line = one_line(outcome.output)
+    assert "promotion.rollout" in line and "'direct'" in line and "'ab'" in line
+
+
+def test_monitor_without_a_challenger_decides_nothing(
+    prefect_server: None, tmp_path: Path, support_project: Any
+) -> None:
+    config = support_project(tmp_path, {"2025-01-02": 12})
+    outcome = runner.invoke(app, ["monitor", "--config", str(config), "--no-harvest"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "support-assistant: no challenger, no A/B test to decide" in outcome.output

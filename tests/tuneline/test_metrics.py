@@ -160,3 +160,28 @@ def test_wilson_interval_matches_the_formula() -> None:
     assert abs(estimate.low - (centre - half)) < 1e-9 and abs(estimate.high - (centre + half)) < 1e-9
     assert wilson_interval(0, 5).low == 0.0 and wilson_interval(5, 5).high == 1.0
     assert math.isnan(wilson_interval(0, 0).mean)
+
+
+def test_two_proportion_test_is_one_sided_each_way_and_symmetric() -> None:
+    from tuneline.metrics import two_proportion_test
+
+    better = two_proportion_test(27, 50, 43, 50)
+    assert better.delta == pytest.approx(0.32) and better.p_greater < 0.001 < 0.99 < better.p_less
+    swapped = two_proportion_test(43, 50, 27, 50)
+    assert swapped.p_less == pytest.approx(better.p_greater) and swapped.p_greater == pytest.approx(
+        better.p_less
+    )
+    same = two_proportion_test(35, 50, 35, 50)
+    assert same.delta == 0 and same.p_greater > 0.5 and same.p_less > 0.5
+    assert two_proportion_test(0, 0, 3, 5).p_greater == 1.0
+
+
+def test_samples_per_group_is_the_textbook_figure() -> None:
+    from tuneline.metrics import samples_per_group
+
+    # 10% vs 15%, one-sided alpha 0.05, power 0.8: about 540 per group (Fleiss, without continuity correction).
+    assert abs(samples_per_group(0.125, 0.05, alpha=0.05, power=0.8) - 540) <= 1
+    assert samples_per_group(0.5, 0.2) < samples_per_group(0.5, 0.1) < samples_per_group(0.5, 0.05)
+    assert samples_per_group(0.99, 0.05) == samples_per_group(0.975, 0.05)  # clipped into [0, 1]
+    with pytest.raises(ValueError, match="min_effect"):
+        samples_per_group(0.5, 0.0)

@@ -231,3 +231,22 @@ def test_prepare_backfill_has_no_candidate_or_decision_columns() -> None:
     header = next(line for line in md.splitlines() if line.startswith("| date |"))
     assert "candidate" not in header and "decision" not in header
     assert len(table_rows(md, "| date |")[0]) == 10
+
+
+def test_a_candidate_promoted_to_challenger_says_so() -> None:
+    from tuneline.reporting import RunSummary, render_run_summary
+
+    decision = {
+        "promoted": True,
+        "alias": "challenger",
+        "reference": "champion",
+        "reference_model": "ft:a",
+        "rules": [],
+    }
+    assert "**PROMOTED to challenger (A/B)** against the champion" in render_run_summary(
+        RunSummary(flow="retrain", decision=decision)
+    )
+    direct = {**decision, "alias": "champion"}
+    assert "**PROMOTED** against the champion" in render_run_summary(
+        RunSummary(flow="retrain", decision=direct)
+    )
