@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.server.test_hub import checkpoint_files  # noqa: F401 (a fixture: a tokenizer with a template)
-from tuneline.server.adapters import held_bytes
+from tuneline.server.adapters import held_bytes, load_chat_model
 from tuneline.server.modeling import ChatModel, load_causal_lm
 
 MESSAGES = [{"role": "user", "content": "Where is my parcel?"}]
@@ -71,7 +71,7 @@ def test_three_adapters_hold_the_base_once(base_and_adapters: tuple[Path, list[P
     cpu = torch.device("cpu")
     base_bytes = held_bytes([load_causal_lm(base, cpu, torch.float32)])
     adapter_bytes = sum(p.stat().st_size for p in adapters[0].glob("*.safetensors"))
-    loaded = [ChatModel.load(folder, dtype="float32") for folder in adapters]
+    loaded = [load_chat_model(folder, dtype="float32") for folder in adapters]
     held = held_bytes([m.model for m in loaded])
     margin = base_bytes // 20
     assert held < base_bytes + 3 * adapter_bytes + margin, (held, base_bytes, adapter_bytes)
@@ -91,7 +91,7 @@ def test_each_adapter_answers_as_peft_alone_together_or_switching(
 
     base, adapters = base_and_adapters
     cpu = torch.device("cpu")
-    shared = [ChatModel.load(folder, dtype="float32") for folder in adapters]
+    shared = [load_chat_model(folder, dtype="float32") for folder in adapters]
     alone = []
     for folder in adapters:
         reference = PeftModel.from_pretrained(load_causal_lm(base, cpu, torch.float32), str(folder)).eval()

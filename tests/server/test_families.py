@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuneline.server.adapters import load_chat_model
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat
 from tuneline.server.hyperparameters import Hyperparameters
 from tuneline.server.modeling import ChatModel, load_causal_lm, load_tokenizer
@@ -359,7 +360,7 @@ def test_lora_fine_tuning_saves_an_adapter_that_resumes_exactly(
     )
     assert resumed.model_dir is not None
     assert weights_digest(resumed.model_dir) == weights_digest(whole.model_dir)
-    tuned, plain = ChatModel.load(whole.model_dir), ChatModel.load(base)
+    tuned, plain = load_chat_model(whole.model_dir), ChatModel.load(base)
     ids = torch.tensor([tuned.format.encode_prompt(conversation(QUESTIONS[0])["messages"][:2])])
     with torch.no_grad():
         assert not torch.allclose(tuned.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)

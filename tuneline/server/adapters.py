@@ -23,7 +23,16 @@ from typing import Any
 import torch
 
 from tuneline.server.chat_template import ChatFormat
-from tuneline.server.modeling import BatchedDecoder, ChatModel, adapter_base, load_causal_lm, load_tokenizer
+from tuneline.server.modeling import (
+    BatchedDecoder,
+    ChatModel,
+    adapter_base,
+    inference_dtype,
+    is_adapter_of_checkpoint,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+)
 
 
 class SharedBase:
@@ -107,6 +116,19 @@ def adapter_chat_model(adapter_dir: Path, device: torch.device, dtype: torch.dty
     )
     model.shared_base = shared  # type: ignore[attr-defined]  # keeps the base alive while this model is
     return model
+
+
+def load_chat_model(path: Path, dtype: str = "auto", context_length: int | None = None) -> ChatModel:
+    """What the server answers a model id with: a LoRA fine-tune of a checkpoint as its adapter over the
+    shared base, anything else as ChatModel.load does (same `dtype` and `context_length` rules)."""
+    if not is_adapter_of_checkpoint(Path(path)):
+        return ChatModel.load(path, dtype=dtype, context_length=context_length)
+    device = pick_device()
+    chosen = inference_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+    loaded = adapter_chat_model(Path(path), device, chosen)
+    if context_length is not None:
+        loaded.context_length = min(loaded.context_length, context_length)
+    return loaded
 
 
 def held_bytes(models: list[Any]) -> int:

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tuneline.server.settings import ORGANIZATION
-
 log = logging.getLogger(__name__)
+
+ORGANIZATION = "tuneline"  # the {org} slot of `ft:{base}:{org}:{suffix}:{id}` and `owned_by` of fine-tunes
 
 BUILTIN_MODEL = "tuneline-tiny"
 ADAPTER_CONFIG = "adapter_config.json"

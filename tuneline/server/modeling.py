@@ -627,18 +627,13 @@ class ChatModel:
 
     @classmethod
     def load(cls, path: Path, dtype: str = "auto", context_length: int | None = None) -> ChatModel:
-        """A model directory (full checkpoint or LoRA adapter) on CUDA when present, else CPU, in
-        `dtype` (auto: inference_dtype), answering within `context_length` tokens when that is below
-        the checkpoint's own."""
+        """A model directory (full checkpoint, or LoRA adapter merged into a copy of its base) on CUDA
+        when present, else CPU, in `dtype` (auto: inference_dtype), answering within `context_length`
+        tokens when that is below the checkpoint's own. The server loads LoRA fine-tunes over one shared
+        base instead (tuneline/server/adapters.py's load_chat_model)."""
         device = pick_device()
         chosen = inference_dtype(device) if dtype == "auto" else getattr(torch, dtype)
-        loaded: ChatModel
-        if is_adapter_of_checkpoint(Path(path)):
-            from tuneline.server.adapters import adapter_chat_model  # LoRA over a base held once
-
-            loaded = adapter_chat_model(Path(path), device, chosen)
-        else:
-            loaded = cls(load_causal_lm(Path(path), device, chosen), load_tokenizer(Path(path)), device)
+        loaded = cls(load_causal_lm(Path(path), device, chosen), load_tokenizer(Path(path)), device)
         if context_length is not None:
             loaded.context_length = min(loaded.context_length, context_length)
         return loaded

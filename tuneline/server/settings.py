@@ -6,12 +6,9 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tuneline.server.catalog import CatalogEntry
+from tuneline.server.catalog import CatalogEntry
 
-ORGANIZATION = "tuneline"  # the {org} slot of `ft:{base}:{org}:{suffix}:{id}` and `owned_by` of fine-tunes
 API_KEY_ENV = "TUNELINE_API_KEY"
 
 

@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tuneline.server.catalog import fine_tuned_model_name
+from tuneline.server.catalog import ORGANIZATION, fine_tuned_model_name
 from tuneline.server.errors import APIError, file_not_found, invalid_request, job_not_found
 from tuneline.server.protocol import (
     MAX_SEED,
@@ -37,7 +37,6 @@ from tuneline.server.protocol import (
 from tuneline.server.scheduler import JobRunner
 from tuneline.server.services.models import ModelService
 from tuneline.server.services.paging import stale_cursor
-from tuneline.server.settings import ORGANIZATION
 from tuneline.server.store import CheckpointRecord, CursorNotFound, EventRecord, JobRecord, Store, new_id, now
 
 log = logging.getLogger("tuneline.server")

@@ -17,10 +17,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from tuneline.server.catalog import BUILTIN_MODEL, base_model_ids, entry_of, is_model_dir
+from tuneline.server.catalog import BUILTIN_MODEL, ORGANIZATION, base_model_ids, entry_of, is_model_dir
 from tuneline.server.errors import APIError, model_not_found
 from tuneline.server.protocol import DeleteModelResponse, ListModelsResponse, Model
-from tuneline.server.settings import ORGANIZATION, ServerSettings
+from tuneline.server.settings import ServerSettings
 from tuneline.server.store import ModelRecord, Store
 
 log = logging.getLogger("tuneline.server")
@@ -181,13 +181,13 @@ class ModelService:
             with self._lock:
                 if model_id in self._loaded:
                     return self._loaded[model_id]
-            from tuneline.server.modeling import ChatModel  # torch: only where a model is loaded
+            from tuneline.server.adapters import load_chat_model  # torch: only where a model is loaded
 
             path = self.path_of(model_id)
             base = self.base_of(model_id)
             entry = entry_of(base, self.settings.models) if base is not None else None
             started = time.monotonic()
-            model = ChatModel.load(
+            model = load_chat_model(
                 path,
                 dtype=entry.dtype if entry is not None else "auto",
                 context_length=entry.context_length if entry is not None else None,
