@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -55,6 +54,7 @@ from tuneline.metrics import (
 )
 from tuneline.paths import resolve
 from tuneline.provider import Provider, ProviderError, retrying
+from tuneline.tasks.eval_review import log_result
 from tuneline.tracking import RunLog
 
 Role = Literal["candidate", "champion", "base", "few_shot"]
@@ -356,7 +356,26 @@ class EvaluationResult:
         return int(rows["error"].notna().sum())
 
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metrics: eval/<set>/<role>/<metric> (+ _ci_low, _ci_high), unanswered, labels."""
+        """The run's headline metrics, few and readable: exact match per set and model, the examples
+        per set, the unanswered requests and the judge's win rate. The other metrics, intervals and
+        per-label figures are tables (intervals_table, label_table); every figure is in all_figures
+        and eval/report.json."""
+        flat = {
+            f"eval/{set_name}/{role}/{metric}": estimate.mean
+            for (set_name, role, metric), estimate in self.estimates.items()
+            if metric == "exact_match"
+        }
+        for set_name in SETS:
+            n = int(((self.answers["set"] == set_name) & (self.answers["role"] == "candidate")).sum())
+            if n:
+                flat[f"eval/{set_name}/n_examples"] = float(n)
+        flat["eval/unanswered"] = float(self.answers["error"].notna().sum())
+        for name, estimate in self.judge.items():
+            flat[f"eval/task/judge/{name}"] = estimate.mean
+        return flat
+
+    def all_figures(self) -> dict[str, float]:
+        """Every figure, flat: eval/<set>/<role>/<metric> (+ _ci_low, _ci_high), unanswered, labels."""
         flat: dict[str, float] = {}
         for (set_name, role, metric), estimate in self.estimates.items():
             prefix = f"eval/{set_name}/{role}/{metric}"
@@ -377,6 +396,50 @@ class EvaluationResult:
             flat[f"eval/task/judge/{name}_ci_low"] = estimate.low
             flat[f"eval/task/judge/{name}_ci_high"] = estimate.high
         return flat
+
+    def intervals_table(self) -> pd.DataFrame:
+        """One row per set, model and metric: the mean and its bootstrap interval."""
+        rows = [
+            {
+                "set": set_name,
+                "role": role,
+                "model": self.models[role],
+                "metric": metric,
+                "mean": e.mean,
+                "ci_low": e.low,
+                "ci_high": e.high,
+            }
+            for (set_name, role, metric), e in self.estimates.items()
+        ]
+        rows += [
+            {
+                "set": "task",
+                "role": "judge",
+                "model": name,
+                "metric": "win_rate",
+                "mean": e.mean,
+                "ci_low": e.low,
+                "ci_high": e.high,
+            }
+            for name, e in self.judge.items()
+        ]
+        return pd.DataFrame.from_records(rows)
+
+    def label_table(self) -> pd.DataFrame:
+        """One row per set, model and label: support, correct answers and accuracy."""
+        rows = [
+            {
+                "set": set_name,
+                "role": role,
+                "label": label,
+                "support": a.support,
+                "correct": a.correct,
+                "accuracy": a.accuracy,
+            }
+            for (set_name, role), labels in self.label_accuracy.items()
+            for label, a in labels.items()
+        ]
+        return pd.DataFrame.from_records(rows)
 
     def side_by_side(self, set_name: SetName) -> pd.DataFrame:
         """One row per example: question, reference and every model's answer and exact match."""
@@ -600,72 +663,6 @@ def evaluate(
             "few_shot_examples": len(shots),
             "eval_sets": {s.name: s.path for s in eval_sets},
         },
-    )
-
-
-ROLE_COLOURS: dict[Role, str] = {
-    "candidate": "#1f77b4",
-    "champion": "#2ca02c",
-    "base": "#7f7f7f",
-    "few_shot": "#ff7f0e",
-}
-
-
-def comparison_chart(result: EvaluationResult) -> Figure:
-    """Grouped bars per metric and model with their confidence intervals, one panel per eval set."""
-    sets = [s for s in SETS if result.roles(s)]
-    figure = Figure(figsize=(5.5 * len(sets), 4.2), layout="constrained")
-    axes = figure.subplots(1, len(sets), squeeze=False)[0]
-    for axis, set_name in zip(axes, sets, strict=True):
-        roles = result.roles(set_name)
-        width = 0.8 / len(roles)
-        positions = np.arange(len(METRICS))
-        for offset, role in enumerate(roles):
-            estimates = [result.estimate(set_name, role, metric) for metric in METRICS]
-            means = np.array([e.mean for e in estimates])
-            errors = np.array([[e.mean - e.low for e in estimates], [e.high - e.mean for e in estimates]])
-            axis.bar(
-                positions + (offset - (len(roles) - 1) / 2) * width,
-                means,
-                width,
-                yerr=errors,
-                capsize=3,
-                label=f"{role} ({result.models[role]})" if len(result.models[role]) < 40 else role,
-                color=ROLE_COLOURS[role],
-            )
-        axis.set_xticks(positions, [m.replace("_", " ") for m in METRICS])
-        axis.set_ylim(0, 1.05)
-        axis.set_title(f"{set_name} set (n={len(result.scores(set_name, roles[0], 'exact_match'))})")
-        axis.legend(fontsize="small", loc="upper right")
-    figure.suptitle("Candidate vs baselines (bars: mean, whiskers: bootstrap CI)")
-    return figure
-
-
-def report_document(result: EvaluationResult) -> dict[str, Any]:
-    """The evaluation as one JSON document: models, settings, metrics, per-label accuracy, problems."""
-    return {
-        "models": dict(result.models),
-        "champion_version": result.champion_version,
-        "settings": dict(result.settings),
-        "metrics": result.metrics(),
-        "label_accuracy": {
-            f"{set_name}/{role}": {
-                label: {"support": a.support, "correct": a.correct} for label, a in labels.items()
-            }
-            for (set_name, role), labels in result.label_accuracy.items()
-        },
-        "problems": list(result.problems),
-    }
-
-
-def log_result(run: RunLog, result: EvaluationResult) -> None:
-    """Everything a reviewer needs, on the run: metrics, side-by-side outputs, the chart, the report."""
-    tables = {f"eval/{s}_outputs.json": result.side_by_side(s) for s in SETS if result.roles(s)}
-    run.log_evaluation(
-        metrics=result.metrics(),
-        tables=tables,
-        figures={"eval/comparison.png": comparison_chart(result)},
-        documents={"eval/report.json": report_document(result)},
     )
 
 
