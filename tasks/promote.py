@@ -15,9 +15,10 @@ Guarantees:
 
 from __future__ import annotations
 
+import getpass
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -134,6 +135,7 @@ def promote(
         if current is not None:
             tracking.set_alias(tracking_config, PREVIOUS, current.version)
         tracking.set_alias(tracking_config, CHAMPION, record.version)
+        describe_version(tracking_config, promotion, record.version, decision, result, run, current)
     tags = {
         "tuneline.promotion": "promoted" if decision.promoted else "rejected",
         "tuneline.promotion.reference": f"{decision.reference}:{decision.reference_model}",
@@ -224,7 +226,110 @@ def rollback(
     )
     tracking.set_alias(tracking_config, PREVIOUS, champion.version)
     tracking.set_alias(tracking_config, CHAMPION, target.version)
+    record_rollback_history(tracking_config, champion.version, target.version, by, reason, when)
     return RollbackOutcome(champion.version, target.version, target.model_id)
+
+
+# --- the model version page in the MLflow UI --------------------------------------------------------
+
+RULE_MEANINGS = {
+    "answered": "every request of the compared models came back (a comparison with gaps decides nothing)",
+    "min_delta": "it beats the reference on the primary metric by at least `promotion.min_delta`",
+    "significant": "the one-sided paired test on the same examples has p <= `promotion.alpha`",
+    "canary": "its canary score is not below the base model's by more than `promotion.max_canary_drop`",
+    "few_shot": "it scores at least as well as the base model prompted with k training examples",
+}
+
+
+def version_description(decision: Decision, promotion: PromotionConfig, run_url: str, run_id: str) -> str:
+    """The version page's description (Markdown): the decision, every rule with its figures, what each
+    rule asks, and the run that decided."""
+    verdict = "Promoted" if decision.promoted else "Rejected"
+    lines = [
+        f"**{verdict}** by the promotion gate against the {decision.reference} "
+        f"(`{decision.reference_model}`) on `{promotion.primary_metric}`, "
+        f"in run [{run_id}]({run_url}).",
+        "",
+        "| rule | result | observed | threshold | figures |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r.rule} | {'PASS' if r.passed else 'FAIL'} | {r.observed:.4g} | {r.threshold:.4g} | "
+            f"{r.detail.replace('|', '/')} |"
+            for r in decision.rules
+        ),
+        "",
+        "A candidate is promoted only when every rule passes:",
+        *(f"- `{r.rule}`: {RULE_MEANINGS.get(r.rule, '')}" for r in decision.rules),
+    ]
+    return "\n".join(lines)
+
+
+def eval_tags(result: EvaluationResult, metric: str, reference: str) -> dict[str, str]:
+    """The candidate's and the reference's scores on the gate's metric as version tags (mean [CI])."""
+    tags = {}
+    for (set_name, role, name), e in result.estimates.items():
+        if name == metric and role in {"candidate", reference} | (
+            {"base"} if set_name == "canary" else set()
+        ):
+            tags[f"tuneline.eval.{set_name}.{role}.{metric}"] = f"{e.mean:.3f} [{e.low:.3f}, {e.high:.3f}]"
+    return tags
+
+
+def describe_version(
+    tracking_config: TrackingConfig,
+    promotion: PromotionConfig,
+    version: str,
+    decision: Decision,
+    result: EvaluationResult,
+    run: RunLog,
+    previous: ModelVersionRecord | None,
+) -> None:
+    """What the new champion's page shows: the decision as its description; the run link and the eval
+    figures as tags (dataset hash, job id and model id are set at registration); a line in the alias
+    history of it and of the version it replaced."""
+    url = run.url()
+    tracking.set_version_description(
+        tracking_config, version, version_description(decision, promotion, url, run.run_id)
+    )
+    tags = {"tuneline.run_url": url, "tuneline.run_id": run.run_id}
+    tracking.set_version_tags(
+        tracking_config, version, {**tags, **eval_tags(result, promotion.primary_metric, decision.reference)}
+    )
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    flow_run = run.read().tags.get(tracking.FLOW_RUN_NAME_TAG) or run.run_id
+    who = f"{_user()} (flow run {flow_run})"
+    tracking.append_alias_history(
+        tracking_config,
+        version,
+        f"{when} champion set by {who}: the gate passed against the {decision.reference}",
+    )
+    if previous is not None:
+        tracking.append_alias_history(
+            tracking_config,
+            previous.version,
+            f"{when} champion -> previous, by {who}: replaced by version {version}",
+        )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return "unknown user"
+
+
+def record_rollback_history(
+    tracking_config: TrackingConfig, from_version: str, to_version: str, by: str, reason: str, when: str
+) -> None:
+    """A rollback in the alias history of both versions."""
+    tracking.append_alias_history(
+        tracking_config, to_version, f"{when} champion set by {by} (rollback from {from_version}): {reason}"
+    )
+    tracking.append_alias_history(
+        tracking_config,
+        from_version,
+        f"{when} champion -> previous, by {by} (rollback to {to_version}): {reason}",
+    )
 
 
 @task(name="promote", cache_policy=NO_CACHE)

@@ -195,6 +195,25 @@ def set_version_tags(tracking: TrackingConfig, version: str, tags: Mapping[str, 
         mlflow_client.set_model_version_tag(tracking.registered_model, str(version), key, value)
 
 
+ALIAS_HISTORY_TAG = "tuneline.alias_history"  # one line per alias move of a version, oldest first
+_VERSION_TAG_LIMIT = 5000
+
+
+def set_version_description(tracking: TrackingConfig, version: str, description: str) -> None:
+    """The text the version's page in the MLflow UI shows first (Markdown)."""
+    client(tracking).update_model_version(tracking.registered_model, str(version), description=description)
+
+
+def append_alias_history(tracking: TrackingConfig, version: str, entry: str) -> None:
+    """Add a line (when, which alias moved, who moved it and why) to the version's alias history tag;
+    the oldest lines give way when the tag would exceed the store's limit."""
+    record = model_version(tracking, version)
+    lines = [*record.tags.get(ALIAS_HISTORY_TAG, "").splitlines(), _mask(entry.replace("\n", " "))]
+    while len(lines) > 1 and len("\n".join(lines)) > _VERSION_TAG_LIMIT:
+        lines.pop(0)
+    set_version_tags(tracking, version, {ALIAS_HISTORY_TAG: "\n".join(lines)[-_VERSION_TAG_LIMIT:]})
+
+
 # --- reading runs back (summaries, tests, `tuneline ui`) -----------------------------------------------
 
 

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -126,6 +127,16 @@ def test_promotion_registers_an_external_model_and_moves_champion(registry: Trac
     assert champion.tags["tuneline.job_id"] == "ftjob-1"
     assert champion.tags["tuneline.provider"] == "local"
     assert tracking.alias_version(registry, PREVIOUS) is None
+    # Its page in the MLflow UI: the decision with every rule as the description, the run and the
+    # figures as tags, and who made it champion, when and why.
+    description = client_version(registry, "1").description
+    assert description.startswith("**Promoted** by the promotion gate against the base")
+    assert all(f"| {rule} | PASS |" in description for rule in ("answered", "min_delta", "significant"))
+    assert run_log.run_id in description and "`promotion.alpha`" in description
+    assert champion.tags["tuneline.run_url"].endswith(f"/runs/{run_log.run_id}")
+    assert champion.tags["tuneline.eval.task.candidate.exact_match"].startswith("0.750 [")
+    (line,) = champion.tags[tracking.ALIAS_HISTORY_TAG].splitlines()
+    assert "champion set by" in line and "the gate passed against the base" in line
 
     # The registered version points at an external LoggedModel that carries the facts and the scores.
     client = tracking.client(registry)
@@ -151,6 +162,12 @@ def test_promotion_registers_an_external_model_and_moves_champion(registry: Trac
     assert outcome.version == "2"
     assert tracking.alias_version(registry, CHAMPION).model_id == "ft:tiny:b"  # type: ignore[union-attr]
     assert tracking.alias_version(registry, PREVIOUS).model_id == "ft:tiny:a"  # type: ignore[union-attr]
+    history = tracking.model_version(registry, "1").tags[tracking.ALIAS_HISTORY_TAG].splitlines()
+    assert len(history) == 2 and "champion -> previous" in history[1] and "version 2" in history[1]
+
+
+def client_version(registry: TrackingConfig, version: str) -> Any:
+    return tracking.client(registry).get_model_version(registry.registered_model, version)
 
 
 def seed_champion(registry: TrackingConfig) -> str:
@@ -243,6 +260,12 @@ def test_rollback_restores_previous_and_records_who_when_why(registry: TrackingC
     demoted = tracking.model_version(registry, "3")
     assert demoted.aliases == (PREVIOUS,)
     assert demoted.tags["tuneline.demoted.reason"] == "complaints about refunds"
+    assert demoted.tags[tracking.ALIAS_HISTORY_TAG].splitlines()[-1] == (
+        "2026-11-25T09:30:00+00:00 champion -> previous, by alice (rollback to 2): complaints about refunds"
+    )
+    assert champion.tags[tracking.ALIAS_HISTORY_TAG].splitlines()[-1].endswith(
+        "champion set by alice (rollback from 3): complaints about refunds"
+    )
 
     # Rolling back again undoes the rollback; --to picks any version.
     assert rollback(registry, None, by="bob", reason="false alarm", at=at).to_version == "3"
