@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,7 +285,8 @@ def run_url(tracking: TrackingConfig, run_id: str, port: int = UI_PORT) -> str:
 
 def model_version_url(tracking: TrackingConfig, version: str, port: int = UI_PORT) -> str:
     """The link to a version's page of the registered model in the MLflow UI."""
-    return f"{ui_url(tracking, port)}/#/models/{tracking.registered_model}/versions/{version}"
+    name = urllib.parse.quote(tracking.registered_model, safe="")
+    return f"{ui_url(tracking, port)}/#/models/{name}/versions/{version}"
 
 
 def find_run(tracking: TrackingConfig, tags: Mapping[str, str]) -> str | None:

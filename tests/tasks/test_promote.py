@@ -263,8 +263,10 @@ def test_rollback_restores_previous_and_records_who_when_why(registry: TrackingC
     assert demoted.tags[tracking.ALIAS_HISTORY_TAG].splitlines()[-1] == (
         "2026-11-25T09:30:00+00:00 champion -> previous, by alice (rollback to 2): complaints about refunds"
     )
-    assert champion.tags[tracking.ALIAS_HISTORY_TAG].splitlines()[-1].endswith(
-        "champion set by alice (rollback from 3): complaints about refunds"
+    assert (
+        champion.tags[tracking.ALIAS_HISTORY_TAG]
+        .splitlines()[-1]
+        .endswith("champion set by alice (rollback from 3): complaints about refunds")
     )
 
     # Rolling back again undoes the rollback; --to picks any version.

@@ -231,3 +231,17 @@ def test_prepare_backfill_has_no_candidate_or_decision_columns() -> None:
     header = next(line for line in md.splitlines() if line.startswith("| date |"))
     assert "candidate" not in header and "decision" not in header
     assert len(table_rows(md, "| date |")[0]) == 10
+
+
+def test_a_promotion_links_the_model_version() -> None:
+    url = "http://127.0.0.1:5000/#/models/support-assistant/versions/3"
+    md = render_run_summary(
+        RunSummary(
+            flow="retrain",
+            mlflow_run_url=RUN_URL,
+            model_version="support-assistant version 3",
+            model_version_url=url,
+        )
+    )
+    assert f"**Model version:** [support-assistant version 3]({url}) (now `champion`)" in md
+    assert "Model version" not in render_run_summary(RunSummary(flow="retrain", mlflow_run_url=RUN_URL))
