@@ -75,8 +75,8 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def serve_ui(config_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`mlflow server` on the config's store (the command `tuneline ui` runs), once it answers."""
+def start_ui(config_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`mlflow server` on the config's store (the command `tuneline ui` runs) on a free port."""
     config = load_config(config_path)
     port = free_port()
     log_path = config_path.parent / "mlflow-server.log"
@@ -84,17 +84,20 @@ def serve_ui(config_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
         process = subprocess.Popen(
             tracking.ui_command(config.tracking, port), stdout=log, stderr=subprocess.STDOUT
         )
-    url = tracking.ui_url(config.tracking, port)
+    return process, port, log_path
+
+
+def wait_for_ui(process: subprocess.Popen[bytes], port: int, log_path: Path) -> str:
+    url = f"http://{tracking.UI_HOST}:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert process.poll() is None, f"mlflow server exited:\n{log_path.read_text()[-3000:]}"
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, log_path
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    process.kill()
     raise AssertionError(f"mlflow server did not answer within 120 s:\n{log_path.read_text()[-3000:]}")
 
 
@@ -130,14 +133,17 @@ def reviewed_run(
     )
     os.environ["TUNELINE_API_KEY"] = KEY
     champion_before = seed_champion(config_path)
-    result = retrain(config_path=str(config_path), as_of=DAY)
-    assert result.promoted, result.decision
-    process, url, log_path = serve_ui(config_path)
+    # The UI server starts while the retrain runs (it only reads the store when a page asks).
+    process, port, log_path = start_ui(config_path)
     try:
+        result = retrain(config_path=str(config_path), as_of=DAY)
+        assert result.promoted, result.decision
+        url = wait_for_ui(process, port, log_path)
         yield {
             "config": load_config(config_path),
             "result": result,
             "url": url,
+            "port": port,
             "champion_before": champion_before,
             "log": log_path,
         }
@@ -181,8 +187,10 @@ def test_the_evaluation_view_lists_candidate_and_champion_answers(
         chromium,
         f"{reviewed_run['url']}/#/experiments/{experiment_id}/evaluation-runs?selectedRunUuid={result.mlflow_run_id}",
     )
-    page.get_by_text("Where is the parcel").first.wait_for()
-    page.screenshot(path=str(screenshots / "evaluation-view.png"), full_page=True)
+    try:
+        page.get_by_text("Where is the parcel").first.wait_for()
+    finally:
+        page.screenshot(path=str(screenshots / "evaluation-view.png"), full_page=True)
     body = page.inner_text("body")
     assert "candidate" in body and "champion" in body
 
