@@ -27,9 +27,9 @@ from tuneline.metrics import METRICS, SCORERS, answer_label
 from tuneline.tracking import RunLog
 
 if TYPE_CHECKING:  # evaluate.py imports this module to log its result
-    from tuneline.tasks.evaluate import EvaluationResult
+    from tuneline.tasks.evaluate import EvaluationResult, SetName
 
-SETS = ("task", "canary")  # as tasks/evaluate.py names them, in the order they are shown
+SETS: tuple[SetName, ...] = ("task", "canary")  # as tasks/evaluate.py names them, in the order they are shown
 ROLE_COLOURS: dict[str, str] = {
     "candidate": "#1f77b4",
     "champion": "#2ca02c",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data.pandas_dataset
 import pandas as pd
 import psutil
 
@@ -742,7 +743,9 @@ class RunLog:
         """The examples as an MLflow dataset input: schema from the frame, source the raw partitions,
         digest the dataset hash cut to the store's 36 characters, profile the rows, `profile` and the
         full hash."""
-        dataset = mlflow.data.from_pandas(examples, source=source, name=name, digest=dataset_hash[:36])
+        dataset = mlflow.data.pandas_dataset.from_pandas(
+            examples, source=source, name=name, digest=dataset_hash[:36]
+        )
         entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends; this run is not the active one
         entity = mlflow.entities.Dataset(
             name=entity.name,
