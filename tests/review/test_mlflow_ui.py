@@ -132,13 +132,16 @@ def reviewed_run(
         promotion={"min_delta": 0.0, "alpha": 1.0, "max_canary_drop": 1.0},
     )
     os.environ["TUNELINE_API_KEY"] = KEY
+    started = time.monotonic()
     champion_before = seed_champion(config_path)
     # The UI server starts while the retrain runs (it only reads the store when a page asks).
     process, port, log_path = start_ui(config_path)
     try:
         result = retrain(config_path=str(config_path), as_of=DAY)
         assert result.promoted, result.decision
+        trained = time.monotonic()
         url = wait_for_ui(process, port, log_path)
+        print(f"\nretrain {trained - started:.1f} s, then the UI {time.monotonic() - trained:.1f} s more")
         yield {
             "config": load_config(config_path),
             "result": result,
@@ -153,9 +156,13 @@ def reviewed_run(
 
 
 def open_page(browser: Any, url: str) -> Any:
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    page.set_default_timeout(30_000)
+    """A page at `url`, with the MLflow Assistant's side panel closed (it hides half of the page)."""
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(60_000)  # the first page loads the UI's bundle, on a busy CI machine
     page.goto(url)
+    close = page.locator('[aria-label="Close"]').first
+    close.wait_for()
+    close.click()
     return page
 
 
@@ -187,12 +194,13 @@ def test_the_evaluation_view_lists_candidate_and_champion_answers(
         chromium,
         f"{reviewed_run['url']}/#/experiments/{experiment_id}/evaluation-runs?selectedRunUuid={result.mlflow_run_id}",
     )
-    try:
-        page.get_by_text("Where is the parcel").first.wait_for()
-    finally:
-        page.screenshot(path=str(screenshots / "evaluation-view.png"), full_page=True)
-    body = page.inner_text("body")
-    assert "candidate" in body and "champion" in body
+    # Every eval example is a row: its question, every model's answer, the reference, the verdicts.
+    page.get_by_text("Where is the parcel I ordered last week?").first.wait_for()
+    page.get_by_text("What is the capital of France?").first.wait_for()
+    page.screenshot(path=str(screenshots / "evaluation-view.png"), full_page=True)
+    rows = page.locator('text=/\\{"candidate": .*"champion": /').all_inner_texts()
+    assert len(rows) == 3, rows  # one task and two canary examples
+    assert "exact_match" in page.inner_text("body")
 
 
 def test_the_model_page_shows_champion_on_the_promoted_version(
@@ -200,8 +208,8 @@ def test_the_model_page_shows_champion_on_the_promoted_version(
 ) -> None:
     config, result = reviewed_run["config"], reviewed_run["result"]
     assert result.champion_version != reviewed_run["champion_before"]
-    local = tracking.model_version_url(config.tracking, str(result.champion_version))
-    page = open_page(chromium, local.replace(tracking.ui_url(config.tracking), reviewed_run["url"]))
+    url = tracking.model_version_url(config.tracking, str(result.champion_version), reviewed_run["port"])
+    page = open_page(chromium, url)
     page.get_by_text("champion").first.wait_for()
     page.get_by_text("Promoted").first.wait_for()
     page.screenshot(path=str(screenshots / "model-version.png"), full_page=True)
