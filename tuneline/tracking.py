@@ -794,7 +794,11 @@ def _training_frame(train_file: str) -> pd.DataFrame:
 def _raw_source(manifest: Mapping[str, Any]) -> str:
     """Where the training set comes from: the raw source's location (a path, glob or URL; the sources
     joined when there are several), the partitions it read being in the dataset's profile."""
-    uris = [str(s["uri"]) for s in manifest.get("sources") or [] if s.get("uri")]
+    uris = [
+        str(s["uri"]) if is_url(str(s["uri"])) else str(resolve(str(s["uri"])))
+        for s in manifest.get("sources") or []
+        if s.get("uri")
+    ]
     return mask_credentials(uris[0] if len(uris) == 1 else ", ".join(uris) or "unknown")
 
 

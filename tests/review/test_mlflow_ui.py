@@ -194,10 +194,14 @@ def test_the_evaluation_view_lists_candidate_and_champion_answers(
         chromium,
         f"{reviewed_run['url']}/#/experiments/{experiment_id}/evaluation-runs?selectedRunUuid={result.mlflow_run_id}",
     )
-    # Every eval example is a row: its question, every model's answer, the reference, the verdicts.
-    page.get_by_text("Where is the parcel I ordered last week?").first.wait_for()
-    page.get_by_text("What is the capital of France?").first.wait_for()
-    page.screenshot(path=str(screenshots / "evaluation-view.png"), full_page=True)
+    # Selecting the run in the list opens its evaluation: a row per eval example with its question,
+    # every model's answer, the reference and the verdicts.
+    page.get_by_text(f"retrain {DAY}").first.click()
+    try:
+        page.get_by_text("Where is the parcel I ordered last week?").first.wait_for()
+        page.get_by_text("What is the capital of France?").first.wait_for()
+    finally:
+        page.screenshot(path=str(screenshots / "evaluation-view.png"), full_page=True)
     rows = page.locator('text=/\\{"candidate": .*"champion": /').all_inner_texts()
     assert len(rows) == 3, rows  # one task and two canary examples
     assert "exact_match" in page.inner_text("body")
