@@ -624,9 +624,14 @@ class RunLog:
         # genai.evaluate writes into the active run: make this run the active one for the call, and
         # leave it open (RUNNING) after, as the flow closes it.
         mlflow.start_run(run_id=self.run_id)
+        # Its banner and progress bar would land in the flow's log and terminal: kept for a failure only.
+        said = io.StringIO()
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # its banner would land in the flow's log
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
                 mlflow.genai.evaluate(data=pd.DataFrame(rows), scorers=scorers)
+        except BaseException:
+            sys.stderr.write(said.getvalue())
+            raise
         finally:
             mlflow.end_run("RUNNING")
 

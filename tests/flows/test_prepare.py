@@ -225,7 +225,8 @@ def test_the_run_is_logged_to_mlflow_and_tagged_with_the_flow_run(demo: dict[str
     # The training set as an MLflow dataset: its source the raw partitions, its schema the example's
     # fields, its profile the counts by reason and the token statistics; the quarantine as a table.
     dataset = dataset_input.dataset
-    assert json.loads(dataset.source)["uri"] == str(resolve("data/raw/support/dt=*/*.jsonl"))
+    sources = ", ".join(str(resolve(source.uri)) for source in config.data.sources)
+    assert json.loads(dataset.source)["uri"] == sources and "data/raw/support/dt=*/*.jsonl" in sources
     columns = [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]]
     assert columns == ["prompt", "answer", "turns", "messages"]
     profile = json.loads(dataset.profile)
