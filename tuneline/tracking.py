@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -748,9 +749,13 @@ class RunLog:
         """The examples as an MLflow dataset input: schema from the frame, source the raw partitions,
         digest the dataset hash cut to the store's 36 characters, profile the rows, `profile` and the
         full hash."""
-        dataset = mlflow.data.pandas_dataset.from_pandas(
-            examples, source=source, name=name, digest=dataset_hash[:36]
-        )
+        with warnings.catch_warnings():
+            # Its hints (integer columns cannot hold missing values; a local path is a local source)
+            # say nothing about this frame, which is read once, whole, from the training file.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.pandas_dataset.from_pandas(
+                examples, source=source, name=name, digest=dataset_hash[:36]
+            )
         entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends; this run is not the active one
         entity = mlflow.entities.Dataset(
             name=entity.name,
