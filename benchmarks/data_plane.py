@@ -23,7 +23,18 @@ rule in rank order; printed as found / expected.
 on the records that survive exact-duplicate removal, as in the stage) on N (the fastest of three runs)
 and on 10N records of the same generator, and prints the time ratio (target <= 12: linear).
 
+`--engine ray` (needs `pip install 'tuneline[ray]'`) writes the N lines as `--files` partition files
+instead of one, and runs the pipeline twice on them: with the ray engine (ingest, validate and the
+credential screen as Ray tasks on a local Ray of `--ray-cpus` CPUs, started before the clock starts,
+and the near-duplicate candidates by map -> shuffle -> reduce on Ray; the rest of dedupe, quality and
+export in this process, as tuneline/engines/ray_engine.py does) and with the local
+engine; it prints both engines' examples/s, their ratio, whether their training, validation and
+quarantine files are byte-identical, and each run's peak memory summed over this process and its Ray
+processes (PSS, so the shared object store is counted once). The cookbook baselines and the recall
+are skipped with `--engine ray`.
+
     .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000]
+    .venv/bin/python benchmarks/data_plane.py 1000000 --engine ray [--files 16] [--ray-cpus 2]
 
 Targets (issues 3 and 20, on the 2-core dev machine): 1,000,000 examples in <= 5 minutes, peak memory
 <= 8 GiB; ours / naive loop >= 1.0 (issue 20), recall not below 1.0000 on the default sample (measured
@@ -33,13 +44,16 @@ before the issue-20 changes: 127 of 127 on 9,759 records).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import itertools
 import json
 import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -98,10 +112,13 @@ def write_lines(n: int, seed: int, directory: Path) -> Path:
 
 
 def run_pipeline(path: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
+    return run_pipeline_on([Source(name="benchmark", uri=str(path))], out_dir)
+
+
+def run_pipeline_on(sources: list[Source], out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
     config = load_config()
     timings: dict[str, float] = {}
     eval_examples = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
-    sources = [Source(name="benchmark", uri=str(path))]
     frame = timed(
         "ingest",
         timings,
@@ -111,6 +128,13 @@ def run_pipeline(path: Path, out_dir: Path) -> tuple[dict[str, float], dict[str,
     )
     frame = timed("validate", timings, lambda: validate.validate(frame, config.model, config.validation))
     frame = timed("dedupe", timings, lambda: dedupe.dedupe(frame, eval_examples, config.dedupe))
+    return _finish(frame, config, timings, out_dir)
+
+
+def _finish(
+    frame: Any, config: Any, timings: dict[str, float], out_dir: Path
+) -> tuple[dict[str, float], dict[str, int]]:
+    """The quality check and the export (both engines run them in this process)."""
     verdict = timed("quality", timings, lambda: quality.check_quality(frame, config.model, config.validation))
     context = export.RunContext(
         as_of="2026-11-22", config_hash=config.config_hash(), sources=[], partitions=[]
@@ -133,6 +157,80 @@ def run_pipeline(path: Path, out_dir: Path) -> tuple[dict[str, float], dict[str,
         **records.counts_by_reason(frame),
     }
     return timings, counts
+
+
+def write_parts(n: int, seed: int, directory: Path, files: int) -> Path:
+    """The N lines of write_lines as `files` partition files of about equal size, in one folder."""
+    folder = directory / "parts"
+    folder.mkdir(parents=True)
+    per_file = -(-n // files)
+    lines = synthetic_chat_lines(n, seed=seed)
+    for index in range(files):
+        chunk = list(itertools.islice(lines, per_file))
+        if not chunk:
+            break
+        (folder / f"part-{index:05d}.jsonl").write_text("".join(chunk), encoding="utf-8")
+    return folder
+
+
+class TreeMemory:
+    """The peak memory of this process and its children (Ray's raylet, object store, workers) while a
+    block runs: the sum of their PSS (/proc/PID/smaps_rollup), so shared pages count once."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def now() -> float:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                with open(f"/proc/{process.pid}/smaps_rollup") as handle:
+                    for line in handle:
+                        if line.startswith("Pss:"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except OSError:
+                continue
+        return total / 2**30
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(self.interval)
+
+
+def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
+    """run_pipeline with the ray engine: ingest, validate and rule 1 of dedupe as Ray tasks, and the
+    near-duplicate candidates by map -> shuffle -> reduce on Ray."""
+    from tuneline.engines import ray_engine
+
+    config = load_config(overrides={"execution.engine": "ray"})
+    timings: dict[str, float] = {}
+    eval_examples = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
+    files = ingest.select_files([Source(name="benchmark", uri=str(folder))], date(2026, 11, 22), 1).files
+    frame = timed("screen", timings, lambda: ray_engine.screen(files, config))
+    search = ray_engine.RayCandidates(config.execution)
+    frame = timed(
+        "dedupe",
+        timings,
+        lambda: dedupe.dedupe(frame, eval_examples, config.dedupe, screened=True, candidates=search),
+    )
+    return _finish(frame, config, timings, out_dir)
 
 
 def first_lines(path: Path, n: int) -> list[str]:
@@ -348,7 +446,13 @@ def main() -> None:
         help="lines whose near-duplicates are also found exactly, for the recall (0: skip); the "
         "exact answer costs about quadratic time in them",
     )
+    parser.add_argument("--engine", choices=["local", "ray"], default="local")
+    parser.add_argument("--files", type=int, default=16, help="partition files (--engine ray)")
+    parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     args = parser.parse_args()
+    if args.engine == "ray":
+        compare_engines(args)
+        return
     config = load_config()
     print(
         f"data plane benchmark: N = {args.n:,} synthetic chats, {os.cpu_count()} CPUs, load {os.getloadavg()}"
@@ -433,6 +537,69 @@ def main() -> None:
         large, n_large, found_large = near_duplicate_seconds(10 * args.n, args.seed, config.dedupe)
         print(f"near-duplicates at 10N: {n_large:,} records, {found_large:,} found, {large:.2f} s")
         print(f"  time ratio 10N / N = {large / small:.2f}  (target <= 12)")
+
+
+def compare_engines(args: argparse.Namespace) -> None:
+    """--engine ray: the same partition files through the ray engine, then the local engine."""
+    import ray
+
+    print(
+        f"data plane benchmark, ray vs local engine: N = {args.n:,} synthetic chats in {args.files} files, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()}"
+    )
+    with tempfile.TemporaryDirectory(prefix="tuneline-bench-") as tmp:
+        directory = Path(tmp)
+        start = time.perf_counter()
+        folder = write_parts(args.n, args.seed, directory, args.files)
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        print(f"generated {size / 2**20:,.0f} MiB in {time.perf_counter() - start:.1f} s (not timed)")
+        start = time.perf_counter()
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, logging_level="WARNING")
+        print(
+            f"local Ray started in {time.perf_counter() - start:.1f} s (not timed): {ray.cluster_resources()}"
+        )
+        # Not timed: Ray's workers start and import tuneline, and both engines load their vocabulary and
+        # the quality stage's library, on a small sample, so neither engine pays a first run's costs.
+        start = time.perf_counter()
+        warm = write_parts(min(args.n, 2_000), args.seed + 1, directory / "warm-up", 2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_ray_pipeline(warm, directory / "warm-up" / "ray")
+            run_pipeline_on([Source(name="benchmark", uri=str(warm))], directory / "warm-up" / "local")
+        print(f"warmed up both engines in {time.perf_counter() - start:.1f} s (not timed)")
+        rates: dict[str, float] = {}
+        peaks: dict[str, float] = {}
+        for engine in ("ray", "local"):
+            print(f"{engine} engine:")
+            with TreeMemory() as memory:
+                if engine == "ray":
+                    timings, counts = run_ray_pipeline(folder, directory / engine)
+                else:
+                    source = [Source(name="benchmark", uri=str(folder))]
+                    timings, counts = run_pipeline_on(source, directory / engine)
+            total = sum(timings.values())
+            rates[engine], peaks[engine] = args.n / total, memory.peak
+            print(
+                f"  {'total':<10} {total:8.2f} s   {rates[engine]:,.0f} examples/s   "
+                f"peak memory (this process + Ray's, PSS) {memory.peak:.2f} GiB"
+            )
+            print(f"  counts: {counts}")
+            gc.collect()
+            if engine == "ray":
+                ray.shutdown()  # the local engine's run is measured without Ray's processes
+        same = all(
+            (directory / "ray" / name).read_bytes() == (directory / "local" / name).read_bytes()
+            for name in (export.TRAIN_FILE, export.VALIDATION_FILE, export.QUARANTINE_FILE)
+        )
+        hashes = {
+            e: json.loads((directory / e / export.MANIFEST_FILE).read_text())["dataset_hash"]
+            for e in ("ray", "local")
+        }
+        print("ratios:")
+        print(f"  ray / local examples/s = {rates['ray'] / rates['local']:.2f}")
+        print(f"  peak memory: ray {peaks['ray']:.2f} GiB, local {peaks['local']:.2f} GiB")
+        print(
+            f"  byte-identical train/validation/quarantine: {same}; same dataset hash: {len(set(hashes.values())) == 1}"
+        )
 
 
 if __name__ == "__main__":

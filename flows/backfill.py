@@ -6,6 +6,10 @@ configured lookback window ending at D: exactly what D's nightly run reads):
   token statistics, cost estimate, dataset hash) is recorded in an MLflow run of its own, nested under
   one parent run for the backfill. Dates are prepared concurrently, at most `backfill.concurrency` at a
   time.
+- with `execution.engine: ray`, the dates are still tasks of this one flow, prepared concurrently,
+  and each date's per-partition work (ingest, validate, the credential/PII screen) runs as Ray tasks
+  on the cluster (tuneline/engines/ray_engine.py): `backfill.concurrency` dates share the cluster.
+  The engine is not part of the config hash: a date prepared by either engine is reused by both.
 - `retrain` mode: the same, then the dates are retrained one after another in date order, each by the
   `retrain` flow as of that date; a date whose dataset hash equals the previous date's is skipped
   (`unchanged`): the same data would train the same model.
@@ -44,6 +48,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tuneline import tracking
 from tuneline.config import Config, load_config
+from tuneline.engines import ray_engine
 from tuneline.flows.prepare import prepare_dataset
 from tuneline.flows.retrain import RetrainResult, retrain
 from tuneline.paths import is_url, resolve
@@ -220,6 +225,9 @@ def backfill(start: str, end: str, mode: str = "prepare", config: str | None = N
     dates = backfill_dates(start, end)
     checked_mode = check_mode(mode)
     settings = load_config(config)
+    if settings.execution.engine == "ray":
+        # Joined once, before the dates' tasks start (a missing extra or a bad address stops here).
+        ray_engine.connect(settings.execution)
     span = f"{dates[0]}..{dates[-1]}"
     parent_tags = {
         "tuneline.backfill": span,

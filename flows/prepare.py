@@ -9,6 +9,9 @@ into its own MLflow run. Either way:
   stopped the run, so nothing can be uploaded;
 - the eval set (kept out of training by the leakage rule) and the general corpus are read from any
   path or fsspec URL, as evaluation reads them (tuneline/jsonl.py);
+- with `execution.engine: ray`, ingest, validate and the credential/PII screen run per block of files
+  as Ray tasks, and the near-duplicate candidate search as map -> shuffle -> reduce Ray tasks
+  (tuneline/engines/ray_engine.py), with the same result as the default local engine;
 - one MLflow run holds the params (config hash, as_of, sources), the dataset input (digest = dataset
   hash, cut to MLflow's 36 characters), the counts as metrics and the three files as artifacts, tagged
   with the Prefect flow run (tuneline/tracking.py's RunLog.log_prepared).
@@ -31,6 +34,7 @@ from prefect.runtime import flow_run
 
 from tuneline import jsonl, records, tracking
 from tuneline.config import Config, ConfigError, Source, load_config
+from tuneline.engines import ray_engine
 from tuneline.reporting import RunSummary, render_run_summary
 from tuneline.tasks import dedupe, export, ingest, quality, validate
 from tuneline.tracking import RunLog
@@ -139,11 +143,20 @@ def prepare_dataset(
     eval_examples = _eval_examples(config)
     general = _general_examples(config)
 
-    fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
-    frame = ingest.ingest_task(selection.files, config.model.system_prompt, fallbacks)
-    frame = validate.validate_task(frame, config.model, config.validation)
-    frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe)
-    verdict = quality.quality_task(frame, config.model, config.validation)
+    method = config.training.method
+    if config.execution.engine == "ray":
+        logger.info("execution engine: ray (%s)", config.execution.address or "a local Ray started on demand")
+        # Ingest, validate and rule 1 of dedupe per block of files, as Ray tasks (tuneline/engines/).
+        frame = ray_engine.screen_task(selection.files, config)
+        # Near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
+        search = ray_engine.RayCandidates(config.execution)
+        frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe, screened=True, candidates=search)
+    else:
+        fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
+        frame = ingest.ingest_task(selection.files, config.model.system_prompt, fallbacks)
+        frame = validate.validate_task(frame, config.model, config.validation, method)
+        frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe)
+    verdict = quality.quality_task(frame, config.model, config.validation, method)
     if verdict.success:
         logger.info("data quality passed: %d expectations", len(verdict.outcomes))
     else:

@@ -17,6 +17,14 @@ Guarantees of `dedupe` (its reasons, in precedence order, are tuneline/records.p
   4. `near_duplicate`: word-shingle Jaccard >= near_duplicate_threshold with an earlier kept record;
   5. `contradiction`: the same normalised prompt as another kept record with a different normalised
      answer, resolved by `dedupe.contradictions` (keep-latest | keep-majority | quarantine-all);
+- preference (DPO) lines: a record is its input and its preferred answer (the non-preferred answer
+  is left out of rules 3 and 4, so the same input and preferred answer with another non-preferred
+  answer is a duplicate); rule 5 looks for the same input with the preferred and the non-preferred
+  answers swapped (two inputs each preferring the other's answer), resolved by the same policy; the
+  same input with different preferred answers is no contradiction (A > C and B > C agree);
+- reinforcement lines (`messages` and grader fields): a record is its prompt and its grader fields
+  (`reference_answer`, ...), which are its answer for rules 3 to 5: the same prompt with other
+  grader fields is a contradiction;
 - "earlier" and "latest" mean the (partition, source, line) order; `duplicate_of` is the record_id of
   the record kept in a duplicate's place (for contradictions: the record it contradicts);
 - a duplicate follows the record it names when a later rule quarantines that record: an exact
@@ -33,14 +41,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tuneline import records
 from tuneline.config import DedupeConfig
-from tuneline.formats import example_text_places, example_texts, prompt_and_answer
+from tuneline.formats import (
+    CHAT_KEYS,
+    example_text_places,
+    example_texts,
+    grader_fields,
+    message_text,
+    prompt_and_answer,
+)
 from tuneline.near_duplicates import (
+    CandidateSearch,
     Documents,
     TextTable,
     find_exact_duplicates,
@@ -98,16 +115,28 @@ class _Stage:
         return f"record {self.record_id[position]} (line {self.line[position]} of {self.source[position]})"
 
 
-def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig) -> pd.DataFrame:
-    """The frame with the dedupe rules applied (see the module docstring for the guarantees)."""
+def dedupe(
+    frame: pd.DataFrame,
+    eval_examples: list[dict[str, Any]],
+    config: DedupeConfig,
+    *,
+    screened: bool = False,
+    candidates: CandidateSearch | None = None,
+) -> pd.DataFrame:
+    """The frame with the dedupe rules applied (see the module docstring for the guarantees).
+    `screened`: rule 1 was already applied to the frame, block by block, by `credentials_and_pii`
+    (the ray engine, tuneline/engines/ray_engine.py); rule 1 is a function of one record alone, so the
+    result is the same. `candidates`: how the near-duplicate search finds its candidate pairs (default:
+    here; the ray engine's map -> shuffle -> reduce gives the same pairs)."""
     # Copy-on-write: only the columns written here are copied (raw text stays shared).
     out = frame.copy(deep=False)
     stage = _Stage(out)
     rank = record_order(out)
     examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)
 
-    _credentials_and_pii(stage, examples, config)
-    out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
+    if not screened:
+        _credentials_and_pii(stage, examples, config)
+        out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
 
     positions = stage.kept()
     table = TextTable()
@@ -123,8 +152,9 @@ def dedupe(frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: Ded
 
     alive &= ~_eval_leakage(stage, positions, prompts, table, eval_examples, config)
     alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
-    alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config)
-    _contradictions(stage, positions, prompts, answers, rank, alive, config)
+    alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config, candidates)
+    keys, directions = contradiction_keys(examples[positions], prompts, answers)
+    _contradictions(stage, positions, keys, directions, rank, alive, config)
     _duplicates_of_quarantined_records(stage)
     log.info("dedupe: %s", records.counts_by_reason(out))
     return out
@@ -233,6 +263,11 @@ def normalized_documents(
 
     for example in examples:
         turns, prompt, answer = turns_prompt_and_answer(example)
+        if "input" in example:  # preference: the input and the preferred answer
+            turns = [turn for turn in turns if turn[0] != "non_preferred_output"]
+        elif "messages" in example and example.keys() - CHAT_KEYS:
+            answer = _fields_text(example)  # reinforcement: the grader's fields are the answer
+            turns = [*turns, ("item", answer)]
         for role, text in turns:
             found = ids.get(role)
             if found is None:
@@ -249,6 +284,40 @@ def normalized_documents(
         answers.append(normalized(answer))
     documents = Documents(table, np.asarray(parts, dtype=np.int64), np.asarray(offsets, dtype=np.int64))
     return documents, prompts, answers
+
+
+def _fields_text(example: dict[str, Any]) -> str:
+    """The grader fields of a reinforcement line as one text: `key value` pairs in key order."""
+    fields = grader_fields(example)
+    return " ".join(f"{key} {_plain_text(fields[key])}" for key in sorted(fields))
+
+
+def _plain_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def contradiction_keys(
+    examples: Sequence[dict[str, Any]], prompts: list[str], answers: list[str]
+) -> tuple[list[str], list[str]]:
+    """What rule 5 groups records by, and the answer that must agree within a group.
+
+    A chat or reinforcement record: its normalised prompt, and its answer. A preference record: its
+    normalised prompt with the unordered pair of its answers, and which of the two it prefers, so a
+    group disagrees exactly when the same input has the same two answers in both orders."""
+    keys: list[str] = []
+    directions: list[str] = []
+    for example, prompt, answer in zip(examples, prompts, answers, strict=True):
+        if "input" not in example or not prompt:
+            keys.append(prompt)
+            directions.append(answer)
+            continue
+        rejected = normalize_text(message_text(example["non_preferred_output"][0]))
+        low, high = sorted((answer, rejected))
+        keys.append(f"{prompt}\x1f{low}\x1f{high}")
+        directions.append(answer)
+    return keys, directions
 
 
 def _eval_prompts(eval_examples: Sequence[Any]) -> tuple[list[str], list[int]]:
@@ -332,6 +401,7 @@ def _near_duplicates(
     rank: np.ndarray,
     alive: np.ndarray,
     config: DedupeConfig,
+    candidates: CandidateSearch | None = None,
 ) -> np.ndarray:
     """Rule 4; returns which of `positions` it quarantined."""
     duplicated = np.zeros(len(positions), dtype=bool)
@@ -342,6 +412,7 @@ def _near_duplicates(
         threshold=config.near_duplicate_threshold,
         num_perm=config.num_perm,
         shingle_size=config.shingle_size,
+        candidates=candidates,
     )
     found = np.flatnonzero(result.duplicate_of >= 0)
     originals = positions[considered[result.duplicate_of[found]]]
@@ -374,7 +445,9 @@ def _contradictions(
     alive: np.ndarray,
     config: DedupeConfig,
 ) -> None:
-    """Rule 5: groups of kept records with one normalised prompt and more than one normalised answer."""
+    """Rule 5: groups of kept records with one normalised prompt and more than one normalised answer
+    (`prompts` and `answers` from `contradiction_keys`: for preference records, the input with its two
+    answers, and which one is preferred)."""
     considered = np.flatnonzero(
         alive & np.fromiter((bool(p) for p in prompts), dtype=bool, count=len(prompts))
     )
@@ -396,6 +469,10 @@ def _contradictions(
     policy = config.contradictions
     for members in groups.values():
         members.sort(key=lambda k: rank[positions[considered[k]]])  # earliest first
+        swapped = "\x1f" in prompts[considered[members[0]]]  # preference pairs in both orders
+        differs = (
+            "with the preferred and non-preferred answers swapped" if swapped else "with a different answer"
+        )
         answer_of = {k: int(answer_codes[k]) for k in members}
         latest_with: dict[int, int] = {}  # answer -> the latest member giving it
         count: dict[int, int] = {}
@@ -412,8 +489,8 @@ def _contradictions(
                 rows.append(k)
                 others.append(other)
                 details.append(
-                    f"the same prompt as {stage.describe(positions[considered[other]])}, with a different "
-                    "answer (dedupe.contradictions: quarantine-all); fix the answers in the source data"
+                    f"the same prompt as {stage.describe(positions[considered[other]])}, {differs} "
+                    "(dedupe.contradictions: quarantine-all); fix the answers in the source data"
                 )
             continue
         if policy == "keep-latest":
@@ -429,8 +506,7 @@ def _contradictions(
                 rows.append(k)
                 others.append(winner)
                 details.append(
-                    f"the same prompt as {stage.describe(positions[considered[winner]])} with a different "
-                    f"answer; {why}"
+                    f"the same prompt as {stage.describe(positions[considered[winner]])} {differs}; {why}"
                 )
     stage.quarantine(
         positions[considered[rows]],
@@ -493,7 +569,11 @@ def _duplicates_of_quarantined_records(stage: _Stage) -> None:
 
 @task(name="dedupe", cache_policy=NO_CACHE, persist_result=False)
 def dedupe_task(
-    frame: pd.DataFrame, eval_examples: list[dict[str, Any]], config: DedupeConfig
+    frame: pd.DataFrame,
+    eval_examples: list[dict[str, Any]],
+    config: DedupeConfig,
+    screened: bool = False,
+    candidates: CandidateSearch | None = None,
 ) -> pd.DataFrame:
     """Prefect wrapper of dedupe."""
-    return dedupe(frame, eval_examples, config)
+    return dedupe(frame, eval_examples, config, screened=screened, candidates=candidates)

@@ -133,6 +133,52 @@ def review_scorers(result: EvaluationResult) -> list[Any]:
     return scorers
 
 
+def intervals_table(result: EvaluationResult) -> pd.DataFrame:
+    """One row per set, model and metric: the mean and its bootstrap interval."""
+    rows = [
+        {
+            "set": set_name,
+            "role": role,
+            "model": result.models[role],
+            "metric": metric,
+            "mean": e.mean,
+            "ci_low": e.low,
+            "ci_high": e.high,
+        }
+        for (set_name, role, metric), e in result.estimates.items()
+    ]
+    rows += [
+        {
+            "set": "task",
+            "role": "judge",
+            "model": name,
+            "metric": "win_rate",
+            "mean": e.mean,
+            "ci_low": e.low,
+            "ci_high": e.high,
+        }
+        for name, e in result.judge.items()
+    ]
+    return pd.DataFrame.from_records(rows)
+
+
+def label_table(result: EvaluationResult) -> pd.DataFrame:
+    """One row per set, model and label: support, correct answers and accuracy."""
+    rows = [
+        {
+            "set": set_name,
+            "role": role,
+            "label": label,
+            "support": a.support,
+            "correct": a.correct,
+            "accuracy": a.accuracy,
+        }
+        for (set_name, role), labels in result.label_accuracy.items()
+        for label, a in labels.items()
+    ]
+    return pd.DataFrame.from_records(rows)
+
+
 def comparison_chart(result: EvaluationResult) -> Figure:
     """Grouped bars per metric and model with their confidence intervals, one panel per eval set."""
     sets = [s for s in SETS if result.roles(s)]
@@ -177,6 +223,26 @@ def report_document(result: EvaluationResult) -> dict[str, Any]:
             for (set_name, role), labels in result.label_accuracy.items()
         },
         "problems": list(result.problems),
+        "preference_accuracy": {
+            role: {
+                "model": found.model,
+                "accuracy": found.accuracy.mean,
+                "ci": [found.accuracy.low, found.accuracy.high],
+                "confidence": found.accuracy.confidence,
+                "correct": found.correct,
+                "pairs": found.accuracy.n,
+                "mean_margin_nats": found.mean_margin,
+                "reward_accuracy_vs_base": None
+                if found.reward_accuracy is None
+                else {
+                    "accuracy": found.reward_accuracy.mean,
+                    "ci": [found.reward_accuracy.low, found.reward_accuracy.high],
+                },
+                "interval": "wilson",
+            }
+            for role, found in result.preference.items()
+        },
+        "preference_note": result.preference_note,
     }
 
 
@@ -186,8 +252,8 @@ def log_result(run: RunLog, result: EvaluationResult) -> None:
     tables: dict[str, pd.DataFrame] = {
         f"eval/{s}_outputs.json": result.side_by_side(s) for s in SETS if result.roles(s)
     }
-    tables["eval/intervals.json"] = result.intervals_table()
-    labels = result.label_table()
+    tables["eval/intervals.json"] = intervals_table(result)
+    labels = label_table(result)
     if not labels.empty:
         tables["eval/label_accuracy.json"] = labels
     run.log_evaluation(

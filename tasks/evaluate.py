@@ -14,15 +14,19 @@ Guarantees:
   with `evaluation.answer_cache` set, a request some earlier run already had answered by the same model
   (same id and `created` time) is not sent again (tuneline/answer_cache.py): the base model, the few-shot
   baseline and the champion are asked once, not every night;
-- every metric comes with a bootstrap confidence interval; labels (`Category: x`) get per-label accuracy.
+- every metric comes with a bootstrap confidence interval; labels (`Category: x`) get per-label accuracy;
+- with training.method dpo, beside the task metrics: each model's preference accuracy on the held-out
+  pairs (the prepared validation file): does it give the preferred answer the higher log-probability,
+  with a Wilson interval (tasks/preference.py says how it is scored, and why only on provider local).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +63,7 @@ from tuneline.tasks.eval_requests import (
     model_created,
 )
 from tuneline.tasks.eval_review import log_result
+from tuneline.tasks.preference import PreferenceAccuracy, Scorer, preference_accuracies
 from tuneline.tracking import RunLog
 
 Role = Literal["candidate", "champion", "base", "few_shot"]
@@ -153,6 +158,8 @@ def select_few_shot(train_examples: Iterable[Mapping[str, Any]], k: int) -> tupl
     given training file."""
     by_label: dict[str | None, list[FewShot]] = {}
     for example in train_examples:
+        if "input" in example:  # a preference line: its input and the preferred answer
+            example = {"messages": [*example["input"]["messages"], *example["preferred_output"][:1]]}
         messages = [m for m in example.get("messages", ()) if m.get("role") != "system"]
         if len(messages) != 2 or [m.get("role") for m in messages] != ["user", "assistant"]:
             continue
@@ -200,6 +207,9 @@ class EvaluationResult:
     judge_scores: Mapping[str, np.ndarray] = field(default_factory=dict)
     problems: tuple[str, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
+    # training.method dpo: each role's preference accuracy on held-out pairs, or why it is missing.
+    preference: Mapping[str, PreferenceAccuracy] = field(default_factory=dict)
+    preference_note: str | None = None
 
     def roles(self, set_name: SetName) -> list[Role]:
         present = set(self.answers.loc[self.answers["set"] == set_name, "role"])
@@ -221,8 +231,8 @@ class EvaluationResult:
 
     def metrics(self) -> dict[str, float]:
         """The run's headline metrics, few and readable: exact match per set and model, the examples
-        per set, the unanswered requests and the judge's win rate. The other metrics, intervals and
-        per-label figures are tables (intervals_table, label_table); every figure is in all_figures
+        per set, the unanswered requests, the judge's win rate and (dpo) the preference figures. The other metrics, intervals and
+        per-label figures are tables (tasks/eval_review.py); every figure is in all_figures
         and eval/report.json."""
         flat = {
             f"eval/{set_name}/{role}/{metric}": estimate.mean
@@ -236,6 +246,8 @@ class EvaluationResult:
         flat["eval/unanswered"] = float(self.answers["error"].notna().sum())
         for name, estimate in self.judge.items():
             flat[f"eval/task/judge/{name}"] = estimate.mean
+        # A dpo run's own headline: each model's preference accuracy (with its interval) and margin.
+        flat.update({k: v for k, v in self.all_figures().items() if k.startswith("eval/preference/")})
         return flat
 
     def all_figures(self) -> dict[str, float]:
@@ -255,55 +267,22 @@ class EvaluationResult:
         for (set_name, role), labels in self.label_accuracy.items():
             for label, accuracy in labels.items():
                 flat[f"eval/{set_name}/{role}/label_accuracy/{metric_safe(label)}"] = accuracy.accuracy
+        for name, found in self.preference.items():
+            prefix = f"eval/preference/{name}"
+            flat[f"{prefix}/accuracy"] = found.accuracy.mean
+            flat[f"{prefix}/accuracy_ci_low"] = found.accuracy.low
+            flat[f"{prefix}/accuracy_ci_high"] = found.accuracy.high
+            flat[f"{prefix}/mean_margin"] = found.mean_margin
+            if found.reward_accuracy is not None:
+                flat[f"{prefix}/reward_accuracy"] = found.reward_accuracy.mean
+                flat[f"{prefix}/reward_accuracy_ci_low"] = found.reward_accuracy.low
+                flat[f"{prefix}/reward_accuracy_ci_high"] = found.reward_accuracy.high
+            flat["eval/preference/n_pairs"] = float(found.accuracy.n)
         for name, estimate in self.judge.items():
             flat[f"eval/task/judge/{name}"] = estimate.mean
             flat[f"eval/task/judge/{name}_ci_low"] = estimate.low
             flat[f"eval/task/judge/{name}_ci_high"] = estimate.high
         return flat
-
-    def intervals_table(self) -> pd.DataFrame:
-        """One row per set, model and metric: the mean and its bootstrap interval."""
-        rows = [
-            {
-                "set": set_name,
-                "role": role,
-                "model": self.models[role],
-                "metric": metric,
-                "mean": e.mean,
-                "ci_low": e.low,
-                "ci_high": e.high,
-            }
-            for (set_name, role, metric), e in self.estimates.items()
-        ]
-        rows += [
-            {
-                "set": "task",
-                "role": "judge",
-                "model": name,
-                "metric": "win_rate",
-                "mean": e.mean,
-                "ci_low": e.low,
-                "ci_high": e.high,
-            }
-            for name, e in self.judge.items()
-        ]
-        return pd.DataFrame.from_records(rows)
-
-    def label_table(self) -> pd.DataFrame:
-        """One row per set, model and label: support, correct answers and accuracy."""
-        rows = [
-            {
-                "set": set_name,
-                "role": role,
-                "label": label,
-                "support": a.support,
-                "correct": a.correct,
-                "accuracy": a.accuracy,
-            }
-            for (set_name, role), labels in self.label_accuracy.items()
-            for label, a in labels.items()
-        ]
-        return pd.DataFrame.from_records(rows)
 
     def side_by_side(self, set_name: SetName) -> pd.DataFrame:
         """One row per example: question, reference and every model's answer and exact match."""
@@ -550,9 +529,13 @@ def run_evaluation(
     run: RunLog | None,
     train_file: str | Path | None,
     log: logging.Logger | logging.LoggerAdapter = DEFAULT_LOG,
+    pairs_file: str | Path | None = None,
+    scorer_for: Callable[[str], Scorer] | None = None,
 ) -> EvaluationResult:
     """Evaluate `candidate_model` against the base model, the few-shot baseline and the registry's
-    champion (when there is one), and log it all to `run` when given."""
+    champion (when there is one), and log it all to `run` when given. With training.method dpo, also
+    each model's preference accuracy on `pairs_file` (default: the validation.jsonl beside
+    `train_file`)."""
     eval_sets, shots = load_inputs(config, train_file)
     champion = tracking.alias_version(config.tracking, tracking.CHAMPION)
     models: dict[Role, str] = {"candidate": candidate_model, "base": config.model.base}
@@ -581,6 +564,14 @@ def run_evaluation(
     finally:
         if cache is not None:
             cache.close()
+    if config.training.method == "dpo":
+        if pairs_file is None and train_file is not None and "://" not in str(train_file):
+            pairs_file = Path(train_file).with_name("validation.jsonl")
+        roles = {str(role): model for role, model in result.models.items() if role != "few_shot"}
+        preference, note = preference_accuracies(config, roles, pairs_file, log, scorer_for)
+        if note:
+            log.warning("preference accuracy not computed: %s", note)
+        result = dataclasses.replace(result, preference=preference, preference_note=note)
     if run is not None:
         log_result(run, result)
     return result

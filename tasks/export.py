@@ -8,7 +8,9 @@ Guarantees:
   ordered by the same hash, so the same examples always give the same bytes;
 - dataset_hash = sha256(train bytes + b"\\0" + validation bytes);
 - a share (export.general_mix_fraction) of the training file is general data from data.general_corpus,
-  chosen deterministically, as a guard against forgetting; it never enters the validation file;
+  chosen deterministically, as a guard against forgetting; it never enters the validation file; with
+  training.method dpo or reinforcement nothing is mixed in (the corpus is chat lines, and one file
+  holds one format: the config refuses a fraction above 0 there);
 - every input record ends in exactly one place: input_records == kept + quarantined, the per-reason
   counts sum to quarantined, and kept == train - general_mixed + validation;
 - quarantine.jsonl holds one line per quarantined record: where it came from (source, partition, line,
@@ -163,6 +165,8 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
         records.quarantine(frame, mask, records.DATA_TYPE, "the example holds a value JSON cannot represent")
 
     task_tokens = [t[2] for t in train] + [v[2] for v in validation]
+    if config.training.method != "supervised":
+        general = None
     mixed = _general_mix(train, validation, general, config.export)
     train.extend(mixed)
     train.sort()
@@ -386,6 +390,7 @@ def manifest(
         "window": context.window,
         "config_hash": context.config_hash,
         "model": config.model.base,
+        "method": config.training.method,
         "counts": dataset.counts,
         "tokens": dataset.tokens,
         "cost": dataset.cost,

@@ -99,7 +99,7 @@ def suite_frame(frame: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def build_suite(model: ModelConfig, validation: ValidationConfig) -> Any:
+def build_suite(model: ModelConfig, validation: ValidationConfig, method: str = "supervised") -> Any:
     """The ExpectationSuite a batch must meet before anything is exported or uploaded."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -107,7 +107,7 @@ def build_suite(model: ModelConfig, validation: ValidationConfig) -> Any:
 
     kept = Column(KEPT) == 1
     limit = context_limit(model, validation)
-    kind = exported_kind(model.base)
+    kind = exported_kind(model.base, method)
     expectations = [
         gxe.ExpectColumnSumToBeBetween(
             column=KEPT,
@@ -157,8 +157,11 @@ def build_suite(model: ModelConfig, validation: ValidationConfig) -> Any:
     return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
 
 
-def check_quality(frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig) -> QualityVerdict:
-    """Run the suite over the batch (kept and quarantined rows) in an ephemeral GX context."""
+def check_quality(
+    frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig, method: str = "supervised"
+) -> QualityVerdict:
+    """Run the suite over the batch (kept and quarantined rows) in an ephemeral GX context; kept rows
+    must all be lines of the `method`'s format (chat, preference or reinforcement)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     # Imported here: great_expectations takes seconds to import, and only this stage needs it.
     import great_expectations as gx
@@ -181,7 +184,7 @@ def check_quality(frame: pd.DataFrame, model: ModelConfig, validation: Validatio
         .add_dataframe_asset("batch")
         .add_batch_definition_whole_dataframe("whole batch")
     )
-    suite = context.suites.add(build_suite(model, validation))
+    suite = context.suites.add(build_suite(model, validation, method))
     validation_definition = gx.ValidationDefinition(data=definition, suite=suite, name="data quality")
     result = validation_definition.run(batch_parameters={"dataframe": batch})
     outcomes = [_outcome(r, batch) for r in result.results]
@@ -320,6 +323,8 @@ def failure_summary(result: QualityVerdict) -> str:
 
 
 @task(name="quality", cache_policy=NO_CACHE, persist_result=False)
-def quality_task(frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig) -> QualityVerdict:
+def quality_task(
+    frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig, method: str = "supervised"
+) -> QualityVerdict:
     """Prefect wrapper of check_quality."""
-    return check_quality(frame, model, validation)
+    return check_quality(frame, model, validation, method)

@@ -5,8 +5,10 @@ Guarantees:
   metadata that is validating, queued, running, paused or succeeded is reattached to, so a rerun after a
   crash (or a rerun with the same data) starts no second job; a lost create response is found again
   before the create is retried;
-- the job is created with `method: supervised` and the configured hyperparameters ("auto" allowed),
-  `suffix` and `seed`;
+- the job is created with the configured method (`training.method`: supervised, dpo with
+  `training.dpo.beta`, or reinforcement with `training.grader` and `training.reinforcement`) and its
+  hyperparameters ("auto" allowed), `suffix` and `seed`; a supervised job's config hash is what it was
+  before the methods existed, so a rerun still reattaches to the job it started;
 - following is bounded: polls back off exponentially up to `provider.max_poll_interval_s` and the whole
   wait is bounded by `provider.job_timeout_s` (the job keeps running on the provider and a rerun
   reattaches to it);
@@ -41,7 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
-from tuneline.config import Config, ProviderConfig
+from tuneline.config import Config, DpoConfig, ProviderConfig, ReinforcementConfig
 from tuneline.provider import Provider, ProviderError, retrying
 from tuneline.tokens import price_per_1m
 from tuneline.tracking import RunLog
@@ -60,6 +62,12 @@ FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 EVENT_PAGE_SIZE = 100
 LOG_EVERY_STEPS = 25
 HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
+# What each method adds to them (FineTuneDPOHyperparameters, FineTuneReinforcementHyperparameters).
+METHOD_HYPERPARAMETER_NAMES: dict[str, tuple[str, ...]] = {
+    "supervised": (),
+    "dpo": ("beta",),
+    "reinforcement": ("eval_interval", "eval_samples", "compute_multiplier", "reasoning_effort"),
+}
 
 
 class TrainingFailed(RuntimeError):
@@ -82,18 +90,34 @@ class JobRequest:
     suffix: str | None
     seed: int | None
     metadata: dict[str, str]
+    method: str = "supervised"
+    grader: dict[str, Any] | None = None
+
+
+def method_hyperparameters(config: Config) -> dict[str, Any]:
+    """The hyperparameters the job's method is sent: training.hyperparameters, plus beta for dpo, plus
+    training.reinforcement's keys for reinforcement."""
+    training = config.training
+    values = training.hyperparameters.model_dump(mode="json")
+    if training.method == "dpo":
+        values.update((training.dpo or DpoConfig()).model_dump(mode="json"))
+    elif training.method == "reinforcement":
+        values.update((training.reinforcement or ReinforcementConfig()).model_dump(mode="json"))
+    return values
 
 
 def training_config_hash(config: Config) -> str:
-    """sha256 of what shapes the job (base model, method, hyperparameters, suffix, seed): changing an
-    evaluation or tracking setting must not pay for a new job with the same data."""
-    shaping = {
+    """sha256 of what shapes the job (base model, method, hyperparameters, grader, suffix, seed):
+    changing an evaluation or tracking setting must not pay for a new job with the same data."""
+    shaping: dict[str, Any] = {
         "model": config.model.base,
-        "method": "supervised",
-        "hyperparameters": config.training.hyperparameters.model_dump(mode="json"),
+        "method": config.training.method,
+        "hyperparameters": method_hyperparameters(config),
         "suffix": config.training.suffix,
         "seed": config.training.seed,
     }
+    if config.training.grader is not None:
+        shaping["grader"] = config.training.grader
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -108,11 +132,21 @@ def job_request(
         model=config.model.base,
         training_file=training_file,
         validation_file=validation_file,
-        hyperparameters=config.training.hyperparameters.model_dump(mode="json"),
+        hyperparameters=method_hyperparameters(config),
         suffix=config.training.suffix,
         seed=config.training.seed,
         metadata=job_metadata(dataset_hash, training_config_hash(config)),
+        method=config.training.method,
+        grader=config.training.grader,
     )
+
+
+def method_argument(request: JobRequest) -> dict[str, Any]:
+    """The `method` argument of fine_tuning.jobs.create (FineTuneMethod)."""
+    settings: dict[str, Any] = {"hyperparameters": request.hyperparameters}
+    if request.method == "reinforcement":
+        settings["grader"] = request.grader
+    return {"type": request.method, request.method: settings}
 
 
 def find_job(provider: Provider, request: JobRequest) -> FineTuningJob | None:
@@ -136,7 +170,7 @@ def create_job(provider: Provider, request: JobRequest) -> FineTuningJob:
     arguments: dict[str, Any] = {
         "model": request.model,
         "training_file": request.training_file,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": request.hyperparameters}},
+        "method": method_argument(request),
         "metadata": request.metadata,
     }
     if request.validation_file:
@@ -285,12 +319,14 @@ def decode_result_file(raw: bytes) -> bytes:
 def resolved_hyperparameters(job: FineTuningJob) -> dict[str, Any]:
     """The job's hyperparameters once the provider has resolved "auto" (missing or "auto" left out)."""
     sources: list[Any] = []
-    if job.method is not None and job.method.supervised is not None and job.method.supervised.hyperparameters:
-        sources.append(job.method.supervised.hyperparameters)
+    method_type = job.method.type if job.method is not None and job.method.type else "supervised"
+    settings = getattr(job.method, method_type, None) if job.method is not None else None
+    if settings is not None and getattr(settings, "hyperparameters", None):
+        sources.append(settings.hyperparameters)
     if job.hyperparameters is not None:
         sources.append(job.hyperparameters)
     resolved: dict[str, Any] = {}
-    for name in HYPERPARAMETER_NAMES:
+    for name in HYPERPARAMETER_NAMES + METHOD_HYPERPARAMETER_NAMES.get(method_type, ()):
         for source in sources:
             value = getattr(source, name, None)
             if value is not None and value != "auto":

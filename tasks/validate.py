@@ -1,8 +1,10 @@
 """Validate: format rules and exact token counts become columns of the record frame.
 
 Guarantees of `validate`:
-- every still-kept row is checked against tuneline/formats.py; a row that breaks a rule is quarantined
-  with the rule's error key, and `detail` says what broke and what the rule asks for;
+- every still-kept row is checked against tuneline/formats.py as a line of the configured method's
+  file (training.method): a row that breaks a rule is quarantined with the rule's error key, and
+  `detail` says what broke and what the rule asks for; a line of another method's format (a chat
+  line in a dpo batch, a preference line in a supervised one) is `wrong_method_format`;
 - legacy prompt/completion rows become chat (with config.model.system_prompt) for chat models and stay
   as they are for babbage-002/davinci-002, so `example` holds the line exactly as it will be exported;
 - columns `kind`, `n_tokens`, `n_assistant_tokens` (exact, tuneline/tokens.py; null on rows that were
@@ -38,12 +40,17 @@ def is_completion_model(model: str) -> bool:
     return base.startswith(COMPLETION_MODELS)
 
 
-def allowed_kinds(model: str) -> tuple[formats.ExampleKind, ...]:
-    """Line formats accepted in a batch for this model (completion lines are converted for chat models)."""
+def allowed_kinds(model: str, method: str = "supervised") -> tuple[formats.ExampleKind, ...]:
+    """Line formats accepted in a batch for this model and method (completion lines are converted for
+    chat models)."""
+    if method != "supervised":
+        return formats.METHOD_KINDS[method]
     return ("completion",) if is_completion_model(model) else ("chat", "completion")
 
 
-def exported_kind(model: str) -> formats.ExampleKind:
+def exported_kind(model: str, method: str = "supervised") -> formats.ExampleKind:
+    if method != "supervised":
+        return formats.METHOD_KINDS[method][0]
     return "completion" if is_completion_model(model) else "chat"
 
 
@@ -55,20 +62,23 @@ def context_limit(model: ModelConfig, validation: ValidationConfig) -> int:
     return tokens.context_limit(model.base, validation.context_limits, validation.default_context_limit)
 
 
-def validate(frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig) -> pd.DataFrame:
-    """The frame with format rules applied, legacy lines converted, and token columns added."""
+def validate(
+    frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig, method: str = "supervised"
+) -> pd.DataFrame:
+    """The frame with format rules applied (as lines of a `method` training file), legacy lines
+    converted, and token columns added."""
     frame = frame.copy()
     n = len(frame)
     examples = frame[records.EXAMPLE].to_numpy(dtype=object, copy=True)
     kinds = np.full(n, None, dtype=object)
     completion_model = is_completion_model(model.base)
-    allowed = allowed_kinds(model.base)
+    allowed = allowed_kinds(model.base, method)
     issues: dict[str, tuple[list[int], list[str]]] = {}
     for position in np.flatnonzero(records.kept_mask(frame).to_numpy()):
         example = examples[position]
-        kind = formats.detect_kind(example)
+        kind = formats.kind_for_method(example, method)
         kinds[position] = kind
-        issue = formats.check_example(example, allowed)
+        issue = formats.check_for_method(example, method, allowed)
         if issue is not None:
             rows, details = issues.setdefault(issue.key, ([], []))
             rows.append(int(position))
@@ -145,6 +155,8 @@ def _truncate(
         learnable = [
             i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("weight", 1) == 1
         ]
+        if not learnable:
+            return None, "reinforcement prompts are not truncated"
         # Dropping trailing turns keeps every kept turn whole: try the longest prefix first.
         for index in reversed(learnable):
             candidate = {**example, "messages": messages[: index + 1]}
@@ -199,6 +211,8 @@ def _shorten(text: str, build: Any, fits: Any, encoding: tiktoken.Encoding) -> d
 
 
 @task(name="validate", cache_policy=NO_CACHE, persist_result=False)
-def validate_task(frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig) -> pd.DataFrame:
+def validate_task(
+    frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig, method: str = "supervised"
+) -> pd.DataFrame:
     """Prefect wrapper of validate."""
-    return validate(frame, model, validation)
+    return validate(frame, model, validation, method)

@@ -372,6 +372,24 @@ def ui(
     raise typer.Exit(code)
 
 
+def served_models(cfg: Any, extra: list[str]) -> list[Any]:
+    """The catalog entries of server.models plus each --model (named by its hub id without a revision,
+    or by its folder); ValueError (one line naming the key) for a bad entry."""
+    from tuneline.server.catalog import CatalogEntry
+
+    entries = []
+    for name, value in cfg.models.items():
+        settings = {"source": value} if isinstance(value, str) else value.model_dump()
+        entries.append(CatalogEntry(name=name, **settings))
+    for source in extra:
+        local = Path(source).expanduser()
+        name = local.resolve().name if local.is_dir() else source.partition("@")[0]
+        if any(entry.name == name for entry in entries):
+            continue
+        entries.append(CatalogEntry(name=name, source=str(local.resolve()) if local.is_dir() else source))
+    return entries
+
+
 @app.command()
 def serve(
     config: Path | None = ConfigOption,
@@ -384,6 +402,17 @@ def serve(
     ),
     model_dir: list[Path] | None = typer.Option(
         None, "--model-dir", help="A Hugging Face checkpoint directory to serve as a base model (repeatable)."
+    ),
+    model: list[str] | None = typer.Option(
+        None,
+        "--model",
+        help="A hub id (org/name, optionally @revision) or directory to serve, named by itself; added to "
+        "server.models (repeatable). Downloaded into the model cache once; offline it must be cached.",
+    ),
+    model_cache: Path | None = typer.Option(
+        None,
+        "--model-cache",
+        help="Where hub models are kept (server.model_cache; HF_HUB_CACHE, else STATE_DIR/hub).",
     ),
     fault_rate: float | None = typer.Option(
         None, "--fault-rate", min=0.0, max=1.0, help="Answer this fraction of requests with 429/500/503."
@@ -415,8 +444,26 @@ def serve(
             f"the server needs its extra dependencies ({exc.name} is missing): pip install 'tuneline\\[server]'"
         )
     try:
+        catalog = served_models(cfg, model or [])
+    except ValueError as exc:
+        usage_error(str(exc))
+    root = state_dir.resolve() if state_dir else resolve(cfg.state_dir)
+    if catalog:
+        from tuneline.server.hub import ModelNotCached, ModelUnavailable, default_cache, resolve_catalog
+
+        cache = (
+            model_cache.resolve()
+            if model_cache
+            else (resolve(cfg.model_cache) if cfg.model_cache else default_cache(root))
+        )
+        try:
+            catalog = list(resolve_catalog(catalog, cache))
+        except (ValueError, ModelNotCached, ModelUnavailable) as exc:
+            usage_error(str(exc))
+    try:
         settings = ServerSettings(
-            state_dir=state_dir.resolve() if state_dir else resolve(cfg.state_dir),
+            state_dir=root,
+            models=tuple(catalog),
             host=host or cfg.host,
             port=port or cfg.port,
             model_dirs=tuple(p.resolve() for p in model_dir)
@@ -433,6 +480,9 @@ def serve(
             lora_above_params=cfg.lora_above_params,
             gpus_per_job=cfg.gpus_per_job,
         )
+        from tuneline.server.services.graders import grader_settings
+
+        grader_settings(settings)  # the TUNELINE_PYTHON_GRADER_* limits, checked before starting
     except ValueError as exc:
         usage_error(str(exc))
     for path in settings.model_dirs:
@@ -445,6 +495,39 @@ def serve(
         run_server(settings)
     except StateDirBusy as exc:  # another server holds the state directory
         usage_error(str(exc))
+
+
+@app.command("export-model")
+def export_model(
+    model_id: str = typer.Argument(
+        ..., help="A fine-tuned model or checkpoint id (ft:...) of the local server."
+    ),
+    fmt: str = typer.Option("merged", "--format", help="adapter (a LoRA fine-tune's adapter) or merged."),
+    out: Path = typer.Option(..., "--out", help="A new folder to write the model to."),
+    config: Path | None = ConfigOption,
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="The server's state directory (server.state_dir)."
+    ),
+) -> None:
+    """Write a model of the local server as a folder transformers, peft and vLLM load; prints its path."""
+    from tuneline.paths import resolve
+
+    cfg = read_config(config).server
+    try:
+        from tuneline.server.export import ExportError
+        from tuneline.server.export import export_model as write_export
+    except ImportError as exc:
+        usage_error(
+            f"export needs the server's extra dependencies ({exc.name} is missing): pip install 'tuneline\\[server]'"
+        )
+    root = state_dir.resolve() if state_dir else resolve(cfg.state_dir)
+    if not (root / "tuneline.db").is_file():
+        usage_error(f"no server state in {root}: pass --state-dir or set server.state_dir")
+    try:
+        written = write_export(root, model_id, fmt, out)
+    except ExportError as exc:
+        usage_error(str(exc))
+    typer.echo(str(written))
 
 
 @app.command()
@@ -603,13 +686,18 @@ def demo(config: Path | None = ConfigOption) -> None:
 def demo_data(
     out: Path | None = typer.Option(None, "--out", help="Where to write the demo data (default: data/)."),
     seed: int | None = typer.Option(None, "--seed", help="Generator seed (default: the committed data's)."),
+    preferences: bool = typer.Option(
+        False,
+        "--preferences",
+        help="Also write raw/support_preferences/: preference (DPO) lines for configs/local-dpo.yaml.",
+    ),
 ) -> None:
     """Regenerate the demo data (partitions with planted dirt, eval, canary and general sets)."""
     from tuneline.demo import generator
     from tuneline.paths import data_dir
 
     target = out if out is not None else data_dir()
-    data = generator.generate(target, seed if seed is not None else generator.DEFAULT_SEED)
+    data = generator.generate(target, seed if seed is not None else generator.DEFAULT_SEED, preferences)
     console.print(generator.summary(data, target), highlight=False, soft_wrap=True)
 
 

@@ -159,8 +159,46 @@ class Hyperparameters(Section):
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
 
 
+TrainingMethod = Literal["supervised", "dpo", "reinforcement"]
+TRAINING_METHODS: tuple[str, ...] = ("supervised", "dpo", "reinforcement")
+GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "multi")
+# The keys each hosted grader type needs (FineTuneReinforcementMethod.grader in the OpenAPI contract).
+GRADER_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "string_check": ("name", "input", "reference", "operation"),
+    "text_similarity": ("name", "input", "reference", "evaluation_metric"),
+    "python": ("name", "source"),
+    "score_model": ("name", "model", "input"),
+    "multi": ("name", "graders", "calculate_output"),
+}
+
+
+class DpoConfig(Section):
+    """`training.dpo`: what DPO adds to training.hyperparameters (FineTuneDPOHyperparameters)."""
+
+    # Weight of the penalty that keeps the policy near the reference (the base model); hosted: (0, 2].
+    beta: Auto | Annotated[float, Field(gt=0.0, le=2.0)] = "auto"
+
+
+class ReinforcementConfig(Section):
+    """`training.reinforcement`: what reinforcement adds to training.hyperparameters
+    (FineTuneReinforcementHyperparameters)."""
+
+    eval_interval: Auto | Annotated[int, Field(ge=1)] = "auto"
+    eval_samples: Auto | Annotated[int, Field(ge=1)] = "auto"
+    compute_multiplier: Auto | Annotated[float, Field(ge=0.00001, le=10.0)] = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+
+
 class TrainingConfig(Section):
+    # supervised: chat (or prompt/completion) lines; dpo: preference lines; reinforcement: prompts
+    # (`messages` plus the fields the grader reads as {{item.*}}) and `grader`.
+    method: TrainingMethod = "supervised"
     hyperparameters: Hyperparameters = Hyperparameters()
+    dpo: DpoConfig | None = None
+    reinforcement: ReinforcementConfig | None = None
+    # The hosted grader object (string_check, text_similarity, python, score_model, multi): required
+    # with method reinforcement, refused otherwise.
+    grader: dict[str, Any] | None = None
     suffix: str | None = Field(default="support", max_length=64)
     seed: int | None = Field(default=42, ge=0, le=2**31 - 1)
     # Overfitting guard: pick the checkpoint with the lowest full validation loss as the candidate.
@@ -209,10 +247,31 @@ class TrackingConfig(Section):
     registered_model: str = "support-assistant"
 
 
+class ServedModel(Section):
+    """One entry of server.models: where the model comes from and how it is trained and served."""
+
+    # A hub id (`Qwen/Qwen2.5-0.5B-Instruct`, optionally `@revision`), a checkpoint directory, or
+    # `tuneline-tiny` (the built-in model).
+    source: str = Field(min_length=1)
+    revision: str | None = None
+    # lora | full | auto (auto: LoRA above lora_above_params parameters).
+    training: Literal["auto", "lora", "full"] = "auto"
+    # Trained and served within this many tokens (unset: the checkpoint's own; larger is capped at it).
+    context_length: int | None = Field(default=None, ge=16)
+    # Served in (auto: bfloat16/float16 on a GPU, float32 on a CPU).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 class ServerConfig(Section):
     """The embedded `tuneline serve` (provider.kind = local)."""
 
     state_dir: str = ".tuneline/server"
+    # The catalog: model name -> a hub id or directory (or a ServedModel with its settings). When
+    # given, it decides what /v1/models lists and what jobs may name (tuneline-tiny only if listed).
+    models: dict[str, str | ServedModel] = Field(default_factory=dict)
+    # Where hub models are downloaded to (huggingface_hub's cache layout); unset: HF_HUB_CACHE when set,
+    # else <state_dir>/hub.
+    model_cache: str | None = None
     model_dirs: list[str] = Field(default_factory=list)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     # A JSON request body; a larger one is refused (413) before it is read whole.
@@ -242,6 +301,28 @@ class BackfillConfig(Section):
     concurrency: int = Field(default=2, ge=1, le=32)
 
 
+class ExecutionConfig(Section):
+    """Where the data plane's per-partition work runs (tuneline/engines/): `local`, in this process
+    (the default; needs no Ray), or `ray`, as Ray tasks (`pip install 'tuneline[ray]'`). The engine
+    never changes a result, so this section is left out of the config hash."""
+
+    engine: Literal["local", "ray"] = "local"
+    # The Ray cluster: None starts a local Ray on demand (in this process's machine); "auto" joins the
+    # cluster of this machine (`ray start --head`); "ray://HOST:10001" a remote cluster's Ray Client
+    # (a KubeRay head service). Its workers need tuneline installed, at the same version.
+    address: str | None = None
+    # CPUs of the local Ray started on demand (None: every core); ignored when `address` is set.
+    num_cpus: int | None = Field(default=None, ge=1, le=4096)
+    # Files per Ray task: each task reads, validates and screens this many files (a block).
+    files_per_task: int = Field(default=1, ge=1, le=100_000)
+    # Records per map task of the near-duplicate search (signatures and band keys of a block), and
+    # reduce tasks of its shuffle (None: one per CPU of the cluster).
+    block_records: int = Field(default=250_000, ge=1)
+    shuffle_partitions: int | None = Field(default=None, ge=1, le=4096)
+    # Tries of a task whose worker died (killed, out of memory, node lost) before the run fails.
+    max_retries: int = Field(default=3, ge=0, le=100)
+
+
 class Config(Section):
     project: str = "support-assistant"
     data: DataConfig
@@ -257,11 +338,95 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     server: ServerConfig = ServerConfig()
     backfill: BackfillConfig = BackfillConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON form: equal configs hash equal whatever their YAML layout."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON form: equal configs hash equal whatever their YAML layout.
+        `execution` is left out: where the work runs never changes what it produces. The method's keys
+        are left out while they are unset, so a supervised config hashes as it did before the methods
+        existed."""
+        dumped = self.model_dump(mode="json", exclude={"execution"})
+        training = dumped["training"]
+        method_keys = ("method", "dpo", "reinforcement", "grader")
+        if training["method"] == "supervised" and all(training[k] is None for k in method_keys[1:]):
+            for key in method_keys:
+                del training[key]
+        canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def method_problem(config: Config) -> str | None:
+    """The first way the training method and the keys that go with it disagree, as `key: problem (fix)`;
+    None when they agree. Checked after the schema, so each message names one key."""
+    training = config.training
+    method = training.method
+    if training.dpo is not None and method != "dpo":
+        return f"training.dpo: only used with training.method: dpo (remove it, or set method: dpo; method is {method})"
+    if training.reinforcement is not None and method != "reinforcement":
+        return (
+            "training.reinforcement: only used with training.method: reinforcement (remove it, or set "
+            f"method: reinforcement; method is {method})"
+        )
+    if training.grader is not None and method != "reinforcement":
+        return (
+            "training.grader: only used with training.method: reinforcement (remove it, or set "
+            f"method: reinforcement; method is {method})"
+        )
+    if method == "reinforcement":
+        if training.grader is None:
+            return (
+                "training.grader: required with training.method: reinforcement (add a grader object, e.g. "
+                "{type: string_check, name: exact, input: '{{sample.output_text}}', reference: "
+                "'{{item.reference_answer}}', operation: eq})"
+            )
+        problem = grader_problem(training.grader)
+        if problem:
+            return problem
+    if method != "supervised" and config.export.general_mix_fraction > 0:
+        return (
+            f"export.general_mix_fraction: must be 0 with training.method: {method} (the general corpus "
+            "holds chat examples, which a preference or reinforcement file cannot mix in; set it to 0)"
+        )
+    return None
+
+
+def grader_problem(grader: dict[str, Any], path: str = "training.grader") -> str | None:
+    """What is wrong with a hosted grader object, naming its key; None when it looks right.
+
+    The shape (type, the keys that type needs, nested graders of a multi grader) is checked here, so
+    a config without the server installed is checked too; when `tuneline serve`'s graders
+    (tuneline/server/graders/) are installed, they parse it as the server will (templates, operations,
+    metrics, the python source), so a grader the server would refuse stops the run before any upload.
+    """
+    kind = grader.get("type")
+    if kind not in GRADER_TYPES:
+        return f"{path}.type: must be one of {', '.join(GRADER_TYPES)} (got {kind!r})"
+    for key in GRADER_REQUIRED_KEYS[str(kind)]:
+        if key not in grader:
+            return f"{path}.{key}: required for a {kind} grader (add it)"
+    if kind == "multi":
+        graders = grader["graders"]
+        if not isinstance(graders, dict) or not graders:
+            return f"{path}.graders: must be a mapping of names to graders (add at least one)"
+        for name, inner in graders.items():
+            if not isinstance(inner, dict):
+                return f"{path}.graders.{name}: must be a grader object"
+            problem = grader_problem(inner, f"{path}.graders.{name}")
+            if problem:
+                return problem
+    if path != "training.grader":
+        return None
+    try:
+        from tuneline.server.graders import GraderError, parse_grader  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # the server's graders are not installed: the shape above is what can be checked
+        return None
+    try:
+        parse_grader(grader, "grader")
+    except GraderError as exc:
+        param = str(getattr(exc, "param", "") or "grader")
+        key = "training." + (param if param.startswith("grader") else f"grader.{param}")
+        return f"{key}: {getattr(exc, 'message', None) or exc} (fix the grader)"
+    return None
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -287,7 +452,7 @@ _UNION_TAGS = {"int", "float", "str", "bool", "date", "constrained-int", "constr
 
 def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         path = _field_path(errors[0])
@@ -307,6 +472,10 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> Config:
         more = len({_field_path(e) for e in errors}) - 1
         tail = f" (and {more} more key{'s' if more > 1 else ''} to fix)" if more else ""
         raise ConfigError(f"{origin}: {path}: {problem}{tail}") from None
+    mismatch = method_problem(config)
+    if mismatch:
+        raise ConfigError(f"{origin}: {mismatch}")
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

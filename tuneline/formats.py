@@ -7,6 +7,15 @@ cookbook's keys (`data_type`, `missing_messages_list`, `message_missing_key`,
 `example_missing_assistant_message`) keep their meaning, and the rules the cookbook gets wrong or
 misses are added: valid tool calls are accepted, `weight` is checked, forbidden special tokens,
 content parts, tool definitions and DPO preference lines.
+
+The training method decides which line formats a file may hold (`METHOD_KINDS`): supervised takes
+chat (or legacy prompt/completion) lines, dpo takes preference lines, reinforcement takes prompts
+(`messages`, `tools`, and any other key, which a grader reads as `{{item.<key>}}`). A line of another
+format is `wrong_method_format`. A `messages` line is a chat line or a reinforcement prompt by the
+method, never by its keys, so `kind_for_method` needs the method.
+
+Over 600 lines on purpose: every line format's rules, and the file check built on them, stay in the one
+module both the validate stage and `tuneline serve` import, so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -19,7 +28,15 @@ from typing import Any, BinaryIO, Literal
 
 import orjson
 
-ExampleKind = Literal["chat", "completion", "preference"]
+ExampleKind = Literal["chat", "completion", "preference", "reinforcement"]
+TrainingMethod = Literal["supervised", "dpo", "reinforcement"]
+
+# The line formats each training method takes (supervised also converts completion lines to chat).
+METHOD_KINDS: dict[str, tuple[ExampleKind, ...]] = {
+    "supervised": ("chat", "completion"),
+    "dpo": ("preference",),
+    "reinforcement": ("reinforcement",),
+}
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MESSAGE_KEYS = frozenset(
@@ -28,6 +45,9 @@ MESSAGE_KEYS = frozenset(
 CHAT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "functions"})
 COMPLETION_KEYS = frozenset({"prompt", "completion"})
 PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
+# Reserved keys of a reinforcement line; every other key is data for the grader.
+REINFORCEMENT_KEYS = frozenset({"messages", "tools"})
+REINFORCEMENT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file"})
 
 # Special tokens inside text fail a hosted job after upload ("contains an invalid token").
@@ -37,6 +57,8 @@ SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
 RULES: dict[str, str] = {
     "data_type": "each line must be a JSON object",
     "missing_messages_list": "a chat example needs a non-empty `messages` list",
+    "wrong_method_format": "the line's format does not fit training.method (supervised: chat or "
+    "prompt/completion lines; dpo: preference lines; reinforcement: messages ending in a user turn)",
     "message_missing_key": "each message needs `role` and `content` (or `tool_calls` on assistant turns)",
     "message_unrecognized_key": "a message has a key the API does not accept",
     "unrecognized_role": "roles are system, developer, user, assistant, tool",
@@ -50,6 +72,8 @@ RULES: dict[str, str] = {
     "forbidden_special_token": "text contains a special token such as <|endoftext|>",
     "invalid_completion_example": "a legacy example needs non-empty string `prompt` and `completion`",
     "invalid_preference_example": "a DPO line needs input.messages and one assistant message in each output",
+    "invalid_reinforcement_example": "a reinforcement line needs `messages` ending in a user turn, and grader "
+    "fields that are JSON values",
 }
 
 
@@ -75,8 +99,41 @@ def detect_kind(example: Any) -> ExampleKind | None:
     return None
 
 
+def kind_for_method(example: Any, method: TrainingMethod | str) -> ExampleKind | None:
+    """The line format of an example in a file of this method: a `messages` line is a reinforcement
+    prompt under method reinforcement, a chat example otherwise."""
+    kind = detect_kind(example)
+    if kind == "chat" and method == "reinforcement":
+        return "reinforcement"
+    return kind
+
+
+def check_for_method(
+    example: Any, method: TrainingMethod | str, allowed: Iterable[ExampleKind] | None = None
+) -> FormatIssue | None:
+    """The first rule this example breaks as a line of a `method` training file (`allowed`: narrower
+    formats, e.g. completion lines only for a completion model), or None when it is valid."""
+    if not isinstance(example, dict):
+        return FormatIssue("data_type", f"expected a JSON object, got {type(example).__name__}")
+    kind = kind_for_method(example, method)
+    if kind is None:
+        return check_example(example)
+    wanted = METHOD_KINDS[method]
+    if kind not in wanted:
+        named = {"chat": "chat", "completion": "prompt/completion", "preference": "preference"}
+        return FormatIssue(
+            "wrong_method_format",
+            f"a {named.get(kind, kind)} line in a {method} training file, which takes "
+            f"{' or '.join(named.get(k, 'reinforcement (messages + grader fields)') for k in wanted)} lines",
+        )
+    if kind == "reinforcement":
+        return check_reinforcement(example)
+    return check_example(example, allowed if allowed is not None else wanted)
+
+
 def check_example(example: Any, allowed: Iterable[ExampleKind] | None = None) -> FormatIssue | None:
-    """The first rule this example breaks, or None when it is a valid training line."""
+    """The first rule this example breaks, or None when it is a valid training line (of a file whose
+    method the line's keys tell: supervised or dpo; see `check_for_method`)."""
     if not isinstance(example, dict):
         return FormatIssue("data_type", f"expected a JSON object, got {type(example).__name__}")
     kind = detect_kind(example)
@@ -311,6 +368,65 @@ def check_preference(example: dict[str, Any]) -> FormatIssue | None:
     return None
 
 
+def check_reinforcement(example: dict[str, Any]) -> FormatIssue | None:
+    """A reinforcement prompt (FineTuneReinforcementRequestInput): `messages` (system, developer, user,
+    assistant, tool) ending in the user turn the model answers, optional `tools`, and any other key as
+    data for the grader."""
+    messages = example.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return FormatIssue("invalid_reinforcement_example", "`messages` must be a non-empty list")
+    tool_names: set[str] | None = None
+    if "tools" in example:
+        tool_names, issue = _check_tools(example["tools"])
+        if issue:
+            return issue
+    call_ids: set[str] = set()
+    for index, message in enumerate(messages):
+        issue = _check_message(index, message, tool_names, call_ids)
+        if issue:
+            return issue
+        if message["role"] not in REINFORCEMENT_ROLES:
+            return FormatIssue(
+                "invalid_reinforcement_example", f"message {index}: role {message['role']!r} is not accepted"
+            )
+    if messages[-1]["role"] != "user":
+        return FormatIssue(
+            "invalid_reinforcement_example",
+            "the last message must be the user turn the model answers (the grader scores the answer)",
+        )
+    for key in example.keys() - REINFORCEMENT_KEYS:
+        if not isinstance(key, str) or not key.isidentifier():
+            return FormatIssue(
+                "invalid_reinforcement_example",
+                f"grader field {key!r} is not a name a template can reference as {{{{item.<name>}}}}",
+            )
+        for text in _strings(example[key]):
+            issue = _check_text(key, text)
+            if issue:
+                return issue
+    return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a JSON value (keys of objects too), depth first."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for key, inner in node.items():
+                yield str(key)
+                stack.append(inner)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def grader_fields(example: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a reinforcement line a grader reads as {{item.<key>}} (all but messages and tools)."""
+    return {k: v for k, v in example.items() if k not in REINFORCEMENT_KEYS}
+
+
 def completion_to_chat(example: dict[str, Any], system_prompt: str | None) -> dict[str, Any]:
     """A legacy prompt/completion line as a chat example for chat models."""
     messages: list[dict[str, Any]] = []
@@ -338,6 +454,8 @@ def example_texts(example: dict[str, Any]) -> Iterator[str]:
             yield message_text(message)
             for call in message.get("tool_calls") or ():
                 yield call["function"].get("arguments", "")
+        for key in sorted(example.keys() - CHAT_KEYS):  # a reinforcement line's grader fields
+            yield from _strings(example[key])
     elif "input" in example:
         for message in example["input"]["messages"]:
             yield message_text(message)
@@ -360,6 +478,9 @@ def example_text_places(example: dict[str, Any]) -> Iterator[tuple[str, str]]:
                     f"messages[{index}].tool_calls[{number}].function.arguments",
                     call["function"].get("arguments", ""),
                 )
+        for key in sorted(example.keys() - CHAT_KEYS):
+            for text in _strings(example[key]):
+                yield key, text
     elif "input" in example:
         for index, message in enumerate(example["input"]["messages"]):
             yield f"input.messages[{index}].content", message_text(message)
@@ -443,14 +564,19 @@ def bounded_lines(handle: BinaryIO, max_bytes: int) -> Iterator[bytes]:
 
 
 def check_training_file(
-    lines: Iterable[bytes], min_examples: int = 10, max_line_bytes: int = MAX_EXAMPLE_BYTES
+    lines: Iterable[bytes],
+    min_examples: int = 10,
+    max_line_bytes: int = MAX_EXAMPLE_BYTES,
+    method: TrainingMethod | None = None,
 ) -> tuple[int, FileIssue | None]:
     """Check an uploaded JSONL training file line by line, as the hosted service does after upload.
 
     Returns the number of examples and the first problem (None when the file is valid); it never
     raises for any content. All lines must share one format; blank lines are skipped; a UTF-8 byte
     order mark before the first line is accepted (`jsonl_line`). A line is refused when it is longer
-    than `max_line_bytes` or its JSON nests deeper than MAX_JSON_DEPTH levels.
+    than `max_line_bytes` or its JSON nests deeper than MAX_JSON_DEPTH levels. With `method`, each line
+    is checked as a line of that method's file (`check_for_method`: `wrong_method_format` for a line
+    of another method); without it, by its keys alone.
     """
     count = 0
     first_kind: ExampleKind | None = None
@@ -476,10 +602,10 @@ def check_training_file(
             return count, FileIssue(number, "invalid_json", "the line is not valid JSON")
         if json_depth_exceeds(example, MAX_JSON_DEPTH):
             return count, _too_deep(number)
-        issue = check_example(example)
+        issue = check_example(example) if method is None else check_for_method(example, method)
         if issue:
             return count, FileIssue(number, issue.key, issue.message)
-        kind = detect_kind(example)
+        kind = detect_kind(example) if method is None else kind_for_method(example, method)
         if first_kind is None:
             first_kind = kind
         elif kind != first_kind:

@@ -223,3 +223,12 @@ def pairwise_judge_score(candidate_first: JudgeVerdict, candidate_second: JudgeV
     first_pass = {"first": 1.0, "second": 0.0, "tie": 0.5}[candidate_first]
     second_pass = {"first": 0.0, "second": 1.0, "tie": 0.5}[candidate_second]
     return (first_pass + second_pass) / 2
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Estimate:
+    """A proportion with its Wilson score interval (scipy's `binomtest(...).proportion_ci`): unlike
+    the bootstrap, right for a 0/1 outcome on few examples and near 0 or 1 (nan for n = 0)."""
+    if n <= 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, confidence)
+    interval = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return Estimate(successes / n, float(interval.low), float(interval.high), n, confidence)

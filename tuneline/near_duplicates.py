@@ -277,6 +277,18 @@ class Documents:
         np.cumsum(counts, out=offsets[1:])
         return Documents(self.table, self.parts[_ranges(self.offsets[indices], counts)], offsets)
 
+    def detached(self, start: int, stop: int) -> Documents:
+        """Records start..stop with a table of their own texts only: what a task elsewhere needs of
+        them (a record's signature and words depend on its texts, not on the table they sit in)."""
+        parts = self.parts[self.offsets[start] : self.offsets[stop]]
+        used, local = np.unique(parts, return_inverse=True)
+        table = TextTable()
+        texts = self.table.texts
+        for text_id in used.tolist():
+            table.intern(texts[text_id])
+        offsets = self.offsets[start : stop + 1] - self.offsets[start]
+        return Documents(table, local.astype(np.int64).reshape(-1), offsets)
+
     def words(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(word hashes of records start..stop, flat; their offsets, from 0)."""
         stop = len(self) if stop is None else stop
@@ -617,30 +629,66 @@ def candidate_pairs(
         order = members[np.argsort(following[members], kind="stable")]
         order = order[np.argsort(key[order], kind="stable")]
         sorted_key, sorted_following = key[order], following[order]
-        new_bucket = np.empty(len(order), dtype=bool)
-        new_bucket[0] = True
-        np.not_equal(sorted_key[1:], sorted_key[:-1], out=new_bucket[1:])
-        new_run = new_bucket.copy()
-        new_run[1:] |= sorted_following[1:] != sorted_following[:-1]
-        bucket_head = np.maximum.accumulate(np.where(new_bucket, position, 0))
-        run_head = np.maximum.accumulate(np.where(new_run, position, 0))
-        shared = np.flatnonzero(~new_bucket)
-        if not len(shared):
-            continue
-        inside = shared[run_head[shared] != shared]
-        found.append(_pair_codes(order[inside], order[run_head[inside]], rank, n))
-        for distance in range(1, NEIGHBOURS + 1):
-            behind = shared[shared - distance >= bucket_head[shared]]
-            found.append(_pair_codes(order[behind], order[behind - distance], rank, n))
+        found.extend(_band_pairs(order, sorted_key, sorted_following, position, rank, n))
     if not found:
         return empty, empty
-    pairs = np.concatenate(found)
+    pairs = distinct_pair_codes(found)
     del found  # a million records make tens of millions of pairs: one copy at a time
+    return pairs // n, pairs % n
+
+
+def _band_pairs(
+    order: np.ndarray,
+    sorted_key: np.ndarray,
+    sorted_following: np.ndarray,
+    position: np.ndarray,
+    rank: np.ndarray,
+    n: int,
+) -> list[np.ndarray]:
+    """The pair codes of one band (candidate_pairs): `order` holds records sorted by (band key, next
+    band's key, rank), with their keys; `position` is arange(len(order)) or longer. Pairs are made
+    within a bucket only, so a subset of whole buckets gives exactly those buckets' pairs."""
+    if not len(order):
+        return []
+    position = position[: len(order)]
+    new_bucket = np.empty(len(order), dtype=bool)
+    new_bucket[0] = True
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=new_bucket[1:])
+    new_run = new_bucket.copy()
+    new_run[1:] |= sorted_following[1:] != sorted_following[:-1]
+    bucket_head = np.maximum.accumulate(np.where(new_bucket, position, 0))
+    run_head = np.maximum.accumulate(np.where(new_run, position, 0))
+    shared = np.flatnonzero(~new_bucket)
+    if not len(shared):
+        return []
+    inside = shared[run_head[shared] != shared]
+    found = [_pair_codes(order[inside], order[run_head[inside]], rank, n)]
+    for distance in range(1, NEIGHBOURS + 1):
+        behind = shared[shared - distance >= bucket_head[shared]]
+        found.append(_pair_codes(order[behind], order[behind - distance], rank, n))
+    return found
+
+
+def band_bucket_pairs(
+    records: np.ndarray, key: np.ndarray, following: np.ndarray, rank: np.ndarray, n: int
+) -> list[np.ndarray]:
+    """The pair codes (later * n + earlier) candidate_pairs makes in one band, for some of its entries:
+    `records` with their band key and next band's key. Given every entry of some whole buckets, these
+    are exactly the pairs candidate_pairs makes in those buckets: the reduce step of a distributed
+    search that shuffles the entries by bucket (tuneline/engines/ray_engine.py)."""
+    order = np.lexsort((rank[records], following, key))
+    return _band_pairs(records[order], key[order], following[order], np.arange(len(order)), rank, n)
+
+
+def distinct_pair_codes(pieces: Sequence[np.ndarray]) -> np.ndarray:
+    """Pair codes from several pieces, sorted, each once: the union of candidate pairs."""
+    if not pieces:
+        return np.zeros(0, dtype=np.int64)
+    pairs = np.concatenate(pieces)
     pairs.sort()
     keep = np.ones(len(pairs), dtype=bool)
     np.not_equal(pairs[1:], pairs[:-1], out=keep[1:])
-    pairs = pairs[keep]
-    return pairs // n, pairs % n
+    return pairs[keep]
 
 
 def _pair_codes(first: np.ndarray, second: np.ndarray, rank: np.ndarray, n: int) -> np.ndarray:
@@ -726,8 +774,33 @@ class NearDuplicates:
     confirmed: int  # pairs whose Jaccard was computed on the words themselves
 
 
+# The candidate search of find_near_duplicates: (documents, rank, num_perm, shingle_size, banding) ->
+# (every record's signature, pairs (later, earlier) as candidate_pairs gives them). `local_candidates`
+# runs it in this process; the ray engine as map (signatures per block) -> shuffle (band entries by
+# bucket) -> reduce (pairs per bucket, then their union).
+CandidateSearch = Callable[
+    [Documents, np.ndarray, int, int, Banding], tuple[np.ndarray, np.ndarray, np.ndarray]
+]
+
+
+def local_candidates(
+    documents: Documents, rank: np.ndarray, num_perm: int, shingle_size: int, banding: Banding
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Signatures, band keys and candidate pairs of all records, here."""
+    signatures, word_counts = sketches(documents, num_perm, shingle_size)
+    keys = band_keys(signatures, banding)
+    later, earlier = candidate_pairs(keys, rank, word_counts > 0)
+    return signatures, later, earlier
+
+
 def find_near_duplicates(
-    documents: Documents, rank: np.ndarray, *, threshold: float, num_perm: int, shingle_size: int
+    documents: Documents,
+    rank: np.ndarray,
+    *,
+    threshold: float,
+    num_perm: int,
+    shingle_size: int,
+    candidates: CandidateSearch | None = None,
 ) -> NearDuplicates:
     """Mark each record whose word-shingle Jaccard with an earlier (lower rank) *kept* record is >=
     threshold; the earlier one stays kept. Records are decided in rank order, so a record similar only
@@ -739,10 +812,10 @@ def find_near_duplicates(
     if n < 2:
         return NearDuplicates(duplicate_of, similarity, 0, 0, 0)
     rank = np.asarray(rank)
-    signatures, word_counts = sketches(documents, num_perm, shingle_size)
-    keys = band_keys(signatures, banding_for(num_perm, threshold))
-    later, earlier = candidate_pairs(keys, rank, word_counts > 0)
-    del keys
+    search = candidates or local_candidates
+    signatures, later, earlier = search(
+        documents, rank, num_perm, shingle_size, banding_for(num_perm, threshold)
+    )
     proposed = len(later)
     close = agreeing(signatures, later, earlier, threshold)
     del signatures

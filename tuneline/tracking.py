@@ -493,15 +493,23 @@ class RunLog:
     def log_training_request(self, config: Config, training_config_hash: str) -> None:
         """What a retrain run asks the provider for, before anything is sent."""
         training = config.training
+        extra: dict[str, Any] = {}
+        if training.method == "dpo" and training.dpo is not None:
+            extra = training.dpo.model_dump(mode="json")
+        elif training.method == "reinforcement" and training.reinforcement is not None:
+            extra = training.reinforcement.model_dump(mode="json")
+        # The grader by its type and name only: a python grader's source is not a param.
+        grader = {f"grader.{key}": training.grader.get(key) for key in ("type", "name") if training.grader}
         self._log_params(
             {
                 "provider": config.provider.kind,
                 "base_model": config.model.base,
-                "method": "supervised",
+                "method": training.method,
                 **{
                     f"hyperparameters.requested.{k}": v
-                    for k, v in training.hyperparameters.model_dump(mode="json").items()
+                    for k, v in {**training.hyperparameters.model_dump(mode="json"), **extra}.items()
                 },
+                **grader,
                 "suffix": training.suffix,
                 "seed": training.seed,
                 "choose_best_checkpoint": training.choose_best_checkpoint,

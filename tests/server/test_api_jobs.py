@@ -298,9 +298,9 @@ def test_jobs_list_pages_and_filters_by_metadata(
         ),
         ({"hyperparameters": {"learning_rate_multiplier": -1}}, 400, "greater than 0"),
         (
-            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}},
+            {"method": {"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}}},
             400,
-            "method 'dpo' is not supported by this server",
+            "method.supervised does not go with method.type 'dpo'",
         ),
         ({"suffix": "s" * 65}, 400, "suffix must be a string of 1 to 64 characters"),
         ({"seed": 2**31}, 400, "seed must be an integer between 0 and 2147483647"),
@@ -427,9 +427,9 @@ def test_chat_request_errors(client: Any, validate: Any) -> None:
         ),
         ({"model": "tuneline-tiny", "messages": []}, 400, "Missing required parameter: 'messages'"),
         (
-            {"model": "tuneline-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2},
+            {"model": "tuneline-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 17},
             400,
-            "n must be 1",
+            "n must be an integer between 1 and 16",
         ),
         (
             {"model": "tuneline-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 3},

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from tuneline.server.chat_template import IGNORE_INDEX, ChatFormat
 from tuneline.server.hyperparameters import Hyperparameters
-from tuneline.server.modeling import ChatModel, load_tokenizer
+from tuneline.server.modeling import ChatModel, load_causal_lm, load_tokenizer
 from tuneline.server.training import STATE_FILE, TrainingSpec, train
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
@@ -363,3 +363,17 @@ def test_lora_fine_tuning_saves_an_adapter_that_resumes_exactly(
     ids = torch.tensor([tuned.format.encode_prompt(conversation(QUESTIONS[0])["messages"][:2])])
     with torch.no_grad():
         assert not torch.allclose(tuned.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)
+    # Served as its adapter over the shared base (tuneline/server/adapters.py), it answers as the same
+    # fine-tune merged into a full copy does: the same greedy tokens, the same logprobs.
+    assert tuned.adapter is not None and tuned.decoder.multi_adapter
+    merged = ChatModel(load_causal_lm(whole.model_dir, torch.device("cpu"), torch.float32), tuned.tokenizer)
+    question = conversation(QUESTIONS[0])["messages"][:2]
+    served, alone = (
+        m.generate(question, temperature=0, max_tokens=6, top_logprobs=3) for m in (tuned, merged)
+    )
+    assert served.text == alone.text and served.finish_reason == alone.finish_reason
+    assert [e["token"] for e in served.logprobs] == [e["token"] for e in alone.logprobs]  # type: ignore[union-attr]
+    assert [e["logprob"] for e in served.logprobs] == pytest.approx(  # type: ignore[union-attr]
+        [e["logprob"] for e in alone.logprobs],
+        abs=1e-4,  # type: ignore[union-attr]
+    )

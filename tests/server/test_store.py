@@ -291,3 +291,33 @@ def test_kill_9_in_the_middle_of_writes_corrupts_nothing(tmp_path: Path) -> None
         assert len(blob) == record.bytes and hashlib.sha256(blob).hexdigest() == record.sha256
     listed = {r.id for r in files}
     assert {p.name for p in reopened.files_dir.iterdir()} == listed
+
+
+def test_a_schema_1_store_gains_the_method_column_and_keeps_its_jobs_supervised(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from tuneline.server import store as store_module
+
+    old_schema = store_module.SCHEMA.replace(
+        "    started_at INTEGER,\n    method TEXT\n);", "    started_at INTEGER\n);"
+    )
+    assert old_schema != store_module.SCHEMA
+    conn = sqlite3.connect(tmp_path / "tuneline.db")
+    conn.executescript(old_schema)
+    conn.execute(
+        "INSERT INTO jobs (id, created_at, status, model, base_model, training_file, requested_hyperparameters,"
+        " seed, model_name) VALUES ('ftjob-old', 1, 'succeeded', 'm', 'm', 'file-x', '{}', 1, 'ft:m')"
+    )
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    store = Store(tmp_path)
+    old = store.get_job("ftjob-old")
+    assert old is not None and old.method is None and old.method_type == "supervised"
+    dpo = make_job(store)
+    store_dpo = replace(dpo, id=new_id("ftjob-"), method={"type": "dpo"})
+    store.create_job(store_dpo)
+    assert store.get_job(store_dpo.id).method_type == "dpo"  # type: ignore[union-attr]
+    version = sqlite3.connect(tmp_path / "tuneline.db").execute("PRAGMA user_version").fetchone()[0]
+    assert version == store_module.SCHEMA_VERSION == 2
+    store.close()

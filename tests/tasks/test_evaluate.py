@@ -23,7 +23,14 @@ from tuneline.answer_cache import AnswerCache, answer_key
 from tuneline.config import Config, EvaluationConfig, load_config
 from tuneline.provider import Provider, connect
 from tuneline.server.launcher import ServerProcess, free_port, start_server
-from tuneline.tasks.eval_review import comparison_chart, log_result, report_document, review_rows
+from tuneline.tasks.eval_review import (
+    comparison_chart,
+    intervals_table,
+    label_table,
+    log_result,
+    report_document,
+    review_rows,
+)
 from tuneline.tasks.evaluate import (
     ChatRequest,
     EvalItem,
@@ -254,9 +261,9 @@ def test_evaluate_asks_every_model_once_per_prompt_and_scores_it(
         "eval/task/n_examples",
         "eval/unanswered",
     ]
-    intervals = result.intervals_table()
+    intervals = intervals_table(result)
     assert len(intervals) == (3 + 2) * 3 and (intervals["ci_low"] <= intervals["mean"]).all()
-    assert set(result.label_table()["label"]) >= {"billing/double_charge"}
+    assert set(label_table(result)["label"]) >= {"billing/double_charge"}
     table = result.side_by_side("task")
     assert list(table.columns[:3]) == ["example_id", "question", "reference"]
     assert {"candidate_answer", "base_answer", "few_shot_answer"} <= set(table.columns)

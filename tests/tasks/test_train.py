@@ -30,6 +30,7 @@ from tuneline.tasks.train import (
     choose_candidate,
     decode_result_file,
     job_request,
+    method_argument,
     read_new_events,
     resolved_hyperparameters,
     step_metrics,
@@ -142,6 +143,56 @@ def test_job_request_sends_auto_and_tags_the_job() -> None:
     assert (request.model, request.suffix, request.seed) == ("tuneline-tiny", "sup", 3)
 
 
+def test_a_supervised_config_hash_is_what_it_was_before_the_methods() -> None:
+    config = parse_config({**BASE, "training": {"hyperparameters": {"n_epochs": 2}, "seed": 3}})
+    shaping = {
+        "model": "tuneline-tiny",
+        "method": "supervised",
+        "hyperparameters": {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"},
+        "suffix": "support",
+        "seed": 3,
+    }
+    before = hashlib.sha256(json.dumps(shaping, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert training_config_hash(config) == before  # a rerun after the upgrade reattaches to its job
+    request = job_request(config, dataset_hash="d" * 64, training_file="f", validation_file=None)
+    assert method_argument(request) == {
+        "type": "supervised",
+        "supervised": {"hyperparameters": shaping["hyperparameters"]},
+    }
+
+
+def test_dpo_and_reinforcement_jobs_send_their_method() -> None:
+    dpo = parse_config({**BASE, "training": {"method": "dpo", "dpo": {"beta": 0.25}}})
+    request = job_request(dpo, dataset_hash="d" * 64, training_file="f", validation_file="v")
+    assert method_argument(request) == {
+        "type": "dpo",
+        "dpo": {
+            "hyperparameters": {
+                "n_epochs": "auto",
+                "batch_size": "auto",
+                "learning_rate_multiplier": "auto",
+                "beta": 0.25,
+            }
+        },
+    }
+    grader = {
+        "type": "string_check",
+        "name": "g",
+        "input": "{{sample.output_text}}",
+        "reference": "x",
+        "operation": "eq",
+    }
+    rft = parse_config({**BASE, "training": {"method": "reinforcement", "grader": grader}})
+    argument = method_argument(
+        job_request(rft, dataset_hash="d" * 64, training_file="f", validation_file="v")
+    )
+    assert argument["type"] == "reinforcement" and argument["reinforcement"]["grader"] == grader
+    assert argument["reinforcement"]["hyperparameters"]["eval_samples"] == "auto"
+    hashes = {training_config_hash(c) for c in (parse_config(BASE), dpo, rft)}
+    other_beta = parse_config({**BASE, "training": {"method": "dpo", "dpo": {"beta": 0.5}}})
+    assert len(hashes | {training_config_hash(other_beta)}) == 4
+
+
 def job(**fields: Any) -> FineTuningJob:
     return FineTuningJob.model_validate(
         {
@@ -175,6 +226,10 @@ def test_resolved_hyperparameters_leave_out_auto() -> None:
         "batch_size": 2,
         "learning_rate_multiplier": 1.5,
     }
+    dpo = job(
+        method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "beta": 0.1, "batch_size": "auto"}}}
+    )
+    assert resolved_hyperparameters(dpo) == {"n_epochs": 2, "beta": 0.1}
     # Older providers only fill the deprecated top-level field.
     top_level = job(hyperparameters={"n_epochs": 4, "batch_size": "auto", "learning_rate_multiplier": 2.0})
     assert resolved_hyperparameters(top_level) == {"n_epochs": 4, "learning_rate_multiplier": 2.0}

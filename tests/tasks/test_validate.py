@@ -89,7 +89,9 @@ def test_legacy_lines_become_chat_for_chat_models_only() -> None:
         "preferred_output": [{"role": "assistant", "content": "a"}],
         "non_preferred_output": [{"role": "assistant", "content": "b"}],
     }
-    assert reasons(validate.validate(frame_of(preference), CHAT_MODEL, RULES)) == ["missing_messages_list"]
+    # A preference line is a line of a dpo file: in a supervised batch it has the wrong format.
+    assert reasons(validate.validate(frame_of(preference), CHAT_MODEL, RULES)) == ["wrong_method_format"]
+    assert reasons(validate.validate(frame_of(preference), CHAT_MODEL, RULES, "dpo")) == [None]
 
 
 def long_text(words: int) -> str:

@@ -149,3 +149,102 @@ def test_the_default_config_is_the_project_folders(tmp_path: Path, monkeypatch: 
     monkeypatch.delenv("TUNELINE_PROJECT")
     monkeypatch.chdir(tmp_path)  # without the variable: the working directory
     assert load_config().project == "elsewhere"
+
+
+# --- training.method: supervised | dpo | reinforcement -------------------------------------------------
+
+STRING_CHECK = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.reference_answer}}",
+    "operation": "eq",
+}
+
+
+def test_supervised_is_the_default_and_hashes_as_before_the_methods() -> None:
+    config = parse_config(MINIMAL)
+    assert config.training.method == "supervised"
+    assert config.training.dpo is None and config.training.grader is None
+    explicit = parse_config(with_("training", {"method": "supervised"}))
+    assert explicit.config_hash() == config.config_hash()
+    dpo = parse_config(with_("training", {"method": "dpo"}))
+    assert dpo.config_hash() != config.config_hash()
+
+
+def test_dpo_and_reinforcement_configs_load() -> None:
+    dpo = parse_config(with_("training", {"method": "dpo", "dpo": {"beta": 0.2}}))
+    assert dpo.training.dpo is not None and dpo.training.dpo.beta == 0.2
+    rft = parse_config(
+        with_(
+            "training",
+            {"method": "reinforcement", "grader": STRING_CHECK, "reinforcement": {"eval_samples": 2}},
+        )
+    )
+    assert rft.training.grader == STRING_CHECK
+    assert rft.training.reinforcement is not None and rft.training.reinforcement.eval_samples == 2
+
+
+@pytest.mark.parametrize(
+    ("training", "expected"),
+    [
+        ({"method": "ppo"}, "training.method: should be 'supervised', 'dpo' or 'reinforcement'"),
+        (
+            {"method": "dpo", "dpo": {"beta": 0}},
+            "training.dpo.beta: should be 'auto' or should be greater than 0",
+        ),
+        ({"method": "dpo", "dpo": {"betta": 0.1}}, "training.dpo.betta: unknown key"),
+        ({"dpo": {"beta": 0.1}}, "training.dpo: only used with training.method: dpo"),
+        (
+            {"method": "dpo", "grader": STRING_CHECK},
+            "training.grader: only used with training.method: reinforcement",
+        ),
+        ({"reinforcement": {}}, "training.reinforcement: only used with training.method: reinforcement"),
+        ({"method": "reinforcement"}, "training.grader: required with training.method: reinforcement"),
+        (
+            {"method": "reinforcement", "grader": {**STRING_CHECK, "type": "regex"}},
+            "training.grader.type: must be one of string_check, text_similarity, python, score_model, multi",
+        ),
+        (
+            {
+                "method": "reinforcement",
+                "grader": {k: v for k, v in STRING_CHECK.items() if k != "reference"},
+            },
+            "training.grader.reference: required for a string_check grader",
+        ),
+        (
+            {
+                "method": "reinforcement",
+                "grader": {
+                    "type": "multi",
+                    "name": "m",
+                    "calculate_output": "a",
+                    "graders": {"a": {"type": "python"}},
+                },
+            },
+            "training.grader.graders.a.name: required for a python grader",
+        ),
+    ],
+)
+def test_a_bad_method_config_names_its_key(training: dict[str, Any], expected: str) -> None:
+    text = message(with_("training", training))
+    assert text.startswith(f"config: {expected}"), text
+    assert "\n" not in text
+
+
+def test_dpo_refuses_the_general_mix() -> None:
+    raw = {**with_("training", {"method": "dpo"}), "export": {"general_mix_fraction": 0.2}}
+    assert message(raw).startswith("config: export.general_mix_fraction: must be 0 with training.method: dpo")
+
+
+def test_a_bad_method_config_exits_2_from_the_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tuneline.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MINIMAL, "training": {"method": "reinforcement"}}))
+    outcome = CliRunner().invoke(app, ["prepare", "--config", str(bad), "--out", str(tmp_path / "o")])
+    assert outcome.exit_code == 2, outcome.output
+    assert "training.grader: required with training.method: reinforcement" in outcome.output
+    assert not (tmp_path / "o").exists()

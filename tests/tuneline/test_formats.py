@@ -81,8 +81,32 @@ def test_valid_examples_pass(name: str) -> None:
     assert check_example(VALID[name]) is None
 
 
+# Rule keys reached only by a line of a method's file (formats.check_for_method).
+BROKEN_FOR_METHOD: dict[str, tuple[str, Any]] = {
+    "wrong_method_format": ("dpo", chat(USER, ASSISTANT)),
+    "invalid_reinforcement_example": ("reinforcement", chat(USER, ASSISTANT)),
+}
+
+
 def test_every_rule_key_has_a_breaking_example() -> None:
-    assert set(BROKEN) == set(formats.RULES)
+    assert set(BROKEN) | set(BROKEN_FOR_METHOD) == set(formats.RULES)
+
+
+@pytest.mark.parametrize("key", sorted(BROKEN_FOR_METHOD))
+def test_each_method_rule_reports_its_key(key: str) -> None:
+    method, example = BROKEN_FOR_METHOD[key]
+    issue = formats.check_for_method(example, method)
+    assert issue is not None and issue.key == key
+    assert formats.check_for_method(example, "supervised") is None  # a valid line of another method
+
+
+def test_each_method_takes_its_valid_lines() -> None:
+    assert formats.check_for_method(VALID["preference"], "dpo") is None
+    assert formats.check_for_method(VALID["legacy"], "supervised") is None
+    prompt = {"messages": [USER], "reference_answer": "Shipping", "tags": ["a", {"b": 1}]}
+    assert formats.check_for_method(prompt, "reinforcement") is None
+    assert formats.kind_for_method(prompt, "reinforcement") == "reinforcement"
+    assert formats.kind_for_method(prompt, "supervised") == "chat"
 
 
 @pytest.mark.parametrize("key", sorted(BROKEN))

@@ -146,3 +146,17 @@ def test_judge_verdicts_and_position_bias_cancels() -> None:
     assert pairwise_judge_score("second", "first") == 0.0
     assert pairwise_judge_score("first", "first") == 0.5
     assert pairwise_judge_score("first", "tie") == 0.75
+
+
+def test_wilson_interval_matches_the_formula() -> None:
+    from tuneline.metrics import wilson_interval
+
+    estimate = wilson_interval(8, 10, 0.95)
+    z = 1.959963984540054
+    p, n = 0.8, 10
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert estimate.mean == 0.8 and estimate.n == 10
+    assert abs(estimate.low - (centre - half)) < 1e-9 and abs(estimate.high - (centre + half)) < 1e-9
+    assert wilson_interval(0, 5).low == 0.0 and wilson_interval(5, 5).high == 1.0
+    assert math.isnan(wilson_interval(0, 0).mean)

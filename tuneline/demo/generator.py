@@ -8,7 +8,9 @@
   sentences training never uses);
 - `general/canary.jsonl` and `general/general_chat.jsonl` (general.py);
 - `planted_defects.json`: the answer key, written from what was planted (planting.py);
-- `README.md`: what all of it is, with the counts.
+- `README.md`: what all of it is, with the counts;
+- with `--preferences` only: `raw/support_preferences/dt=YYYY-MM-DD/` (preferences.py), preference
+  lines for `training.method: dpo` (configs/local-dpo.yaml).
 
 The same seed gives the same bytes. Nothing is written unless guarantees.check passes.
 """
@@ -32,6 +34,7 @@ from tuneline.demo.content import DIRT, INTENTS, PARAPHRASE_BOOK, STREAM, SYSTEM
 from tuneline.demo.general import canary_set, general_corpus
 from tuneline.demo.messages import PromptRegistry, chat_example, make_eval_set
 from tuneline.demo.planting import REPO_PREFIX, DemoRecord, Planter, to_line
+from tuneline.demo.preferences import preference_files
 
 DEFAULT_SEED = 20261125
 EVAL_PATH = "eval/support_eval.jsonl"
@@ -127,8 +130,9 @@ class DemoData:
         return sum(r.reason is None for r in self.records)
 
 
-def build(seed: int = DEFAULT_SEED) -> DemoData:
-    """All demo files as bytes, checked against their guarantees; nothing is written."""
+def build(seed: int = DEFAULT_SEED, preferences: bool = False) -> DemoData:
+    """All demo files as bytes, checked against their guarantees; nothing is written. `preferences`
+    adds the preference partition (preferences.py)."""
     registry = PromptRegistry()
     eval_set = make_eval_set(random.Random(f"{seed}/eval"), registry)
     layout = Planter(random.Random(f"{seed}/raw"), registry, eval_set).run()
@@ -158,12 +162,14 @@ def build(seed: int = DEFAULT_SEED) -> DemoData:
         if p != ANSWER_KEY_PATH
     }
     files["README.md"] = _readme(seed, records, key, sizes)
+    if preferences:
+        files.update(preference_files(records, seed))
     return DemoData(files=dict(sorted(files.items())), records=records, answer_key=key)
 
 
-def generate(out: Path, seed: int = DEFAULT_SEED) -> DemoData:
+def generate(out: Path, seed: int = DEFAULT_SEED, preferences: bool = False) -> DemoData:
     """Write the demo data under `out` (byte-identical for the same seed) and return what was written."""
-    data = build(seed)
+    data = build(seed, preferences)
     for relative, content in data.files.items():
         target = out / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})"
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the project's data/)")
+    parser.add_argument(
+        "--preferences", action="store_true", help="also write the preference (DPO) partition"
+    )
     args = parser.parse_args(argv)
     out = args.out or data_dir()
-    print(summary(generate(out, args.seed), out))
+    print(summary(generate(out, args.seed, args.preferences), out))
     return 0

@@ -33,6 +33,7 @@ from tuneline.server.middleware import Gatekeeper
 from tuneline.server.scheduler import JobRunner
 from tuneline.server.services.chat import ChatService
 from tuneline.server.services.files import FileService
+from tuneline.server.services.graders import GraderService
 from tuneline.server.services.jobs import JobService
 from tuneline.server.services.models import ModelService
 from tuneline.server.settings import ServerSettings
@@ -92,6 +93,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.files = FileService(store, settings)
     app.state.jobs = JobService(store, runner, models)
     app.state.chat = ChatService(models, settings, generation_pool)
+    app.state.graders = GraderService.for_server(settings)
     for router in ROUTERS:
         app.include_router(router)
     if settings.allowed_origins:  # CORS answers for the pages allowed to call this server

@@ -41,6 +41,8 @@ from tuneline.server.catalog import (
     BUILTIN_MIN_EXAMPLES_SEEN,
     BUILTIN_MODEL,
     MODEL_CARD,
+    CatalogEntry,
+    entry_of,
     model_dir_of,
 )
 from tuneline.server.chat_template import (
@@ -373,6 +375,7 @@ def resolve_base_model(
     state_dir: Path,
     model_dirs: Sequence[Path],
     *,
+    catalog: Sequence[CatalogEntry] = (),
     general_corpus: Path | None = None,
     canary_set: Path | None = None,
 ) -> Path:
@@ -382,9 +385,9 @@ def resolve_base_model(
     config's data.general_corpus) into state_dir/models/tuneline-tiny; concurrent callers, threads or
     processes, wait for one build. Raises KeyError for an id that is not a base model here.
     """
-    if model_id == BUILTIN_MODEL:
+    if model_id == BUILTIN_MODEL and (not catalog or entry_of(model_id, catalog) is not None):
         return ensure_builtin_model(Path(state_dir), general_corpus=general_corpus, canary_set=canary_set)
-    directory = model_dir_of(model_id, model_dirs)
+    directory = model_dir_of(model_id, model_dirs, catalog)
     if directory is None:
         raise KeyError(model_id)
     return directory

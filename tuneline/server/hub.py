@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneline.server.catalog import is_model_dir
+from tuneline.server.catalog import BUILTIN_MODEL, CatalogEntry, is_model_dir
 
 # What a causal LM checkpoint needs (and nothing of the other formats a repo may also carry).
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -110,6 +110,31 @@ def resolve_model(
     snapshot = _cached(model, cache) if offline else _download(model, cache)
     verify_snapshot(model, snapshot)
     return snapshot
+
+
+def default_cache(state_dir: Path) -> Path:
+    """The model cache when the config names none: HF_HUB_CACHE when set, else <state_dir>/hub."""
+    configured = os.environ.get("HF_HUB_CACHE")
+    return Path(configured).expanduser() if configured else Path(state_dir) / "hub"
+
+
+def resolve_catalog(
+    entries: tuple[CatalogEntry, ...] | list[CatalogEntry], cache_dir: Path, *, offline: bool | None = None
+) -> tuple[CatalogEntry, ...]:
+    """Every catalog entry with the directory of its files (downloading hub models when online); the
+    built-in model is left to be built where the state directory says. Raises what resolve_model
+    raises, with the entry's name in front."""
+    resolved = []
+    for entry in entries:
+        if entry.source == BUILTIN_MODEL:
+            resolved.append(entry)
+            continue
+        try:
+            path = resolve_model(entry.source, cache_dir, revision=entry.revision, offline=offline)
+        except (ValueError, ModelNotCached, ModelUnavailable) as exc:
+            raise type(exc)(f"server.models.{entry.name}: {exc}") from None
+        resolved.append(entry.resolved(path))
+    return tuple(resolved)
 
 
 def _not_cached(model: HubModel, cache: Path, why: str) -> ModelNotCached:

@@ -16,17 +16,29 @@ while it validates a job's files, and the trainer takes them as they are).
   proportionally smaller step (the linear scaling rule, never extrapolated above the tuned batch);
   1.0 for a model that states no tuned batch size.
 Base rates: the model card's (2e-3 for tuneline-tiny), else 5e-5 for full fine-tuning and 2e-4 for LoRA.
+
+The methods' own "auto" values (resolve_method_hyperparameters):
+- dpo: beta 0.1 (the DPO paper's and TRL's default);
+- reinforcement: compute_multiplier 1.0 (SAMPLES_PER_PROMPT samples per prompt, times the multiplier,
+  at least 2: advantages are taken within the group); eval_interval so that a job evaluates about
+  EVALUATIONS_PER_JOB times; eval_samples 1 sample per validation prompt.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tuneline.server.catalog import MODEL_CARD
 from tuneline.tokens import default_epochs
+
+DEFAULT_BETA = 0.1
+SAMPLES_PER_PROMPT = 4
+EVALUATIONS_PER_JOB = 10
 
 
 @dataclass(frozen=True)
@@ -92,3 +104,43 @@ def resolve_hyperparameters(
             f"hyperparameters out of range: n_epochs={epochs}, batch_size={batch}, lr x{multiplier}"
         )
     return Hyperparameters(epochs, batch, multiplier)
+
+
+def samples_per_prompt(compute_multiplier: float) -> int:
+    """How many answers a reinforcement step samples for each prompt: SAMPLES_PER_PROMPT times the
+    compute_multiplier, at least 2 (a group of one has no advantage)."""
+    return max(2, round(SAMPLES_PER_PROMPT * compute_multiplier))
+
+
+def resolve_method_hyperparameters(
+    n_examples: int, requested: Mapping[str, Any], rules: AutoRules = AutoRules()
+) -> dict[str, Any]:
+    """A job's requested hyperparameters (any method's) with every "auto" resolved."""
+    resolved = resolve_hyperparameters(
+        n_examples,
+        requested["n_epochs"],
+        requested["batch_size"],
+        requested["learning_rate_multiplier"],
+        rules,
+    )
+    values: dict[str, Any] = {
+        "n_epochs": int(resolved.n_epochs),
+        "batch_size": int(resolved.batch_size),
+        "learning_rate_multiplier": float(resolved.learning_rate_multiplier),
+    }
+    if "beta" in requested:
+        values["beta"] = DEFAULT_BETA if requested["beta"] == "auto" else float(requested["beta"])
+    if "compute_multiplier" in requested:
+        steps = math.ceil(n_examples / resolved.batch_size) * resolved.n_epochs
+        multiplier = requested["compute_multiplier"]
+        interval = requested.get("eval_interval", "auto")
+        samples = requested.get("eval_samples", "auto")
+        values.update(
+            reasoning_effort=str(requested.get("reasoning_effort", "default")),
+            compute_multiplier=1.0 if multiplier == "auto" else float(multiplier),
+            eval_interval=max(1, math.ceil(steps / EVALUATIONS_PER_JOB))
+            if interval == "auto"
+            else int(interval),
+            eval_samples=1 if samples == "auto" else int(samples),
+        )
+    return values

@@ -9,6 +9,9 @@ For every request, in this order:
 - the body is bounded while it streams in: a declared length over the limit is refused before a byte
   is read, and a body that grows past it is cut off with a 413 (uploads: server.max_upload_bytes plus
   the multipart framing; JSON: server.max_request_bytes);
+- every response carries an `x-request-id` header (`req_` + 32 hex digits, as the hosted service sends
+  and the SDK shows as `_request_id`), also in the request's log line, so a client's report can be
+  matched to the server's log;
 - one log line per request: method, path (control characters escaped), status, time; never the query
   string, which is where a key sent the wrong way (`?api_key=...`) would be, and never the key.
 
@@ -21,6 +24,7 @@ import hmac
 import ipaddress
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -88,11 +92,14 @@ class Gatekeeper:
             return
         started = time.perf_counter()
         status = 500
+        request_id = "req_" + secrets.token_hex(16)
 
         async def send_and_note(message: Any) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
@@ -103,11 +110,12 @@ class Gatekeeper:
                 await self.app(scope, self.bounded(scope, receive), send_and_note)
         finally:
             log.info(
-                "%s %s -> %d (%.1f ms)",
+                "%s %s -> %d (%.1f ms) %s",
                 scope["method"],
                 printable(scope["path"]),
                 status,
                 (time.perf_counter() - started) * 1000,
+                request_id,
             )
 
     def refusal(self, scope: Any) -> APIError | None:

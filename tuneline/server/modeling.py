@@ -6,8 +6,14 @@ model directory is either a full checkpoint (config.json + safetensors + tokeniz
 adapter directory (adapter_config.json) whose `base_model_name_or_path` is the directory of the model
 it adapts (itself possibly an adapter).
 
-Loading and generation share one module (~650 lines, most of it the batched decoder): a loaded model
-is only ever used through the decoder built around it here.
+Hub ids never reach this module: `tuneline serve` resolves them to directories of its model cache before
+it starts (tuneline/server/hub.py). A LoRA adapter over a full checkpoint is served over a shared copy
+of its base (tuneline/server/adapters.py); an adapter over another adapter is merged.
+
+Loading and generation share one module (~860 lines, most of it the batched decoder, with its per-row
+sampling, logprobs and adapters, and ChatModel's whole, streamed and scored answers): a loaded model is
+only ever used through the decoder built around it here, and splitting the two would expose the
+decoder's rows and batches to a second module. Turning scores into the hosted shape is logprobs.py.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 
 from tuneline.server.catalog import ADAPTER_CONFIG, is_model_dir
 from tuneline.server.chat_template import ChatFormat
+from tuneline.server.logprobs import Scored, hosted_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +133,18 @@ def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
     return model
 
 
+def is_adapter_of_checkpoint(path: Path) -> bool:
+    """A LoRA adapter directory whose base is a full checkpoint (not itself an adapter)."""
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file() or (path / "config.json").is_file():
+        return False
+    try:
+        base = adapter_base(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return (base / "config.json").is_file()
+
+
 def parameter_count(path: Path) -> int:
     """The number of parameters of the model in a directory, counted without loading its weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -173,6 +192,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    # With logprobs asked for: one entry per answer token, {token, logprob, bytes, top_logprobs}.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -214,6 +235,11 @@ class _Row:
     whole: bool = False
     cancelled: bool = False
     produced: list[int] = field(default_factory=list)
+    # Where the logprob of each chosen token goes (with `top` alternatives), None when not asked for.
+    scores: list[Scored] | None = None
+    top: int = 0
+    # The LoRA adapter this row decodes with, on a decoder over a shared base (adapters.py); None: none.
+    adapter: str | None = None
 
 
 class _FutureSink:
@@ -252,15 +278,28 @@ class BatchedDecoder:
 
     MAX_BATCH = 16
 
-    def __init__(self, model: Any, device: torch.device, pad_id: int, stop_ids: frozenset[int]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        pad_id: int,
+        stop_ids: frozenset[int],
+        per_row_adapters: bool = False,
+    ) -> None:
+        """`per_row_adapters`: `model` is a peft model over a shared base whose rows each name their
+        adapter (peft's mixed-adapter batches; a row naming none decodes with the base alone)."""
         self.model = model
         self.device = device
         self.pad_id = pad_id
         self.stop_ids = stop_ids
-        self._cache_keyword = cache_keyword(model)
+        self.multi_adapter = per_row_adapters
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_keyword = cache_keyword(inner)
+        # Held around each forward pass, and by whoever adds an adapter to the model meanwhile.
+        self.forward_lock = threading.Lock()
         # Only the last position's logits are needed: a large vocabulary's prefill logits for a whole
         # batch of prompts would take gigabytes.
-        parameters = inspect.signature(model.forward).parameters
+        parameters = inspect.signature(inner.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self._waiting: list[_Row] = []
         self._lock = threading.Lock()
@@ -274,11 +313,26 @@ class BatchedDecoder:
         budget: int,
         seed: int | None,
         whole: bool = False,
+        scores: list[Scored] | None = None,
+        top: int = 0,
+        adapter: str | None = None,
     ) -> Iterator[int]:
         """The row's tokens as they come, or with `whole` all at its end (for a reader that needs none
-        before then: fewer thread switches while the batch decodes)."""
+        before then: fewer thread switches while the batch decodes). With `scores`, each token's
+        logprob (and `top` alternatives) is appended there before the token is handed over."""
         out: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        row = _Row(prompt, temperature, top_p, budget, self._generator(seed), out, whole)
+        row = _Row(
+            prompt,
+            temperature,
+            top_p,
+            budget,
+            self._generator(seed),
+            out,
+            whole,
+            scores=scores,
+            top=top,
+            adapter=adapter,
+        )
         self._enqueue(row)
         try:
             while (item := out.get()) is not None:
@@ -292,14 +346,33 @@ class BatchedDecoder:
             row.cancelled = True
 
     async def whole_tokens(
-        self, prompt: list[int], temperature: float, top_p: float, budget: int, seed: int | None
+        self,
+        prompt: list[int],
+        temperature: float,
+        top_p: float,
+        budget: int,
+        seed: int | None,
+        scores: list[Scored] | None = None,
+        top: int = 0,
+        adapter: str | None = None,
     ) -> list[int]:
         """All of the row's tokens, awaited in the event loop: the decoder thread settles the future,
         no thread of the caller's waits (one thread switch per answer instead of two or more)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[int]] = loop.create_future()
         sink = _FutureSink(loop, future)
-        row = _Row(prompt, temperature, top_p, budget, self._generator(seed), sink, whole=True)
+        row = _Row(
+            prompt,
+            temperature,
+            top_p,
+            budget,
+            self._generator(seed),
+            sink,
+            whole=True,
+            scores=scores,
+            top=top,
+            adapter=adapter,
+        )
         self._enqueue(row)
         try:
             return await future
@@ -391,18 +464,26 @@ class BatchedDecoder:
     ) -> None:
         """Runs `ids` through the model into the batch's cache, samples each row's next token, hands
         it over, and drops the rows that ended (stop token, budget, or a reader that left)."""
-        output = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_keyword: batch.cache},
-            **self._last_logits_only,
+        adapters = (
+            {"adapter_names": [row.adapter or "__base__" for row in batch.rows]} if self.multi_adapter else {}
         )
+        with self.forward_lock:
+            output = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_keyword: batch.cache},
+                **self._last_logits_only,
+                **adapters,
+            )
         batch.mask = mask
         batch.positions = positions[:, -1:] + 1
         logits = output.logits[:, -1].float()
         greedy = logits.argmax(dim=-1).tolist()
+        # The model's own distribution (before temperature and top_p), as the hosted logprobs are.
+        scored = [index for index, row in enumerate(batch.rows) if row.scores is not None]
+        logprobs = torch.log_softmax(logits[scored], dim=-1) if scored else None
         chosen: list[int] = []
         kept: list[int] = []
         for index, row in enumerate(batch.rows):
@@ -414,6 +495,17 @@ class BatchedDecoder:
                 if row.temperature <= 0
                 else _sample(logits[index], row.temperature, row.top_p, row.generator)
             )
+            if row.scores is not None and logprobs is not None:
+                own = logprobs[scored.index(index)]
+                best = torch.topk(own, row.top) if row.top > 0 else None
+                row.scores.append(
+                    (
+                        token,
+                        float(own[token]),
+                        best.indices.tolist() if best is not None else [],
+                        best.values.tolist() if best is not None else [],
+                    )
+                )
             row.produced.append(token)
             if not row.whole:
                 row.out.put(token)
@@ -506,8 +598,18 @@ class ChatModel:
     stopping at the end-of-turn token, a `stop` string or `max_tokens`; usage counts are real tokens.
     Concurrent requests are decoded together (BatchedDecoder)."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device | None = None,
+        decoder: BatchedDecoder | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        """`decoder` and `adapter`: a LoRA fine-tune answering through the decoder of its shared base
+        (tuneline/server/adapters.py) with its adapter, instead of a decoder of its own."""
         self.model = model
+        self.adapter = adapter
         self.tokenizer = tokenizer
         self.device = device or next(model.parameters()).device
         self.format = ChatFormat(tokenizer)
@@ -518,16 +620,28 @@ class ChatModel:
         )
         self.context_length = context_length(model.config)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.decoder = BatchedDecoder(
+        self.decoder = decoder or BatchedDecoder(
             model, self.device, int(pad or 0), frozenset(self.format.stop_token_ids)
         )
+        self._token_bytes: dict[int, bytes] = {}
 
     @classmethod
-    def load(cls, path: Path) -> ChatModel:
-        """A model directory (full checkpoint or LoRA adapter) on CUDA when present, else CPU."""
+    def load(cls, path: Path, dtype: str = "auto", context_length: int | None = None) -> ChatModel:
+        """A model directory (full checkpoint or LoRA adapter) on CUDA when present, else CPU, in
+        `dtype` (auto: inference_dtype), answering within `context_length` tokens when that is below
+        the checkpoint's own."""
         device = pick_device()
-        model = load_causal_lm(Path(path), device, inference_dtype(device))
-        return cls(model, load_tokenizer(Path(path)), device)
+        chosen = inference_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+        loaded: ChatModel
+        if is_adapter_of_checkpoint(Path(path)):
+            from tuneline.server.adapters import adapter_chat_model  # LoRA over a base held once
+
+            loaded = adapter_chat_model(Path(path), device, chosen)
+        else:
+            loaded = cls(load_causal_lm(Path(path), device, chosen), load_tokenizer(Path(path)), device)
+        if context_length is not None:
+            loaded.context_length = min(loaded.context_length, context_length)
+        return loaded
 
     def count_tokens(self, messages: Sequence[Mapping[str, Any]], text: str) -> tuple[int, int]:
         """(prompt tokens, completion tokens) of a prompt and an answer text, with this tokenizer."""
@@ -543,13 +657,33 @@ class ChatModel:
         max_tokens: int | None = None,
         stop: list[str] | None = None,
         seed: int | None = None,
+        top_logprobs: int | None = None,
     ) -> Generation:
+        """The whole answer; with `top_logprobs` (0 or more) each answer token's logprob too."""
         progress = _Progress()
-        pieces = self._pieces(messages, temperature, top_p, max_tokens, stop, seed, progress, streaming=False)
+        scores: list[Scored] | None = [] if top_logprobs is not None else None
+        pieces = self._pieces(
+            messages,
+            temperature,
+            top_p,
+            max_tokens,
+            stop,
+            seed,
+            progress,
+            streaming=False,
+            scores=scores,
+            top=top_logprobs or 0,
+        )
         for piece in pieces:
             progress.text.append(piece)
         return Generation(
-            "".join(progress.text), progress.prompt_tokens, progress.completion_tokens, progress.finish_reason
+            "".join(progress.text),
+            progress.prompt_tokens,
+            progress.completion_tokens,
+            progress.finish_reason,
+            self.scored_tokens(scores[: progress.completion_tokens], top_logprobs or 0)
+            if scores is not None
+            else None,
         )
 
     async def generate_async(
@@ -562,6 +696,7 @@ class ChatModel:
         max_tokens: int | None = None,
         stop: list[str] | None = None,
         seed: int | None = None,
+        top_logprobs: int | None = None,
     ) -> Generation:
         """generate() for an asyncio caller: the answer is awaited, not waited for in a thread. An
         answer that must be watched for stop strings as it grows runs generate() in `executor`."""
@@ -575,16 +710,32 @@ class ChatModel:
                 max_tokens=max_tokens,
                 stop=stop,
                 seed=seed,
+                top_logprobs=top_logprobs,
             )
             return await asyncio.get_running_loop().run_in_executor(executor, call)
-        ids = await self.decoder.whole_tokens(prompt, temperature, top_p, budget, seed)
+        scores: list[Scored] | None = [] if top_logprobs is not None else None
+        ids = await self.decoder.whole_tokens(
+            prompt,
+            temperature,
+            top_p,
+            budget,
+            seed,
+            scores=scores,
+            top=top_logprobs or 0,
+            adapter=self.adapter,
+        )
         finish = "length"
         for index, token in enumerate(ids):
             if token in self.format.stop_token_ids:
                 ids, finish = ids[:index], "stop"
                 break
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-        return Generation(text, len(prompt), len(ids), finish)
+        logprobs = self.scored_tokens(scores[: len(ids)], top_logprobs or 0) if scores is not None else None
+        return Generation(text, len(prompt), len(ids), finish, logprobs)
+
+    def scored_tokens(self, scores: Sequence[Scored], top: int) -> list[dict[str, Any]]:
+        """Decoder scores in the hosted logprobs shape (tuneline/server/logprobs.py)."""
+        return hosted_logprobs(self.tokenizer, scores, top, self._token_bytes)
 
     def stream(
         self,
@@ -598,6 +749,44 @@ class ChatModel:
     ) -> Iterator[str]:
         """The answer as text deltas (never splitting a UTF-8 character or emitting part of a stop string)."""
         yield from self._pieces(messages, temperature, top_p, max_tokens, stop, seed, _Progress())
+
+    def scored_stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        top_logprobs: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> tuple[Iterator[tuple[str, list[dict[str, Any]] | None]], Generation]:
+        """stream() with each text delta's logprob entries (the tokens it adds; None without
+        `top_logprobs`), and a Generation whose counts and finish_reason are filled in when the
+        deltas end."""
+        progress = _Progress()
+        scores: list[Scored] | None = [] if top_logprobs is not None else None
+        result = Generation("", 0, 0, "length")
+        top = top_logprobs or 0
+
+        def pairs() -> Iterator[tuple[str, list[dict[str, Any]] | None]]:
+            reported = 0
+            pieces = self._pieces(
+                messages, temperature, top_p, max_tokens, stop, seed, progress, scores=scores, top=top
+            )
+            for piece in pieces:
+                entries = None
+                if scores is not None:
+                    entries = self.scored_tokens(scores[reported : progress.completion_tokens], top)
+                    reported = progress.completion_tokens
+                yield piece, entries
+            result.prompt_tokens = progress.prompt_tokens
+            result.completion_tokens = progress.completion_tokens
+            result.finish_reason = progress.finish_reason
+            if scores is not None and reported < progress.completion_tokens:
+                yield "", self.scored_tokens(scores[reported : progress.completion_tokens], top)
+
+        return pairs(), result
 
     def _prepared(
         self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None, stop: list[str] | None
@@ -624,6 +813,8 @@ class ChatModel:
         seed: int | None,
         progress: _Progress,
         streaming: bool = True,
+        scores: list[Scored] | None = None,
+        top: int = 0,
     ) -> Iterator[str]:
         prompt, budget, stops = self._prepared(messages, max_tokens, stop)
         progress.prompt_tokens = len(prompt)
@@ -632,7 +823,15 @@ class ChatModel:
         emitted = 0
         progress.finish_reason = "length"
         for token in self.decoder.tokens(
-            prompt, temperature, top_p, budget, seed, whole=not (streaming or stops)
+            prompt,
+            temperature,
+            top_p,
+            budget,
+            seed,
+            whole=not (streaming or stops),
+            scores=scores,
+            top=top,
+            adapter=self.adapter,
         ):
             if token in self.format.stop_token_ids:
                 progress.finish_reason = "stop"

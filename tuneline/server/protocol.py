@@ -17,7 +17,7 @@ Where the hosted service departs from the published schema, these models follow 
 (shared/spec/fine-tuning-api.md): a job can be `paused`; jobs carry `user_provided_suffix`; an empty
 file list has null `first_id` and `last_id`.
 
-One module of declarations (~800 lines) on purpose: every body the wire carries, with the rules of
+One module of declarations (~950 lines) on purpose: every body the wire carries, with the rules of
 each request field beside it, so a field of the API is added, and read, in one place.
 """
 
@@ -39,6 +39,7 @@ MAX_SEED = 2**31 - 1
 MAX_LEARNING_RATE_MULTIPLIER = 10.0
 MAX_METADATA_PAIRS = 16
 METHODS = ("supervised", "dpo", "reinforcement")
+REASONING_EFFORTS = ("default", "low", "medium", "high")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Purposes a client may upload with; `fine-tune-results` files are written by the server only.
 UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data")
@@ -122,16 +123,73 @@ class SupervisedHyperparameters(RequestBody):
     learning_rate_multiplier: LearningRateMultiplier = "auto"
 
 
+def _beta(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return "auto"
+    if _is_number(value) and 0 < value <= 2:
+        return float(value)
+    raise invalid(f"beta must be 'auto' or a number greater than 0 and at most 2, got {shown(value)}.")
+
+
+def _compute_multiplier(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return "auto"
+    if _is_number(value) and 0.00001 <= value <= 10:
+        return float(value)
+    raise invalid(
+        f"compute_multiplier must be 'auto' or a number between 0.00001 and 10, got {shown(value)}."
+    )
+
+
+def _reasoning_effort(value: Any) -> Any:
+    if value is None:
+        return "default"
+    if isinstance(value, str) and value in REASONING_EFFORTS:
+        return value
+    raise invalid(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {shown(value)}.")
+
+
+Beta = Annotated[Literal["auto"] | float, BeforeValidator(_beta)]
+ComputeMultiplier = Annotated[Literal["auto"] | float, BeforeValidator(_compute_multiplier)]
+# The contract bounds these below only; above, this server stops at what one job can sensibly run.
+EvalInterval = Annotated[Literal["auto"] | int, BeforeValidator(_auto_or_int("eval_interval", 1, 1_000_000))]
+EvalSamples = Annotated[Literal["auto"] | int, BeforeValidator(_auto_or_int("eval_samples", 1, 1000))]
+ReasoningEffort = Annotated[str, BeforeValidator(_reasoning_effort)]
+
+
+class DPOHyperparameters(SupervisedHyperparameters):
+    """Contract: FineTuneDPOHyperparameters."""
+
+    beta: Beta = "auto"
+
+
+class ReinforcementHyperparameters(SupervisedHyperparameters):
+    """Contract: FineTuneReinforcementHyperparameters. `reasoning_effort` is accepted and reported; a
+    model of this server has no reasoning mode, so it changes nothing."""
+
+    reasoning_effort: ReasoningEffort = "default"
+    compute_multiplier: ComputeMultiplier = "auto"
+    eval_interval: EvalInterval = "auto"
+    eval_samples: EvalSamples = "auto"
+
+
 def _method_type(value: Any) -> Any:
     if value is None:
         raise missing()
-    if isinstance(value, str) and value in ("dpo", "reinforcement"):
-        raise invalid(
-            f"method '{value}' is not supported by this server: only 'supervised' fine-tuning is available.",
-            code="unsupported_method",
-        )
-    if value != "supervised":
+    if not isinstance(value, str) or value not in METHODS:
         raise invalid(f"method.type must be one of {', '.join(METHODS)}, got {shown(value)}.")
+    return value
+
+
+def _grader(value: Any) -> Any:
+    if value is None:
+        raise missing(
+            ": a reinforcement job needs a grader (string_check, text_similarity, python, score_model or multi)"
+        )
+    if not isinstance(value, dict):
+        raise invalid(
+            "method.reinforcement.grader must be an object, got {shown}.".replace("{shown}", shown(value))
+        )
     return value
 
 
@@ -139,21 +197,48 @@ class SupervisedMethod(RequestBody):
     hyperparameters: SupervisedHyperparameters | None = None
 
 
+class DPOMethod(RequestBody):
+    """Contract: FineTuneDPOMethod."""
+
+    hyperparameters: DPOHyperparameters | None = None
+
+
+class ReinforcementMethod(RequestBody):
+    """Contract: FineTuneReinforcementMethod. The grader is checked by tuneline/server/graders
+    (parse_grader) when the job is created, so a bad one is a 400 naming its place."""
+
+    grader: Annotated[dict[str, Any], BeforeValidator(_grader)]
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class FineTuneMethod(RequestBody):
-    type: Annotated[Literal["supervised"], BeforeValidator(_method_type)]
+    """Contract: FineTuneMethod: `type` and the settings of that type only."""
+
+    type: Annotated[Literal["supervised", "dpo", "reinforcement"], BeforeValidator(_method_type)]
     supervised: SupervisedMethod | None = None
-    # Only so that a supervised job naming them is told they do not go with it.
-    dpo: dict[str, Any] | None = None
-    reinforcement: dict[str, Any] | None = None
+    dpo: DPOMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
 
     @model_validator(mode="after")
     def _settings_of_its_type_only(self) -> FineTuneMethod:
-        for other in ("dpo", "reinforcement"):
-            if getattr(self, other) is not None:
+        for other in METHODS:
+            if other != self.type and getattr(self, other) is not None:
                 raise invalid(
-                    f"method.{other} does not go with method.type 'supervised'.", param=f"method.{other}"
+                    f"method.{other} does not go with method.type '{self.type}': pass method.{self.type}.",
+                    param=f"method.{other}",
                 )
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise invalid(
+                "Missing required parameter: 'method.reinforcement': a reinforcement job needs "
+                "method.reinforcement.grader.",
+                param="method.reinforcement",
+                code="missing_required_parameter",
+            )
         return self
+
+    def hyperparameters(self) -> SupervisedHyperparameters | None:
+        settings = getattr(self, self.type)
+        return settings.hyperparameters if settings is not None else None
 
 
 def _required_string(name: str) -> Callable[[Any], Any]:
@@ -234,7 +319,15 @@ class CreateFineTuningJobRequest(RequestBody):
 
     @model_validator(mode="after")
     def _hyperparameters_in_one_place(self) -> CreateFineTuningJobRequest:
-        if self.hyperparameters is not None and self._method_hyperparameters() is not None:
+        if self.hyperparameters is None:
+            return self
+        if self.method_type != "supervised":
+            raise invalid(
+                f"The top-level hyperparameters are for supervised jobs only: pass them in "
+                f"method.{self.method_type}.hyperparameters.",
+                param="hyperparameters",
+            )
+        if self._method_hyperparameters() is not None:
             raise invalid(
                 "Pass hyperparameters either in method.supervised.hyperparameters or in the deprecated "
                 "top-level hyperparameters, not both.",
@@ -242,15 +335,31 @@ class CreateFineTuningJobRequest(RequestBody):
             )
         return self
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method is not None else "supervised"
+
     def _method_hyperparameters(self) -> SupervisedHyperparameters | None:
-        if self.method is None or self.method.supervised is None:
-            return None
-        return self.method.supervised.hyperparameters
+        return self.method.hyperparameters() if self.method is not None else None
 
     def requested_hyperparameters(self) -> dict[str, Any]:
-        """n_epochs, batch_size, learning_rate_multiplier as asked ("auto" where not given)."""
-        chosen = self._method_hyperparameters() or self.hyperparameters or SupervisedHyperparameters()
+        """The method's hyperparameters as asked ("auto" where not given): n_epochs, batch_size,
+        learning_rate_multiplier, and beta (dpo) or the reinforcement ones."""
+        default: SupervisedHyperparameters = {
+            "supervised": SupervisedHyperparameters,
+            "dpo": DPOHyperparameters,
+            "reinforcement": ReinforcementHyperparameters,
+        }[self.method_type]()
+        chosen = self._method_hyperparameters() or self.hyperparameters or default
         return chosen.model_dump()
+
+    def method_record(self) -> dict[str, Any]:
+        """What the job keeps of its method besides the hyperparameters: the type, and a
+        reinforcement job's grader."""
+        record: dict[str, Any] = {"type": self.method_type}
+        if self.method is not None and self.method.reinforcement is not None:
+            record["grader"] = self.method.reinforcement.grader
+        return record
 
 
 class ListQuery(BaseModel):
@@ -340,6 +449,15 @@ def _content(value: Any) -> Any:
     return value
 
 
+def message_words(content: Any) -> str:
+    """The lower-cased text of a message's content (a string, or the text of its content parts)."""
+    if isinstance(content, str):
+        return content.lower()
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict)).lower()
+    return ""
+
+
 class ChatMessage(BaseModel):
     """One message of a chat request; keys this server has no use for (name, tool_calls...) pass."""
 
@@ -396,22 +514,43 @@ def _chat_seed(value: Any) -> Any:
     return value
 
 
+# Choices of one request are decoded as rows of one batch (tuneline/server/modeling.py BatchedDecoder).
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20  # the contract's bound
+
+
 def _n(value: Any) -> Any:
-    if value is not None and not (_is_int(value) and value == 1):
-        raise invalid("n must be 1: this server returns one choice per request.")
+    if value is not None and not (_is_int(value) and 1 <= value <= MAX_CHOICES):
+        raise invalid(f"n must be an integer between 1 and {MAX_CHOICES} on this server, got {shown(value)}.")
     return value
 
 
 def _logprobs(value: Any) -> Any:
-    if value:
-        raise invalid("logprobs are not supported by this server.")
+    if value is not None and not isinstance(value, bool):
+        raise invalid(f"logprobs must be true or false, got {shown(value)}.")
+    return value
+
+
+def _top_logprobs(value: Any) -> Any:
+    if value is not None and not (_is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS):
+        raise invalid(
+            f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {shown(value)}."
+        )
     return value
 
 
 def _response_format(value: Any) -> Any:
-    if value not in (None, {"type": "text"}):
-        raise invalid("Only response_format {'type': 'text'} is supported by this server.")
-    return value
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object"):
+        return kind
+    if kind == "json_schema":
+        raise invalid(
+            "response_format type 'json_schema' is not supported by this server: use {'type': 'json_object'}.",
+            code="unsupported_parameter",
+        )
+    raise invalid("response_format must be {'type': 'text'} or {'type': 'json_object'}.")
 
 
 def _stream(value: Any) -> Any:
@@ -459,8 +598,10 @@ class CreateChatCompletionRequest(RequestBody):
     n: Annotated[int | None, BeforeValidator(_n)] = None
     stream: Annotated[bool, BeforeValidator(_stream)] = False
     stream_options: Annotated[dict[str, Any], BeforeValidator(_stream_options)] = {}
-    logprobs: Annotated[Any, BeforeValidator(_logprobs)] = None
-    response_format: Annotated[Any, BeforeValidator(_response_format)] = None
+    logprobs: Annotated[bool | None, BeforeValidator(_logprobs)] = None
+    top_logprobs: Annotated[int | None, BeforeValidator(_top_logprobs)] = None
+    # "text" or "json_object" (the `type` of the request's object).
+    response_format: Annotated[str | None, BeforeValidator(_response_format)] = None
     user: NoEffect = None
     metadata: NoEffect = None
     store: NoEffect = None
@@ -469,7 +610,6 @@ class CreateChatCompletionRequest(RequestBody):
     logit_bias: NoEffect = None
     service_tier: NoEffect = None
     parallel_tool_calls: NoEffect = None
-    top_logprobs: NoEffect = None
     prompt_cache_key: NoEffect = None
     safety_identifier: NoEffect = None
     reasoning_effort: NoEffect = None
@@ -483,9 +623,40 @@ class CreateChatCompletionRequest(RequestBody):
     prediction: Unsupported = None
     web_search_options: Unsupported = None
 
+    @model_validator(mode="after")
+    def _combinations(self) -> CreateChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        if self.stream and self.response_format == "json_object":
+            raise invalid(
+                "stream is not supported with response_format json_object on this server (an answer is "
+                "checked whole before it is sent): send the request without stream.",
+                param="stream",
+                code="unsupported_parameter",
+            )
+        if self.response_format == "json_object" and not any(
+            "json" in message_words(m.content) for m in self.messages
+        ):
+            # The hosted rule: the instruction to answer in JSON is in the prompt, not only in the option.
+            raise invalid(
+                "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+                "'json_object'.",
+                param="messages",
+            )
+        return self
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def top_logprob_count(self) -> int | None:
+        """None without logprobs; else how many alternatives to report for each token (0 or more)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def include_usage(self) -> bool:
@@ -559,13 +730,38 @@ class JobHyperparameters(ResponseBody):
     learning_rate_multiplier: Literal["auto"] | float
 
 
+class JobDPOHyperparameters(JobHyperparameters):
+    beta: Literal["auto"] | float
+
+
+class JobReinforcementHyperparameters(JobHyperparameters):
+    reasoning_effort: str
+    compute_multiplier: Literal["auto"] | float
+    eval_interval: Literal["auto"] | int
+    eval_samples: Literal["auto"] | int
+
+
 class JobSupervisedMethod(ResponseBody):
     hyperparameters: JobHyperparameters
 
 
+class JobDPOMethod(ResponseBody):
+    hyperparameters: JobDPOHyperparameters
+
+
+class JobReinforcementMethod(ResponseBody):
+    grader: dict[str, Any]
+    hyperparameters: JobReinforcementHyperparameters
+
+
 class JobMethod(ResponseBody):
-    type: Literal["supervised"] = "supervised"
-    supervised: JobSupervisedMethod
+    """The method a job reports: its type and that type's settings only (the others left out)."""
+
+    omittable: ClassVar[frozenset[str]] = frozenset({"supervised", "dpo", "reinforcement"})
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
+    supervised: JobSupervisedMethod | None = None
+    dpo: JobDPOMethod | None = None
+    reinforcement: JobReinforcementMethod | None = None
 
 
 class FineTuningJob(ResponseBody):
@@ -691,10 +887,30 @@ class ChatCompletionMessage(ResponseBody):
     annotations: list[Any] = []
 
 
+class TopLogprob(ResponseBody):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatCompletionTokenLogprob(ResponseBody):
+    """Contract: ChatCompletionTokenLogprob (one answer token, its logprob and the likeliest others)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(ResponseBody):
+    content: list[ChatCompletionTokenLogprob] | None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
 class ChatCompletionChoice(ResponseBody):
     index: int = 0
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -720,7 +936,7 @@ class ChatCompletionDelta(ResponseBody):
 class ChatCompletionChunkChoice(ResponseBody):
     index: int = 0
     delta: ChatCompletionDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -832,3 +1048,64 @@ def error_of(errors: Iterable[Mapping[str, Any]], model: str | None) -> ErrorRes
     return ErrorResponse(
         error=ErrorObject(message=message, type="invalid_request_error", param=path or None, code=code)
     )
+
+
+# -- graders (POST /v1/fine_tuning/alpha/graders/run and /validate) ---------------------------------
+# The grader object itself is validated by tuneline/server/graders/ (`parse_grader`), which names the
+# wrong field as `grader.<path>`; these models only shape the request around it and the responses.
+
+
+class RunGraderRequest(RequestBody):
+    """POST /v1/fine_tuning/alpha/graders/run (contract: RunGraderRequest)."""
+
+    grader: dict[str, Any]
+    model_sample: str
+    item: dict[str, Any] | None = None
+
+
+class ValidateGraderRequest(RequestBody):
+    """POST /v1/fine_tuning/alpha/graders/validate (contract: ValidateGraderRequest)."""
+
+    grader: dict[str, Any]
+
+
+class GraderRunErrors(ResponseBody):
+    formula_parse_error: bool = False
+    sample_parse_error: bool = False
+    truncated_observation_error: bool = False
+    unresponsive_reward_error: bool = False
+    invalid_variable_error: bool = False
+    other_error: bool = False
+    python_grader_server_error: bool = False
+    python_grader_server_error_type: str | None = None
+    python_grader_runtime_error: bool = False
+    python_grader_runtime_error_details: str | None = None
+    model_grader_server_error: bool = False
+    model_grader_refusal_error: bool = False
+    model_grader_parse_error: bool = False
+    model_grader_server_error_details: str | None = None
+
+
+class GraderRunMetadata(ResponseBody):
+    name: str
+    type: str
+    errors: GraderRunErrors
+    execution_time: float
+    scores: dict[str, Any]
+    token_usage: int | None
+    sampled_model_name: str | None
+
+
+class RunGraderResponse(ResponseBody):
+    """Contract: RunGraderResponse."""
+
+    reward: float
+    metadata: GraderRunMetadata
+    sub_rewards: dict[str, Any]
+    model_grader_token_usage_per_model: dict[str, Any]
+
+
+class ValidateGraderResponse(ResponseBody):
+    """Contract: ValidateGraderResponse."""
+
+    grader: dict[str, Any]

@@ -4,7 +4,7 @@ worker processes (tuneline/server/worker.py), reaps them, and carries out cancel
 Lifecycle, as the hosted service behaves:
   validating_files -> queued -> running -> succeeded | failed | cancelled; running/queued -> paused -> queued.
 - validating_files: the training (and validation) file is checked with tuneline.formats, the same
-  rules as the pipeline's validate stage; a bad file fails the job with `invalid_training_file` and
+  rules as the pipeline's validate stage, for the job's method (tuneline/server/method_files.py); a bad file fails the job with `invalid_training_file` and
   a message naming the line and the rule.
 - running: training happens in a separate worker process (`python -m tuneline.server.worker`), so the
   API keeps answering; the worker records events, metrics and checkpoints itself, each write guarded
@@ -31,17 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from tuneline.formats import MAX_EXAMPLE_BYTES, bounded_lines, check_training_file, detect_kind, jsonl_line
+from tuneline.formats import MAX_EXAMPLE_BYTES, bounded_lines
 from tuneline.server.catalog import (
     BUILTIN_LEARNING_RATE_BATCH_SIZE,
     BUILTIN_MIN_EXAMPLES_SEEN,
     BUILTIN_MODEL,
+    CatalogEntry,
+    catalog_json,
     model_dir_of,
 )
 from tuneline.server.errors import invalid_request, job_not_found
-from tuneline.server.hyperparameters import AutoRules, auto_rules, resolve_hyperparameters
+from tuneline.server.hyperparameters import AutoRules, auto_rules, resolve_method_hyperparameters
+from tuneline.server.method_files import check_method_file
 from tuneline.server.settings import ServerSettings
 from tuneline.server.store import ACTIVE_STATUSES, JobRecord, Store, now
 
@@ -52,9 +53,15 @@ log = logging.getLogger("tuneline.server.jobs")
 
 
 def file_error(
-    store: Store, file_id: str, param: str, min_examples: int, max_example_bytes: int = MAX_EXAMPLE_BYTES
+    store: Store,
+    file_id: str,
+    param: str,
+    min_examples: int,
+    max_example_bytes: int = MAX_EXAMPLE_BYTES,
+    method: str = "supervised",
 ) -> tuple[int, dict[str, Any] | None]:
-    """Check a job's file with the pipeline's own rules: (examples, None) or (count, job error).
+    """Check a job's file with the pipeline's own rules, for the job's method
+    (tuneline/server/method_files.py): (examples, None) or (count, job error).
 
     A line longer than `max_example_bytes` is refused unread (tuneline.formats.bounded_lines)."""
     code = f"invalid_{param}"
@@ -63,54 +70,30 @@ def file_error(
         message = f"The {param.replace('_', ' ')} {file_id} was deleted before the job could use it."
         return 0, {"code": code, "message": message, "param": param}
     with open(path, "rb") as handle:
-        count, issue = check_training_file(
+        count, issue = check_method_file(
             bounded_lines(handle, max_example_bytes),
+            method,
             min_examples=min_examples,
             max_line_bytes=max_example_bytes,
         )
     if issue is None:
-        if _first_kind(path, max_example_bytes) == "preference":
-            message = (
-                "Invalid file format. Line 1: preference (DPO) examples need method 'dpo', which this server "
-                "does not support; supervised jobs take chat examples (preference_example_in_supervised_job)"
-            )
-            return count, {"code": code, "message": message, "param": param}
         return count, None
     where = f"Line {issue.line}: " if issue.line is not None else ""
     message = f"Invalid file format. {where}{issue.message} ({issue.key})"
     return count, {"code": code, "message": message, "param": param}
 
 
-def _first_kind(path: Path, max_example_bytes: int) -> str | None:
-    """The format of the first example of a file that check_training_file found valid."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(bounded_lines(handle, max_example_bytes), start=1):
-            line = jsonl_line(raw, number)
-            if line.strip():
-                return detect_kind(orjson.loads(line))
-    return None
-
-
 def resolve_requested_hyperparameters(
     n_examples: int, requested: Mapping[str, Any], rules: AutoRules | None = None
 ) -> dict[str, Any]:
     """The job's hyperparameters with every "auto" resolved (tuneline/server/hyperparameters.py, with
-    the base model's AutoRules)."""
-    resolved = resolve_hyperparameters(
-        n_examples,
-        requested["n_epochs"],
-        requested["batch_size"],
-        requested["learning_rate_multiplier"],
-        rules or AutoRules(),
-    )
-    return {
-        "n_epochs": int(resolved.n_epochs),
-        "batch_size": int(resolved.batch_size),
-        "learning_rate_multiplier": float(resolved.learning_rate_multiplier),
-    }
+    the base model's AutoRules), the method's own (beta; the reinforcement ones) included."""
+    return resolve_method_hyperparameters(n_examples, requested, rules or AutoRules())
 
 
-def base_auto_rules(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> AutoRules:
+def base_auto_rules(
+    store: Store, job: JobRecord, model_dirs: Sequence[Path], catalog: Sequence[CatalogEntry] = ()
+) -> AutoRules:
     """What "auto" hyperparameters mean for the job's base model: its model card's rules, without
     building the built-in model when it is not built yet (catalog.py states its rules)."""
     own = store.get_model(job.model)
@@ -118,8 +101,24 @@ def base_auto_rules(store: Store, job: JobRecord, model_dirs: Sequence[Path]) ->
         return auto_rules(Path(own.path))
     if job.model == BUILTIN_MODEL:
         return AutoRules(BUILTIN_LEARNING_RATE_BATCH_SIZE, BUILTIN_MIN_EXAMPLES_SEEN)
-    directory = model_dir_of(job.model, model_dirs)
+    directory = model_dir_of(job.model, model_dirs, catalog)
     return auto_rules(directory) if directory is not None else AutoRules()
+
+
+def grader_environment(settings: ServerSettings) -> dict[str, str]:
+    """A reinforcement worker's environment: the server's, plus where its score_model graders call (the
+    configured endpoint, else this server) and the variable that holds the key (this server's own key
+    in a variable of the worker's environment: never on its command line)."""
+    from tuneline.server.services.graders import BASE_URL_ENV, KEY_ENV_ENV, grader_settings
+    from tuneline.server.worker import SCORE_MODEL_KEY_ENV
+
+    graders = grader_settings(settings)
+    environment = dict(os.environ)
+    environment[BASE_URL_ENV] = str(graders.score_model_base_url)
+    if graders.score_model_api_key is not None:
+        environment[SCORE_MODEL_KEY_ENV] = graders.score_model_api_key
+        environment[KEY_ENV_ENV] = SCORE_MODEL_KEY_ENV
+    return environment
 
 
 # -- the scheduler ----------------------------------------------------------------------------
@@ -291,12 +290,13 @@ class JobRunner:
         for message in events:
             self.store.add_event(job.id, message)
         limit = self.settings.max_example_bytes
-        count, error = file_error(self.store, job.training_file, "training_file", min_examples, limit)
+        method = job.method_type
+        count, error = file_error(self.store, job.training_file, "training_file", min_examples, limit, method)
         if error is None and job.validation_file:
-            _, error = file_error(self.store, job.validation_file, "validation_file", 1, limit)
+            _, error = file_error(self.store, job.validation_file, "validation_file", 1, limit, method)
         if error is None:
             try:
-                rules = base_auto_rules(self.store, job, self.settings.model_dirs)
+                rules = base_auto_rules(self.store, job, self.settings.model_dirs, self.settings.models)
                 resolved = resolve_requested_hyperparameters(count, job.requested_hyperparameters, rules)
             except Exception as exc:
                 error = {"code": "invalid_hyperparameters", "message": f"{exc}", "param": "hyperparameters"}
@@ -362,9 +362,15 @@ class JobRunner:
             command += ["--gpus-per-job", str(self.settings.gpus_per_job)]
         for model_dir in self.settings.model_dirs:
             command += ["--model-dir", str(model_dir)]
+        if self.settings.models:
+            command += ["--catalog", catalog_json(self.settings.models)]
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=grader_environment(self.settings) if job.method_type == "reinforcement" else None,
             )
         with self._lock:
             self._workers[job.id] = Worker(job.id, token, process, log_path)

@@ -6,6 +6,10 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tuneline.server.catalog import CatalogEntry
 
 ORGANIZATION = "tuneline"  # the {org} slot of `ft:{base}:{org}:{suffix}:{id}` and `owned_by` of fine-tunes
 API_KEY_ENV = "TUNELINE_API_KEY"
@@ -17,6 +21,8 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     model_dirs: tuple[Path, ...] = ()
+    # The catalog (server.models and --model), each entry resolved to its directory before start.
+    models: tuple[CatalogEntry, ...] = ()
     # None: no key configured. Only allowed on a loopback address, where any key is accepted.
     api_key: str | None = None
     fault_rate: float = 0.0

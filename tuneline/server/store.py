@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 ID_ALPHABET = string.ascii_letters + string.digits
-SCHEMA_VERSION = 1
+# 2: jobs.method (the job's method type and a reinforcement job's grader; NULL = supervised).
+SCHEMA_VERSION = 2
 
 # Job statuses, and those a job can still leave.
 ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     resume_step INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     worker_token TEXT,
-    started_at INTEGER
+    started_at INTEGER,
+    method TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_order ON jobs (created_at, seq);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
@@ -167,6 +169,12 @@ class JobRecord:
     attempts: int = 0
     worker_token: str | None = None
     started_at: int | None = None
+    # {"type": "supervised" | "dpo" | "reinforcement", "grader": {...} (reinforcement)}; None = supervised.
+    method: dict[str, Any] | None = None
+
+    @property
+    def method_type(self) -> str:
+        return str((self.method or {}).get("type", "supervised"))
 
 
 @dataclass(frozen=True)
@@ -296,6 +304,9 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if "method" not in columns:  # a schema 1 store: its jobs are supervised (NULL)
+                conn.execute("ALTER TABLE jobs ADD COLUMN method TEXT")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def sweep(self) -> list[Path]:
@@ -431,8 +442,8 @@ class Store:
         with self._write() as conn:
             conn.execute(
                 """INSERT INTO jobs (id, created_at, status, model, base_model, training_file, validation_file,
-                   requested_hyperparameters, hyperparameters, suffix, seed, metadata, model_name)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+                   requested_hyperparameters, hyperparameters, suffix, seed, metadata, model_name, method)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
                 (
                     job.id,
                     job.created_at,
@@ -447,6 +458,7 @@ class Store:
                     job.seed,
                     _json(job.metadata),
                     job.model_name,
+                    _json(job.method),
                 ),
             )
             self._event(conn, job.id, f"Created fine-tuning job: {job.id}")
@@ -462,9 +474,18 @@ class Store:
         return (row[0], row[1]) if row else None
 
     def list_jobs(
-        self, *, after: str | None, limit: int, metadata: Mapping[str, str] | None = None
+        self,
+        *,
+        after: str | None,
+        limit: int,
+        metadata: Mapping[str, str] | None = None,
+        without_metadata: bool = False,
     ) -> tuple[list[JobRecord], bool]:
+        """A page of jobs, newest first: those whose metadata has every key-value pair of `metadata`,
+        or (`without_metadata`) those created without metadata (none, or an empty object)."""
         where, params = [], []
+        if without_metadata:
+            where.append("(jobs.metadata IS NULL OR NOT EXISTS (SELECT 1 FROM json_each(jobs.metadata)))")
         for key, value in (metadata or {}).items():
             where.append("EXISTS (SELECT 1 FROM json_each(jobs.metadata) WHERE key = ? AND value = ?)")
             params.extend([key, value])
@@ -519,7 +540,7 @@ class Store:
         return token is None or row["worker_token"] == token
 
     _JSON_FIELDS = frozenset(
-        {"hyperparameters", "requested_hyperparameters", "metadata", "result_files", "error"}
+        {"hyperparameters", "requested_hyperparameters", "metadata", "result_files", "error", "method"}
     )
 
     def _update(self, conn: sqlite3.Connection, job_id: str, **fields: Any) -> None:
@@ -767,6 +788,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         attempts=row["attempts"],
         worker_token=row["worker_token"],
         started_at=row["started_at"],
+        method=_load(row["method"]),
     )
 
 

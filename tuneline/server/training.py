@@ -1,6 +1,8 @@
 """Supervised fine-tuning for `tuneline serve`: real gradient descent on a causal LM. This module is
 the job's entry (`train(spec, reporter)`): loading, hyperparameters, checkpoints, devices; the loop
-itself is tuneline/server/trainer.py, GPU memory planning tuneline/server/gpu_memory.py.
+itself is tuneline/server/trainer.py, GPU memory planning tuneline/server/gpu_memory.py. DPO and
+reinforcement jobs (`spec.method`) run through the same loop, checkpoints and resume with the Trainer
+of their method (`make_trainer`: tuneline/server/preference.py, reinforcement.py), on one device.
 
 What `train` guarantees:
 - the loss is taken only on assistant turns whose weight is not 0 (tuneline/server/chat_template.py),
@@ -99,17 +101,24 @@ LORA_RANK = 16
 # -- data ----------------------------------------------------------------------------------------
 
 
-def read_examples(path: Path) -> list[dict[str, Any]]:
-    """The examples of a JSONL training file (already valid per tuneline/formats.py; read as every JSONL
-    set is, tuneline/jsonl.py: a byte-order mark the server accepted is not a training error here)."""
+# The keys a training line of each method must have (the files were checked by method_files.py).
+METHOD_LINES = {
+    "supervised": (("messages", "prompt"), "chat or prompt/completion lines"),
+    "dpo": (("input",), "preference lines"),
+    "reinforcement": (("messages",), "chat lines ending with a user message"),
+}
+
+
+def read_examples(path: Path, method: str = "supervised") -> list[dict[str, Any]]:
+    """The examples of a JSONL training file (already valid per tuneline/server/method_files.py; read as
+    every JSONL set is, tuneline/jsonl.py: a byte-order mark the server accepted is not a training error
+    here)."""
+    keys, what = METHOD_LINES[method]
     examples = []
     for line in jsonl.read_lines(str(path)):
         example = line.value
-        if line.reason or not isinstance(example, dict) or not ("messages" in example or "prompt" in example):
-            raise ValueError(
-                f"line {line.number} of {Path(path).name}: supervised fine-tuning takes chat or "
-                "prompt/completion lines"
-            )
+        if line.reason or not isinstance(example, dict) or not any(k in example for k in keys):
+            raise ValueError(f"line {line.number} of {Path(path).name}: {method} fine-tuning takes {what}")
         examples.append(example)
     return examples
 
@@ -125,6 +134,8 @@ def data_fingerprint(spec: TrainingSpec) -> str:
         if path is not None:
             digest.update(Path(path).read_bytes())
     digest.update(json.dumps([spec.hyperparameters.__dict__, spec.seed], sort_keys=True).encode())
+    if spec.method != "supervised":
+        digest.update(json.dumps([spec.method, spec.method_settings], sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -242,7 +253,8 @@ def train(spec: TrainingSpec, reporter: TrainingReporter) -> TrainingOutcome:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     try:
-        world_size = world_size_for(spec.devices, device)
+        # DPO and reinforcement jobs train on one device (tuneline/server/preference.py, reinforcement.py).
+        world_size = world_size_for(spec.devices, device) if spec.method == "supervised" else 1
         if world_size > 1:
             return run_ranks(spec, reporter, world_size, device, run_rank)
         if device.type == "cuda":
@@ -271,6 +283,59 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
+def make_trainer(
+    spec: TrainingSpec,
+    model: Any,
+    tokenizer: Any,
+    train_examples: list[dict[str, Any]],
+    validation_examples: list[dict[str, Any]],
+    hp: Any,
+    peak_learning_rate: float,
+    device: torch.device,
+    ranks: Ranks,
+    lora: bool,
+) -> Trainer:
+    """The Trainer of the job's method: supervised (trainer.py), DPO (preference.py) or
+    reinforcement (reinforcement.py), all driven by the same loop (`_train`)."""
+    options: dict[str, Any] = {
+        "ranks": ranks,
+        "packing": spec.packing,
+        "row_tokens": spec.row_tokens,
+        "compile": spec.compile,
+        "loss_kernel": spec.loss_kernel,
+    }
+    common = (
+        model,
+        tokenizer,
+        train_examples,
+        validation_examples,
+        hp,
+        spec.seed,
+        peak_learning_rate,
+        device,
+    )
+    if spec.method == "dpo":
+        from tuneline.server.preference import PreferenceTrainer
+
+        beta = float(spec.method_settings.get("beta", 0.1))
+        return PreferenceTrainer(*common, spec.validation_every, beta=beta, lora=lora, **options)
+    if spec.method == "reinforcement":
+        from tuneline.server.reinforcement import ReinforcementTrainer
+
+        # A full fine-tune keeps a frozen copy of the base as its KL reference (LoRA: adapters disabled).
+        reference = None if lora else load_causal_lm(spec.base_model_dir, device, torch.float32)
+        return ReinforcementTrainer(
+            *common,
+            spec.validation_every,
+            settings=spec.method_settings,
+            lora=lora,
+            reference_model=reference,
+            grader_settings=spec.grader_settings,
+            **options,
+        )
+    return Trainer(*common, spec.validation_every, **options)
+
+
 def _train(
     spec: TrainingSpec, reporter: TrainingReporter, device: torch.device, ranks: Ranks
 ) -> TrainingOutcome:
@@ -288,28 +353,24 @@ def _train(
     if ranks.distributed:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ranks.strategy = choose_strategy(spec.parallelism, lora, trainable, device)
-    train_examples = read_examples(spec.train_file)
-    validation_examples = read_examples(spec.validation_file) if spec.validation_file else []
+    train_examples = read_examples(spec.train_file, spec.method)
+    validation_examples = read_examples(spec.validation_file, spec.method) if spec.validation_file else []
     hp = spec.hyperparameters
     if state is not None and "batch_size" in state:
         hp = replace(hp, batch_size=int(state["batch_size"]))  # as sized when the run began
-    trainer = Trainer(
+    trainer = make_trainer(
+        spec,
         model,
         tokenizer,
         train_examples,
         validation_examples,
         hp,
-        spec.seed,
         base_learning_rate(spec.base_model_dir, lora) * hp.learning_rate_multiplier,
         device,
-        spec.validation_every,
-        ranks=ranks,
-        packing=spec.packing,
-        row_tokens=spec.row_tokens,
-        compile=spec.compile,
-        loss_kernel=spec.loss_kernel,
+        ranks,
+        lora,
     )
-    if device.type == "cuda":
+    if device.type == "cuda" and spec.method == "supervised":
         fit_to_memory(trainer, spec.batch_size_auto, reporter, resumed=state is not None)
     hp = trainer.hyperparameters
     if state is not None:

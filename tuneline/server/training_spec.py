@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tuneline.server.hyperparameters import Hyperparameters
 
@@ -47,6 +47,13 @@ class TrainingSpec:
     compile: bool = False
     # The loss's vocabulary projection: "auto" (liger-kernel on CUDA when installed), "chunked", "liger".
     loss_kernel: str = "auto"
+    # "supervised", "dpo" (tuneline/server/preference.py) or "reinforcement" (reinforcement.py), and
+    # the method's own settings: beta; grader, compute_multiplier, eval_interval, eval_samples.
+    method: str = "supervised"
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    # What a reinforcement job's graders need from the server (tuneline.server.graders.GraderSettings:
+    # the score_model endpoint, the python limits); None: the defaults.
+    grader_settings: Any = None
 
 
 @dataclass

@@ -32,7 +32,8 @@ from typing import Any
 import orjson
 
 from tuneline.formats import jsonl_line
-from tuneline.server.catalog import checkpoint_model_name
+from tuneline.server.catalog import CatalogEntry, catalog_from_json, checkpoint_model_name, entry_of
+from tuneline.server.method_files import method_chats
 from tuneline.server.store import JobRecord, Store, now, publish_dir
 
 log = logging.getLogger("tuneline.server.jobs")
@@ -162,14 +163,17 @@ def job_error(exc: BaseException) -> dict[str, Any]:
     return {"code": "training_failed", "message": message, "param": None}
 
 
-def check_context(spec: Any, model: str) -> None:
-    """Refuse, naming its line, an example longer than the model's context, as the hosted service does
-    (the trainer would cut it silently): a JobFileError with `too_long`, the data plane's reason."""
+def check_context(spec: Any, model: str, context_limit: int | None = None) -> None:
+    """Refuse, naming its line, an example longer than the model's context (or the catalog's shorter
+    `context_length`), as the hosted service does (the trainer would cut it silently): a JobFileError
+    with `too_long`, the data plane's reason."""
     from tuneline.server.chat_template import ChatFormat
     from tuneline.server.modeling import context_length_of, load_tokenizer
 
     chat_format = ChatFormat(load_tokenizer(spec.base_model_dir))
     limit = context_length_of(spec.base_model_dir)
+    if context_limit is not None:
+        limit = min(limit, context_limit)
     for path, param in ((spec.train_file, "training_file"), (spec.validation_file, "validation_file")):
         if path is None:
             continue
@@ -178,7 +182,8 @@ def check_context(spec: Any, model: str) -> None:
                 line = jsonl_line(raw, number)
                 if not line.strip():
                     continue
-                tokens = len(chat_format.encode_example(orjson.loads(line), sys.maxsize).input_ids)
+                chats = method_chats(orjson.loads(line), spec.method)
+                tokens = max(len(chat_format.encode_example(chat, sys.maxsize).input_ids) for chat in chats)
                 if tokens > limit:
                     raise JobFileError(
                         f"Invalid file format. Line {number}: the example is {tokens} tokens long, but {model} "
@@ -187,7 +192,9 @@ def check_context(spec: Any, model: str) -> None:
                     )
 
 
-def base_model_dir(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> Path:
+def base_model_dir(
+    store: Store, job: JobRecord, model_dirs: Sequence[Path], catalog: Sequence[CatalogEntry] = ()
+) -> Path:
     """Where the weights to start from are: a model of this server, or a base model."""
     own = store.get_model(job.model)
     if own is not None:
@@ -195,7 +202,7 @@ def base_model_dir(store: Store, job: JobRecord, model_dirs: Sequence[Path]) -> 
     from tuneline.server.builtin import resolve_base_model  # torch: the worker trains
 
     try:
-        return resolve_base_model(job.model, store.state_dir, model_dirs)
+        return resolve_base_model(job.model, store.state_dir, model_dirs, catalog=catalog)
     except KeyError:
         raise RuntimeError(f"the model {job.model} no longer exists on this server") from None
 
@@ -208,11 +215,16 @@ def run_job(
     model_dirs: Sequence[Path],
     lora_above: int,
     gpus_per_job: int | None = None,
+    catalog: Sequence[CatalogEntry] = (),
 ) -> int:
-    """Train one job to its end (or until it is paused, cancelled or the server goes away)."""
+    """Train one job to its end (or until it is paused, cancelled or the server goes away). A catalog
+    entry's `training` (lora | full) and `context_length` apply to the fine-tunes of its model."""
     job = store.get_job(job_id)
     if job is None or job.worker_token != token:
         return 0
+    entry = entry_of(job.base_model, catalog)
+    if entry is not None:
+        lora_above = entry.lora_above(lora_above)
     reporter = JobReporter(store, job, token, parent_pid)
     try:
         from tuneline.server.hyperparameters import Hyperparameters
@@ -220,7 +232,7 @@ def run_job(
 
         hyperparameters = job.hyperparameters or {}
         spec = TrainingSpec(
-            base_model_dir=base_model_dir(store, job, model_dirs),
+            base_model_dir=base_model_dir(store, job, model_dirs, catalog),
             train_file=store.file_path(job.training_file),
             validation_file=store.file_path(job.validation_file) if job.validation_file else None,
             output_dir=store.work_dir / job.id,
@@ -234,11 +246,14 @@ def run_job(
             lora_above_params=lora_above,
             devices=gpus_per_job,
             batch_size_auto=job.requested_hyperparameters.get("batch_size", "auto") == "auto",
+            method=job.method_type,
+            method_settings=method_settings(job),
+            grader_settings=worker_grader_settings() if job.method_type == "reinforcement" else None,
         )
         for name in (spec.train_file, spec.validation_file):
             if name is not None and not name.is_file():
                 raise RuntimeError(f"the file {name.name} was deleted while the job waited")
-        check_context(spec, job.model)
+        check_context(spec, job.model, entry.context_length if entry is not None else None)
         outcome = train(spec, reporter)
     except Exception as exc:
         error = job_error(exc)
@@ -284,7 +299,7 @@ def run_job(
         model_path=final_dir,
         result_file=result,
         trained_tokens=int(outcome.trained_tokens),
-        hyperparameters=_hyperparameters_dict(outcome.hyperparameters),
+        hyperparameters={**(job.hyperparameters or {}), **_hyperparameters_dict(outcome.hyperparameters)},
     )
     if finished is None:  # cancelled while the model was being saved
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -293,6 +308,30 @@ def run_job(
     store.remove_work_dirs(job_id)
     log.info("job %s: succeeded -> %s", job_id, finished.fine_tuned_model)
     return 0
+
+
+def method_settings(job: JobRecord) -> dict[str, Any]:
+    """A DPO or reinforcement job's own settings for its trainer: its resolved hyperparameters beyond
+    the three every method has, and a reinforcement job's grader."""
+    common = ("n_epochs", "batch_size", "learning_rate_multiplier")
+    settings = {k: v for k, v in (job.hyperparameters or {}).items() if k not in common}
+    if job.method_type == "reinforcement":
+        settings["grader"] = (job.method or {}).get("grader") or {}
+    return settings
+
+
+# The environment variable the scheduler hands this server's own key in, for score_model graders that
+# call this server (never on a command line, never logged).
+SCORE_MODEL_KEY_ENV = "TUNELINE_WORKER_SCORE_MODEL_KEY"
+
+
+def worker_grader_settings() -> Any:
+    """The graders' settings in a worker: the score_model endpoint and key variable the scheduler put in
+    its environment (grader_environment), the python limits of the server's environment."""
+    from tuneline.server.services.graders import grader_settings
+    from tuneline.server.settings import ServerSettings
+
+    return grader_settings(ServerSettings(state_dir=Path(".")))
 
 
 def _hyperparameters_dict(hyperparameters: Any) -> dict[str, Any]:
@@ -313,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-dir", action="append", default=[], type=Path)
     parser.add_argument("--lora-above-params", type=int, default=300_000_000)
     parser.add_argument("--gpus-per-job", type=int, default=None)  # None: every visible GPU
+    parser.add_argument("--catalog", default="")  # catalog.catalog_json of the server's resolved catalog
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -326,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model_dir,
             args.lora_above_params,
             args.gpus_per_job,
+            catalog_from_json(args.catalog),
         )
     finally:
         store.close()

@@ -40,6 +40,10 @@ ROOTS = (
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
     "ErrorResponse",
+    "RunGraderRequest",
+    "RunGraderResponse",
+    "ValidateGraderRequest",
+    "ValidateGraderResponse",
 )
 DROPPED_KEYS = frozenset({"description", "example", "examples", "title"})
 # Keywords whose value maps names (of fields, definitions) to schemas.

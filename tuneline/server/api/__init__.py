@@ -6,6 +6,6 @@ and send the protocol model the service answers with.
 
 from __future__ import annotations
 
-from tuneline.server.api import chat, files, fine_tuning, models
+from tuneline.server.api import chat, files, fine_tuning, graders, models
 
-ROUTERS = (files.router, fine_tuning.router, models.router, chat.router)
+ROUTERS = (files.router, fine_tuning.router, models.router, chat.router, graders.router)

@@ -7,6 +7,7 @@ import re
 from fastapi import APIRouter, Depends, Request, Response
 
 from tuneline.server.api.common import json_body, query, respond
+from tuneline.server.errors import invalid_request
 from tuneline.server.protocol import (
     CreateFineTuningJobRequest,
     ListCheckpointsQuery,
@@ -17,7 +18,8 @@ from tuneline.server.services.jobs import JobService
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs")
 
-# `jobs.list(metadata={"k": "v"})` sends the query parameter `metadata[k]=v`.
+# `jobs.list(metadata={"k": "v"})` sends the query parameter `metadata[k]=v`; the literal `metadata=null`
+# (the SDK's documented raw form, `extra_query={"metadata": "null"}`) asks for jobs without metadata.
 METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
 
 
@@ -44,7 +46,14 @@ def list_jobs(
         for key, value in request.query_params.multi_items()
         if (match := METADATA_QUERY.match(key))
     }
-    return respond(jobs.listing(listed, metadata))
+    bare = request.query_params.getlist("metadata")
+    if bare and (bare != ["null"] or metadata):
+        raise invalid_request(
+            "metadata must be the literal `metadata=null` (jobs without metadata) or filters of the form "
+            "`metadata[key]=value`, not both.",
+            param="metadata",
+        )
+    return respond(jobs.listing(listed, metadata, without_metadata=bool(bare)))
 
 
 @router.get("/{job_id}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from tuneline.server.catalog import fine_tuned_model_name
 from tuneline.server.errors import APIError, file_not_found, invalid_request, job_not_found
@@ -18,9 +19,13 @@ from tuneline.server.protocol import (
     FineTuningJob,
     FineTuningJobCheckpoint,
     FineTuningJobEvent,
+    JobDPOHyperparameters,
+    JobDPOMethod,
     JobError,
     JobHyperparameters,
     JobMethod,
+    JobReinforcementHyperparameters,
+    JobReinforcementMethod,
     JobSupervisedMethod,
     ListCheckpointsQuery,
     ListEventsQuery,
@@ -42,8 +47,13 @@ ModelLookup = Callable[[str], "str | None"]
 
 
 def job_object(job: JobRecord) -> FineTuningJob:
-    """A job as the API answers it: the resolved hyperparameters once known, the requested ones before."""
-    hyperparameters = JobHyperparameters(**(job.hyperparameters or job.requested_hyperparameters))
+    """A job as the API answers it: the resolved hyperparameters once known, the requested ones before;
+    the top-level (deprecated) hyperparameters are the three every method has, `method` reports the
+    method's own (beta; the reinforcement ones) and a reinforcement job's grader."""
+    values = job.hyperparameters or job.requested_hyperparameters
+    hyperparameters = JobHyperparameters(
+        **{key: values[key] for key in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    )
     return FineTuningJob(
         id=job.id,
         created_at=job.created_at,
@@ -61,10 +71,31 @@ def job_object(job: JobRecord) -> FineTuningJob:
         integrations=[],
         seed=job.seed,
         estimated_finish=job.estimated_finish if job.status == "running" else None,
-        method=JobMethod(supervised=JobSupervisedMethod(hyperparameters=hyperparameters)),
+        method=method_object(job, hyperparameters),
         metadata=job.metadata,
         user_provided_suffix=job.suffix,
     )
+
+
+def method_object(job: JobRecord, common: JobHyperparameters) -> JobMethod:
+    values = job.hyperparameters or job.requested_hyperparameters
+    kind = job.method_type
+    if kind == "dpo":
+        dpo = JobDPOHyperparameters(**common.model_dump(), beta=values.get("beta", "auto"))
+        return JobMethod(type="dpo", dpo=JobDPOMethod(hyperparameters=dpo))
+    if kind == "reinforcement":
+        extra = {
+            key: values.get(key, "auto") for key in ("compute_multiplier", "eval_interval", "eval_samples")
+        }
+        reinforcement = JobReinforcementHyperparameters(
+            **common.model_dump(), reasoning_effort=values.get("reasoning_effort", "default"), **extra
+        )
+        grader = (job.method or {}).get("grader") or {}
+        return JobMethod(
+            type="reinforcement",
+            reinforcement=JobReinforcementMethod(grader=grader, hyperparameters=reinforcement),
+        )
+    return JobMethod(type="supervised", supervised=JobSupervisedMethod(hyperparameters=common))
 
 
 def event_object(event: EventRecord) -> FineTuningJobEvent:
@@ -95,6 +126,7 @@ def new_job(
     store: Store,
     base_of: ModelLookup,
     available_models: Callable[[], Sequence[str]],
+    grader_settings: Any = None,
 ) -> JobRecord:
     """A new job (status validating_files, not stored yet) from a valid create request, or the
     APIError of a model or file the request names that this server does not have."""
@@ -108,6 +140,14 @@ def new_job(
             param="model",
             code="model_not_available",
         )
+    if request.method is not None and request.method.reinforcement is not None:
+        from tuneline.server.graders import GraderError, parse_grader
+
+        param = "method.reinforcement.grader"
+        try:
+            parse_grader(request.method.reinforcement.grader, param, grader_settings)
+        except GraderError as exc:
+            raise APIError(400, str(exc), param=exc.param or param, code="invalid_grader") from None
     _fine_tune_file(store, request.training_file, "training_file")
     if request.validation_file is not None:
         _fine_tune_file(store, request.validation_file, "validation_file")
@@ -125,6 +165,7 @@ def new_job(
         seed=secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
         metadata=dict(request.metadata) if request.metadata is not None else None,
         model_name=fine_tuned_model_name(base, request.suffix),
+        method=request.method_record(),
     )
 
 
@@ -148,8 +189,16 @@ class JobService:
         self.models = models
 
     def create(self, request: CreateFineTuningJobRequest) -> FineTuningJob:
+        from tuneline.server.services.graders import grader_settings
+
         job = new_job(
-            request, store=self.store, base_of=self.models.base_of, available_models=self.models.available
+            request,
+            store=self.store,
+            base_of=self.models.base_of,
+            available_models=self.models.available,
+            grader_settings=grader_settings(self.runner.settings)
+            if request.method_type == "reinforcement"
+            else None,
         )
         self.store.create_job(job)
         log.info(
@@ -159,10 +208,12 @@ class JobService:
         return job_object(job)
 
     def listing(
-        self, query: ListJobsQuery, metadata: Mapping[str, str]
+        self, query: ListJobsQuery, metadata: Mapping[str, str], without_metadata: bool = False
     ) -> ListPaginatedFineTuningJobsResponse:
         try:
-            jobs, has_more = self.store.list_jobs(after=query.after, limit=query.limit, metadata=metadata)
+            jobs, has_more = self.store.list_jobs(
+                after=query.after, limit=query.limit, metadata=metadata, without_metadata=without_metadata
+            )
         except CursorNotFound as exc:
             raise stale_cursor(exc, "fine-tuning job") from None
         return ListPaginatedFineTuningJobsResponse(data=[job_object(j) for j in jobs], has_more=has_more)

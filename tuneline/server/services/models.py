@@ -1,26 +1,53 @@
 """/v1/models: which model ids this server knows, and the chat models it holds in memory.
 
-Base models are named by tuneline/server/catalog.py (the built-in one and every --model-dir); the
+Base models are named by tuneline/server/catalog.py (the catalog, or the built-in one, and every
+--model-dir): a name the catalog does not hold is answered with OpenAI's 404 (model_not_found); the
 models the server made (fine-tuned models and kept checkpoints) are rows of the store. Loading a
 model (torch) happens only in `chat_model`, on first use; answering which models exist never does.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from tuneline.server.catalog import BUILTIN_MODEL, base_model_ids, is_model_dir
+from tuneline.server.catalog import BUILTIN_MODEL, base_model_ids, entry_of, is_model_dir
 from tuneline.server.errors import APIError, model_not_found
 from tuneline.server.protocol import DeleteModelResponse, ListModelsResponse, Model
 from tuneline.server.settings import ORGANIZATION, ServerSettings
 from tuneline.server.store import ModelRecord, Store
 
 log = logging.getLogger("tuneline.server")
+
+
+# The `created` of each base model, fixed when this server first named it: {"model id": unix seconds}.
+CREATED_FILE = "base_models_created.json"
+
+
+def _read_created(path: Path) -> dict[str, int]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {str(k): int(v) for k, v in loaded.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _write_created(path: Path, created: dict[str, int]) -> None:
+    """Written whole to a temporary file, then renamed over the old one (never half written)."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps(created, sort_keys=True), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        log.warning("could not record base model creation times in %s", path, exc_info=True)
 
 
 def model_object(record: ModelRecord) -> Model:
@@ -36,6 +63,7 @@ class ModelService:
         self.settings = settings
         self.started = int(time.time())
         self._base_ids: list[str] | None = None
+        self._created: dict[str, int] | None = None
         self._loaded: OrderedDict[str, Any] = OrderedDict()
         self._load_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -44,7 +72,7 @@ class ModelService:
 
     def base_ids(self) -> list[str]:
         if self._base_ids is None:
-            self._base_ids = list(base_model_ids(self.settings.model_dirs))
+            self._base_ids = list(base_model_ids(self.settings.model_dirs, self.settings.models))
         return self._base_ids
 
     def base_of(self, model_id: str) -> str | None:
@@ -94,17 +122,30 @@ class ModelService:
         return DeleteModelResponse(id=model_id, deleted=True)
 
     def _made(self, base_id: str) -> int:
-        """When a base model's weights were written (a rebuilt or replaced model gets a new time, as a
-        new snapshot would); the server's start while the built-in model is not built yet."""
-        if base_id == BUILTIN_MODEL:
-            directories = [self.store.state_dir / "models" / base_id]
-        else:
-            directories = [Path(d) for d in self.settings.model_dirs if Path(d).name == base_id]
-        for directory in directories[:1]:
-            for name in ("config.json", "adapter_config.json"):
-                if (directory / name).is_file():
-                    return int((directory / name).stat().st_mtime)
-        return self.started
+        """A base model's `created`: fixed the first time this server names it (its config's time when
+        its weights are on disk then, else that moment) and kept in the state directory (CREATED_FILE),
+        so that it does not change when the weights are first built or downloaded, nor across restarts."""
+        with self._lock:
+            if self._created is None:
+                self._created = _read_created(self.store.state_dir / CREATED_FILE)
+            if base_id in self._created:
+                return self._created[base_id]
+            entry = entry_of(base_id, self.settings.models)
+            if entry is not None and entry.path is not None:
+                directories = [Path(entry.path)]
+            elif base_id == BUILTIN_MODEL:
+                directories = [self.store.state_dir / "models" / base_id]
+            else:
+                directories = [Path(d) for d in self.settings.model_dirs if Path(d).name == base_id]
+            made = int(time.time())
+            for directory in directories[:1]:
+                for name in ("config.json", "adapter_config.json"):
+                    if (directory / name).is_file():
+                        made = int((directory / name).stat().st_mtime)
+                        break
+            self._created[base_id] = made
+            _write_created(self.store.state_dir / CREATED_FILE, self._created)
+            return made
 
     def path_of(self, model_id: str) -> Path:
         own = self.store.get_model(model_id)
@@ -115,7 +156,9 @@ class ModelService:
         from tuneline.server.builtin import resolve_base_model  # torch: only where a model is loaded
 
         try:
-            return resolve_base_model(model_id, self.store.state_dir, self.settings.model_dirs)
+            return resolve_base_model(
+                model_id, self.store.state_dir, self.settings.model_dirs, catalog=self.settings.models
+            )
         except KeyError:
             raise model_not_found(model_id) from None
 
@@ -141,8 +184,14 @@ class ModelService:
             from tuneline.server.modeling import ChatModel  # torch: only where a model is loaded
 
             path = self.path_of(model_id)
+            base = self.base_of(model_id)
+            entry = entry_of(base, self.settings.models) if base is not None else None
             started = time.monotonic()
-            model = ChatModel.load(path)
+            model = ChatModel.load(
+                path,
+                dtype=entry.dtype if entry is not None else "auto",
+                context_length=entry.context_length if entry is not None else None,
+            )
             log.info("loaded model %s from %s in %.1f s", model_id, path, time.monotonic() - started)
             with self._lock:
                 self._loaded[model_id] = model
