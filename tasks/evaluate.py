@@ -1,5 +1,8 @@
 """evaluate: the candidate against the base model (zero-shot and few-shot) and the current champion.
 
+Asking the models is tasks/eval_requests.py; how the result is laid out in MLflow (the GenAI evaluation
+view, tables, chart, report) is tasks/eval_review.py; this module builds the requests and scores them.
+
 Guarantees:
 - every model answers the same prompts through the provider's chat completions, at temperature 0 with a
   fixed seed by default, at most `evaluation.concurrency` requests in flight, each retried up to
