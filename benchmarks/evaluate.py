@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tuneline.config import load_config
 from tuneline.provider import connect
 from tuneline.server.launcher import start_server
-from tuneline.tasks.evaluate import Answer, ChatRequest, ask_all, load_eval_set
+from tuneline.tasks.eval_requests import Answer, ChatRequest, ask_all
+from tuneline.tasks.evaluate import load_eval_set
 
 
 def requests_for(n: int, model: str, eval_set: str) -> list[ChatRequest]:

@@ -323,9 +323,20 @@ def publish_summary(
         decision=result.decision if result else None,
         mlflow_run_url=run.url(),
         mlflow_hint=None if tracking.has_tracking_server(config.tracking) else "open it with `tuneline ui`",
+        **promoted_version(config, result),
     )
     create_markdown_artifact(
         render_run_summary(summary),
         key="retrain-summary",
         description="retrain: data, job, evaluation, decision",
     )
+
+
+def promoted_version(config: Config, result: RetrainResult | None) -> dict[str, str]:
+    """The summary's link to the model version this run promoted (none when nothing was promoted)."""
+    if result is None or not result.promoted or not result.champion_version:
+        return {}
+    return {
+        "model_version": f"{config.tracking.registered_model} version {result.champion_version}",
+        "model_version_url": tracking.model_version_url(config.tracking, result.champion_version),
+    }

@@ -1,5 +1,8 @@
 """evaluate: the candidate against the base model (zero-shot and few-shot) and the current champion.
 
+Asking the models is tasks/eval_requests.py; how the result is laid out in MLflow (the GenAI evaluation
+view, tables, chart, report) is tasks/eval_review.py; this module builds the requests and scores them.
+
 Guarantees:
 - every model answers the same prompts through the provider's chat completions, at temperature 0 with a
   fixed seed by default, at most `evaluation.concurrency` requests in flight, each retried up to
@@ -23,24 +26,21 @@ Guarantees:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneline import jsonl, records, tracking
-from tuneline.answer_cache import AnswerCache, answer_key
+from tuneline.answer_cache import AnswerCache
 from tuneline.config import Config, EvaluationConfig, JudgeConfig
 from tuneline.formats import check_example, completion_to_chat, detect_kind, message_text
 from tuneline.metrics import (
@@ -57,7 +57,15 @@ from tuneline.metrics import (
     score_answers,
 )
 from tuneline.paths import resolve
-from tuneline.provider import Provider, ProviderError, retrying
+from tuneline.provider import Provider
+from tuneline.tasks.eval_requests import (
+    CachedAnswers,
+    ChatRequest,
+    EvaluationError,
+    ask_all,
+    model_created,
+)
+from tuneline.tasks.eval_review import log_result
 from tuneline.tasks.preference import PreferenceAccuracy, Scorer, preference_accuracies
 from tuneline.tracking import RunLog
 
@@ -65,15 +73,8 @@ Role = Literal["candidate", "champion", "base", "few_shot"]
 ROLES: tuple[Role, ...] = ("candidate", "champion", "base", "few_shot")
 SetName = Literal["task", "canary"]
 SETS: tuple[SetName, ...] = ("task", "canary")
-# A provider answer with these statuses means the model or the key is wrong: no example can succeed.
-FATAL_STATUSES = frozenset({401, 403, 404})
-CONTEXT_EXCEEDED = "context_length_exceeded"  # the API's code for a prompt longer than the model's context
 
 DEFAULT_LOG = logging.getLogger("tuneline.evaluate")
-
-
-class EvaluationError(RuntimeError):
-    """The evaluation cannot produce a result (unknown model, refused key, unusable eval set)."""
 
 
 @dataclass(frozen=True)
@@ -197,139 +198,6 @@ def with_few_shot(item: EvalItem, shots: Sequence[FewShot]) -> tuple[Mapping[str
 
 
 @dataclass(frozen=True)
-class Answer:
-    text: str
-    error: str | None
-    latency_s: float
-    fallback: int = 0  # how many shorter variants were needed (few-shot: shots dropped)
-    cached: bool = False  # taken from the answer cache, not asked in this run
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    """One prompt for one model. `shorter` are variants to send, in turn, when the provider says the
-    prompt exceeds the model's context (a few-shot prompt with fewer shots)."""
-
-    model: str
-    messages: tuple[Mapping[str, Any], ...]
-    shorter: tuple[tuple[Mapping[str, Any], ...], ...] = ()
-
-    def key(self) -> str:
-        return json.dumps([self.model, self.messages], sort_keys=True)
-
-
-def eval_provider(provider: Provider, settings: EvaluationConfig) -> Provider:
-    """The provider with the evaluation's own retry budget and timeout (retries done by `retrying`)."""
-    client = provider.client.with_options(max_retries=0, timeout=settings.request_timeout_s)
-    return dataclasses.replace(provider, client=client, max_retries=settings.max_retries)
-
-
-def ask(provider: Provider, request: ChatRequest, settings: EvaluationConfig) -> Answer:
-    """One chat completion; transient failures are retried, the last one becomes the answer's error.
-    Raises EvaluationError when the model or the key is refused (no answer could ever come)."""
-    started = time.perf_counter()
-    variants = (request.messages, *request.shorter)
-    for fallback, messages in enumerate(variants):
-
-        def attempt(messages: tuple[Mapping[str, Any], ...] = messages) -> Any:
-            return provider.client.chat.completions.create(
-                model=request.model,
-                messages=[dict(m) for m in messages],  # type: ignore[misc]
-                temperature=settings.temperature,
-                seed=settings.seed,
-                max_completion_tokens=settings.max_tokens,
-            )
-
-        try:
-            response = retrying(provider, f"chat completion with {request.model}", attempt)
-        except ProviderError as exc:
-            if exc.status in FATAL_STATUSES:
-                raise EvaluationError(f"evaluating {request.model}: {exc}") from exc
-            if exc.code == CONTEXT_EXCEEDED and fallback + 1 < len(variants):
-                continue
-            return Answer("", str(exc), time.perf_counter() - started, fallback)
-        text = (response.choices[0].message.content or "") if response.choices else ""
-        return Answer(text, None, time.perf_counter() - started, fallback)
-    raise AssertionError("unreachable: the last variant returns")
-
-
-def model_created(provider: Provider, model: str) -> int:
-    """The provider's `created` time of a model (with its id, what names its weights)."""
-    try:
-        found = retrying(provider, f"retrieve model {model}", lambda: provider.client.models.retrieve(model))
-    except ProviderError as exc:
-        if exc.status in FATAL_STATUSES:
-            raise EvaluationError(f"evaluating {model}: {exc}") from exc
-        raise
-    return int(found.created)
-
-
-@dataclass(frozen=True)
-class CachedAnswers:
-    """The answer cache as one evaluation uses it: the store, and each model's `created` time."""
-
-    store: AnswerCache
-    created: Mapping[str, int]
-
-    def key(self, provider: Provider, request: ChatRequest, settings: EvaluationConfig) -> str:
-        # The local server's port changes from run to run; its models' created times do not.
-        where = provider.name if provider.kind == "local" else provider.base_url
-        asked = {
-            "messages": request.messages,
-            "shorter": request.shorter,
-            "temperature": settings.temperature,
-            "seed": settings.seed,
-            "max_tokens": settings.max_tokens,
-        }
-        return answer_key(where, request.model, self.created[request.model], asked)
-
-
-def ask_all(
-    provider: Provider,
-    requests: Sequence[ChatRequest],
-    settings: EvaluationConfig,
-    on_answer: Callable[[int, int], None] | None = None,
-    cache: CachedAnswers | None = None,
-) -> list[Answer]:
-    """Answers aligned with `requests`, at most `settings.concurrency` in flight; identical requests
-    are sent once, and with a cache, requests it has answers for are not sent at all. A fatal provider
-    answer cancels the rest and raises."""
-    unique: dict[str, ChatRequest] = {}
-    for request in requests:
-        unique.setdefault(request.key(), request)
-    answers: dict[str, Answer] = {}
-    cache_keys: dict[str, str] = {}
-    if cache is not None:
-        cache_keys = {key: cache.key(provider, request, settings) for key, request in unique.items()}
-        stored = cache.store.get_many(list(cache_keys.values()))
-        for key, cache_key in cache_keys.items():
-            if cache_key in stored:
-                text, fallback = stored[cache_key]
-                answers[key] = Answer(text, None, 0.0, fallback, cached=True)
-    client = eval_provider(provider, settings)
-    pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="tuneline-eval")
-    try:
-        futures = {
-            pool.submit(ask, client, request, settings): key
-            for key, request in unique.items()
-            if key not in answers
-        }
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                key = futures[future]
-                answer = answers[key] = future.result()  # re-raises a fatal error
-                if cache is not None and answer.error is None:
-                    cache.store.put(cache_keys[key], answer.text, answer.fallback)
-                if on_answer:
-                    on_answer(len(answers), len(unique))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return [answers[request.key()] for request in requests]
-
-
-@dataclass(frozen=True)
 class EvaluationResult:
     """Every answer of every model (long form) and the figures computed from them."""
 
@@ -365,7 +233,28 @@ class EvaluationResult:
         return int(rows["error"].notna().sum())
 
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metrics: eval/<set>/<role>/<metric> (+ _ci_low, _ci_high), unanswered, labels."""
+        """The run's headline metrics, few and readable: exact match per set and model, the examples
+        per set, the unanswered requests, the judge's win rate and (dpo) the preference figures. The other metrics, intervals and
+        per-label figures are tables (tasks/eval_review.py); every figure is in all_figures
+        and eval/report.json."""
+        flat = {
+            f"eval/{set_name}/{role}/{metric}": estimate.mean
+            for (set_name, role, metric), estimate in self.estimates.items()
+            if metric == "exact_match"
+        }
+        for set_name in SETS:
+            n = int(((self.answers["set"] == set_name) & (self.answers["role"] == "candidate")).sum())
+            if n:
+                flat[f"eval/{set_name}/n_examples"] = float(n)
+        flat["eval/unanswered"] = float(self.answers["error"].notna().sum())
+        for name, estimate in self.judge.items():
+            flat[f"eval/task/judge/{name}"] = estimate.mean
+        # A dpo run's own headline: each model's preference accuracy (with its interval) and margin.
+        flat.update({k: v for k, v in self.all_figures().items() if k.startswith("eval/preference/")})
+        return flat
+
+    def all_figures(self) -> dict[str, float]:
+        """Every figure, flat: eval/<set>/<role>/<metric> (+ _ci_low, _ci_high), unanswered, labels."""
         flat: dict[str, float] = {}
         for (set_name, role, metric), estimate in self.estimates.items():
             prefix = f"eval/{set_name}/{role}/{metric}"
@@ -620,92 +509,6 @@ def evaluate(
             "few_shot_examples": len(shots),
             "eval_sets": {s.name: s.path for s in eval_sets},
         },
-    )
-
-
-ROLE_COLOURS: dict[Role, str] = {
-    "candidate": "#1f77b4",
-    "champion": "#2ca02c",
-    "base": "#7f7f7f",
-    "few_shot": "#ff7f0e",
-}
-
-
-def comparison_chart(result: EvaluationResult) -> Figure:
-    """Grouped bars per metric and model with their confidence intervals, one panel per eval set."""
-    sets = [s for s in SETS if result.roles(s)]
-    figure = Figure(figsize=(5.5 * len(sets), 4.2), layout="constrained")
-    axes = figure.subplots(1, len(sets), squeeze=False)[0]
-    for axis, set_name in zip(axes, sets, strict=True):
-        roles = result.roles(set_name)
-        width = 0.8 / len(roles)
-        positions = np.arange(len(METRICS))
-        for offset, role in enumerate(roles):
-            estimates = [result.estimate(set_name, role, metric) for metric in METRICS]
-            means = np.array([e.mean for e in estimates])
-            errors = np.array([[e.mean - e.low for e in estimates], [e.high - e.mean for e in estimates]])
-            axis.bar(
-                positions + (offset - (len(roles) - 1) / 2) * width,
-                means,
-                width,
-                yerr=errors,
-                capsize=3,
-                label=f"{role} ({result.models[role]})" if len(result.models[role]) < 40 else role,
-                color=ROLE_COLOURS[role],
-            )
-        axis.set_xticks(positions, [m.replace("_", " ") for m in METRICS])
-        axis.set_ylim(0, 1.05)
-        axis.set_title(f"{set_name} set (n={len(result.scores(set_name, roles[0], 'exact_match'))})")
-        axis.legend(fontsize="small", loc="upper right")
-    figure.suptitle("Candidate vs baselines (bars: mean, whiskers: bootstrap CI)")
-    return figure
-
-
-def report_document(result: EvaluationResult) -> dict[str, Any]:
-    """The evaluation as one JSON document: models, settings, metrics, per-label accuracy, problems."""
-    return {
-        "models": dict(result.models),
-        "champion_version": result.champion_version,
-        "settings": dict(result.settings),
-        "metrics": result.metrics(),
-        "label_accuracy": {
-            f"{set_name}/{role}": {
-                label: {"support": a.support, "correct": a.correct} for label, a in labels.items()
-            }
-            for (set_name, role), labels in result.label_accuracy.items()
-        },
-        "problems": list(result.problems),
-        "preference_accuracy": {
-            role: {
-                "model": found.model,
-                "accuracy": found.accuracy.mean,
-                "ci": [found.accuracy.low, found.accuracy.high],
-                "confidence": found.accuracy.confidence,
-                "correct": found.correct,
-                "pairs": found.accuracy.n,
-                "mean_margin_nats": found.mean_margin,
-                "reward_accuracy_vs_base": None
-                if found.reward_accuracy is None
-                else {
-                    "accuracy": found.reward_accuracy.mean,
-                    "ci": [found.reward_accuracy.low, found.reward_accuracy.high],
-                },
-                "interval": "wilson",
-            }
-            for role, found in result.preference.items()
-        },
-        "preference_note": result.preference_note,
-    }
-
-
-def log_result(run: RunLog, result: EvaluationResult) -> None:
-    """Everything a reviewer needs, on the run: metrics, side-by-side outputs, the chart, the report."""
-    tables = {f"eval/{s}_outputs.json": result.side_by_side(s) for s in SETS if result.roles(s)}
-    run.log_evaluation(
-        metrics=result.metrics(),
-        tables=tables,
-        figures={"eval/comparison.png": comparison_chart(result)},
-        documents={"eval/report.json": report_document(result)},
     )
 
 

@@ -23,6 +23,7 @@ so the registry answers who put a version where, when and why.
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 from dataclasses import dataclass
@@ -166,7 +167,8 @@ def promote(
         record = register(tracking_config, result, candidate, run.run_id, decision)
         version = record.version
         alias = CHALLENGER if promotion.rollout == "ab" and current is not None else CHAMPION
-        by, at = f"promote (MLflow run {run.run_id})", datetime.now(UTC)
+        flow_run = run.read().tags.get(tracking.FLOW_RUN_NAME_TAG) or run.run_id
+        by, at = f"{_user()} (flow run {flow_run}, MLflow run {run.run_id})", datetime.now(UTC)
         against = f"passed the offline gate against the {decision.reference} ({decision.reference_model})"
         if alias == CHALLENGER:
             replaced = tracking.alias_version(tracking_config, CHALLENGER)
@@ -184,6 +186,7 @@ def promote(
                 )
             tracking.set_alias(tracking_config, CHAMPION, record.version)
             record_alias_move(tracking_config, CHAMPION, version, by, at, against)
+        describe_version(tracking_config, promotion, record.version, decision, result, run)
     tags = {
         "tuneline.promotion": "promoted" if decision.promoted else "rejected",
         "tuneline.promotion.reference": f"{decision.reference}:{decision.reference_model}",
@@ -216,7 +219,7 @@ def promote(
     return PromotionOutcome(decision, version, champion_after, alias)
 
 
-_HISTORY_TAG = "tuneline.alias_history"
+ALIAS_HISTORY_TAG = "tuneline.alias_history"
 _TAG_LIMIT = 5000  # characters a model version tag value holds
 
 
@@ -226,7 +229,7 @@ def record_alias_move(
     """Write who/when/why of an alias move on the version it concerns (see the module docstring)."""
     when = at.isoformat(timespec="seconds")
     history: list[dict[str, str]] = []
-    raw = tracking.model_version(tracking_config, version).tags.get(_HISTORY_TAG)
+    raw = tracking.model_version(tracking_config, version).tags.get(ALIAS_HISTORY_TAG)
     if raw:
         try:
             loaded = json.loads(raw)
@@ -245,9 +248,18 @@ def record_alias_move(
             f"tuneline.{alias}.by": by,
             f"tuneline.{alias}.at": when,
             f"tuneline.{alias}.reason": reason[:_TAG_LIMIT],
-            _HISTORY_TAG: text,
+            ALIAS_HISTORY_TAG: text,
         },
     )
+
+
+def alias_history(record: ModelVersionRecord) -> list[dict[str, str]]:
+    """The alias moves recorded on a version (record_alias_move), oldest first."""
+    try:
+        loaded = json.loads(record.tags.get(ALIAS_HISTORY_TAG) or "[]")
+    except json.JSONDecodeError:
+        return []
+    return loaded if isinstance(loaded, list) else []
 
 
 def challenger_since(record: ModelVersionRecord) -> datetime | None:
@@ -389,7 +401,86 @@ def rollback(
     )
     tracking.set_alias(tracking_config, PREVIOUS, champion.version)
     tracking.set_alias(tracking_config, CHAMPION, target.version)
+    record_alias_move(
+        tracking_config, CHAMPION, target.version, by, at, f"rollback from {champion.version}: {reason}"
+    )
+    record_alias_move(
+        tracking_config, PREVIOUS, champion.version, by, at, f"rollback to {target.version}: {reason}"
+    )
     return RollbackOutcome(champion.version, target.version, target.model_id)
+
+
+# --- the model version page in the MLflow UI --------------------------------------------------------
+
+RULE_MEANINGS = {
+    "answered": "every request of the compared models came back (a comparison with gaps decides nothing)",
+    "min_delta": "it beats the reference on the primary metric by at least `promotion.min_delta`",
+    "significant": "the one-sided paired test on the same examples has p <= `promotion.alpha`",
+    "canary": "its canary score is not below the base model's by more than `promotion.max_canary_drop`",
+    "few_shot": "it scores at least as well as the base model prompted with k training examples",
+}
+
+
+def version_description(decision: Decision, promotion: PromotionConfig, run_url: str, run_id: str) -> str:
+    """The version page's description (Markdown): the decision, every rule with its figures, what each
+    rule asks, and the run that decided."""
+    verdict = "Promoted" if decision.promoted else "Rejected"
+    lines = [
+        f"**{verdict}** by the promotion gate against the {decision.reference} "
+        f"(`{decision.reference_model}`) on `{promotion.primary_metric}`, "
+        f"in run [{run_id}]({run_url}).",
+        "",
+        "| rule | result | observed | threshold | figures |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r.rule} | {'PASS' if r.passed else 'FAIL'} | {r.observed:.4g} | {r.threshold:.4g} | "
+            f"{r.detail.replace('|', '/')} |"
+            for r in decision.rules
+        ),
+        "",
+        "A candidate is promoted only when every rule passes:",
+        *(f"- `{r.rule}`: {RULE_MEANINGS.get(r.rule, '')}" for r in decision.rules),
+    ]
+    return "\n".join(lines)
+
+
+def eval_tags(result: EvaluationResult, metric: str, reference: str) -> dict[str, str]:
+    """The candidate's and the reference's scores on the gate's metric as version tags (mean [CI])."""
+    tags = {}
+    for (set_name, role, name), e in result.estimates.items():
+        if name == metric and role in {"candidate", reference} | (
+            {"base"} if set_name == "canary" else set()
+        ):
+            tags[f"tuneline.eval.{set_name}.{role}.{metric}"] = f"{e.mean:.3f} [{e.low:.3f}, {e.high:.3f}]"
+    return tags
+
+
+def describe_version(
+    tracking_config: TrackingConfig,
+    promotion: PromotionConfig,
+    version: str,
+    decision: Decision,
+    result: EvaluationResult,
+    run: RunLog,
+) -> None:
+    """What the promoted version's page shows: the decision as its description; the run link and the
+    eval figures as tags (dataset hash, job id and model id are set at registration; who moved which
+    alias when and why by record_alias_move)."""
+    url = run.url()
+    tracking.set_version_description(
+        tracking_config, version, version_description(decision, promotion, url, run.run_id)
+    )
+    tags = {"tuneline.run_url": url, "tuneline.run_id": run.run_id}
+    tracking.set_version_tags(
+        tracking_config, version, {**tags, **eval_tags(result, promotion.primary_metric, decision.reference)}
+    )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return "unknown user"
 
 
 @task(name="promote", cache_policy=NO_CACHE)

@@ -113,7 +113,7 @@ _SUPPORT_ISSUES = (
 )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a plain function: module-scoped fixtures (tests/review) use it too
 def support_project() -> Callable[..., Path]:
     """`support_project(root, {day: n}, **sections)` writes a small project; see _write_support_project."""
     return _write_support_project

@@ -30,6 +30,9 @@ class RunSummary:
     mlflow_run_url: str | None = None
     # Said under the link when the store has no server of its own (`tuneline ui` serves it).
     mlflow_hint: str | None = None
+    # The registered model version this run made champion (its page: decision, rules, alias history).
+    model_version: str | None = None
+    model_version_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ def render_run_summary(summary: RunSummary) -> str:
     if summary.manifest and summary.manifest.get("dataset_hash"):
         facts.append(f"**Dataset hash:** `{summary.manifest['dataset_hash']}`")
     facts.append(_mlflow_line(summary.mlflow_run_url, summary.mlflow_hint))
+    if summary.model_version and summary.model_version_url:
+        facts.append(
+            f"**Model version:** [{_cell(summary.model_version)}]({summary.model_version_url}) (now `champion`)"
+        )
     lines += ["  \n".join(facts), ""]  # two trailing spaces: a Markdown line break
     if summary.manifest:
         lines += _data_section(summary.manifest)

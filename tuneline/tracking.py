@@ -12,17 +12,24 @@ than most modules because it is the whole MLflow boundary: splitting it would sp
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import socket
 import sys
 import tempfile
 import time
+import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data.pandas_dataset
+import pandas as pd
 import psutil
 
 from tuneline.config import Config, TrackingConfig
@@ -218,12 +225,37 @@ def evaluate_traces(
     )
     run_id = created.info.run_id
     try:
-        with mlflow.start_run(run_id=run_id):
-            mlflow.genai.evaluate(data=pd.DataFrame({"trace": list(traces)}), scorers=list(scorers))
+        genai_evaluate(tracking, run_id, pd.DataFrame({"trace": list(traces)}), list(scorers))
     except BaseException:
         mlflow_client.set_terminated(run_id, status="FAILED")
         raise
     return run_id
+
+
+def genai_evaluate(
+    tracking: TrackingConfig, run_id: str, data: Any, scorers: Sequence[Any], end_status: str = "FINISHED"
+) -> None:
+    """`mlflow.genai.evaluate` of `data` with `scorers` into the run `run_id` (genai.evaluate writes into
+    the active run: this one is made active for the call, and ended with `end_status` after)."""
+    if tracking_uri(tracking).startswith("sqlite:"):
+        # SQLite takes one writer at a time: more workers only wait on its lock (and time out).
+        os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
+    mlflow.start_run(run_id=run_id)
+    # Its banner and progress bar would land in the flow's log and terminal: kept for a failure only.
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            mlflow.genai.evaluate(data=data, scorers=list(scorers))
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
+    finally:
+        mlflow.end_run(end_status)
+
+
+def set_version_description(tracking: TrackingConfig, version: str, description: str) -> None:
+    """The text the version's page in the MLflow UI shows first (Markdown)."""
+    client(tracking).update_model_version(tracking.registered_model, str(version), description=description)
 
 
 # --- reading runs back (summaries, tests, `tuneline ui`) -----------------------------------------------
@@ -292,6 +324,12 @@ def run_url(tracking: TrackingConfig, run_id: str, port: int = UI_PORT) -> str:
     """The link to a run's page in the MLflow UI."""
     experiment_id = client(tracking).get_run(run_id).info.experiment_id
     return f"{ui_url(tracking, port)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_version_url(tracking: TrackingConfig, version: str, port: int = UI_PORT) -> str:
+    """The link to a version's page of the registered model in the MLflow UI."""
+    name = urllib.parse.quote(tracking.registered_model, safe="")
+    return f"{ui_url(tracking, port)}/#/models/{name}/versions/{version}"
 
 
 def find_run(tracking: TrackingConfig, tags: Mapping[str, str]) -> str | None:
@@ -451,12 +489,15 @@ class RunLog:
                 **{f"dedupe.{k}": v for k, v in config.dedupe.model_dump(mode="json").items()},
             }
         )
-        cost = {k: v for k, v in (manifest.get("cost") or {}).items() if k != "within_cap"}
+        # Headline figures only: the counts (by reason), the training tokens and the cost estimate; the
+        # token statistics and the cost's terms are the dataset's profile.
+        cost = manifest.get("cost") or {}
+        token_stats = manifest.get("tokens") or {}
         self._metrics(
             {
                 **_numbers("counts", manifest.get("counts") or {}),
-                **_numbers("tokens", manifest.get("tokens") or {}),
-                **_numbers("cost", cost),
+                **_numbers("tokens", {"train_total": token_stats.get("train_total")}),
+                **_numbers("cost", {"estimated_cost_usd": cost.get("estimated_cost_usd")}),
             }
         )
         published = bool(manifest.get("published"))
@@ -464,9 +505,21 @@ class RunLog:
             self._dataset(
                 name=f"{config.project}-prepared",
                 dataset_hash=manifest["dataset_hash"],
-                source=train_file,
+                examples=_training_frame(train_file),
+                source=_raw_source(manifest),
                 context="training",
-                profile=manifest.get("counts") or {},
+                profile={
+                    "counts": manifest.get("counts") or {},
+                    "tokens": token_stats,
+                    "cost": cost,
+                    "partitions": list(manifest.get("partitions") or []),
+                    "train_file": train_file,
+                },
+            )
+        quarantine = files.get("quarantine.jsonl")
+        if quarantine is not None:
+            self._client.log_table(
+                self.run_id, _quarantine_table(quarantine), "prepare/quarantine_table.json"
             )
         for name, data in files.items():
             self._artifact(data, f"prepare/{name}")
@@ -609,9 +662,34 @@ class RunLog:
         for artifact_file, document in documents.items():
             self._client.log_dict(self.run_id, dict(document), artifact_file)
 
+    def log_genai_evaluation(self, rows: list[dict[str, Any]], scorers: list[Any]) -> None:
+        """The evaluation as MLflow's GenAI evaluation of this run (the UI's evaluation view and Traces
+        tab): `rows` of inputs, pre-computed outputs and expectations, scored by code `scorers`."""
+        if not rows:
+            return
+        configure(self.tracking)
+        # Left open (RUNNING) after: the flow closes this run.
+        genai_evaluate(self.tracking, self.run_id, pd.DataFrame(rows), scorers, end_status="RUNNING")
+
     def log_decision(self, decision: Mapping[str, Any], tags: Mapping[str, str]) -> None:
-        """A promotion decision: the whole decision as promotion/decision.json, its outcome as tags."""
+        """A promotion decision: the whole decision as promotion/decision.json, its outcome as tags, and
+        the gate's figures as headline metrics (gate/<rule>: the delta vs the reference, the p-value,
+        the canary drop, the margin over few-shot) with gate/promoted (1 or 0)."""
         self._client.log_dict(self.run_id, dict(decision), "promotion/decision.json")
+        names = {
+            "min_delta": f"gate/delta_vs_{decision.get('reference') or 'reference'}",
+            "significant": "gate/p_value",
+            "canary": "gate/canary_drop",
+            "few_shot": "gate/margin_vs_few_shot",
+        }
+        figures = {
+            names[rule["rule"]]: float(rule["observed"])
+            for rule in decision.get("rules") or []
+            if rule.get("rule") in names
+        }
+        if "promoted" in decision:
+            figures["gate/promoted"] = float(bool(decision["promoted"]))
+        self._metrics(figures)
         self._tags(tags)
 
     def log_monitor(
@@ -705,17 +783,40 @@ class RunLog:
             )
 
     def _dataset(
-        self, *, name: str, dataset_hash: str, source: str, context: str, profile: Mapping[str, Any]
+        self,
+        *,
+        name: str,
+        dataset_hash: str,
+        examples: pd.DataFrame,
+        source: str,
+        context: str,
+        profile: Mapping[str, Any],
     ) -> None:
-        dataset = mlflow.entities.Dataset(
-            name=name,
-            digest=dataset_hash[:36],
-            source_type="local",
-            source=json.dumps({"uri": source}),
-            profile=json.dumps({**profile, "dataset_hash": dataset_hash}, sort_keys=True),
+        """The examples as an MLflow dataset input: schema from the frame, source the raw partitions,
+        digest the dataset hash cut to the store's 36 characters, profile the rows, `profile` and the
+        full hash."""
+        with warnings.catch_warnings():
+            # Its hints (integer columns cannot hold missing values; a local path is a local source)
+            # say nothing about this frame, which is read once, whole, from the training file.
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.pandas_dataset.from_pandas(
+                examples, source=source, name=name, digest=dataset_hash[:36]
+            )
+        entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends; this run is not the active one
+        entity = mlflow.entities.Dataset(
+            name=entity.name,
+            digest=entity.digest,
+            source_type=entity.source_type,
+            source=entity.source,
+            schema=entity.schema,
+            profile=json.dumps(
+                {**json.loads(entity.profile or "{}"), **profile, "dataset_hash": dataset_hash},
+                sort_keys=True,
+                default=str,
+            ),
         )
         tag = mlflow.entities.InputTag(key="mlflow.data.context", value=context)
-        inputs = [mlflow.entities.DatasetInput(dataset, tags=[tag])]
+        inputs = [mlflow.entities.DatasetInput(entity, tags=[tag])]
         try:
             self._client.log_inputs(self.run_id, datasets=inputs)
         except mlflow.exceptions.MlflowException as exc:
@@ -724,6 +825,47 @@ class RunLog:
             if "IntegrityError" not in str(exc):
                 raise
             self._client.log_inputs(self.run_id, datasets=inputs)
+
+
+def _training_frame(train_file: str) -> pd.DataFrame:
+    """The training examples as a frame (a column per field a reviewer reads), for the dataset's schema."""
+    rows = []
+    for line in Path(train_file).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        messages = json.loads(line).get("messages") or []
+        users = [str(m.get("content")) for m in messages if m.get("role") == "user"]
+        answers = [str(m.get("content")) for m in messages if m.get("role") == "assistant"]
+        rows.append(
+            {
+                "prompt": users[-1] if users else "",
+                "answer": answers[-1] if answers else "",
+                "turns": len(messages),
+                "messages": line,
+            }
+        )
+    return pd.DataFrame(rows, columns=["prompt", "answer", "turns", "messages"])
+
+
+def _raw_source(manifest: Mapping[str, Any]) -> str:
+    """Where the training set comes from: the raw source's location (a path, glob or URL; the sources
+    joined when there are several), the partitions it read being in the dataset's profile."""
+    uris = [
+        str(s["uri"]) if is_url(str(s["uri"])) else str(resolve(str(s["uri"])))
+        for s in manifest.get("sources") or []
+        if s.get("uri")
+    ]
+    return mask_credentials(uris[0] if len(uris) == 1 else ", ".join(uris) or "unknown")
+
+
+def _quarantine_table(quarantine_jsonl: bytes) -> pd.DataFrame:
+    """The quarantine file as a table the UI shows: one row per record, where it came from and why."""
+    rows = [json.loads(line) for line in quarantine_jsonl.decode("utf-8").splitlines() if line.strip()]
+    frame = pd.DataFrame.from_records(rows)
+    if frame.empty:
+        return pd.DataFrame({"reason": [], "detail": []})
+    first = [c for c in ("reason", "detail", "source", "partition", "line") if c in frame.columns]
+    return frame[first + [c for c in frame.columns if c not in first]]
 
 
 def process_tags() -> dict[str, str]:

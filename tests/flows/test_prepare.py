@@ -28,6 +28,7 @@ from tuneline import formats, records, tracking
 from tuneline.cli import app
 from tuneline.config import DEFAULT_CONFIG, load_config
 from tuneline.flows.prepare import PrepareFailed, prepare
+from tuneline.paths import resolve
 from tuneline.tasks import dedupe, export, ingest, validate
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's demo data
@@ -221,6 +222,25 @@ def test_the_run_is_logged_to_mlflow_and_tagged_with_the_flow_run(demo: dict[str
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.digest == manifest["dataset_hash"][:36]  # MLflow keeps 36 characters
     assert manifest["dataset_hash"] in dataset_input.dataset.profile
+    # The training set as an MLflow dataset: its source the raw partitions, its schema the example's
+    # fields, its profile the counts by reason and the token statistics; the quarantine as a table.
+    dataset = dataset_input.dataset
+    sources = ", ".join(str(resolve(source.uri)) for source in config.data.sources)
+    assert json.loads(dataset.source)["uri"] == sources and "data/raw/support/dt=*/*.jsonl" in sources
+    columns = [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]]
+    assert columns == ["prompt", "answer", "turns", "messages"]
+    profile = json.loads(dataset.profile)
+    assert profile["num_rows"] == manifest["counts"]["train"]
+    assert profile["counts"]["quarantined_by_reason"] == manifest["counts"]["quarantined_by_reason"]
+    assert profile["tokens"]["p95_example"] == manifest["tokens"]["p95_example"]
+    assert not any(key.startswith("tokens.") and key != "tokens.train_total" for key in metrics)
+    table = json.loads(
+        tracking.download_artifact(
+            config.tracking, run_id, "prepare/quarantine_table.json", demo["out"]
+        ).read_text()
+    )
+    assert table["columns"][:2] == ["reason", "detail"]
+    assert len(table["data"]) == manifest["counts"]["quarantined"]
     assert run.data.tags["tuneline.dataset_hash"] == manifest["dataset_hash"]
     artifacts = tracking.list_artifacts(config.tracking, run_id)
     assert {"prepare/manifest.json", "prepare/quarantine.jsonl", "prepare/report.html"} <= set(artifacts)

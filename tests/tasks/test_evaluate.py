@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import mlflow
 import pytest
 from PIL import Image
 
@@ -22,6 +23,14 @@ from tuneline.answer_cache import AnswerCache, answer_key
 from tuneline.config import Config, EvaluationConfig, load_config
 from tuneline.provider import Provider, connect
 from tuneline.server.launcher import ServerProcess, free_port, start_server
+from tuneline.tasks.eval_review import (
+    comparison_chart,
+    intervals_table,
+    label_table,
+    log_result,
+    report_document,
+    review_rows,
+)
 from tuneline.tasks.evaluate import (
     ChatRequest,
     EvalItem,
@@ -29,13 +38,10 @@ from tuneline.tasks.evaluate import (
     EvaluationError,
     FewShot,
     ask_all,
-    comparison_chart,
     evaluate,
     judge_request,
     load_eval_set,
-    log_result,
     read_train_examples,
-    report_document,
     run_judge,
     select_few_shot,
     with_few_shot,
@@ -236,14 +242,28 @@ def test_evaluate_asks_every_model_once_per_prompt_and_scores_it(
     base = frame[frame["role"] == "base"].sort_values(["set", "position"])["answer"].tolist()
     assert candidate == base  # temperature 0 + seed: one model, one answer
 
-    metrics = result.metrics()
+    figures = result.all_figures()
     for role in ("candidate", "base", "few_shot"):
         for metric in ("exact_match", "normalized_match", "token_f1"):
             key = f"eval/task/{role}/{metric}"
-            assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"]
-    assert metrics["eval/task/n_examples"] == 2 and metrics["eval/canary/n_examples"] == 1
-    assert "eval/task/candidate/label_accuracy/billing_double_charge" in metrics
-    assert not any("label_accuracy" in k for k in metrics if k.startswith("eval/canary"))
+            assert figures[f"{key}_ci_low"] <= figures[key] <= figures[f"{key}_ci_high"]
+    assert figures["eval/task/n_examples"] == 2 and figures["eval/canary/n_examples"] == 1
+    assert "eval/task/candidate/label_accuracy/billing_double_charge" in figures
+    assert not any("label_accuracy" in k for k in figures if k.startswith("eval/canary"))
+    # The run's metrics are the headline figures only: exact match per set and model, and counts.
+    assert sorted(result.metrics()) == [
+        "eval/canary/base/exact_match",
+        "eval/canary/candidate/exact_match",
+        "eval/canary/n_examples",
+        "eval/task/base/exact_match",
+        "eval/task/candidate/exact_match",
+        "eval/task/few_shot/exact_match",
+        "eval/task/n_examples",
+        "eval/unanswered",
+    ]
+    intervals = intervals_table(result)
+    assert len(intervals) == (3 + 2) * 3 and (intervals["ci_low"] <= intervals["mean"]).all()
+    assert set(label_table(result)["label"]) >= {"billing/double_charge"}
     table = result.side_by_side("task")
     assert list(table.columns[:3]) == ["example_id", "question", "reference"]
     assert {"candidate_answer", "base_answer", "few_shot_answer"} <= set(table.columns)
@@ -348,14 +368,32 @@ def test_results_are_logged_for_a_reviewer(provider: Provider, tmp_path: Path) -
         run.metrics["eval/task/candidate/exact_match"]
         == result.estimate("task", "candidate", "exact_match").mean
     )
-    assert "eval/canary/base/token_f1_ci_high" in run.metrics
+    assert not any(k.endswith("_ci_high") for k in run.metrics)  # intervals are a table, not 60 charts
     artifacts = tracking.list_artifacts(config.tracking, run_id)
     assert {
         "eval/task_outputs.json",
         "eval/canary_outputs.json",
+        "eval/intervals.json",
+        "eval/label_accuracy.json",
         "eval/comparison.png",
         "eval/report.json",
     } <= set(artifacts)
+    # MLflow's GenAI evaluation of the same answers: one trace per example, each model's answer in its
+    # outputs and each model's verdict as an assessment.
+    traces = mlflow.search_traces(
+        locations=[tracking.configure(config.tracking)], run_id=run_id, return_type="list"
+    )
+    assert len(traces) == len(review_rows(result)) == 3
+    by_example = {json.loads(t.data.request)["example_id"]: t for t in traces}
+    task_trace = by_example["task:1"]
+    assert (
+        json.loads(task_trace.data.response)["candidate"]
+        == result.side_by_side("task")["candidate_answer"][0]
+    )
+    verdicts = {a.name: a.value for a in task_trace.info.assessments if a.name.startswith("candidate/")}
+    assert verdicts["candidate/exact_match"] == result.scores("task", "candidate", "exact_match")[0]
+    assert {"candidate/normalized_match", "candidate/token_f1", "candidate/label_correct"} <= set(verdicts)
+    assert tracking.read_run(config.tracking, run_id).status == "RUNNING"  # left open for the flow to close
     table = json.loads(
         (tracking.download_artifact(config.tracking, run_id, "eval/task_outputs.json", tmp_path)).read_text()
     )
@@ -392,6 +430,9 @@ def test_the_judge_sees_each_pair_in_both_orders(
     )
     assert list(result.judge_scores["candidate_vs_base"]) == [0.5, 0.5]
     assert result.metrics()["eval/task/judge/candidate_vs_base"] == 0.5
+    assert [row["outputs"]["judge"] for row in review_rows(result) if row["inputs"]["set"] == "task"] == [
+        {"candidate_vs_base": 0.5}
+    ] * 2
     assert "judge_candidate_vs_base" in result.side_by_side("task").columns
     no_model = EvaluationConfig(judge={"enabled": True})  # type: ignore[arg-type]
     with pytest.raises(EvaluationError, match=r"needs evaluation\.judge\.model"):

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -16,6 +17,7 @@ from tuneline.config import EvaluationConfig, PromotionConfig, TrackingConfig
 from tuneline.tasks.evaluate import EvaluationResult, Role, score_frame, summarize
 from tuneline.tasks.promote import (
     Candidate,
+    alias_history,
     challenger_since,
     end_challenger,
     gate_evidence,
@@ -144,6 +146,17 @@ def test_promotion_registers_an_external_model_and_moves_champion(registry: Trac
     assert champion.tags["tuneline.provider_kind"] == "local"
     assert champion.tags["tuneline.base_url"] == "http://127.0.0.1:8000/v1"
     assert tracking.alias_version(registry, PREVIOUS) is None
+    # Its page in the MLflow UI: the decision with every rule as the description, the run and the
+    # figures as tags, and who made it champion, when and why.
+    description = client_version(registry, "1").description
+    assert description.startswith("**Promoted** by the promotion gate against the base")
+    assert all(f"| {rule} | PASS |" in description for rule in ("answered", "min_delta", "significant"))
+    assert run_log.run_id in description and "`promotion.alpha`" in description
+    assert champion.tags["tuneline.run_url"].endswith(f"/runs/{run_log.run_id}")
+    assert champion.tags["tuneline.eval.task.candidate.exact_match"].startswith("0.750 [")
+    (move,) = alias_history(champion)
+    assert move["alias"] == CHAMPION and "flow run" in move["by"]
+    assert "passed the offline gate against the base" in move["reason"]
 
     # The registered version points at an external LoggedModel that carries the facts and the scores.
     client = tracking.client(registry)
@@ -169,6 +182,12 @@ def test_promotion_registers_an_external_model_and_moves_champion(registry: Trac
     assert outcome.version == "2"
     assert tracking.alias_version(registry, CHAMPION).model_id == "ft:tiny:b"  # type: ignore[union-attr]
     assert tracking.alias_version(registry, PREVIOUS).model_id == "ft:tiny:a"  # type: ignore[union-attr]
+    history = alias_history(tracking.model_version(registry, "1"))
+    assert [m["alias"] for m in history] == [CHAMPION, PREVIOUS] and "replaced by 2" in history[1]["reason"]
+
+
+def client_version(registry: TrackingConfig, version: str) -> Any:
+    return tracking.client(registry).get_model_version(registry.registered_model, version)
 
 
 def seed_champion(registry: TrackingConfig) -> str:
@@ -261,6 +280,18 @@ def test_rollback_restores_previous_and_records_who_when_why(registry: TrackingC
     demoted = tracking.model_version(registry, "3")
     assert demoted.aliases == (PREVIOUS,)
     assert demoted.tags["tuneline.demoted.reason"] == "complaints about refunds"
+    assert alias_history(demoted)[-1] == {
+        "alias": PREVIOUS,
+        "at": "2026-11-25T09:30:00+00:00",
+        "by": "alice",
+        "reason": "rollback to 2: complaints about refunds",
+    }
+    assert alias_history(champion)[-1] == {
+        "alias": CHAMPION,
+        "at": "2026-11-25T09:30:00+00:00",
+        "by": "alice",
+        "reason": "rollback from 3: complaints about refunds",
+    }
 
     # Rolling back again undoes the rollback; --to picks any version.
     assert rollback(registry, None, by="bob", reason="false alarm", at=at).to_version == "3"
@@ -317,11 +348,11 @@ def test_rollout_ab_makes_a_passing_candidate_the_challenger_not_the_champion(
     assert tracking.alias_version(registry, PREVIOUS) is None
     challenger = tracking.alias_version(registry, CHALLENGER)
     assert challenger is not None and challenger.model_id == "ft:tiny:b"
-    assert challenger.tags["tuneline.challenger.by"] == f"promote (MLflow run {run_log.run_id})"
+    assert challenger.tags["tuneline.challenger.by"].endswith(f"MLflow run {run_log.run_id})")
     assert "passed the offline gate against the champion" in challenger.tags["tuneline.challenger.reason"]
     since = challenger_since(challenger)
     assert since is not None and abs((datetime.now(UTC) - since).total_seconds()) < 120
-    assert [m["alias"] for m in json.loads(challenger.tags["tuneline.alias_history"])] == [CHALLENGER]
+    assert [m["alias"] for m in alias_history(challenger)] == [CHALLENGER]
     run = tracking.read_run(registry, run_log.run_id)
     assert (run.tags["tuneline.promotion"], run.tags["tuneline.promotion.alias"]) == ("promoted", CHALLENGER)
 

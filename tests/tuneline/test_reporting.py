@@ -250,3 +250,17 @@ def test_a_candidate_promoted_to_challenger_says_so() -> None:
     assert "**PROMOTED** against the champion" in render_run_summary(
         RunSummary(flow="retrain", decision=direct)
     )
+
+
+def test_a_promotion_links_the_model_version() -> None:
+    url = "http://127.0.0.1:5000/#/models/support-assistant/versions/3"
+    md = render_run_summary(
+        RunSummary(
+            flow="retrain",
+            mlflow_run_url=RUN_URL,
+            model_version="support-assistant version 3",
+            model_version_url=url,
+        )
+    )
+    assert f"**Model version:** [support-assistant version 3]({url}) (now `champion`)" in md
+    assert "Model version" not in render_run_summary(RunSummary(flow="retrain", mlflow_run_url=RUN_URL))
