@@ -87,12 +87,13 @@ def test_loss_and_gradients_equal_trl_dpo_trainer(builtin_model: Path, tmp_path:
         bf16=False,
         max_length=None,
     )
-    placeholder = datasets.Dataset.from_list([{"prompt": "hi", "chosen": "a", "rejected": "b"}] * 2)
+    # DPOTrainer's constructor requires a train dataset; the batch compared is built below, not from it.
+    constructor_dataset = datasets.Dataset.from_list([{"prompt": "hi", "chosen": "a", "rejected": "b"}] * 2)
     trainer = trl.DPOTrainer(
         model=trl_policy,
         ref_model=copy.deepcopy(reference),
         args=args,
-        train_dataset=placeholder,
+        train_dataset=constructor_dataset,
         processing_class=tokenizer,
     )
     trl_policy.train()

@@ -62,6 +62,7 @@ from tuneline.gateway.tracing import TraceExporter, TraceRecord, new_trace_id
 from tuneline.gateway.upstream import UpstreamPool
 from tuneline.paths import resolve
 from tuneline.provider import is_transient
+from tuneline.server.errors import APIError
 from tuneline.tracking import CHAMPION, PREVIOUS, artifact_uri, tracking_uri
 
 log = logging.getLogger("tuneline.gateway")
@@ -86,20 +87,6 @@ class GatewaySettings:
     @property
     def models(self) -> tuple[str, ...]:
         return tuple(self.config.serving.models) or (self.config.tracking.registered_model,)
-
-
-class GatewayError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
 
 
 def error_response(
@@ -211,7 +198,7 @@ class Gateway:
         limit = self.serving.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise GatewayError(
+            raise APIError(
                 413,
                 f"The request body is too large: {declared} bytes; this gateway accepts JSON bodies up to "
                 f"{limit} bytes (serving.max_request_bytes in the config).",
@@ -223,7 +210,7 @@ class Gateway:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise GatewayError(
+                raise APIError(
                     413, f"The request body is too large (over {limit} bytes).", code="request_too_large"
                 )
             chunks.append(chunk)
@@ -231,13 +218,13 @@ class Gateway:
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise GatewayError(
+            raise APIError(
                 400,
                 "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
                 "using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
             ) from None
         if not isinstance(payload, dict):
-            raise GatewayError(400, "The request body must be a JSON object.")
+            raise APIError(400, "The request body must be a JSON object.")
         return payload
 
     # --- routing -------------------------------------------------------------------------------------
@@ -405,16 +392,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             payload = await gateway.json_body(request)
             model = payload.get("model")
             if not isinstance(model, str) or not model.strip():
-                raise GatewayError(400, "you must provide a model parameter", param="model")
+                raise APIError(400, "you must provide a model parameter", param="model")
             messages = payload.get("messages")
             if not isinstance(messages, list) or not messages:
-                raise GatewayError(400, "'messages' must be a non-empty array of messages", param="messages")
+                raise APIError(400, "'messages' must be a non-empty array of messages", param="messages")
             user = payload.get("user")
             if user is not None and not isinstance(user, str):
-                raise GatewayError(400, "'user' must be a string", param="user")
+                raise APIError(400, "'user' must be a string", param="user")
             user = user or request.headers.get(gateway.serving.user_header) or None
             target, variant, pinned = await gateway.route(model, user)
-        except GatewayError as exc:
+        except APIError as exc:
             return error_response(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param)
         except RoutingError as exc:
             return error_response(
@@ -599,7 +586,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return refused
         try:
             payload = await gateway.json_body(request)
-        except GatewayError as exc:
+        except APIError as exc:
             return error_response(exc.status, exc.message, code=exc.code)
         trace_id = payload.get("trace_id")
         if (
