@@ -1,8 +1,8 @@
 """Prune OpenAI's OpenAPI description down to the schemas `tuneline serve` speaks.
 
-    python tests/server/openapi/prune.py [SPEC] [OUT]
+    python tests/server/openapi/prune.py SPEC [OUT]
 
-SPEC defaults to ../shared/spec/openai-openapi.yaml beside the project (openai/openai-openapi), OUT to
+SPEC is the upstream openai-openapi.yaml (openai/openai-openapi), OUT defaults to
 tests/server/openapi/openai-openapi.yaml. The output keeps `components.schemas` for ROOTS and every
 schema they reference, as published (descriptions, examples and vendor `x-` keys dropped: the
 contract tests validate shapes, not prose); the tests read only that copy, so they run on any clone.
@@ -18,7 +18,6 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SPEC = HERE.parents[2] / ".." / "shared" / "spec" / "openai-openapi.yaml"
 DEFAULT_OUT = HERE / "openai-openapi.yaml"
 # The request and response bodies of the routes the server answers (tuneline/server/protocol.py).
 ROOTS = (
@@ -105,7 +104,10 @@ def prune(spec: dict[str, Any], roots: tuple[str, ...] = ROOTS) -> dict[str, Any
 
 
 def main(argv: list[str]) -> int:
-    spec_path = Path(argv[1]) if len(argv) > 1 else DEFAULT_SPEC
+    if len(argv) < 2:
+        print("usage: prune.py SPEC [OUT]  (SPEC: the upstream openai-openapi.yaml)", file=sys.stderr)
+        return 2
+    spec_path = Path(argv[1])
     out_path = Path(argv[2]) if len(argv) > 2 else DEFAULT_OUT
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     spec = yaml.load(spec_path.read_text(encoding="utf-8"), Loader=loader)
