@@ -262,7 +262,7 @@ def test_the_monitor_flow_decides_evaluates_each_variant_publishes_a_summary_and
     prefect_server: None, tmp_path: Path, support_project: Callable[..., Path]
 ) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from tuneline.config import load_config
     from tuneline.flows.monitor import monitor as monitor_flow
@@ -299,10 +299,15 @@ def test_the_monitor_flow_decides_evaluates_each_variant_publishes_a_summary_and
     provenance = feedback.with_name("_feedback_provenance.jsonl").read_text()
     assert json.loads(provenance)["trace_id"] == traces[0]
 
+    # This flow run's summary (other tests on the session's Prefect server publish the same key).
+    assert report.run_id is not None
+    flow_run_id = tracking.read_run(config.tracking, report.run_id).tags[tracking.FLOW_RUN_ID_TAG]
     with get_client(sync_client=True) as client:
         [artifact] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["monitor-summary"])),
-            limit=1,
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)]),
+                key=ArtifactFilterKey(any_=["monitor-summary"]),
+            )
         )
     summary = str(artifact.data)
     assert "**Outcome:** promote" in summary and "| challenger | 2 | 50 |" in summary
