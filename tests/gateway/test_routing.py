@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from gateway_harness import Gateway
+from gateway_harness import Gateway, Registry, make_config
 
-from tuneline.gateway.routing import RoutingError, parse_model, upstream_of
+from tuneline import tracking
+from tuneline.gateway.routing import Resolver, RoutingError, parse_model, upstream_of
 
 
 def answer_of(raw: object) -> str:
@@ -85,6 +89,39 @@ def test_a_moved_alias_is_served_within_the_ttl(gateways, upstreams) -> None:
     assert raw.headers["x-tuneline-model-version"] == v2
     assert answer_of(raw) == "two"
     assert time.monotonic() - moved_at < ttl + 5
+
+
+def test_aliases_are_refreshed_ahead_so_steady_traffic_never_waits_for_the_registry(
+    store: Path, tmp_path: Path
+) -> None:
+    config = make_config(store, tmp_path, f"support-{uuid.uuid4().hex[:8]}")
+    registry = Registry(config.tracking)
+    v1 = registry.register("http://127.0.0.1:9/v1", "ft:x:v1", "champion")
+    v2 = registry.register("http://127.0.0.1:9/v1", "ft:x:v2")
+    now = [0.0]
+    resolver = Resolver(
+        tracking.tracking_uri(config.tracking), ttl_s=10.0, local_base_url="", clock=lambda: now[0]
+    )
+    name = config.tracking.registered_model
+
+    async def scenario() -> None:
+        assert (await resolver.aliases(name))["champion"] == v1
+        registry.move("champion", v2)
+        now[0] = 4.0  # within the first half of the TTL: the entry, no re-read
+        assert (await resolver.aliases(name))["champion"] == v1
+        await asyncio.sleep(0.5)
+        assert (await resolver.aliases(name))["champion"] == v1
+        now[0] = 6.0  # past half the TTL: answered from the entry at once, re-read in the background
+        assert (await resolver.aliases(name))["champion"] == v1
+        deadline = time.monotonic() + 10
+        while (await resolver.aliases(name))["champion"] != v2:  # the clock stands still: no wait
+            assert time.monotonic() < deadline, "the refresh ahead never landed"
+            await asyncio.sleep(0.02)
+        registry.move("champion", v1)
+        now[0] = 20.0  # past the TTL of that read (no traffic meanwhile): this request waits for it
+        assert (await resolver.aliases(name))["champion"] == v1
+
+    asyncio.run(scenario())
 
 
 def test_bad_requests_get_openai_shaped_4xx(gateways, upstreams) -> None:

@@ -29,6 +29,7 @@ feedback live in their own modules.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -343,6 +344,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway.start()
+        # Everything imported and built so far (MLflow, SQLAlchemy, the SDK: millions of objects) moves
+        # out of the collector's reach: a full collection then walks only what requests allocate, not a
+        # 100 ms-plus pause in the middle of serving (p99 at 50 clients: +182 ms -> +50 ms over direct,
+        # benchmarks/gateway.py).
+        gc.freeze()
         try:
             yield
         finally:

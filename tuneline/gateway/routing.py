@@ -6,11 +6,12 @@
 - `support-assistant@challenger` (any alias) or `support-assistant@3` (a version number): pinned.
 
 The registry is read through a cache with a short TTL (`serving.alias_ttl_s`): one
-`get_registered_model` call per model per TTL gives every alias, and a version's facts (its provider
+`get_registered_model` call per model gives every alias, re-read in the background once the entry is
+past half its TTL (so under steady traffic no request waits for it), and a version's facts (its provider
 and the provider's model id, which never change once registered) are read once. So an alias that moves
-is served within the TTL, without a restart, and the request path does no MLflow work while the entry is
-fresh. When the registry cannot be reached, the last aliases read keep being served (stale) and the
-failure is logged; a model never read before is a 503.
+is served within the TTL, without a restart, and the request path does no MLflow work. When the
+registry cannot be reached, the last aliases read keep being served (stale) and the failure is logged;
+a model never read before is a 503.
 
 A version's provider comes from the tags promote (tasks/promote.py) writes on it: `tuneline.provider_kind`
 (local | openai | azure | compatible), `tuneline.base_url` (empty for a run's embedded server, whose port
@@ -192,15 +193,17 @@ class Resolver:
 
     async def aliases(self, name: str) -> dict[str, str]:
         """alias -> version of a registered model, at most `ttl_s` old (older only while the registry
-        cannot be read)."""
+        cannot be read). Refreshed ahead: a request that finds the entry past half its TTL starts a
+        re-read in the background and is answered from the entry, so under steady traffic no request
+        waits for the registry; one that finds it past the TTL (no traffic meanwhile) waits."""
         entry = self._aliases.get(name)
-        if entry is not None and self.clock() - entry.read_at < self.ttl_s:
-            return entry.aliases
-        pending = self._refreshing.get(name)
-        if pending is None:
-            pending = asyncio.ensure_future(asyncio.to_thread(self._read_aliases, name))
-            self._refreshing[name] = pending
-            pending.add_done_callback(lambda _: self._refreshing.pop(name, None))
+        if entry is not None:
+            age = self.clock() - entry.read_at
+            if age < self.ttl_s:
+                if age >= self.ttl_s / 2 and name not in self._refreshing:
+                    self._refresh(name).add_done_callback(self._keep_refreshed(name))
+                return entry.aliases
+        pending = self._refreshing.get(name) or self._refresh(name)
         try:
             fresh = await asyncio.shield(pending)
         except RoutingError:
@@ -217,6 +220,30 @@ class Resolver:
             return entry.aliases
         self._aliases[name] = fresh
         return fresh.aliases
+
+    def _refresh(self, name: str) -> asyncio.Future[_Aliases]:
+        """A re-read of `name`'s aliases in a worker thread, shared by whoever asks meanwhile."""
+        pending = asyncio.ensure_future(asyncio.to_thread(self._read_aliases, name))
+        self._refreshing[name] = pending
+        pending.add_done_callback(lambda _: self._refreshing.pop(name, None))
+        return pending
+
+    def _keep_refreshed(self, name: str) -> Callable[[asyncio.Future[_Aliases]], None]:
+        """What a refresh ahead does when it ends: keeps what it read; on a failure, the entry stays
+        (a request past the TTL then tries again, and serves the entry while the registry is down)."""
+
+        def done(future: asyncio.Future[_Aliases]) -> None:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is None:
+                self._aliases[name] = future.result()
+            elif isinstance(error, RoutingError):
+                self._aliases.pop(name, None)
+            else:
+                log.warning("registry read for %r failed (%s); serving the aliases read before", name, error)
+
+        return done
 
     async def version(self, name: str, version: str) -> Target:
         key = (name, version)
