@@ -8,9 +8,10 @@ import uuid
 from pathlib import Path
 
 import httpx
+import mlflow
 import openai
 import pytest
-from gateway_harness import Gateway, Registry, make_config
+from gateway_harness import Gateway, Registry, free_port, make_config
 
 from tuneline import tracking
 from tuneline.gateway.routing import Resolver, RoutingError, parse_model, upstream_of
@@ -122,6 +123,35 @@ def test_aliases_are_refreshed_ahead_so_steady_traffic_never_waits_for_the_regis
         assert (await resolver.aliases(name))["champion"] == v1
 
     asyncio.run(scenario())
+
+
+def test_a_registry_that_cannot_be_read_serves_the_aliases_read_before(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    config = make_config(store, tmp_path, f"support-{uuid.uuid4().hex[:8]}")
+    v1 = Registry(config.tracking).register("http://127.0.0.1:9/v1", "ft:x:v1", "champion")
+    now = [0.0]
+    resolver = Resolver(
+        tracking.tracking_uri(config.tracking), ttl_s=10.0, local_base_url="", clock=lambda: now[0]
+    )
+    name = config.tracking.registered_model
+    dead = f"http://127.0.0.1:{free_port()}"
+    never_read = Resolver(dead, ttl_s=10.0, local_base_url="")
+
+    async def scenario() -> None:
+        assert (await resolver.aliases(name))["champion"] == v1
+        resolver.client = mlflow.MlflowClient(tracking_uri=dead, registry_uri=dead)  # the registry goes down
+        now[0] = 30.0
+        assert (await resolver.aliases(name))["champion"] == v1
+        with pytest.raises(RoutingError) as unavailable:
+            await never_read.aliases(name)
+        assert (unavailable.value.status, unavailable.value.code) == (503, "registry_unavailable")
+
+    with caplog.at_level("WARNING", logger="tuneline.gateway"):
+        asyncio.run(scenario())
+    assert any("serving the aliases read before" in r.getMessage() for r in caplog.records)
 
 
 def test_bad_requests_get_openai_shaped_4xx(gateways, upstreams) -> None:

@@ -201,13 +201,12 @@ class Resolver:
             age = self.clock() - entry.read_at
             if age < self.ttl_s:
                 if age >= self.ttl_s / 2 and name not in self._refreshing:
-                    self._refresh(name).add_done_callback(self._keep_refreshed(name))
+                    self._refresh(name)
                 return entry.aliases
         pending = self._refreshing.get(name) or self._refresh(name)
         try:
-            fresh = await asyncio.shield(pending)
+            return (await asyncio.shield(pending)).aliases
         except RoutingError:
-            self._aliases.pop(name, None)
             raise
         except Exception as exc:  # the registry is down: serve what was last read
             if entry is None:
@@ -216,23 +215,18 @@ class Resolver:
                     f"the model registry could not be read for {name!r} ({type(exc).__name__}); retry later",
                     "registry_unavailable",
                 ) from exc
-            log.warning("registry read for %r failed (%s); serving the aliases read before", name, exc)
             return entry.aliases
-        self._aliases[name] = fresh
-        return fresh.aliases
 
     def _refresh(self, name: str) -> asyncio.Future[_Aliases]:
-        """A re-read of `name`'s aliases in a worker thread, shared by whoever asks meanwhile."""
+        """A re-read of `name`'s aliases in a worker thread, shared by whoever asks meanwhile. When it
+        ends, the cache takes its outcome, whether a request waits for it or not: the aliases read; a
+        model gone from the registry leaves the cache (its next request is a 404); a registry that
+        cannot be read leaves the entry as it was (served stale, and logged)."""
         pending = asyncio.ensure_future(asyncio.to_thread(self._read_aliases, name))
         self._refreshing[name] = pending
-        pending.add_done_callback(lambda _: self._refreshing.pop(name, None))
-        return pending
-
-    def _keep_refreshed(self, name: str) -> Callable[[asyncio.Future[_Aliases]], None]:
-        """What a refresh ahead does when it ends: keeps what it read; on a failure, the entry stays
-        (a request past the TTL then tries again, and serves the entry while the registry is down)."""
 
         def done(future: asyncio.Future[_Aliases]) -> None:
+            self._refreshing.pop(name, None)
             if future.cancelled():
                 return
             error = future.exception()
@@ -240,10 +234,11 @@ class Resolver:
                 self._aliases[name] = future.result()
             elif isinstance(error, RoutingError):
                 self._aliases.pop(name, None)
-            else:
+            elif name in self._aliases:
                 log.warning("registry read for %r failed (%s); serving the aliases read before", name, error)
 
-        return done
+        pending.add_done_callback(done)
+        return pending
 
     async def version(self, name: str, version: str) -> Target:
         key = (name, version)
