@@ -2,9 +2,13 @@
 
 The N lines come from tuneline.demo.synthetic.synthetic_chat_lines (about 5% dirt: exact duplicates,
 near-duplicates, malformed JSON, format errors) and are written to a temporary JSONL file, which the
-real stages then read; only their pure functions are called (no Prefect). Printed: wall time per
-stage, examples/s, peak memory (max RSS of the process, taken before the baselines run), and two
-ratios measured in the same run:
+real stages then read as the prepare flow does, with the local engine: `screen` (ingest, validate and
+the per-record rules of dedupe, block by block in `--workers` processes, default one per core;
+`--workers 1`: all in this process), `dedupe` (the batch-wide rules), quality, export; only their
+functions are called (no Prefect). The `screen` time includes starting the workers (and, the first
+time in a process, their fork server). Printed: wall time per stage, examples/s, peak memory (max RSS
+of this process, and the peak of its PSS summed with its workers', both before the baselines run), and
+two ratios measured in the same run:
 
 - tokenizer-bound: our examples/s over the examples/s of one raw tiktoken `encode_ordinary_batch`
   (all cores) over the message texts of the same examples (target >= 0.3); for reference, also over
@@ -33,7 +37,7 @@ quarantine files are byte-identical, and each run's peak memory summed over this
 processes (PSS, so the shared object store is counted once). The cookbook baselines and the recall
 are skipped with `--engine ray`.
 
-    .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000]
+    .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000] [--workers N]
     .venv/bin/python benchmarks/data_plane.py 1000000 --engine ray [--files 16] [--ray-cpus 2]
 
 Targets (issues 3 and 20, on the 2-core dev machine): 1,000,000 examples in <= 5 minutes, peak memory
@@ -70,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import tiktoken
 
-from tuneline import records
+from tuneline import engines, records
 from tuneline.config import Source, load_config
 from tuneline.demo.synthetic import synthetic_chat_lines
 from tuneline.near_duplicates import (
@@ -81,7 +85,7 @@ from tuneline.near_duplicates import (
     shingles_of_words,
 )
 from tuneline.normalize import jaccard, word_shingles
-from tuneline.tasks import dedupe, export, ingest, quality, validate
+from tuneline.tasks import dedupe, export, ingest, quality
 from tuneline.tokens import encoding_name_for_model, get_encoding
 
 T = TypeVar("T")
@@ -115,23 +119,26 @@ def write_lines(n: int, seed: int, directory: Path) -> Path:
     return path
 
 
-def run_pipeline(path: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
-    return run_pipeline_on([Source(name="benchmark", uri=str(path))], out_dir)
+def run_pipeline(
+    path: Path, out_dir: Path, workers: int | None = None
+) -> tuple[dict[str, float], dict[str, int]]:
+    return run_pipeline_on([Source(name="benchmark", uri=str(path))], out_dir, workers)
 
 
-def run_pipeline_on(sources: list[Source], out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
-    config = load_config()
+def run_pipeline_on(
+    sources: list[Source], out_dir: Path, workers: int | None = None
+) -> tuple[dict[str, float], dict[str, int]]:
+    """The prepare flow's stages with the local engine (`workers` processes; None: one per core)."""
+    config = load_config(overrides={"execution.workers": workers} if workers else None)
     timings: dict[str, float] = {}
     eval_examples = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
+    files = ingest.select_files(sources, date(2026, 11, 22), 1).files
+    # Ingest, validate and the per-record rules, block by block on every core (tuneline/engines/local.py),
+    # then the batch-wide rules, as the prepare flow runs them.
+    screened = timed("screen", timings, lambda: engines.screen(files, config, eval_examples))
     frame = timed(
-        "ingest",
-        timings,
-        lambda: ingest.ingest(
-            sources, as_of=date(2026, 11, 22), lookback_days=1, system_prompt=config.model.system_prompt
-        ),
+        "dedupe", timings, lambda: dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
     )
-    frame = timed("validate", timings, lambda: validate.validate(frame, config.model, config.validation))
-    frame = timed("dedupe", timings, lambda: dedupe.dedupe(frame, eval_examples, config.dedupe))
     return _finish(frame, config, timings, out_dir)
 
 
@@ -227,12 +234,12 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     timings: dict[str, float] = {}
     eval_examples = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
     files = ingest.select_files([Source(name="benchmark", uri=str(folder))], date(2026, 11, 22), 1).files
-    frame = timed("screen", timings, lambda: ray_engine.screen(files, config))
+    screened = timed("screen", timings, lambda: ray_engine.screen(files, config, eval_examples))
     search = ray_engine.RayCandidates(config.execution)
     frame = timed(
         "dedupe",
         timings,
-        lambda: dedupe.dedupe(frame, eval_examples, config.dedupe, screened=True, candidates=search),
+        lambda: dedupe.batch_rules(screened.frame, screened.documents, config.dedupe, search),
     )
     return _finish(frame, config, timings, out_dir)
 
@@ -451,6 +458,9 @@ def main() -> None:
         "exact answer costs about quadratic time in them",
     )
     parser.add_argument("--engine", choices=["local", "ray"], default="local")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="local engine processes (default: one per core)"
+    )
     parser.add_argument("--files", type=int, default=16, help="partition files (--engine ray)")
     parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     args = parser.parse_args()
@@ -481,11 +491,15 @@ def main() -> None:
         tiktoken.registry.ENCODINGS.clear()
         gc.collect()
         print("stages:")
-        timings, counts = run_pipeline(path, directory / "out")
+        with TreeMemory() as memory:
+            timings, counts = run_pipeline(path, directory / "out", args.workers)
         total = sum(timings.values())
-        peak = peak_rss_gib()
+        peak = max(peak_rss_gib(), memory.peak)
         ours = args.n / total
-        print(f"  {'total':<10} {total:8.2f} s   {ours:,.0f} examples/s   peak memory {peak:.2f} GiB")
+        print(
+            f"  {'total':<10} {total:8.2f} s   {ours:,.0f} examples/s   peak memory {peak_rss_gib():.2f} GiB "
+            f"(this process), {memory.peak:.2f} GiB (with its workers, PSS)"
+        )
         print(f"  counts: {counts}")
         gc.collect()
 

@@ -9,9 +9,11 @@ into its own MLflow run. Either way:
   stopped the run, so nothing can be uploaded;
 - the eval set (kept out of training by the leakage rule) and the general corpus are read from any
   path or fsspec URL, as evaluation reads them (tuneline/jsonl.py);
-- with `execution.engine: ray`, ingest, validate and the credential/PII screen run per block of files
-  as Ray tasks, and the near-duplicate candidate search as map -> shuffle -> reduce Ray tasks
-  (tuneline/engines/ray_engine.py), with the same result as the default local engine;
+- ingest, validate and the per-record rules of dedupe (credentials, PII, eval leakage) run a block of
+  input at a time (tuneline/engines/): in worker processes on this machine's cores
+  (`execution.engine: local`, the default), or as Ray tasks, with the near-duplicate candidate search
+  as map -> shuffle -> reduce Ray tasks (`ray`), with the same result; the batch-wide rules (exact and
+  near duplicates, contradictions) then run on the whole batch;
 - one MLflow run holds the params (config hash, as_of, sources), the dataset input (digest = dataset
   hash, cut to MLflow's 36 characters), the counts as metrics and the three files as artifacts, tagged
   with the Prefect flow run (tuneline/tracking.py's RunLog.log_prepared).
@@ -32,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
-from tuneline import jsonl, records, tracking
+from tuneline import engines, jsonl, records, tracking
 from tuneline.config import Config, ConfigError, Source, load_config
 from tuneline.engines import ray_engine
 from tuneline.reporting import RunSummary, render_run_summary
@@ -146,16 +148,12 @@ def prepare_dataset(
     method = config.training.method
     if config.execution.engine == "ray":
         logger.info("execution engine: ray (%s)", config.execution.address or "a local Ray started on demand")
-        # Ingest, validate and rule 1 of dedupe per block of files, as Ray tasks (tuneline/engines/).
-        frame = ray_engine.screen_task(selection.files, config)
-        # Near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
-        search = ray_engine.RayCandidates(config.execution)
-        frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe, screened=True, candidates=search)
-    else:
-        fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
-        frame = ingest.ingest_task(selection.files, config.model.system_prompt, fallbacks)
-        frame = validate.validate_task(frame, config.model, config.validation, method)
-        frame = dedupe.dedupe_task(frame, eval_examples, config.dedupe)
+    # Ingest, validate and the per-record rules of dedupe, block by block, on the engine's cores
+    # (tuneline/engines/); then the batch-wide rules on the whole frame.
+    screened = engines.screen_task(selection.files, config, eval_examples)
+    # With ray, the near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
+    search = ray_engine.RayCandidates(config.execution) if config.execution.engine == "ray" else None
+    frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search)
     verdict = quality.quality_task(frame, config.model, config.validation, method)
     if verdict.success:
         logger.info("data quality passed: %d expectations", len(verdict.outcomes))

@@ -123,17 +123,28 @@ def dedupe(
     screened: bool = False,
     candidates: CandidateSearch | None = None,
 ) -> pd.DataFrame:
-    """The frame with the dedupe rules applied (see the module docstring for the guarantees).
-    `screened`: rule 1 was already applied to the frame, block by block, by `credentials_and_pii`
-    (the ray engine, tuneline/engines/ray_engine.py); rule 1 is a function of one record alone, so the
-    result is the same. `candidates`: how the near-duplicate search finds its candidate pairs (default:
-    here; the ray engine's map -> shuffle -> reduce gives the same pairs)."""
+    """The frame with the dedupe rules applied (see the module docstring for the guarantees):
+    `per_record_rules` (rules 1 and 2), then `batch_rules` (rules 3 to 5). `screened`: rule 1 was
+    already applied to the frame, block by block, by `credentials_and_pii`; rule 1 is a function of
+    one record alone, so the result is the same. `candidates`: how the near-duplicate search finds
+    its candidate pairs (default: here; the ray engine's map -> shuffle -> reduce gives the same
+    pairs)."""
+    out, documents = per_record_rules(frame, eval_examples, config, screened=screened)
+    return batch_rules(out, documents, config, candidates)
+
+
+def per_record_rules(
+    frame: pd.DataFrame, eval_examples: Sequence[Any], config: DedupeConfig, *, screened: bool = False
+) -> tuple[pd.DataFrame, Documents]:
+    """Rules 1 (unless `screened`) and 2, and the normalised forms the later rules compare: every one a
+    function of one record (and the eval set), so a block of records gets the same answer here as in
+    the whole batch (the engines run this per block, tuneline/engines/blocks.py). Returns the new
+    frame, with its `normalized_prompt` and `normalized_answer` columns set on the rows still kept
+    after rule 1, and the normalised examples of those rows, in frame order, as Documents."""
     # Copy-on-write: only the columns written here are copied (raw text stays shared).
     out = frame.copy(deep=False)
     stage = _Stage(out)
-    rank = record_order(out)
     examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)
-
     if not screened:
         _credentials_and_pii(stage, examples, config)
         out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
@@ -147,10 +158,30 @@ def dedupe(
     answer_column[positions] = answers
     out[records.NORMALIZED_PROMPT] = pd.Series(prompt_column, index=out.index, dtype=object)
     out[records.NORMALIZED_ANSWER] = pd.Series(answer_column, index=out.index, dtype=object)
-    # Index into `positions` (and `documents`) of the records each rule still has to look at.
-    alive = np.ones(len(positions), dtype=bool)
+    _eval_leakage(stage, positions, prompts, table, eval_examples, config)
+    return out, documents
 
-    alive &= ~_eval_leakage(stage, positions, prompts, table, eval_examples, config)
+
+def batch_rules(
+    frame: pd.DataFrame,
+    documents: Documents,
+    config: DedupeConfig,
+    candidates: CandidateSearch | None = None,
+) -> pd.DataFrame:
+    """Rules 3 to 5 across the whole batch, on a frame `per_record_rules` made (or the concatenation of
+    the frames it made per block, with their Documents concatenated: the same thing)."""
+    out = frame.copy(deep=False)
+    stage = _Stage(out)
+    rank = record_order(out)
+    # The rows the duplicate rules began with (kept after rule 1): those with normalised forms.
+    positions = np.flatnonzero(out[records.NORMALIZED_PROMPT].notna().to_numpy())
+    assert len(positions) == len(documents), "the Documents are not those of the frame's rows"
+    examples = out[records.EXAMPLE].to_numpy(dtype=object)
+    prompts = out[records.NORMALIZED_PROMPT].to_numpy(dtype=object)[positions].tolist()
+    answers = out[records.NORMALIZED_ANSWER].to_numpy(dtype=object)[positions].tolist()
+    # Index into `positions` (and `documents`) of the records each rule still has to look at.
+    alive = records.kept_mask(out).to_numpy()[positions]
+
     alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
     alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config, candidates)
     keys, directions = contradiction_keys(examples[positions], prompts, answers)
@@ -567,13 +598,12 @@ def _duplicates_of_quarantined_records(stage: _Stage) -> None:
             )
 
 
-@task(name="dedupe", cache_policy=NO_CACHE, persist_result=False)
-def dedupe_task(
+@task(name="duplicates", cache_policy=NO_CACHE, persist_result=False)
+def batch_rules_task(
     frame: pd.DataFrame,
-    eval_examples: list[dict[str, Any]],
+    documents: Documents,
     config: DedupeConfig,
-    screened: bool = False,
     candidates: CandidateSearch | None = None,
 ) -> pd.DataFrame:
-    """Prefect wrapper of dedupe."""
-    return dedupe(frame, eval_examples, config, screened=screened, candidates=candidates)
+    """Prefect wrapper of batch_rules: exact and near duplicates and contradictions across the batch."""
+    return batch_rules(frame, documents, config, candidates)

@@ -17,10 +17,11 @@ Guarantees:
 from __future__ import annotations
 
 import gc
+import io
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import PurePosixPath
 from typing import Any, Literal
@@ -28,8 +29,6 @@ from typing import Any, Literal
 import fsspec
 import orjson
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tuneline import csv_rows, jsonl, records
 from tuneline.config import CsvMapping, Source
@@ -65,6 +64,15 @@ class InputFile:
     partition: str  # "YYYY-MM-DD", or "" outside any dt= folder
     format: FileFormat
     csv_mapping: CsvMapping | None
+    # A part of a JSONL file (`line_ranges`): its bytes start..stop, whose first line is line `first_line`
+    # of the file. The whole file by default.
+    start: int = 0
+    stop: int | None = None
+    first_line: int = 1
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop is None
 
 
 @dataclass(frozen=True)
@@ -328,10 +336,57 @@ def ingest(
     return read_files(select_files(sources, as_of, lookback_days).files, system_prompt, csv_fallbacks)
 
 
-def _read_jsonl(handle: Iterable[bytes], file: InputFile, columns: _Columns) -> None:
+def _read_jsonl(handle: Any, file: InputFile, columns: _Columns) -> None:
     add = columns.add
-    for number, text, value, reason, detail in jsonl.iter_lines(handle):
+    lines: Iterable[bytes] = handle
+    if not file.whole:
+        handle.seek(file.start)
+        size = None if file.stop is None else file.stop - file.start
+        lines = io.BytesIO(handle.read(size))
+    for number, text, value, reason, detail in jsonl.iter_lines(lines, file.first_line):
         add(file, number, (number, number), text, value, reason, detail)
+
+
+# Bytes read at a time while a file's lines are counted for line_ranges.
+_SCAN_BYTES = 1 << 24
+
+
+def line_ranges(file: InputFile, block_bytes: int) -> list[InputFile]:
+    """An uncompressed JSONL file larger than `block_bytes` as consecutive parts of about that size, each
+    ending at a line end and knowing the number of its first line: read one after the other, the parts
+    give the records of the whole file, with the same line numbers (and so the same record ids). Any
+    other file, or one that cannot be read, is returned whole (reading it then reports the problem)."""
+    if file.format != "jsonl" or not file.whole or file.display.lower().endswith(_COMPRESSIONS):
+        return [file]
+    try:
+        fs, path = fsspec.core.url_to_fs(file.uri)
+        if int(fs.size(path) or 0) <= block_bytes:
+            return [file]
+        parts: list[InputFile] = []
+        with fs.open(path, "rb") as handle:
+            start, first_line, position, lines = 0, 1, 0, 0
+            while chunk := handle.read(_SCAN_BYTES):
+                offset = 0
+                while True:
+                    # The next cut: the first line end at or after start + block_bytes.
+                    cut = start + block_bytes - position
+                    if cut >= len(chunk):
+                        break
+                    end = chunk.find(b"\n", max(cut, offset))
+                    if end < 0:
+                        break
+                    lines += chunk.count(b"\n", offset, end + 1)
+                    offset = end + 1
+                    stop = position + offset
+                    parts.append(replace(file, start=start, stop=stop, first_line=first_line))
+                    start, first_line = stop, lines + 1
+                lines += chunk.count(b"\n", offset)
+                position += len(chunk)
+        if start < position:
+            parts.append(replace(file, start=start, stop=None, first_line=first_line))
+        return parts or [file]
+    except (OSError, ValueError):
+        return [file]
 
 
 def _read_csv(
@@ -513,11 +568,3 @@ def _mapped_example(values: dict[str, Any], mapping: CsvMapping, system_prompt: 
     messages.append({"role": "user", "content": values[mapping.user]})
     messages.append({"role": "assistant", "content": values[mapping.assistant]})
     return {"messages": messages}
-
-
-@task(name="ingest", cache_policy=NO_CACHE, persist_result=False)
-def ingest_task(
-    files: list[InputFile], system_prompt: str | None, csv_fallbacks: list[CsvMapping]
-) -> pd.DataFrame:
-    """Prefect wrapper of read_files."""
-    return read_files(files, system_prompt, csv_fallbacks)

@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import tiktoken
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tuneline import formats, records, tokens
 from tuneline.config import ModelConfig, ValidationConfig
@@ -208,11 +206,3 @@ def _shorten(text: str, build: Any, fits: Any, encoding: tiktoken.Encoding) -> d
         if text_prefix.strip() and fits(candidate := build(text_prefix)):
             return candidate
     return None
-
-
-@task(name="validate", cache_policy=NO_CACHE, persist_result=False)
-def validate_task(
-    frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig, method: str = "supervised"
-) -> pd.DataFrame:
-    """Prefect wrapper of validate."""
-    return validate(frame, model, validation, method)

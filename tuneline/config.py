@@ -372,9 +372,9 @@ class BackfillConfig(Section):
 
 
 class ExecutionConfig(Section):
-    """Where the data plane's per-partition work runs (tuneline/engines/): `local`, in this process
-    (the default; needs no Ray), or `ray`, as Ray tasks (`pip install 'tuneline[ray]'`). The engine
-    never changes a result, so this section is left out of the config hash."""
+    """Where the data plane's per-partition work runs (tuneline/engines/): `local`, on this machine's
+    cores (the default; needs no Ray), or `ray`, as Ray tasks (`pip install 'tuneline[ray]'`). The
+    engine never changes a result, so this section is left out of the config hash."""
 
     engine: Literal["local", "ray"] = "local"
     # The Ray cluster: None starts a local Ray on demand (in this process's machine); "auto" joins the
@@ -383,8 +383,15 @@ class ExecutionConfig(Section):
     address: str | None = None
     # CPUs of the local Ray started on demand (None: every core); ignored when `address` is set.
     num_cpus: int | None = Field(default=None, ge=1, le=4096)
-    # Files per Ray task: each task reads, validates and screens this many files (a block).
+    # Files per block: each block of input is read, validated and screened by one task (a Ray task,
+    # or a process of the local engine).
     files_per_task: int = Field(default=1, ge=1, le=100_000)
+    # An uncompressed JSONL file larger than this is read as parts of about this size, each a block
+    # of its own, so one large file is spread over every core.
+    block_bytes: int = Field(default=32 * 2**20, ge=1)
+    # Processes of the local engine (None: one per core of this machine; 1: all in the flow's process).
+    # Input of a single block is always read in the flow's process.
+    workers: int | None = Field(default=None, ge=1, le=1024)
     # Records per map task of the near-duplicate search (signatures and band keys of a block), and
     # reduce tasks of its shuffle (None: one per CPU of the cluster).
     block_records: int = Field(default=250_000, ge=1)

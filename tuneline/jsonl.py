@@ -87,14 +87,15 @@ def read_set(uri: str) -> JsonlSet:
     return found
 
 
-def iter_lines(handle: Iterable[bytes]) -> Iterator[JsonLine]:
-    """`read_lines` on an open binary handle (or any iterable of \\n-terminated byte lines)."""
+def iter_lines(handle: Iterable[bytes], first: int = 1) -> Iterator[JsonLine]:
+    """`read_lines` on an open binary handle (or any iterable of \\n-terminated byte lines), whose first
+    line is line `first` of its file (a part of a file read on its own)."""
     loads = orjson.loads
     # tuple.__new__ makes the same JsonLine three times faster than its constructor: this loop runs
     # once per line of every raw partition.
     new = tuple.__new__
     lines = iter(handle)
-    number = 0
+    number = first - 1
     while True:
         try:
             line = next(lines)

@@ -128,6 +128,19 @@ class TextTable:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def __getstate__(self) -> dict[str, object]:
+        """What a table sent to another process carries: its texts and their word and text hashes.
+        The rest is rebuilt (the id of each text) or computed again on demand there (shingles,
+        signatures, the hash of each distinct word)."""
+        return {"texts": self.texts, "words": self._words, "hashes": self._hashes}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__()  # type: ignore[misc]
+        self.texts = state["texts"]  # type: ignore[assignment]
+        self._ids = {text: index for index, text in enumerate(self.texts)}
+        self._words = state["words"]  # type: ignore[assignment]
+        self._hashes = state["hashes"]  # type: ignore[assignment]
+
     def intern(self, normalized: str) -> int:
         """The id of a normalised text (single spaces between words, none at the ends)."""
         found = self._ids.get(normalized)
@@ -288,6 +301,40 @@ class Documents:
             table.intern(texts[text_id])
         offsets = self.offsets[start : stop + 1] - self.offsets[start]
         return Documents(table, local.astype(np.int64).reshape(-1), offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Documents]) -> Documents:
+        """The records of several Documents, in order, over one new table (each distinct text once).
+        The word and text hashes the parts' tables already hold are carried over rather than computed
+        again (both are functions of the text alone): what a block's task computed is not redone
+        where the blocks are put together."""
+        table = TextTable()
+        parts_ids: list[np.ndarray] = []
+        offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        total = 0
+        added: list[np.ndarray] = []  # per part: its local ids of the texts new to the table, in order
+        intern = table.intern
+        for part in parts:
+            before = len(table)
+            global_ids = np.fromiter(
+                (intern(text) for text in part.table.texts), dtype=np.int64, count=len(part.table)
+            )
+            added.append(np.flatnonzero(global_ids >= before))
+            parts_ids.append(global_ids[part.parts])
+            offsets.append(part.offsets[1:] + total)
+            total += len(part.parts)
+        for cached in ("_words", "_hashes"):
+            if parts and all(getattr(p.table, cached).count == len(p.table) for p in parts):
+                growing: _Growing = getattr(table, cached)
+                for part, new in zip(parts, added, strict=True):
+                    values, value_offsets = getattr(part.table, cached).values()
+                    lengths = value_offsets[new + 1] - value_offsets[new]
+                    growing.add(values[_ranges(value_offsets[new], lengths)], lengths)
+        return cls(
+            table,
+            np.concatenate(parts_ids) if parts_ids else np.zeros(0, dtype=np.int64),
+            np.concatenate(offsets),
+        )
 
     def words(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(word hashes of records start..stop, flat; their offsets, from 0)."""

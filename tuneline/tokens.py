@@ -36,6 +36,9 @@ VOCABULARIES: dict[str, tuple[str, str]] = {
         "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
     ),
 }
+# Threads that encode at once in token_lengths (None: one per core). A process that shares the cores
+# with others doing the same work (a worker of the local engine) sets it to its share.
+encoder_threads: int | None = None
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 TOKENS_PER_EXAMPLE = 3
@@ -157,7 +160,7 @@ def token_lengths(
     def lengths(chunk: Sequence[str]) -> list[int]:
         return [len(encode(text)) for text in chunk]
 
-    workers = min(os.cpu_count() or 1, max(1, len(distinct) // 5000))
+    workers = min(encoder_threads or os.cpu_count() or 1, max(1, len(distinct) // 5000))
     if workers == 1:
         counted = lengths(distinct)
     else:

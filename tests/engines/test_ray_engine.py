@@ -27,7 +27,7 @@ from tuneline import jsonl  # noqa: E402
 from tuneline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from tuneline.demo import generator  # noqa: E402
 from tuneline.demo.synthetic import synthetic_chat_lines  # noqa: E402
-from tuneline.engines import ray_engine  # noqa: E402
+from tuneline.engines import blocks, ray_engine  # noqa: E402
 from tuneline.flows.backfill import PREPARED, backfill  # noqa: E402
 from tuneline.flows.prepare import PrepareResult, prepare  # noqa: E402
 from tuneline.near_duplicates import Documents, TextTable, banding_for, local_candidates  # noqa: E402
@@ -134,12 +134,13 @@ def test_several_files_per_task_give_the_same_frame(support_project: Any, tmp_pa
         },
     )
     files = ingest.select_files(config.data.sources, date(2026, 11, 5), 7).files
-    assert len(ray_engine.blocks(files, 2)) == 3
+    assert len(blocks.plan(files, config.execution)) == 3
     local, on_ray = local_frame(config, files), ray_frame(config, files)
     pd.testing.assert_frame_equal(local, on_ray)
 
 
 def local_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
+    """One read of all the files in this process, and the whole of dedupe."""
     fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
     frame = ingest.read_files(files, config.model.system_prompt, fallbacks)
     frame = validate.validate(frame, config.model, config.validation)
@@ -147,12 +148,9 @@ def local_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
 
 
 def ray_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
-    return dedupe.dedupe(
-        ray_engine.screen(files, config),
-        eval_examples(config),
-        config.dedupe,
-        screened=True,
-        candidates=ray_engine.RayCandidates(config.execution),
+    screened = ray_engine.screen(files, config, eval_examples(config))
+    return dedupe.batch_rules(
+        screened.frame, screened.documents, config.dedupe, ray_engine.RayCandidates(config.execution)
     )
 
 
@@ -202,12 +200,12 @@ def kill_a_running_block(stop: threading.Event, killed: list[int]) -> None:
 
 
 def screen_with_a_kill(config: Any, files: list[ingest.InputFile]) -> tuple[Any, list[int]]:
-    """ray_engine.screen while another thread kills a worker mid-block; (frame or exception, killed pids)."""
+    """ray_engine.screen while another thread kills a worker mid-block; (result or exception, killed pids)."""
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=kill_a_running_block, args=(stop, killed))
     killer.start()
     try:
-        outcome: Any = ray_engine.screen(files, config)
+        outcome: Any = ray_engine.screen(files, config, eval_examples(config))
     except Exception as exc:
         outcome = exc
     finally:
@@ -227,8 +225,8 @@ def test_a_worker_killed_mid_block_is_retried_and_nothing_is_counted_twice(
 
     screened, killed = screen_with_a_kill(config, files)
     assert killed, "no worker was caught running a block"
-    assert isinstance(screened, pd.DataFrame), screened
-    on_ray = dedupe.dedupe(screened, eval_examples(config), config.dedupe, screened=True)
+    assert isinstance(screened, blocks.Screened), screened
+    on_ray = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
     pd.testing.assert_frame_equal(expected, on_ray)
     # Every input line once: 3,002 lines per file (a malformed line and a duplicate included).
     assert len(on_ray) == 4 * 3002 == on_ray["record_id"].nunique()

@@ -16,7 +16,13 @@ from tuneline import records
 from tuneline.config import DedupeConfig
 from tuneline.normalize import jaccard, normalized_example, word_shingles
 from tuneline.records import NORMALIZED_ANSWER, NORMALIZED_PROMPT
-from tuneline.tasks.dedupe import credentials_and_pii, dedupe, dedupe_task, record_order
+from tuneline.tasks.dedupe import (
+    batch_rules_task,
+    credentials_and_pii,
+    dedupe,
+    per_record_rules,
+    record_order,
+)
 
 SYSTEM = "You are the Acme support assistant."
 CONFIG = DedupeConfig()
@@ -377,7 +383,8 @@ def test_an_empty_frame_and_the_prefect_task(prefect_server: None) -> None:
     empty = frame_of()
     assert len(dedupe(empty, EVAL, CONFIG)) == 0
     frame = frame_of(chat(question(11)), chat(question(11)))
-    assert reasons(dedupe_task(frame, EVAL, CONFIG)) == [None, "exact_duplicate"]
+    screened, documents = per_record_rules(frame, EVAL, CONFIG)
+    assert reasons(batch_rules_task(screened, documents, CONFIG)) == [None, "exact_duplicate"]
 
 
 TEMPLATES = [question(100 + k, 30) for k in range(4)]

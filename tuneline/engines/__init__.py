@@ -1,24 +1,33 @@
 """Execution engines of the data plane: where the per-partition work (ingest, validate, the credential
-and PII screen, exact tokens) runs.
+and PII screen, exact tokens) runs, a block of input at a time (tuneline/engines/blocks.py).
 
-- `local` (the default): in the flow's own process, as the `ingest`, `validate` and `dedupe` tasks of
-  tasks/; needs nothing beyond tuneline's own dependencies.
-- `ray` (tuneline/engines/ray_engine.py, `pip install 'tuneline[ray]'`): each block of input files is
-  read, validated and screened by a Ray task (retried by Ray when its worker dies), and the blocks'
-  frames are put back together in file order; the batch-wide rules (leakage, exact and near
-  duplicates, contradictions) then run on the whole frame, as with `local`.
+- `local` (the default, tuneline/engines/local.py): on this machine's cores, a pool of worker
+  processes when there is more than one block's worth of input, else in the flow's own process;
+  needs nothing beyond tuneline's own dependencies.
+- `ray` (tuneline/engines/ray_engine.py, `pip install 'tuneline[ray]'`): each block as a Ray task
+  (retried by Ray when its worker dies), on a local Ray or a cluster.
 
-Either engine gives the same record frame, so the same training, validation and quarantine files and
-the same dataset hash: every per-partition rule is a function of one record alone (record ids are
-made from the record's file, partition, line and text), and the blocks are concatenated in the order
-`ingest.select_files` sorted the files, the order the local engine reads them in.
+Either way a block is read, validated and put through the per-record rules of dedupe (credentials,
+PII, eval leakage), the blocks' results are put back together in block order, and the batch-wide
+rules (exact and near duplicates, contradictions) then run on the whole frame. Either engine gives
+the same record frame, so the same training, validation and quarantine files and the same dataset
+hash (blocks.py says why).
 
 This module imports no Ray: the local engine works without it installed.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+if TYPE_CHECKING:
+    from tuneline.config import Config
+    from tuneline.engines.blocks import Screened
+    from tuneline.tasks.ingest import InputFile
 
 Engine = Literal["local", "ray"]
 ENGINES: tuple[Engine, ...] = ("local", "ray")
@@ -31,3 +40,21 @@ def ray_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def screen(files: Sequence[InputFile], config: Config, eval_examples: Sequence[Any]) -> Screened:
+    """`files` read, validated and put through the per-record rules of dedupe (credentials and PII,
+    leakage into `eval_examples`) by the configured engine, a block at a time."""
+    if config.execution.engine == "ray":
+        from tuneline.engines import ray_engine
+
+        return ray_engine.screen(files, config, eval_examples)
+    from tuneline.engines import local
+
+    return local.screen(files, config, eval_examples)
+
+
+@task(name="screen", cache_policy=NO_CACHE, persist_result=False)
+def screen_task(files: list[InputFile], config: Config, eval_examples: list[dict[str, Any]]) -> Screened:
+    """Prefect wrapper of screen: ingest, validate and the per-record rules, block by block."""
+    return screen(files, config, eval_examples)

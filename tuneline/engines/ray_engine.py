@@ -1,15 +1,13 @@
 """The `ray` execution engine: the per-partition work of the data plane as Ray tasks.
 
-`screen(files, config)` splits the selected input files into blocks (`execution.files_per_task` files
-each, in the order `ingest.select_files` sorted them), and runs one Ray task per block that reads the
-files (tasks/ingest.py's `read_files`), applies the format rules and counts exact tokens
-(tasks/validate.py's `validate`) and screens for credentials and PII (tasks/dedupe.py's
-`credentials_and_pii`, rule 1). The blocks' frames come back in block order and are concatenated: the
-frame the local engine builds, row for row (see tuneline/engines/__init__.py for why). The batch-wide
-rules (rules 2 to 5 of tasks/dedupe.py) then run on it in the flow, `screened=True`, with the
-near-duplicate candidate search (signatures, LSH bands, candidate pairs: most of rule 4's work) as
-map -> shuffle -> reduce Ray tasks (`RayCandidates`); the exact check of the pairs, and the exact
-duplicates, leakage and contradictions, run in the flow's process.
+`screen(files, config, eval_examples)` runs one Ray task per block of tuneline/engines/blocks.py's
+plan (files, or line-aligned parts of a large JSONL file), each reading and validating its block and
+applying the per-record rules of dedupe (credentials, PII, eval leakage; `blocks.screen_block`). The
+blocks' results come back in block order and are put together: what the local engine builds, row for
+row (blocks.py says why). The batch-wide rules (rules 3 to 5 of tasks/dedupe.py, `batch_rules`) then
+run on it in the flow, with the near-duplicate candidate search (signatures, LSH bands, candidate
+pairs: most of rule 4's work) as map -> shuffle -> reduce Ray tasks (`RayCandidates`); the exact
+check of the pairs, and the exact duplicates and contradictions, run in the flow's process.
 
 Faults: a task whose worker process dies (killed, out of memory, its node lost) is run again by Ray,
 up to `execution.max_retries` times, on the same block; only the finished attempt's frame is ever
@@ -30,26 +28,16 @@ Ray is imported inside the functions: this module imports without the `ray` extr
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tuneline import records
-from tuneline.config import (
-    Config,
-    ConfigError,
-    CsvMapping,
-    DedupeConfig,
-    ExecutionConfig,
-    ModelConfig,
-    ValidationConfig,
-)
+from tuneline.config import Config, ConfigError, ExecutionConfig
+from tuneline.engines import blocks
 from tuneline.near_duplicates import (
     Banding,
     Documents,
@@ -58,11 +46,11 @@ from tuneline.near_duplicates import (
     distinct_pair_codes,
     sketches,
 )
-from tuneline.tasks import dedupe, ingest, validate
+from tuneline.tasks import ingest
 
 log = logging.getLogger(__name__)
 
-# Ray tasks of at most this many files at once per CPU of the cluster: the driver holds only the
+# Ray tasks of at most this many blocks at once per CPU of the cluster: the driver holds only the
 # frames that came back, not every block's input at once.
 _IN_FLIGHT_PER_CPU = 2
 
@@ -108,74 +96,39 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def screen_block(
-    files: Sequence[ingest.InputFile],
-    system_prompt: str | None,
-    csv_fallbacks: Sequence[CsvMapping],
-    model: ModelConfig,
-    validation: ValidationConfig,
-    dedupe_config: DedupeConfig,
-    method: str = "supervised",
-) -> pd.DataFrame:
-    """What one Ray task does: a block of files read, validated (as lines of a `method` training file)
-    and screened (rule 1)."""
-    frame = ingest.read_files(files, system_prompt, csv_fallbacks)
-    frame = validate.validate(frame, model, validation, method)
-    return dedupe.credentials_and_pii(frame, dedupe_config)
-
-
-def blocks(files: Sequence[ingest.InputFile], files_per_task: int) -> list[list[ingest.InputFile]]:
-    """The files in consecutive blocks of `files_per_task`, in order."""
-    return [list(files[i : i + files_per_task]) for i in range(0, len(files), files_per_task)]
-
-
-def screen(files: Sequence[ingest.InputFile], config: Config) -> pd.DataFrame:
-    """The record frame of `files`, validated and screened, built by Ray tasks (one per block)."""
+def screen(
+    files: Sequence[ingest.InputFile], config: Config, eval_examples: Sequence[Any]
+) -> blocks.Screened:
+    """`files` read, validated and put through the per-record rules by Ray tasks (one per block of
+    tuneline/engines/blocks.py's plan)."""
     execution = config.execution
-    parts = blocks(files, execution.files_per_task)
-    if not parts:  # nothing to read: the same empty frame the local engine makes
-        return screen_block([], *_arguments(config))
+    planned = blocks.plan(files, execution)
+    arguments = (eval_examples, *blocks.block_arguments(config))
+    if not planned:  # nothing to read: the same empty result the local engine makes
+        return blocks.screen_block([], *arguments)
     ray = connect(execution)
-    remote = ray.remote(screen_block).options(
+    remote = ray.remote(blocks.screen_block).options(
         name="tuneline.screen_block", max_retries=execution.max_retries, retry_exceptions=False
     )
-    shared = [ray.put(value) for value in _arguments(config)]
+    shared = [ray.put(value) for value in arguments]
     limit = max(2, _IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     pending: list[Any] = []
-    frames: list[pd.DataFrame] = []
-    for block in parts:
-        pending.append(remote.remote(block, *shared))
-        if len(pending) >= limit:
-            frames.append(ray.get(pending.pop(0)))
-    while pending:
-        frames.append(ray.get(pending.pop(0)))
-    log.info("ray engine: %d file(s) in %d task(s)", len(files), len(parts))
-    return concat(frames)
-
-
-def _arguments(config: Config) -> tuple[Any, ...]:
-    fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
-    return (
-        config.model.system_prompt,
-        fallbacks,
-        config.model,
-        config.validation,
-        config.dedupe,
-        config.training.method,
-    )
-
-
-def concat(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Block frames as one frame, row order kept, index 0..n-1 (as one read_files call makes it).
-    Empty blocks are left out, so their column types never widen the others'."""
-    full = [f for f in frames if len(f)]
-    if not full:
-        return frames[0]
-    if len(full) == 1:
-        return full[0]
-    frame = pd.concat(full, ignore_index=True)
-    assert list(frame.columns) == list(full[0].columns), "blocks disagree on their columns"
-    return frame
+    results: list[blocks.Screened] = []
+    # The frames' containers are all alive: the cyclic collector would only walk them again and again.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for block in planned:
+            pending.append(remote.remote(block.files, *shared))
+            if len(pending) >= limit:
+                results.append(ray.get(pending.pop(0)))
+        while pending:
+            results.append(ray.get(pending.pop(0)))
+        log.info("ray engine: %d file(s) in %d task(s)", len(files), len(planned))
+        return blocks.concat(results)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,11 +222,3 @@ class RayCandidates:
             "ray engine: near-duplicate candidates from %d map and %d reduce task(s)", len(maps), reducers
         )
         return signatures, codes // n, codes % n
-
-
-@task(name="screen", cache_policy=NO_CACHE, persist_result=False)
-def screen_task(files: list[ingest.InputFile], config: Config) -> pd.DataFrame:
-    """Prefect wrapper of screen: ingest, validate and rule 1 of dedupe, on Ray."""
-    frame = screen(files, config)
-    log.debug("screened: %s", records.counts_by_reason(frame))
-    return frame

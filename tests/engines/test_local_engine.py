@@ -1,0 +1,167 @@
+"""The local engine: a large JSONL file read as line-aligned parts gives the records of one read; the
+blocks run in a pool of worker processes give the frame and normalised Documents of one pass in this
+process, and so the same dedupe; a worker killed mid-block has its blocks read again here."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+
+from tuneline import jsonl
+from tuneline.config import load_config
+from tuneline.engines import blocks, local
+from tuneline.tasks import dedupe, ingest, validate
+
+
+def whole_file(path: Path) -> ingest.InputFile:
+    return ingest.InputFile("s", str(path), "raw/part.jsonl", "2026-11-01", "jsonl", None)
+
+
+def test_line_ranges_read_one_after_the_other_give_the_records_of_the_whole_file(tmp_path: Path) -> None:
+    chat = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]}
+    lines = [b"\xef\xbb\xbf" + json.dumps(chat).encode()]  # a byte-order mark opens the file
+    for index in range(40):
+        lines.append(json.dumps({**chat, "n": index}).encode() + (b"\r" if index % 3 == 0 else b""))
+        if index % 7 == 0:
+            lines.append(b"")  # blank lines hold no record but count
+        if index % 11 == 0:
+            lines.append(b'{"messages": [')  # not JSON
+    path = tmp_path / "part.jsonl"
+    path.write_bytes(b"\n".join(lines))  # the last line has no line end
+    file = whole_file(path)
+
+    parts = ingest.line_ranges(file, 300)
+    assert len(parts) > 5
+    assert parts[0].start == 0 and parts[-1].stop is None
+    assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
+    data = path.read_bytes()
+    assert all(data[part.start - 1 : part.start] == b"\n" for part in parts[1:])  # cut at line ends
+    assert [p.first_line for p in parts[1:]] == [data[: p.start].count(b"\n") + 1 for p in parts[1:]]
+
+    whole = ingest.read_files([file], None)
+    pieces = pd.concat([ingest.read_files([part], None) for part in parts], ignore_index=True)
+    pd.testing.assert_frame_equal(whole, pieces)
+    assert whole["line"].tolist()[:2] == [1, 2] and (whole["reason"] == "invalid_json").sum() == 4
+    # A small file, or a compressed one, is never cut.
+    assert ingest.line_ranges(file, len(data)) == [file]
+    gz = ingest.InputFile("s", str(path), "raw/part.jsonl.gz", "", "jsonl", None)
+    assert ingest.line_ranges(gz, 10) == [gz]
+
+
+@pytest.fixture()
+def project(support_project: Any, tmp_path: Path) -> Any:
+    """Five days of 400 chats each (about 60 kB a file) and the config to read them."""
+    config_path = support_project(tmp_path, {f"2026-11-0{d}": 400 for d in range(1, 6)})
+    return load_config(config_path)
+
+
+def one_pass(config: Any, files: list[ingest.InputFile]) -> tuple[pd.DataFrame, Any]:
+    """The reference: one read of all the files in this process, and the per-record rules."""
+    fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
+    frame = ingest.read_files(files, config.model.system_prompt, fallbacks)
+    frame = validate.validate(frame, config.model, config.validation)
+    return dedupe.per_record_rules(frame, eval_examples(config), config.dedupe)
+
+
+def eval_examples(config: Any) -> list[dict[str, Any]]:
+    return [e for e in jsonl.read_set(config.data.eval_set).values if isinstance(e, dict)]
+
+
+def on_pool(config: Any, **execution: Any) -> Any:
+    return config.model_copy(update={"execution": config.execution.model_copy(update=execution)})
+
+
+def assert_same(screened: blocks.Screened, frame: pd.DataFrame, documents: Any) -> None:
+    """The same frame, and Documents with the same texts for every record (the texts' ids in the table
+    may differ: each block's table also holds the eval prompts, which come first in the merged one)."""
+    pd.testing.assert_frame_equal(screened.frame, frame)
+    mine, theirs = screened.documents, documents
+    assert [mine.table.texts[p] for p in mine.parts] == [theirs.table.texts[p] for p in theirs.parts]
+    np.testing.assert_array_equal(mine.offsets, theirs.offsets)
+
+
+def test_blocks_in_worker_processes_give_the_result_of_one_pass(
+    project: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = ingest.select_files(project.data.sources, date(2026, 11, 5), 7).files
+    frame, documents = one_pass(project, files)
+    config = on_pool(project, workers=2, block_bytes=20_000)
+    assert len(blocks.plan(files, config.execution)) > len(files)  # each file cut into parts
+
+    with caplog.at_level(logging.INFO, logger="tuneline.engines.local"):
+        screened = local.screen(files, config, eval_examples(config))
+    assert "on 2 process(es)" in caplog.text
+    assert_same(screened, frame, documents)
+    # The word hashes came back with the blocks' tables: every record's words are those computed here.
+    assert screened.documents.table._words.count == len(screened.documents.table)  # carried, not redone
+    for mine, theirs in zip(screened.documents.words(), documents.words(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+    out = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
+    pd.testing.assert_frame_equal(out, dedupe.dedupe(*read_and_validate(project, files), config.dedupe))
+    assert (out["reason"] == "invalid_json").sum() == 5 == (out["reason"] == "exact_duplicate").sum()
+
+    # One block's worth of input, or one worker: read in this process, the same result.
+    for single in (on_pool(project, workers=1, block_bytes=20_000), project):
+        assert_same(local.screen(files, single, eval_examples(single)), frame, documents)
+
+
+def read_and_validate(config: Any, files: list[ingest.InputFile]) -> tuple[pd.DataFrame, list[Any]]:
+    frame = ingest.read_files(files, config.model.system_prompt)
+    return validate.validate(frame, config.model, config.validation), eval_examples(config)
+
+
+def kill_a_pool_worker(stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL the first worker of the fork server (its child) seen at work on a block."""
+    me = psutil.Process()
+    while not stop.is_set() and not killed:
+        for process in me.children(recursive=True):
+            try:
+                parent = process.parent()
+                server = parent is not None and "forkserver" in " ".join(parent.cmdline())
+                busy = server and process.cpu_times().user > 0.3
+            except psutil.Error:
+                continue
+            if busy:
+                os.kill(process.pid, signal.SIGKILL)
+                killed.append(process.pid)
+                return
+        time.sleep(0.01)
+
+
+def test_a_worker_killed_mid_block_has_its_blocks_read_again_here(
+    support_project: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Blocks large enough (4 x 3,000 chats, two parts each) that a worker is caught at work on one.
+    config_path = support_project(tmp_path, {f"2026-11-0{d}": 3000 for d in range(1, 5)})
+    config = on_pool(load_config(config_path), workers=2, block_bytes=250_000)
+    files = ingest.select_files(config.data.sources, date(2026, 11, 4), 7).files
+    frame, documents = one_pass(config, files)
+
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_a_pool_worker, args=(stop, killed))
+    killer.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tuneline.engines.local"):
+            screened = local.screen(files, config, eval_examples(config))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no worker was caught at work"
+    assert "a worker process died or could not start" in caplog.text
+    assert_same(screened, frame, documents)
+    # Every input line once: 3,002 lines per file (a malformed line and a duplicate included).
+    assert len(screened.frame) == 4 * 3002 == screened.frame["record_id"].nunique()

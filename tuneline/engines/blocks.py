@@ -1,0 +1,133 @@
+"""The unit of the data plane's per-partition work, the same for every engine: a block of input.
+
+`plan(files, execution)` cuts the selected input files into blocks: `execution.files_per_task`
+consecutive files (in the order `ingest.select_files` sorted them), and every uncompressed JSONL file
+larger than `execution.block_bytes` cut into line-aligned parts of about that size
+(`ingest.line_ranges`), each a block of its own, so that one large partition file is spread over
+every core. `screen_block` is what one task does with a block: read it (tasks/ingest.py's
+`read_files`), apply the format rules and count exact tokens (tasks/validate.py's `validate`), then
+the per-record rules of dedupe (tasks/dedupe.py's `per_record_rules`: credentials and PII, eval
+leakage) and the normalised forms the duplicate rules compare, as Documents whose table already holds
+the hashes of its words.
+
+Every one of those is a function of one record alone (and the eval set), a part of a file numbers its
+lines from the line it starts at, and record ids are made from the record's file, partition, line
+and text: so the blocks' results, put together in block order (`concat`: frames concatenated,
+Documents over one table), are row for row what one pass over all the files makes. The engines differ
+only in where the blocks run: this machine's processes (tuneline/engines/local.py) or Ray tasks
+(tuneline/engines/ray_engine.py). The batch-wide rules (rules 3 to 5 of tasks/dedupe.py,
+`batch_rules`) then run on the whole frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pandas as pd
+
+from tuneline.config import Config, CsvMapping, DedupeConfig, ExecutionConfig, ModelConfig, ValidationConfig
+from tuneline.near_duplicates import Documents
+from tuneline.tasks import dedupe, ingest, validate
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A block (or a batch) after the per-record rules: the record frame, and the normalised examples
+    of its rows that the duplicate rules look at (those kept after rule 1), in frame order."""
+
+    frame: pd.DataFrame
+    documents: Documents
+
+
+@dataclass(frozen=True)
+class Block:
+    """Input files (or parts of one) read by one task, and their size in bytes (0 where unknown)."""
+
+    files: list[ingest.InputFile]
+    size: int
+
+
+def plan(files: Sequence[ingest.InputFile], execution: ExecutionConfig) -> list[Block]:
+    """The blocks of `files`, in order (see the module docstring)."""
+    found: list[Block] = []
+    pending: list[ingest.InputFile] = []
+    pending_size = 0
+
+    def close() -> None:
+        nonlocal pending, pending_size
+        if pending:
+            found.append(Block(pending, pending_size))
+            pending, pending_size = [], 0
+
+    for file in files:
+        parts = ingest.line_ranges(file, execution.block_bytes)
+        if len(parts) > 1:
+            close()
+            found.extend(Block([part], _part_size(part)) for part in parts)
+            continue
+        pending.append(file)
+        pending_size += _file_size(file)
+        if len(pending) >= execution.files_per_task:
+            close()
+    close()
+    return found
+
+
+def _part_size(part: ingest.InputFile) -> int:
+    stop = part.stop if part.stop is not None else _file_size(part)
+    return max(0, stop - part.start)
+
+
+def _file_size(file: ingest.InputFile) -> int:
+    try:
+        fs, path = fsspec.core.url_to_fs(file.uri)
+        return int(fs.size(path) or 0)
+    except (OSError, ValueError):
+        return 0  # reading it reports the problem
+
+
+def screen_block(
+    files: Sequence[ingest.InputFile],
+    eval_examples: Sequence[Any],
+    system_prompt: str | None,
+    csv_fallbacks: Sequence[CsvMapping],
+    model: ModelConfig,
+    validation: ValidationConfig,
+    dedupe_config: DedupeConfig,
+    method: str = "supervised",
+) -> Screened:
+    """What one task does: a block of files read, validated (as lines of a `method` training file),
+    and put through the per-record rules of dedupe (credentials and PII, leakage into `eval_examples`)."""
+    frame = ingest.read_files(files, system_prompt, csv_fallbacks)
+    frame = validate.validate(frame, model, validation, method)
+    return Screened(*dedupe.per_record_rules(frame, eval_examples, dedupe_config))
+
+
+def block_arguments(config: Config) -> tuple[Any, ...]:
+    """screen_block's arguments after the files and the eval set, from the run's config."""
+    fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
+    return (
+        config.model.system_prompt,
+        fallbacks,
+        config.model,
+        config.validation,
+        config.dedupe,
+        config.training.method,
+    )
+
+
+def concat(results: Sequence[Screened]) -> Screened:
+    """Block results as one, row order kept, index 0..n-1 (as one read_files call makes it). Empty
+    blocks' frames are left out, so their column types never widen the others'."""
+    documents = Documents.concat([result.documents for result in results])
+    full = [result.frame for result in results if len(result.frame)]
+    if not full:
+        return Screened(results[0].frame, documents)
+    if len(full) == 1:
+        return Screened(full[0], documents)
+    frame = pd.concat(full, ignore_index=True)
+    assert list(frame.columns) == list(full[0].columns), "blocks disagree on their columns"
+    return Screened(frame, documents)

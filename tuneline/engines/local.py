@@ -1,0 +1,129 @@
+"""The `local` execution engine: the blocks of tuneline/engines/blocks.py on this machine's cores.
+
+`screen(files, config, eval_examples)` does everything in the flow's own process when there is one
+block's worth of input (`execution.block_bytes`) or one worker (`execution.workers: 1`). Otherwise the
+blocks run in a pool of `execution.workers` processes (default: one per core this process may use),
+and their results come back in block order: what a single pass makes, row for row (blocks.py says
+why). Reading, format checks, token counts, the credential screen, leakage and normalisation are
+Python work that one process does on one core at a time; the pool is what puts every core to work.
+
+How the workers start: from multiprocessing's fork server, a clean single-threaded process that
+imports the block code once and forks each worker from itself. A worker forked from the flow's own
+process could inherit a lock held by one of its threads (Prefect's and MLflow's, or another backfill
+date's tokenizer) and hang; one spawned afresh would import tuneline again for every pool. The fork
+server starts once per process (a few seconds, the first time) and is reused. Like any multiprocessing
+start method but fork, a worker imports the program's main module first (as `__mp_main__`): a script
+that runs the data plane keeps its top-level work under `if __name__ == "__main__":` (the CLI and
+Prefect's flow runs do); where a worker cannot start, the blocks are read in the flow's process.
+
+The results come back pickled; while they are unpickled and joined the cyclic garbage collector is
+paused, as during a read (tasks/ingest.py): the millions of containers they hold are all alive, and
+each collection would walk them all again.
+
+Each worker tokenizes on its share of the cores (tokens.encoder_threads): the others are as busy as
+it is, and more threads would only wait for one another's turn at the interpreter.
+
+Faults: a worker that dies (killed, out of memory), or a pool that cannot start, breaks the pool; the
+blocks whose results had not come back are then read again in this process, so the run completes with
+the same outputs and no record read or counted twice. An exception raised by tuneline's own code in a
+worker fails the run, as it would in this process (the same bytes fail the same way), and the blocks
+not yet started are dropped.
+
+Why the standard library's ProcessPoolExecutor and not Ray here: the local engine must work with
+nothing beyond tuneline's own dependencies; the ray engine (ray_engine.py) is the same blocks on a
+cluster.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from tuneline import tokens
+from tuneline.config import Config
+from tuneline.engines import blocks
+from tuneline.tasks import ingest
+
+log = logging.getLogger(__name__)
+
+_context_lock = threading.Lock()
+_context: Any = None
+
+
+def available_cpus() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _fork_server() -> Any:
+    """The fork-server context, its server preloading the block code (set once, before it starts)."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["tuneline.engines.blocks"])
+            _context = context
+    return _context
+
+
+def _share_cores(cores: int) -> None:
+    """In a worker: tokenize on its share of the cores (the other workers are as busy as it is, and
+    threads beyond that only wait for one another)."""
+    tokens.encoder_threads = cores
+
+
+def screen(
+    files: Sequence[ingest.InputFile], config: Config, eval_examples: Sequence[Any]
+) -> blocks.Screened:
+    """`files` read, validated and put through the per-record rules, on this machine's cores."""
+    execution = config.execution
+    arguments = (eval_examples, *blocks.block_arguments(config))
+    planned = blocks.plan(files, execution)
+    workers = min(len(planned), execution.workers or available_cpus())
+    if workers <= 1 or sum(block.size for block in planned) <= execution.block_bytes:
+        return blocks.screen_block(list(files), *arguments)
+    results: list[blocks.Screened | None] = [None] * len(planned)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        share = max(1, available_cpus() // workers)
+        try:
+            with ProcessPoolExecutor(
+                workers, mp_context=_fork_server(), initializer=_share_cores, initargs=(share,)
+            ) as pool:
+                futures = [pool.submit(blocks.screen_block, block.files, *arguments) for block in planned]
+                try:
+                    for index, future in enumerate(futures):
+                        results[index] = future.result()
+                except BaseException:
+                    # Nothing more is read once a block failed (or the run was interrupted).
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+        except (BrokenProcessPool, OSError) as exc:
+            missing = sum(result is None for result in results)
+            log.warning(
+                "local engine: a worker process died or could not start (%s); reading its %d block(s) "
+                "again in this process",
+                exc,
+                missing,
+            )
+        for index, result in enumerate(results):
+            if result is None:
+                results[index] = blocks.screen_block(planned[index].files, *arguments)
+        log.info(
+            "local engine: %d file(s) in %d block(s) on %d process(es)", len(files), len(planned), workers
+        )
+        return blocks.concat([result for result in results if result is not None])
+    finally:
+        if collecting:
+            gc.enable()
