@@ -29,10 +29,10 @@ and on 10N records of the same generator, and prints the time ratio (target <= 1
 
 `--engine ray` (needs `pip install 'tuneline[ray]'`) writes the N lines as `--files` partition files
 instead of one, and runs the pipeline twice on them: with the ray engine (ingest, validate and the
-credential screen as Ray tasks on a local Ray of `--ray-cpus` CPUs, started before the clock starts,
-and the near-duplicate candidates by map -> shuffle -> reduce on Ray; the rest of dedupe, quality and
-export in this process, as tuneline/engines/ray_engine.py does) and with the local
-engine; it prints both engines' examples/s, their ratio, whether their training, validation and
+per-record rules of dedupe as Ray tasks on a local Ray of `--ray-cpus` CPUs, started before the clock
+starts, and the near-duplicate candidates by map -> shuffle -> reduce on Ray; the rest of dedupe,
+quality and export in this process, as tuneline/engines/ray_engine.py does) and with the local
+engine (its default worker processes); it prints both engines' examples/s, their ratio, whether their training, validation and
 quarantine files are byte-identical, and each run's peak memory summed over this process and its Ray
 processes (PSS, so the shared object store is counted once). The cookbook baselines and the recall
 are skipped with `--engine ray`.
@@ -226,8 +226,8 @@ class TreeMemory:
 
 
 def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
-    """run_pipeline with the ray engine: ingest, validate and rule 1 of dedupe as Ray tasks, and the
-    near-duplicate candidates by map -> shuffle -> reduce on Ray."""
+    """run_pipeline with the ray engine: ingest, validate and the per-record rules of dedupe as Ray
+    tasks, and the near-duplicate candidates by map -> shuffle -> reduce on Ray."""
     from tuneline.engines import ray_engine
 
     config = load_config(overrides={"execution.engine": "ray"})

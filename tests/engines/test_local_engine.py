@@ -23,6 +23,7 @@ import pytest
 from tuneline import jsonl
 from tuneline.config import load_config
 from tuneline.engines import blocks, local
+from tuneline.flows.backfill import PREPARED, backfill
 from tuneline.tasks import dedupe, ingest, validate
 
 
@@ -165,3 +166,31 @@ def test_a_worker_killed_mid_block_has_its_blocks_read_again_here(
     assert_same(screened, frame, documents)
     # Every input line once: 3,002 lines per file (a malformed line and a duplicate included).
     assert len(screened.frame) == 4 * 3002 == screened.frame["record_id"].nunique()
+
+
+def test_backfill_dates_prepared_at_once_on_worker_pools_give_the_hashes_of_one_process(
+    prefect_server: None, support_project: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The flow's path with the pool: backfill dates prepared two at a time (threads of one flow, each
+    starting its own pool from the shared fork server), against everything in the flow's process."""
+    days = {"2026-11-01": 150, "2026-11-02": 150, "2026-11-03": 150}
+    store = tmp_path / "mlflow"
+    tracking = {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}", "artifact_location": str(store / "art")}
+    hashes = {}
+    for workers in (1, 2):
+        config = support_project(
+            tmp_path / f"workers-{workers}",
+            days,
+            execution={"workers": workers, "block_bytes": 8_000},
+            backfill={"concurrency": 2},
+            tracking=tracking,
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tuneline.engines.local"):
+            result = backfill(start="2026-11-01", end="2026-11-03", config=str(config))
+        assert [d.outcome for d in result.days] == [PREPARED] * 3
+        # Each date's 1 to 3 files, cut into parts of 8 kB, on two processes (none with one worker).
+        assert caplog.text.count("on 2 process(es)") == (3 if workers == 2 else 0), caplog.text
+        hashes[workers] = [d.dataset_hash for d in result.days]
+    assert hashes[2] == hashes[1]
+    assert len(set(hashes[2])) == 3  # each date's window holds more data than the last
