@@ -120,23 +120,20 @@ def dedupe(
     eval_examples: list[dict[str, Any]],
     config: DedupeConfig,
     *,
-    screened: bool = False,
     candidates: CandidateSearch | None = None,
 ) -> pd.DataFrame:
     """The frame with the dedupe rules applied (see the module docstring for the guarantees):
-    `per_record_rules` (rules 1 and 2), then `batch_rules` (rules 3 to 5). `screened`: rule 1 was
-    already applied to the frame, block by block, by `credentials_and_pii`; rule 1 is a function of
-    one record alone, so the result is the same. `candidates`: how the near-duplicate search finds
-    its candidate pairs (default: here; the ray engine's map -> shuffle -> reduce gives the same
-    pairs)."""
-    out, documents = per_record_rules(frame, eval_examples, config, screened=screened)
+    `per_record_rules` (rules 1 and 2), then `batch_rules` (rules 3 to 5). `candidates`: how the
+    near-duplicate search finds its candidate pairs (default: here; the ray engine's map -> shuffle
+    -> reduce gives the same pairs)."""
+    out, documents = per_record_rules(frame, eval_examples, config)
     return batch_rules(out, documents, config, candidates)
 
 
 def per_record_rules(
-    frame: pd.DataFrame, eval_examples: Sequence[Any], config: DedupeConfig, *, screened: bool = False
+    frame: pd.DataFrame, eval_examples: Sequence[Any], config: DedupeConfig
 ) -> tuple[pd.DataFrame, Documents]:
-    """Rules 1 (unless `screened`) and 2, and the normalised forms the later rules compare: every one a
+    """Rules 1 and 2, and the normalised forms the later rules compare: every one a
     function of one record (and the eval set), so a block of records gets the same answer here as in
     the whole batch (the engines run this per block, tuneline/engines/blocks.py). Returns the new
     frame, with its `normalized_prompt` and `normalized_answer` columns set on the rows still kept
@@ -145,9 +142,8 @@ def per_record_rules(
     out = frame.copy(deep=False)
     stage = _Stage(out)
     examples = out[records.EXAMPLE].to_numpy(dtype=object, copy=True)
-    if not screened:
-        _credentials_and_pii(stage, examples, config)
-        out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
+    _credentials_and_pii(stage, examples, config)
+    out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
 
     positions = stage.kept()
     table = TextTable()

@@ -69,12 +69,15 @@ def project(support_project: Any, tmp_path: Path) -> Any:
     return load_config(config_path)
 
 
+def validated(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
+    """One read of all the files in this process, validated."""
+    frame = ingest.read_files(files, config.model.system_prompt)
+    return validate.validate(frame, config.model, config.validation)
+
+
 def one_pass(config: Any, files: list[ingest.InputFile]) -> tuple[pd.DataFrame, Any]:
     """The reference: one read of all the files in this process, and the per-record rules."""
-    fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
-    frame = ingest.read_files(files, config.model.system_prompt, fallbacks)
-    frame = validate.validate(frame, config.model, config.validation)
-    return dedupe.per_record_rules(frame, eval_examples(config), config.dedupe)
+    return dedupe.per_record_rules(validated(config, files), eval_examples(config), config.dedupe)
 
 
 def eval_examples(config: Any) -> list[dict[str, Any]]:
@@ -112,17 +115,13 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
         np.testing.assert_array_equal(mine, theirs)
 
     out = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
-    pd.testing.assert_frame_equal(out, dedupe.dedupe(*read_and_validate(project, files), config.dedupe))
+    whole = dedupe.dedupe(validated(project, files), eval_examples(project), config.dedupe)
+    pd.testing.assert_frame_equal(out, whole)
     assert (out["reason"] == "invalid_json").sum() == 5 == (out["reason"] == "exact_duplicate").sum()
 
     # One block's worth of input, or one worker: read in this process, the same result.
     for single in (on_pool(project, workers=1, block_bytes=20_000), project):
         assert_same(local.screen(files, single, eval_examples(single)), frame, documents)
-
-
-def read_and_validate(config: Any, files: list[ingest.InputFile]) -> tuple[pd.DataFrame, list[Any]]:
-    frame = ingest.read_files(files, config.model.system_prompt)
-    return validate.validate(frame, config.model, config.validation), eval_examples(config)
 
 
 def kill_a_pool_worker(stop: threading.Event, killed: list[int]) -> None:

@@ -63,22 +63,18 @@ def plan(files: Sequence[ingest.InputFile], execution: ExecutionConfig) -> list[
             pending, pending_size = [], 0
 
     for file in files:
-        parts = ingest.line_ranges(file, execution.block_bytes)
+        size = _file_size(file)  # one look per file: on an object store, each is a request
+        parts = ingest.line_ranges(file, execution.block_bytes) if size > execution.block_bytes else [file]
         if len(parts) > 1:
             close()
-            found.extend(Block([part], _part_size(part)) for part in parts)
+            found.extend(Block([part], (part.stop or size) - part.start) for part in parts)
             continue
         pending.append(file)
-        pending_size += _file_size(file)
+        pending_size += size
         if len(pending) >= execution.files_per_task:
             close()
     close()
     return found
-
-
-def _part_size(part: ingest.InputFile) -> int:
-    stop = part.stop if part.stop is not None else _file_size(part)
-    return max(0, stop - part.start)
 
 
 def _file_size(file: ingest.InputFile) -> int:

@@ -40,10 +40,10 @@ import gc
 import logging
 import multiprocessing
 import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import cache
 from typing import Any
 
 from tuneline import tokens
@@ -52,9 +52,6 @@ from tuneline.engines import blocks
 from tuneline.tasks import ingest
 
 log = logging.getLogger(__name__)
-
-_context_lock = threading.Lock()
-_context: Any = None
 
 
 def available_cpus() -> int:
@@ -65,15 +62,12 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+@cache
 def _fork_server() -> Any:
-    """The fork-server context, its server preloading the block code (set once, before it starts)."""
-    global _context
-    with _context_lock:
-        if _context is None:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["tuneline.engines.blocks"])
-            _context = context
-    return _context
+    """The fork-server context, its server preloading the block code (set before it first starts)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tuneline.engines.blocks"])
+    return context
 
 
 def _share_cores(cores: int) -> None:
