@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import itertools
@@ -137,8 +138,11 @@ def run_pipeline_on(
     # then the batch-wide rules, as the prepare flow runs them.
     screened = timed("screen", timings, lambda: engines.screen(files, config, eval_examples))
     frame = timed(
-        "dedupe", timings, lambda: dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
+        "dedupe",
+        timings,
+        functools.partial(dedupe.batch_rules, screened.frame, screened.documents, config.dedupe),
     )
+    del screened  # as the prepare flow does: the normalised texts end with the batch rules
     return _finish(frame, config, timings, out_dir)
 
 
@@ -239,8 +243,9 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     frame = timed(
         "dedupe",
         timings,
-        lambda: dedupe.batch_rules(screened.frame, screened.documents, config.dedupe, search),
+        functools.partial(dedupe.batch_rules, screened.frame, screened.documents, config.dedupe, search),
     )
+    del screened  # as the prepare flow does: the normalised texts end with the batch rules
     return _finish(frame, config, timings, out_dir)
 
 

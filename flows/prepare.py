@@ -154,6 +154,9 @@ def prepare_dataset(
     # With ray, the near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
     search = ray_engine.RayCandidates(config.execution) if config.execution.engine == "ray" else None
     frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search)
+    # The normalised texts and their word hashes (about 0.7 GB a million records) end with the batch
+    # rules: quality and export look at the frame only.
+    del screened
     verdict = quality.quality_task(frame, config.model, config.validation, method)
     if verdict.success:
         logger.info("data quality passed: %d expectations", len(verdict.outcomes))

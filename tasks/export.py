@@ -105,6 +105,33 @@ class RunContext:
     window: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FileDigest:
+    """What the manifest says of one written file: its lines, bytes and sha256."""
+
+    lines: int
+    bytes: int
+    sha256: str
+
+
+# Lines hashed per update: the hash of a file is taken a few MB at a time, never over one copy of it all.
+_DIGEST_LINES = 4096
+
+
+def file_digest(lines: Sequence[bytes], *also: Any) -> FileDigest:
+    """The FileDigest of a file of these lines; each hashlib object in `also` is fed the same bytes (the
+    dataset hash runs over the train and validation files in the same pass)."""
+    digest = hashlib.sha256()
+    size = 0
+    for start in range(0, len(lines), _DIGEST_LINES):
+        chunk = b"".join(lines[start : start + _DIGEST_LINES])
+        size += len(chunk)
+        digest.update(chunk)
+        for other in also:
+            other.update(chunk)
+    return FileDigest(len(lines), size, digest.hexdigest())
+
+
 @dataclass
 class Dataset:
     """The export, built in memory: files' lines, their hash, and the figures of the manifest."""
@@ -116,6 +143,7 @@ class Dataset:
     counts: dict[str, Any]
     tokens: dict[str, Any]
     cost: dict[str, Any]
+    files: dict[str, FileDigest]  # by file name: train, validation and quarantine
     general_source: str | None = None
     general_rejected: int = 0
 
@@ -173,9 +201,16 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     validation.sort()
     train_lines = [t[1] for t in train]
     validation_lines = [v[1] for v in validation]
-    digest = hashlib.sha256(b"".join(train_lines))
+    train_tokens = [t[2] for t in train]
+    train_assistant_tokens = sum(t[3] for t in train)
+    validation_tokens = sum(v[2] for v in validation)
+    del train, validation  # from here each line is held once (a million lines: about 0.7 GB)
+    digest = hashlib.sha256()
+    files = {TRAIN_FILE: file_digest(train_lines, digest)}
     digest.update(b"\0")
-    digest.update(b"".join(validation_lines))
+    files[VALIDATION_FILE] = file_digest(validation_lines, digest)
+    quarantined = quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow")
+    files[QUARANTINE_FILE] = file_digest(quarantined)
 
     kept = int(records.kept_mask(frame).sum())
     by_reason = records.counts_by_reason(frame)
@@ -192,13 +227,12 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     limit = tokens.context_limit(
         config.model.base, config.validation.context_limits, config.validation.default_context_limit
     )
-    train_tokens = [t[2] for t in train]
     token_stats = {
         "encoding": tokens.encoding_name_for_model(config.model.base, config.model.tokenizer),
         "context_limit": limit,
         "train_total": int(sum(train_tokens)),
-        "train_assistant_total": int(sum(t[3] for t in train)),
-        "validation_total": int(sum(v[2] for v in validation)),
+        "train_assistant_total": int(train_assistant_tokens),
+        "validation_total": int(validation_tokens),
         "general_total": int(sum(m[2] for m in mixed)),
         "max_example": int(max(task_tokens, default=0)),
         "mean_example": round(float(np.mean(task_tokens)), 2) if task_tokens else 0.0,
@@ -221,8 +255,9 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     return Dataset(
         train_lines=train_lines,
         validation_lines=validation_lines,
-        quarantine_lines=quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow"),
+        quarantine_lines=quarantined,
         dataset_hash=digest.hexdigest(),
+        files=files,
         counts=counts,
         tokens=token_stats,
         cost=cost,
@@ -366,22 +401,17 @@ def manifest(
 ) -> dict[str, Any]:
     """manifest.json: hash, counts, tokens, cost, sources, partitions, config hash."""
 
-    def described(name: str, lines: list[bytes]) -> dict[str, Any]:
-        body = b"".join(lines)
-        return {
-            "path": name,
-            "lines": len(lines),
-            "bytes": len(body),
-            "sha256": hashlib.sha256(body).hexdigest(),
-        }
+    def described(name: str) -> dict[str, Any]:
+        digest = dataset.files[name]
+        return {"path": name, "lines": digest.lines, "bytes": digest.bytes, "sha256": digest.sha256}
 
     files = {
-        "quarantine": described(QUARANTINE_FILE, dataset.quarantine_lines),
+        "quarantine": described(QUARANTINE_FILE),
         "report": {"path": REPORT_FILE},
     }
     if published:
-        files["train"] = described(TRAIN_FILE, dataset.train_lines)
-        files["validation"] = described(VALIDATION_FILE, dataset.validation_lines)
+        files["train"] = described(TRAIN_FILE)
+        files["validation"] = described(VALIDATION_FILE)
     return {
         "dataset_hash": dataset.dataset_hash,
         "published": published,

@@ -193,29 +193,45 @@ class TextTable:
     def inner_shingles(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """(64-bit hashes of the shingles wholly inside each text: runs of `size` words, none for a
         text shorter than that; offsets)."""
-        word_hash, offsets = self.words()
         inner = self._inner.setdefault(size, _Growing(np.uint64))
         while inner.count < len(self.texts):
-            start, stop = inner.count, min(inner.count + BATCH, len(self.texts))
-            local = offsets[start : stop + 1] - offsets[start]
-            counts = np.diff(local)
-            windows = np.maximum(counts - size + 1, 0)
-            first = _ranges(local[:-1], windows)
-            inner.add(
-                _combine(word_hash[offsets[start] : offsets[stop]], first, np.full(len(first), size), size),
-                windows,
-            )
+            start = inner.count
+            inner.add(*self._shingles_inside(start, min(start + BATCH, len(self.texts)), size))
         return inner.values()
 
+    def _shingles_inside(self, start: int, stop: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """inner_shingles of texts start..stop: the hashes, and how many each text has."""
+        word_hash, offsets = self.words()
+        local = offsets[start : stop + 1] - offsets[start]
+        windows = np.maximum(np.diff(local) - size + 1, 0)
+        first = _ranges(local[:-1], windows)
+        words = word_hash[offsets[start] : offsets[stop]]
+        return _combine(words, first, np.full(len(first), size), size), windows
+
+    def forget_shingles(self) -> None:
+        """Drop the per-text shingle hashes and MinHash signatures (inner_shingles, signatures): they are
+        computed again if asked for. A million records' signatures take about 0.25 GB, and the near-duplicate
+        search needs them only while it signs the records."""
+        self._inner.clear()
+        self._signatures.clear()
+
     def signatures(self, size: int, num_perm: int) -> np.ndarray:
-        """The MinHash of each text's inner shingles, shape (texts, num_perm); all 2**32 - 1 for none."""
-        shingles, offsets = self.inner_shingles(size)
+        """The MinHash of each text's inner shingles, shape (texts, num_perm); all 2**32 - 1 for none.
+        The shingles are made a batch of texts at a time and not kept (unless inner_shingles holds
+        them already): the signatures are a fraction of their size."""
         pieces = self._signatures.setdefault((size, num_perm), [])
         done = sum(len(p) for p in pieces)
+        cached = self._inner.get(size)
         while done < len(self.texts):
             stop = min(done + BATCH, len(self.texts))
-            local = offsets[done : stop + 1] - offsets[done]
-            pieces.append(minhash(shingles[offsets[done] : offsets[stop]], local, num_perm))
+            if cached is not None and cached.count >= stop:
+                shingles, offsets = cached.values()
+                chunk, counts = shingles[offsets[done] : offsets[stop]], np.diff(offsets[done : stop + 1])
+            else:
+                chunk, counts = self._shingles_inside(done, stop, size)
+            local = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=local[1:])
+            pieces.append(minhash(chunk, local, num_perm))
             done = stop
         if len(pieces) > 1:
             pieces[:] = [np.concatenate(pieces)]
@@ -833,8 +849,10 @@ CandidateSearch = Callable[
 def local_candidates(
     documents: Documents, rank: np.ndarray, num_perm: int, shingle_size: int, banding: Banding
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Signatures, band keys and candidate pairs of all records, here."""
+    """Signatures, band keys and candidate pairs of all records, here. The table's per-text shingles
+    and signatures are dropped once the records are signed: the rest of the search does not need them."""
     signatures, word_counts = sketches(documents, num_perm, shingle_size)
+    documents.table.forget_shingles()
     keys = band_keys(signatures, banding)
     later, earlier = candidate_pairs(keys, rank, word_counts > 0)
     return signatures, later, earlier

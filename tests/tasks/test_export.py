@@ -150,8 +150,25 @@ def test_counts_invariant_and_files(tmp_path: Path) -> None:
     for key in ("dataset_hash", "counts", "tokens", "cost", "sources", "partitions", "as_of", "config_hash"):
         assert key in manifest
     assert manifest["tokens"]["train_total"] > 0 and manifest["files"]["train"]["lines"] == counts["train"]
+    for name, written in (("train", train), ("validation", validation)):
+        described = manifest["files"][name]
+        assert described["bytes"] == len(written) and described["lines"] == len(written.splitlines())
+        assert described["sha256"] == hashlib.sha256(written).hexdigest()
+    quarantine_file = (tmp_path / export.QUARANTINE_FILE).read_bytes()
+    assert manifest["files"]["quarantine"]["sha256"] == hashlib.sha256(quarantine_file).hexdigest()
+    assert manifest["files"]["quarantine"]["bytes"] == len(quarantine_file)
     assert manifest["cost"]["model"] == "tuneline-tiny" and manifest["cost"]["within_cap"] is True
     assert (tmp_path / export.REPORT_FILE).read_text() == "<html>report</html>"
+
+
+def test_file_digest_hashes_a_file_a_few_lines_at_a_time_as_one_body() -> None:
+    lines = [f'{{"n":{i},"text":"{"é" * (i % 7)}"}}\n'.encode() for i in range(10_001)]  # 3 chunks
+    body = b"".join(lines)
+    dataset = hashlib.sha256(b"prefix")
+    digest = export.file_digest(lines, dataset)
+    assert digest == export.FileDigest(len(lines), len(body), hashlib.sha256(body).hexdigest())
+    assert dataset.hexdigest() == hashlib.sha256(b"prefix" + body).hexdigest()  # fed the same bytes
+    assert export.file_digest([]) == export.FileDigest(0, 0, hashlib.sha256(b"").hexdigest())
 
 
 def test_general_mix_is_a_deterministic_share_of_train() -> None:
