@@ -15,8 +15,10 @@ two ratios measured in the same run:
   `encode_ordinary` called text by text (no thread pool) on the naive loop's sample;
 - naive loop: our examples/s over a per-example Python loop doing what the OpenAI cookbook does
   (json.loads, its format-error checks, `num_tokens_from_messages` with tiktoken). The loop runs over
-  the first `--naive-sample` lines (default 100,000), since its cost per example is constant, once
-  before the pipeline and once after it; its rate is taken over both runs.
+  the first `--naive-sample` lines (default 100,000), since its cost per example is constant,
+  `--naive-runs` times (default 3) before the pipeline and as many times after it; its rate is the
+  median of those runs (one run varies by up to a third from the next on the 2-core dev machine, and
+  a single run after the pipeline made the ratio swing by as much between two benchmarks).
 
 Near-duplicate recall (not timed): on the exact-duplicate survivors of the first `--recall-sample`
 lines (default 10,000), find_near_duplicates against the exact answer of an all-pairs similarity
@@ -37,7 +39,8 @@ quarantine files are byte-identical, and each run's peak memory summed over this
 processes (PSS, so the shared object store is counted once). The cookbook baselines and the recall
 are skipped with `--engine ray`.
 
-    .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000] [--workers N]
+    .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000]
+        [--naive-runs 3] [--workers N]
     .venv/bin/python benchmarks/data_plane.py 1000000 --engine ray [--files 16] [--ray-cpus 2]
 
 Targets (issues 3 and 20, on the 2-core dev machine): 1,000,000 examples in <= 5 minutes, peak memory
@@ -60,6 +63,7 @@ import itertools
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import threading
@@ -269,6 +273,17 @@ def message_texts(lines: Iterable[str]) -> list[str]:
     return texts
 
 
+def cookbook_rate(lines: list[str], encoding: Any) -> float:
+    """Examples per second of one run of cookbook_loop over `lines`."""
+    start = time.perf_counter()
+    cookbook_loop(lines, encoding)
+    return len(lines) / (time.perf_counter() - start)
+
+
+def _rates(rates: list[float]) -> str:
+    return ", ".join(f"{rate:,.0f}" for rate in rates)
+
+
 def cookbook_loop(lines: list[str], encoding: Any) -> int:
     """The OpenAI cookbook's chat fine-tuning data checks and token counts, one example at a time."""
     format_errors: dict[str, int] = defaultdict(int)
@@ -453,6 +468,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--naive-sample", type=int, default=100_000)
     parser.add_argument(
+        "--naive-runs",
+        type=int,
+        default=3,
+        help="runs of the naive loop before the pipeline, and as many after",
+    )
+    parser.add_argument(
         "--scaling", action="store_true", help="also time near-duplicate detection at N and 10N"
     )
     parser.add_argument(
@@ -484,13 +505,12 @@ def main() -> None:
         print(
             f"generated {path.stat().st_size / 2**20:,.0f} MiB in {time.perf_counter() - start:.1f} s (not timed)"
         )
-        # The naive loop runs before the pipeline and after it, on the same sample, and the ratio takes
-        # both: on a machine shared with other work, the load can change during a run.
+        # The naive loop runs --naive-runs times before the pipeline and as often after it, on the same
+        # sample, and the ratio takes the median rate of all those runs: on this machine one run of it
+        # varies by a third from the next, and the load can change during a benchmark.
         encoding = get_encoding(encoding_name_for_model(config.model.base, config.model.tokenizer))
         sample = first_lines(path, args.naive_sample)
-        start = time.perf_counter()
-        cookbook_loop(sample, encoding)
-        naive_before = time.perf_counter() - start
+        naive_rates = [cookbook_rate(sample, encoding) for _ in range(args.naive_runs)]
         del sample, encoding
         get_encoding.cache_clear()  # the pipeline loads its vocabulary as it would in a run of its own
         tiktoken.registry.ENCODINGS.clear()
@@ -523,18 +543,17 @@ def main() -> None:
         for text in sample_texts:
             encoding.encode_ordinary(text)
         sequential = len(sample) / (time.perf_counter() - start)
-        start = time.perf_counter()
-        cookbook_loop(sample, encoding)
-        naive_after = time.perf_counter() - start
-        naive = 2 * len(sample) / (naive_before + naive_after)
+        naive_rates += [cookbook_rate(sample, encoding) for _ in range(args.naive_runs)]
+        naive = statistics.median(naive_rates)
         print("baselines:")
         print(
             f"  tokenizer-bound (raw encode_ordinary_batch): {tokenizer:,.0f} examples/s ({tokenizer_seconds:.1f} s)"
         )
         print(f"  (sequential encode_ordinary, {len(sample):,} examples: {sequential:,.0f} examples/s)")
         print(
-            f"  naive cookbook loop ({len(sample):,} examples): {naive:,.0f} examples/s "
-            f"(before the pipeline {len(sample) / naive_before:,.0f}, after it {len(sample) / naive_after:,.0f})"
+            f"  naive cookbook loop ({len(sample):,} examples): {naive:,.0f} examples/s, the median of "
+            f"{len(naive_rates)} runs (before the pipeline {_rates(naive_rates[: args.naive_runs])}; "
+            f"after it {_rates(naive_rates[args.naive_runs :])})"
         )
         print("ratios:")
         print(f"  ours / tokenizer-bound = {ours / tokenizer:.2f}  (target >= 0.3)")
