@@ -326,16 +326,23 @@ def _plain_text(value: Any) -> str:
 
 
 def contradiction_keys(
-    examples: Sequence[dict[str, Any]], prompts: list[str], answers: list[str]
+    examples: Sequence[dict[str, Any] | bytes], prompts: list[str], answers: list[str]
 ) -> tuple[list[str], list[str]]:
     """What rule 5 groups records by, and the answer that must agree within a group.
 
     A chat or reinforcement record: its normalised prompt, and its answer. A preference record: its
     normalised prompt with the unordered pair of its answers, and which of the two it prefers, so a
-    group disagrees exactly when the same input has the same two answers in both orders."""
+    group disagrees exactly when the same input has the same two answers in both orders.
+
+    An example may be its training line (records.EXAMPLE): one is parsed only when `"input":` occurs in
+    it, which in canonical JSON (every quote inside a string escaped) means an object with that key,
+    so a chat line costs a substring search."""
     keys: list[str] = []
     directions: list[str] = []
-    for example, prompt, answer in zip(examples, prompts, answers, strict=True):
+    for value, prompt, answer in zip(examples, prompts, answers, strict=True):
+        example = value
+        if isinstance(value, bytes):  # a training line: parsed only if it may hold an "input" key
+            example = records.example_value(value) if b'"input":' in value else {}
         if "input" not in example or not prompt:
             keys.append(prompt)
             directions.append(answer)

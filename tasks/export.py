@@ -68,6 +68,25 @@ def canonical_line(example: Any) -> bytes:
     return orjson.dumps(example, option=orjson.OPT_SORT_KEYS) + b"\n"
 
 
+def with_training_lines(frame: pd.DataFrame) -> pd.DataFrame:
+    """A shallow copy of `frame` whose examples are the training lines export writes for them
+    (canonical_line), for a frame no rule changes an example of any more (the engines' screen makes
+    one, tuneline/engines/blocks.py): a line takes about a third of the memory of the parsed example
+    and far less to pass between processes, and export writes it as it is. An example JSON cannot
+    represent (an integer beyond 64 bits, a non-string key) stays as it is: export quarantines it."""
+    examples = frame[records.EXAMPLE].to_numpy(dtype=object, copy=True)
+    for position, example in enumerate(examples.tolist()):
+        if example is None or isinstance(example, bytes):
+            continue
+        try:
+            examples[position] = canonical_line(example)
+        except (TypeError, orjson.JSONEncodeError):
+            continue
+    out = frame.copy(deep=False)
+    out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
+    return out
+
+
 def split_key(example: dict[str, Any], normalizer: Normalizer | None = None) -> bytes:
     """sha256 of the normalised example's prompt and answer (tuneline/normalize.py, the forms dedupe
     compares): case, width, punctuation and whitespace variants share one key, hence one side."""
@@ -157,7 +176,8 @@ class ExportOutcome:
 
 
 def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples | None = None) -> Dataset:
-    """Split, mix, serialise and hash; estimate tokens and cost. Pure: nothing is written."""
+    """Split, mix, serialise and hash; estimate tokens and cost. Pure: nothing is written. An example
+    that is already its training line (with_training_lines) is written as it is."""
     kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
     # Lists, not arrays: a million single-item reads from a list are several times cheaper.
     examples = frame[records.EXAMPLE].tolist()
@@ -174,16 +194,19 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     answers = _column(frame, records.NORMALIZED_ANSWER).tolist()
     for position in kept_positions.tolist():
         example = examples[position]
-        try:
-            line = canonical_line(example)
-        except (TypeError, orjson.JSONEncodeError):
-            unserialisable.append(position)
-            continue
+        if isinstance(example, bytes):  # already its training line (with_training_lines)
+            line = example
+        else:
+            try:
+                line = canonical_line(example)
+            except (TypeError, orjson.JSONEncodeError):
+                unserialisable.append(position)
+                continue
         prompt, answer = prompts[position], answers[position]
         if isinstance(prompt, str) and isinstance(answer, str):
             key = _key(prompt, answer)
         else:
-            key = split_key(example, normalizer)
+            key = split_key(records.example_value(example), normalizer)
         side = validation if is_validation(key, fraction) else train
         side.append((key, line, token_counts[position], assistant_counts[position]))
     if unserialisable:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from tuneline import formats
@@ -35,7 +37,11 @@ LINE = "line"  # 1-based line (JSONL) or data row (CSV, header not counted; Parq
 FIRST_LINE = "first_line"
 LAST_LINE = "last_line"
 RAW = "raw"  # the original text of the record, so nothing is ever lost
-EXAMPLE = "example"  # the parsed example (dict) or None when it could not be parsed
+# The parsed example (dict), or None when it could not be parsed. From the engines' screen on (after
+# the per-record rules, the last that change an example), the training line export writes for it:
+# canonical JSON bytes (tasks/export.py's canonical_line), a third of the dict's memory; an example JSON
+# cannot represent stays a dict there (export quarantines it). `example_value` reads either.
+EXAMPLE = "example"
 REASON = "reason"  # null while kept; the rule's key once quarantined (one of REASONS)
 DETAIL = "detail"  # human-readable: what exactly broke the rule, and the fix
 DUPLICATE_OF = "duplicate_of"  # record_id of the record this one duplicates or contradicts
@@ -135,6 +141,11 @@ def empty_frame() -> pd.DataFrame:
 
 def kept_mask(frame: pd.DataFrame) -> pd.Series:
     return frame[REASON].isna()
+
+
+def example_value(value: Any) -> Any:
+    """An `example` cell as the parsed example: a training line (bytes) parsed, anything else as it is."""
+    return orjson.loads(value) if isinstance(value, bytes) else value
 
 
 def quarantine(

@@ -24,7 +24,7 @@ from tuneline import jsonl
 from tuneline.config import load_config
 from tuneline.engines import blocks, local
 from tuneline.flows.backfill import PREPARED, backfill
-from tuneline.tasks import dedupe, ingest, validate
+from tuneline.tasks import dedupe, export, ingest, validate
 
 
 def whole_file(path: Path) -> ingest.InputFile:
@@ -76,8 +76,10 @@ def validated(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
 
 
 def one_pass(config: Any, files: list[ingest.InputFile]) -> tuple[pd.DataFrame, Any]:
-    """The reference: one read of all the files in this process, and the per-record rules."""
-    return dedupe.per_record_rules(validated(config, files), eval_examples(config), config.dedupe)
+    """The reference: one read of all the files in this process, and the per-record rules (examples
+    then as the training lines the screen makes of them)."""
+    frame, documents = dedupe.per_record_rules(validated(config, files), eval_examples(config), config.dedupe)
+    return export.with_training_lines(frame), documents
 
 
 def eval_examples(config: Any) -> list[dict[str, Any]]:
@@ -115,7 +117,9 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
         np.testing.assert_array_equal(mine, theirs)
 
     out = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
-    whole = dedupe.dedupe(validated(project, files), eval_examples(project), config.dedupe)
+    whole = export.with_training_lines(
+        dedupe.dedupe(validated(project, files), eval_examples(project), config.dedupe)
+    )
     pd.testing.assert_frame_equal(out, whole)
     assert (out["reason"] == "invalid_json").sum() == 5 == (out["reason"] == "exact_duplicate").sum()
 

@@ -140,11 +140,12 @@ def test_several_files_per_task_give_the_same_frame(support_project: Any, tmp_pa
 
 
 def local_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
-    """One read of all the files in this process, and the whole of dedupe."""
+    """One read of all the files in this process, and the whole of dedupe (examples as the training
+    lines the screen makes of them: no rule of dedupe changes an example after the per-record ones)."""
     fallbacks = [s.csv_mapping for s in config.data.sources if s.csv_mapping is not None]
     frame = ingest.read_files(files, config.model.system_prompt, fallbacks)
     frame = validate.validate(frame, config.model, config.validation)
-    return dedupe.dedupe(frame, eval_examples(config), config.dedupe)
+    return export.with_training_lines(dedupe.dedupe(frame, eval_examples(config), config.dedupe))
 
 
 def ray_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:

@@ -161,6 +161,29 @@ def test_counts_invariant_and_files(tmp_path: Path) -> None:
     assert (tmp_path / export.REPORT_FILE).read_text() == "<html>report</html>"
 
 
+def test_examples_kept_as_their_training_lines_export_the_same_bytes() -> None:
+    frame = dedupe.dedupe(prepared([chat(i) for i in range(30)]), [], BASE.dedupe)
+    examples = frame[records.EXAMPLE].to_numpy(dtype=object, copy=True)
+    examples[4] = {**examples[4], "n": 2**70}  # kept, but JSON cannot represent it
+    frame[records.EXAMPLE] = pd.Series(examples, index=frame.index, dtype=object)
+
+    lines = export.with_training_lines(frame)
+    values = lines[records.EXAMPLE].tolist()
+    assert values[0] == export.canonical_line(examples[0]) and records.example_value(values[0]) == examples[0]
+    assert values[4] is examples[4]  # left as it is: export quarantines it
+    assert all(isinstance(v, bytes) for k, v in enumerate(values) if k != 4)
+    assert frame[records.EXAMPLE].iloc[0] is examples[0]  # the input frame is not changed
+
+    as_dicts, as_lines = export.build_dataset(frame, BASE), export.build_dataset(lines, BASE)
+    assert as_lines.counts == as_dicts.counts and as_lines.counts["quarantined_by_reason"] == {"data_type": 1}
+    assert (
+        as_lines.train_lines == as_dicts.train_lines
+        and as_lines.validation_lines == as_dicts.validation_lines
+    )
+    assert as_lines.quarantine_lines == as_dicts.quarantine_lines
+    assert as_lines.dataset_hash == as_dicts.dataset_hash
+
+
 def test_file_digest_hashes_a_file_a_few_lines_at_a_time_as_one_body() -> None:
     lines = [f'{{"n":{i},"text":"{"é" * (i % 7)}"}}\n'.encode() for i in range(10_001)]  # 3 chunks
     body = b"".join(lines)

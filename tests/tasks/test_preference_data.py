@@ -11,7 +11,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from tuneline import formats, records
+from tuneline import engines, formats, records
 from tuneline.config import Config, ValidationConfig, parse_config
 from tuneline.tasks import dedupe, export, ingest, quality, validate
 
@@ -81,30 +81,33 @@ def reasons_by_line(frame: pd.DataFrame) -> dict[int, str | None]:
     }
 
 
+PREFERENCE_LINES: list[Any] = [
+    pair("where is my refund for order 1", "Category: billing.", "Category: delivery."),  # 1 kept
+    pair("how do I reset my password today", "Category: account.", "Category: billing."),  # 2 kept
+    pair("the app crashes when I open settings", "Category: technical.", "Category: billing."),  # 3
+    pair("can I change the card on my plan", "Category: billing.", "Category: account."),  # 4 kept
+    chat("a supervised chat line in a dpo batch", "Category: billing."),  # 5 wrong_method_format
+    {  # 6: two user turns: not single-turn
+        **pair("first", "Category: billing.", "Category: account."),
+        "input": {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+    },
+    # 7: same input and preferred answer as 1, another non-preferred answer: a duplicate
+    pair("where is my refund for order 1", "Category: billing.", "Category: account."),
+    # 8: 3 with the answers swapped: a contradiction (keep-latest keeps 8)
+    pair("the app crashes when I open settings", "Category: billing.", "Category: technical."),
+    # 9: the input of an eval example
+    pair("My parcel never arrived at the depot in Leeds!", "Category: delivery.", "Category: billing."),
+    # 10: a credential in the non-preferred answer
+    pair("what is my api key", "I cannot share keys.", f"Your key is {SECRET}."),
+    "{not json",  # 11
+    # 12: the same input as 2 with another preferred answer: no contradiction (both prefer over billing)
+    pair("how do I reset my password today", "Category: security.", "Category: billing."),
+    {"prompt": "a legacy line", "completion": "Category: billing."},  # 13 wrong_method_format
+]
+
+
 def test_preference_lines_through_the_data_plane(tmp_path: Path) -> None:
-    lines: list[Any] = [
-        pair("where is my refund for order 1", "Category: billing.", "Category: delivery."),  # 1 kept
-        pair("how do I reset my password today", "Category: account.", "Category: billing."),  # 2 kept
-        pair("the app crashes when I open settings", "Category: technical.", "Category: billing."),  # 3
-        pair("can I change the card on my plan", "Category: billing.", "Category: account."),  # 4 kept
-        chat("a supervised chat line in a dpo batch", "Category: billing."),  # 5 wrong_method_format
-        {  # 6: two user turns: not single-turn
-            **pair("first", "Category: billing.", "Category: account."),
-            "input": {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-        },
-        # 7: same input and preferred answer as 1, another non-preferred answer: a duplicate
-        pair("where is my refund for order 1", "Category: billing.", "Category: account."),
-        # 8: 3 with the answers swapped: a contradiction (keep-latest keeps 8)
-        pair("the app crashes when I open settings", "Category: billing.", "Category: technical."),
-        # 9: the input of an eval example
-        pair("My parcel never arrived at the depot in Leeds!", "Category: delivery.", "Category: billing."),
-        # 10: a credential in the non-preferred answer
-        pair("what is my api key", "I cannot share keys.", f"Your key is {SECRET}."),
-        "{not json",  # 11
-        # 12: the same input as 2 with another preferred answer: no contradiction (both prefer over billing)
-        pair("how do I reset my password today", "Category: security.", "Category: billing."),
-        {"prompt": "a legacy line", "completion": "Category: billing."},  # 13 wrong_method_format
-    ]
+    lines = PREFERENCE_LINES
     frame, dataset, verdict = run_stages(tmp_path, lines, config_for("dpo"))
     assert reasons_by_line(frame) == {
         1: None,
@@ -137,6 +140,24 @@ def test_preference_lines_through_the_data_plane(tmp_path: Path) -> None:
     assert all(formats.check_for_method(e, "dpo") is None for e in exported)
     body = b"".join(dataset.train_lines + dataset.validation_lines + dataset.quarantine_lines)
     assert SECRET.encode() not in body
+
+
+def test_the_engines_screen_gives_preference_lines_the_same_outcome(tmp_path: Path) -> None:
+    # The screen hands on each example as its training line: rule 5 must still see the swapped pair
+    # (3 and 8), and export must write the same bytes.
+    config = config_for("dpo")
+    frame, dataset, _ = run_stages(tmp_path, PREFERENCE_LINES, config)
+    files = [ingest.jsonl_file(str(tmp_path / "dt=2026-11-20" / "part-0.jsonl"), "prefs")]
+    screened = engines.screen(files, config, EVAL)
+    assert all(isinstance(e, bytes | None) for e in screened.frame[records.EXAMPLE])
+    screened_frame = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
+    assert reasons_by_line(screened_frame) == reasons_by_line(frame)
+    assert list(screened_frame[records.DUPLICATE_OF]) == list(frame[records.DUPLICATE_OF])
+    from_lines = export.build_dataset(screened_frame, config)
+    assert from_lines.train_lines == dataset.train_lines
+    assert from_lines.validation_lines == dataset.validation_lines
+    assert from_lines.quarantine_lines == dataset.quarantine_lines
+    assert from_lines.dataset_hash == dataset.dataset_hash
 
 
 def test_reinforcement_lines_through_the_data_plane(tmp_path: Path) -> None:
