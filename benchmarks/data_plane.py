@@ -141,6 +141,7 @@ def run_pipeline_on(
     # Ingest, validate and the per-record rules, block by block on every core (tuneline/engines/local.py),
     # then the batch-wide rules, as the prepare flow runs them.
     screened = timed("screen", timings, lambda: engines.screen(files, config, eval_examples))
+    quality.import_in_background()  # as the prepare flow does, while the batch rules run
     frame = timed(
         "dedupe",
         timings,
@@ -244,6 +245,7 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     files = ingest.select_files([Source(name="benchmark", uri=str(folder))], date(2026, 11, 22), 1).files
     screened = timed("screen", timings, lambda: ray_engine.screen(files, config, eval_examples))
     search = ray_engine.RayCandidates(config.execution)
+    quality.import_in_background()
     frame = timed(
         "dedupe",
         timings,

@@ -153,6 +153,7 @@ def prepare_dataset(
     screened = engines.screen_task(selection.files, config, eval_examples)
     # With ray, the near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
     search = ray_engine.RayCandidates(config.execution) if config.execution.engine == "ray" else None
+    quality.import_in_background()  # while the batch rules keep one core busy
     frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search)
     # The normalised texts and their word hashes (about 0.7 GB a million records) end with the batch
     # rules: quality and export look at the frame only.

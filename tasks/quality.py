@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,27 @@ def build_suite(model: ModelConfig, validation: ValidationConfig, method: str = 
         ),
     ]
     return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
+
+
+def import_in_background() -> threading.Thread:
+    """Start importing great_expectations on a daemon thread and return it. The import takes seconds
+    (about 3 s of one core on the dev machine) and only check_quality needs it: the prepare flow starts
+    it while the batch-wide rules of dedupe run, which are numpy work on one core that mostly leaves
+    the interpreter free, so that check_quality finds the module loaded. Importing in a thread is
+    safe: Python's import lock makes check_quality's own import wait for this one to finish."""
+    thread = threading.Thread(
+        target=_import_great_expectations, name="import great_expectations", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _import_great_expectations() -> None:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    try:
+        import great_expectations.expectations  # noqa: F401
+    except Exception:  # check_quality's own import raises it again, where it is reported
+        return
 
 
 def check_quality(

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import html
 import json
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -96,3 +98,17 @@ def test_report_renders_every_expectation_escaped() -> None:
     assert "Data quality PASSED" in quality.render_report(
         quality.check_quality(good_batch(3), CHAT_MODEL, RULES)
     )
+
+
+def test_great_expectations_is_imported_on_a_thread_before_the_check_needs_it() -> None:
+    # In a fresh interpreter: this one has imported it already.
+    code = (
+        "import sys\n"
+        "from tuneline.tasks import quality\n"
+        "assert 'great_expectations' not in sys.modules, 'imported before it was asked for'\n"
+        "thread = quality.import_in_background()\n"
+        "assert thread.daemon and thread.is_alive()\n"
+        "thread.join(120)\n"
+        "assert 'great_expectations.expectations' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=180)
