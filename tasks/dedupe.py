@@ -340,7 +340,7 @@ def contradiction_keys(
     keys: list[str] = []
     directions: list[str] = []
     for value, prompt, answer in zip(examples, prompts, answers, strict=True):
-        example = value
+        example: Any = value
         if isinstance(value, bytes):  # a training line: parsed only if it may hold an "input" key
             example = records.example_value(value) if b'"input":' in value else {}
         if "input" not in example or not prompt:
