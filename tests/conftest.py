@@ -29,6 +29,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # `-n 2 --dist loadfile` (make test): xdist would hand out the files with the most tests first, which
+    # leaves this suite's longest files (few tests, each an end-to-end run) for the end, where one
+    # worker runs them while the other has nothing left. In collection order the many quick files of
+    # tests/tuneline/ come last and even the two workers out (what --no-loadscope-reorder does).
+    if getattr(config.option, "dist", "no") == "loadfile":
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_openai = config.getoption("--run-openai") and os.environ.get("OPENAI_API_KEY")
     skip = pytest.mark.skip(reason="calls api.openai.com: pass --run-openai and set OPENAI_API_KEY")
@@ -175,12 +184,36 @@ def _write_support_project(root: Path, days: dict[str, int], **config: Any) -> P
     return path
 
 
-@pytest.fixture(scope="session")
-def builtin_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tuneline-tiny, built once per test session instead of once per server state directory."""
-    from tuneline.server.builtin import ensure_builtin_model
+# tuneline/server/builtin.py's MODEL_CACHE_ENV (not imported here: that module imports torch).
+MODEL_CACHE_ENV = "TUNELINE_MODEL_CACHE"
 
-    return ensure_builtin_model(tmp_path_factory.mktemp("builtin-cache"))
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One build of tuneline-tiny for the whole run: the builds are kept by fingerprint in a folder of
+    the run's temp folder that the xdist workers share (builtin.py builds under a file lock, so a
+    second worker waits for the first one's build), and every state directory gets a copy, both the
+    fixtures' below and those of the servers the tests start (they inherit the variable)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the controller's folder, above each worker's popen-gwN
+    cache = base / "tuneline-model-cache"
+    before = os.environ.get(MODEL_CACHE_ENV)
+    os.environ[MODEL_CACHE_ENV] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop(MODEL_CACHE_ENV, None)
+    else:
+        os.environ[MODEL_CACHE_ENV] = before
+
+
+@pytest.fixture(scope="session")
+def builtin_model(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """tuneline-tiny, built once per test run (see model_cache) instead of once per state directory."""
+    from tuneline.server import builtin
+
+    assert builtin.MODEL_CACHE_ENV == MODEL_CACHE_ENV
+    return builtin.ensure_builtin_model(tmp_path_factory.mktemp("builtin-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -142,8 +142,9 @@ def to_jsonl() -> Callable[[list[Any]], bytes]:
 
 
 @pytest.fixture(scope="session")
-def builtin_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tuneline-tiny, built once per test session (about 20 s) instead of once per state directory."""
+def builtin_model(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """tuneline-tiny, built once per test run (about 20 s; tests/conftest.py's model_cache) instead of
+    once per state directory."""
     from tuneline.server.builtin import ensure_builtin_model
 
     # The same folder as test_builtin.py's fixture: whichever runs first builds, the other reuses it.

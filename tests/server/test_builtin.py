@@ -29,6 +29,13 @@ from tuneline.server.modeling import ChatModel
 QUICK = replace(DEFAULT_RECIPE, min_epochs=2, max_epochs=2)
 
 
+@pytest.fixture(autouse=True)
+def no_model_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests build into their own state directories, as without a cache (tests/conftest.py sets
+    one for the run); the cache's own test sets it again."""
+    monkeypatch.delenv(MODEL_CACHE_ENV, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(builtin_model: Path) -> Path:
     """The built-in model, built once per test session (tests/conftest.py)."""

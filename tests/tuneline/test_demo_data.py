@@ -152,14 +152,23 @@ def encoding() -> Any:
     return tokens.get_encoding(guarantees.ENCODING)
 
 
-def test_regenerating_gives_the_committed_files_byte_for_byte(tmp_path: Path) -> None:
-    data = generator.generate(tmp_path)
-    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, generator.DemoData]:
+    """The demo data generated once for the module: (the folder it was written to, what was written)."""
+    out = tmp_path_factory.mktemp("generated")
+    return out, generator.generate(out)
+
+
+def test_regenerating_gives_the_committed_files_byte_for_byte(
+    generated: tuple[Path, generator.DemoData],
+) -> None:
+    out, data = generated
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert written == sorted(data.files)
     for relative in written:
         committed = DATA_DIR / relative
         assert committed.is_file(), f"data/{relative} is missing: run tuneline demo-data"
-        assert committed.read_bytes() == (tmp_path / relative).read_bytes(), (
+        assert committed.read_bytes() == (out / relative).read_bytes(), (
             f"data/{relative} differs from what the generator makes: run tuneline demo-data"
         )
     # No stray file in the raw partitions, where ingest would read it.
@@ -440,8 +449,17 @@ def test_the_content_lives_in_data_files_installed_with_the_package() -> None:
 
 
 @pytest.fixture(scope="module")
-def built() -> generator.DemoData:
-    return generator.build()
+def built(generated: tuple[Path, generator.DemoData]) -> generator.DemoData:
+    """generator.build()'s records and files (generate() is build() plus writing the files)."""
+    return generated[1]
+
+
+@pytest.fixture(scope="module")
+def intact_evals(built: generator.DemoData) -> list[Any]:
+    """The eval set as built, once the data as built is seen to keep every guarantee."""
+    evals = [json.loads(line) for line in built.files[generator.EVAL_PATH].decode().splitlines()]
+    guarantees.check(built.records, evals)  # the data as built keeps every guarantee
+    return evals
 
 
 def test_the_answer_key_is_what_was_planted(built: generator.DemoData) -> None:
@@ -492,10 +510,8 @@ def _broken(built: generator.DemoData, how: str) -> list[Any]:
     ],
 )
 def test_the_generator_refuses_data_that_breaks_a_guarantee(
-    built: generator.DemoData, how: str, found: str
+    built: generator.DemoData, intact_evals: list[Any], how: str, found: str
 ) -> None:
-    evals = [json.loads(line) for line in built.files[generator.EVAL_PATH].decode().splitlines()]
-    guarantees.check(built.records, evals)  # the data as built keeps every guarantee
     with pytest.raises(RuntimeError, match="breaks its own guarantees") as refused:
-        guarantees.check(_broken(built, how), evals)
+        guarantees.check(_broken(built, how), intact_evals)
     assert found in str(refused.value), str(refused.value)
