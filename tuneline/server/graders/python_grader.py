@@ -5,7 +5,9 @@ What is enforced (one fresh `python -I` child per grade, or per batch of `evalua
 `GraderSettings.python_*` set the limits):
 - time: each grade (and the import of the source) is stopped by a timer after `python_timeout_s` of
   wall time; should the grader be stuck where the timer cannot interrupt it (one long C call), the
-  child is killed, with its whole process group, 2 s past its budget; RLIMIT_CPU backs both;
+  child is killed, with its whole process group, 2 s past its budget; RLIMIT_CPU backs both, set at
+  the same point (budget + 2 s of CPU), so a busy loop always meets the timer first (the child's own
+  start-up uses CPU too) and the message says which limit stopped it the same way every time;
 - memory: RLIMIT_AS caps the child's address space at `python_memory_mb` (a big allocation raises
   MemoryError, reported as such);
 - network: the child first moves itself into a new, empty network namespace (`unshare(CLONE_NEWNET)`,
@@ -199,7 +201,7 @@ def _job(
         "pairs": [[dict(sample), dict(item)] for sample, item in pairs],
         "memory_bytes": int(settings.python_memory_mb) << 20,
         "item_timeout_s": float(settings.python_timeout_s),
-        "cpu_s": max(1, math.ceil(budget)),
+        "cpu_s": max(1, math.ceil(budget + GRACE_S)),
         "output_bytes": OUTPUT_BYTES,
         "probe": probe,
     }
@@ -232,10 +234,9 @@ class PythonGrader:
             return []
         where = f"{self.param}.source"
         timeout = self.settings.python_timeout_s
+        job = _job(pairs, self.source, self.settings)
         try:
-            answers, status, tail, killed = _run_child(
-                _job(pairs, self.source, self.settings), timeout * len(pairs) + GRACE_S
-            )
+            answers, status, tail, killed = _run_child(job, timeout * len(pairs) + GRACE_S)
         except OSError as error:
             failed = GraderError(
                 f"The python grader could not be started: {error}", where, kind="python_grader_server_error"
@@ -256,7 +257,7 @@ class PythonGrader:
             if killed:
                 detail = f"it did not finish within {timeout:g} s and was stopped"
             elif status is not None and status < 0:
-                detail = _signal_detail(-status, self.settings)
+                detail = _signal_detail(-status, self.settings, job["cpu_s"])
             else:
                 detail = f"the grader process exited with status {status} without a result"
             if tail:
@@ -274,9 +275,9 @@ class PythonGrader:
         return spec
 
 
-def _signal_detail(number: int, settings: GraderSettings) -> str:
+def _signal_detail(number: int, settings: GraderSettings, cpu_s: int) -> str:
     if number == signal.SIGXCPU:
-        return f"it used more than {math.ceil(settings.python_timeout_s)} s of CPU time"
+        return f"it used more than {cpu_s} s of CPU time"
     if number == signal.SIGXFSZ:
         return f"it wrote more than {OUTPUT_BYTES >> 20} MB of output"
     if number in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
