@@ -145,14 +145,17 @@ def run_pipeline_on(
     frame = timed(
         "dedupe",
         timings,
-        functools.partial(dedupe.batch_rules, screened.frame, screened.documents, config.dedupe),
+        functools.partial(
+            dedupe.batch_rules, screened.frame, screened.documents, config.dedupe, texts=screened.texts
+        ),
     )
+    texts = screened.texts
     del screened  # as the prepare flow does: the normalised texts end with the batch rules
-    return _finish(frame, config, timings, out_dir)
+    return _finish(frame, texts, config, timings, out_dir)
 
 
 def _finish(
-    frame: Any, config: Any, timings: dict[str, float], out_dir: Path
+    frame: Any, texts: Any, config: Any, timings: dict[str, float], out_dir: Path
 ) -> tuple[dict[str, float], dict[str, int]]:
     """The quality check and the export (both engines run them in this process)."""
     verdict = timed("quality", timings, lambda: quality.check_quality(frame, config.model, config.validation))
@@ -169,8 +172,10 @@ def _finish(
             out_dir,
             quality_failures=[] if verdict.success else ["failed"],
             report_html=quality.render_report(verdict),
+            texts=texts,
         ),
     )
+    texts.close()
     counts = {
         "input": len(frame),
         "kept": int(records.kept_mask(frame).sum()),
@@ -249,10 +254,13 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     frame = timed(
         "dedupe",
         timings,
-        functools.partial(dedupe.batch_rules, screened.frame, screened.documents, config.dedupe, search),
+        functools.partial(
+            dedupe.batch_rules, screened.frame, screened.documents, config.dedupe, search, screened.texts
+        ),
     )
+    texts = screened.texts
     del screened  # as the prepare flow does: the normalised texts end with the batch rules
-    return _finish(frame, config, timings, out_dir)
+    return _finish(frame, texts, config, timings, out_dir)
 
 
 def first_lines(path: Path, n: int) -> list[str]:

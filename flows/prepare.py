@@ -13,7 +13,9 @@ into its own MLflow run. Either way:
   input at a time (tuneline/engines/): in worker processes on this machine's cores
   (`execution.engine: local`, the default), or as Ray tasks, with the near-duplicate candidate search
   as map -> shuffle -> reduce Ray tasks (`ray`), with the same result; the batch-wide rules (exact and
-  near duplicates, contradictions) then run on the whole batch;
+  near duplicates, contradictions) then run on the whole batch, while each record's raw text and
+  training line wait in a temporary file on the flow's disk until export reads them back
+  (tuneline/text_store.py: half of what the flow held, and nothing the batch-wide rules compare);
 - one MLflow run holds the params (config hash, as_of, sources), the dataset input (digest = dataset
   hash, cut to MLflow's 36 characters), the counts as metrics and the three files as artifacts, tagged
   with the Prefect flow run (tuneline/tracking.py's RunLog.log_prepared).
@@ -154,25 +156,30 @@ def prepare_dataset(
     # With ray, the near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
     search = ray_engine.RayCandidates(config.execution) if config.execution.engine == "ray" else None
     quality.import_in_background()  # while the batch rules keep one core busy
-    frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search)
-    # The normalised texts and their word hashes (about 0.7 GB a million records) end with the batch
-    # rules: quality and export look at the frame only.
-    del screened
-    verdict = quality.quality_task(frame, config.model, config.validation, method)
-    if verdict.success:
-        logger.info("data quality passed: %d expectations", len(verdict.outcomes))
-    else:
-        logger.warning("data quality failed:\n%s", quality.failure_summary(verdict))
-    context = export.RunContext(
-        as_of=day.isoformat(),
-        config_hash=config.config_hash(),
-        sources=selection.describe_sources(sources),
-        partitions=selection.partitions,
-        window={"after": start.isoformat(), "through": end.isoformat()},
-    )
-    outcome = export.export_task(
-        frame, config, context, out, verdict.failures, quality.render_report(verdict), general
-    )
+    # The raw texts and training lines wait on disk (tuneline/text_store.py) until export reads them.
+    texts = screened.texts
+    try:
+        frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search, texts)
+        # The normalised texts and their word hashes (about 0.7 GB a million records) end with the
+        # batch rules: quality looks at the frame only, export at the frame and its texts.
+        del screened
+        verdict = quality.quality_task(frame, config.model, config.validation, method)
+        if verdict.success:
+            logger.info("data quality passed: %d expectations", len(verdict.outcomes))
+        else:
+            logger.warning("data quality failed:\n%s", quality.failure_summary(verdict))
+        context = export.RunContext(
+            as_of=day.isoformat(),
+            config_hash=config.config_hash(),
+            sources=selection.describe_sources(sources),
+            partitions=selection.partitions,
+            window={"after": start.isoformat(), "through": end.isoformat()},
+        )
+        outcome = export.export_task(
+            frame, config, context, out, verdict.failures, quality.render_report(verdict), general, texts
+        )
+    finally:
+        texts.close()
     run_id = _log_to_mlflow(config, outcome, run)
     result = PrepareResult(out, outcome.published, outcome.problems, outcome.manifest, run_id)
     _publish_summary(config, result, day)

@@ -46,7 +46,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import records
+from tuneline import records, text_store
 from tuneline.config import DedupeConfig
 from tuneline.formats import (
     CHAT_KEYS,
@@ -66,6 +66,7 @@ from tuneline.near_duplicates import (
 )
 from tuneline.normalize import Normalizer, normalize_text, turns_prompt_and_answer
 from tuneline.secrets import detect_secret, find_secrets_and_pii, redact_example
+from tuneline.text_store import TextStore
 
 _PII_NAMES = {"email": "an email address", "phone": "a phone number"}
 
@@ -163,16 +164,17 @@ def batch_rules(
     documents: Documents,
     config: DedupeConfig,
     candidates: CandidateSearch | None = None,
+    texts: TextStore | None = None,
 ) -> pd.DataFrame:
     """Rules 3 to 5 across the whole batch, on a frame `per_record_rules` made (or the concatenation of
-    the frames it made per block, with their Documents concatenated: the same thing)."""
+    the frames it made per block, with their Documents concatenated: the same thing). `texts`: the
+    store of the frame's examples, where the engines' screen moved them (tuneline/text_store.py)."""
     out = frame.copy(deep=False)
     stage = _Stage(out)
     rank = record_order(out)
     # The rows the duplicate rules began with (kept after rule 1): those with normalised forms.
     positions = np.flatnonzero(out[records.NORMALIZED_PROMPT].notna().to_numpy())
     assert len(positions) == len(documents), "the Documents are not those of the frame's rows"
-    examples = out[records.EXAMPLE].to_numpy(dtype=object)
     prompts = out[records.NORMALIZED_PROMPT].to_numpy(dtype=object)[positions].tolist()
     answers = out[records.NORMALIZED_ANSWER].to_numpy(dtype=object)[positions].tolist()
     # Index into `positions` (and `documents`) of the records each rule still has to look at.
@@ -180,7 +182,7 @@ def batch_rules(
 
     alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
     alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config, candidates)
-    keys, directions = contradiction_keys(examples[positions], prompts, answers)
+    keys, directions = contradiction_keys(_preference_examples(out, positions, texts), prompts, answers)
     _contradictions(stage, positions, keys, directions, rank, alive, config)
     _duplicates_of_quarantined_records(stage)
     log.info("dedupe: %s", records.counts_by_reason(out))
@@ -323,6 +325,21 @@ def _plain_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _preference_examples(frame: pd.DataFrame, positions: np.ndarray, texts: TextStore | None) -> list[Any]:
+    """The examples at `positions` that rule 5 reads (preference lines: the pair of answers), read
+    from wherever they are kept; an empty line in place of every other one (rule 5 needs only its
+    normalised prompt and answer; without a `kind` column, every example is read)."""
+    found: list[Any] = [b""] * len(positions)
+    if records.KIND in frame:
+        preference = np.flatnonzero(frame[records.KIND].to_numpy(dtype=object)[positions] == "preference")
+    else:
+        preference = np.arange(len(positions))
+    read = text_store.examples(frame, positions[preference], texts)
+    for index, example in zip(preference.tolist(), read, strict=True):
+        found[index] = example
+    return found
 
 
 def contradiction_keys(
@@ -607,6 +624,7 @@ def batch_rules_task(
     documents: Documents,
     config: DedupeConfig,
     candidates: CandidateSearch | None = None,
+    texts: TextStore | None = None,
 ) -> pd.DataFrame:
     """Prefect wrapper of batch_rules: exact and near duplicates and contradictions across the batch."""
-    return batch_rules(frame, documents, config, candidates)
+    return batch_rules(frame, documents, config, candidates, texts)

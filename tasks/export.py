@@ -38,10 +38,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import records, tokens
+from tuneline import records, text_store, tokens
 from tuneline.config import Config, ExportConfig
 from tuneline.normalize import Normalizer, normalized_prompt_and_answer
 from tuneline.secrets import find_secrets_and_pii, mask_credentials, redact_text
+from tuneline.text_store import TextStore
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"
@@ -77,15 +78,24 @@ def with_training_lines(frame: pd.DataFrame) -> pd.DataFrame:
     quarantines it."""
     examples = frame[records.EXAMPLE].to_numpy(dtype=object, copy=True)
     for position, example in enumerate(examples.tolist()):
-        if example is None or isinstance(example, bytes):
-            continue
-        try:
-            examples[position] = canonical_line(example)
-        except (TypeError, orjson.JSONEncodeError):
-            continue
+        if example is not None:
+            line = _training_line(example)
+            if line is not None:
+                examples[position] = line
     out = frame.copy(deep=False)
     out[records.EXAMPLE] = pd.Series(examples, index=out.index, dtype=object)
     return out
+
+
+def _training_line(example: Any) -> bytes | None:
+    """The training line of an example, as it is when it is one already; None when JSON cannot
+    represent the example."""
+    if isinstance(example, bytes):
+        return example
+    try:
+        return canonical_line(example)
+    except (TypeError, orjson.JSONEncodeError):
+        return None
 
 
 def split_key(example: dict[str, Any], normalizer: Normalizer | None = None) -> bytes:
@@ -176,12 +186,18 @@ class ExportOutcome:
     out_dir: Path
 
 
-def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples | None = None) -> Dataset:
+def build_dataset(
+    frame: pd.DataFrame,
+    config: Config,
+    general: GeneralExamples | None = None,
+    texts: TextStore | None = None,
+) -> Dataset:
     """Split, mix, serialise and hash; estimate tokens and cost. Pure: nothing is written. An example
-    that is already its training line (with_training_lines) is written as it is."""
+    that is already its training line (with_training_lines) is written as it is; `texts`: the store
+    the engines' screen moved the frame's texts to (tuneline/text_store.py)."""
     kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
     # Lists, not arrays: a million single-item reads from a list are several times cheaper.
-    examples = frame[records.EXAMPLE].tolist()
+    kept_examples = text_store.examples(frame, kept_positions, texts)
     token_counts = _int_column(frame, records.N_TOKENS).tolist()
     assistant_counts = _int_column(frame, records.N_ASSISTANT_TOKENS).tolist()
 
@@ -193,16 +209,11 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     # Dedupe leaves the normalised forms in the frame: reusing them saves normalising every example again.
     prompts = _column(frame, records.NORMALIZED_PROMPT).tolist()
     answers = _column(frame, records.NORMALIZED_ANSWER).tolist()
-    for position in kept_positions.tolist():
-        example = examples[position]
-        if isinstance(example, bytes):  # already its training line (with_training_lines)
-            line = example
-        else:
-            try:
-                line = canonical_line(example)
-            except (TypeError, orjson.JSONEncodeError):
-                unserialisable.append(position)
-                continue
+    for position, example in zip(kept_positions.tolist(), kept_examples, strict=True):
+        line = _training_line(example)
+        if line is None:
+            unserialisable.append(position)
+            continue
         prompt, answer = prompts[position], answers[position]
         if isinstance(prompt, str) and isinstance(answer, str):
             key = _key(prompt, answer)
@@ -228,12 +239,12 @@ def build_dataset(frame: pd.DataFrame, config: Config, general: GeneralExamples 
     train_tokens = [t[2] for t in train]
     train_assistant_tokens = sum(t[3] for t in train)
     validation_tokens = sum(v[2] for v in validation)
-    del train, validation  # from here each line is held once (a million lines: about 0.7 GB)
+    del train, validation, kept_examples  # from here each line is held once (a million: about 0.7 GB)
     digest = hashlib.sha256()
     files = {TRAIN_FILE: file_digest(train_lines, digest)}
     digest.update(b"\0")
     files[VALIDATION_FILE] = file_digest(validation_lines, digest)
-    quarantined = quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow")
+    quarantined = quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow", texts=texts)
     files[QUARANTINE_FILE] = file_digest(quarantined)
 
     kept = int(records.kept_mask(frame).sum())
@@ -326,12 +337,15 @@ def _general_mix(
     return [pool[key] for key in sorted(pool)[:wanted]]
 
 
-def quarantine_lines(frame: pd.DataFrame, *, redact_pii: bool) -> list[bytes]:
+def quarantine_lines(frame: pd.DataFrame, *, redact_pii: bool, texts: TextStore | None = None) -> list[bytes]:
     """One canonical JSON line per quarantined record, in frame order: where it came from, why, and its
-    raw text with credentials masked (and PII redacted with `redact_pii`)."""
-    quarantined = frame.loc[~records.kept_mask(frame), list(QUARANTINE_FIELDS)]
+    raw text (from `texts` where the engines' screen stored it) with credentials masked (and PII
+    redacted with `redact_pii`)."""
+    positions = np.flatnonzero(~records.kept_mask(frame).to_numpy())
+    quarantined = frame.iloc[positions][list(QUARANTINE_FIELDS)]
     columns = {name: quarantined[name].tolist() for name in QUARANTINE_FIELDS}
-    columns[records.RAW] = masked_texts(columns[records.RAW], redact_pii=redact_pii, as_json=True)
+    raw = text_store.raw_texts(frame, positions, texts)
+    columns[records.RAW] = masked_texts(raw, redact_pii=redact_pii, as_json=True)
     columns[records.DETAIL] = masked_texts(columns[records.DETAIL], redact_pii=redact_pii, as_json=False)
     lines = []
     for values in zip(*columns.values(), strict=True):
@@ -511,10 +525,11 @@ def export(
     quality_failures: Sequence[str],
     report_html: str,
     general: GeneralExamples | None = None,
+    texts: TextStore | None = None,
 ) -> ExportOutcome:
     """Build the dataset, decide whether it may be published (data quality passed, cost within the cap),
-    write."""
-    dataset = build_dataset(frame, config, general)
+    write. `texts`: the store of the frame's texts, where the engines' screen moved them."""
+    dataset = build_dataset(frame, config, general, texts)
     problems = [f"data quality: {failure}" for failure in quality_failures]
     over_cap = cost_problem(dataset)
     if over_cap:
@@ -534,6 +549,7 @@ def export_task(
     quality_failures: list[str],
     report_html: str,
     general: GeneralExamples | None = None,
+    texts: TextStore | None = None,
 ) -> ExportOutcome:
     """Prefect wrapper of export."""
     return export(
@@ -544,4 +560,5 @@ def export_task(
         quality_failures=quality_failures,
         report_html=report_html,
         general=general,
+        texts=texts,
     )

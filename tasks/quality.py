@@ -24,7 +24,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import records
+from tuneline import records, text_store
 from tuneline.config import ModelConfig, ValidationConfig
 from tuneline.tasks.validate import context_limit, exported_kind
 
@@ -88,8 +88,8 @@ def suite_frame(frame: pd.DataFrame) -> pd.DataFrame:
             records.SOURCE: frame[records.SOURCE].to_numpy(dtype=object),
             records.LINE: frame[records.LINE].to_numpy(),
             # The example itself is not the suite's business; whether it is there is.
-            HAS_EXAMPLE: frame[records.EXAMPLE]
-            .map(lambda e: True if e is not None else None)
+            HAS_EXAMPLE: pd.Series(text_store.has_example(frame))
+            .map({True: True, False: None})
             .to_numpy(dtype=object),
             KEPT: kept.astype(np.int64),
             QUARANTINED: (~kept).astype(np.int64),

@@ -36,11 +36,14 @@ LINE = "line"  # 1-based line (JSONL) or data row (CSV, header not counted; Parq
 # line break; 0 for Parquet rows and for a file that cannot be read, which have no lines.
 FIRST_LINE = "first_line"
 LAST_LINE = "last_line"
-RAW = "raw"  # the original text of the record, so nothing is ever lost
+# The original text of the record, so nothing is ever lost (from the engines' screen on, in the
+# batch's TextStore: tuneline/text_store.py's raw_texts reads it wherever it is).
+RAW = "raw"
 # The parsed example (dict), or None when it could not be parsed. From the engines' screen on (after
 # the per-record rules, the last that change an example), the training line export writes for it:
-# canonical JSON bytes (tasks/export.py's canonical_line), a third of the dict's memory; an example JSON
-# cannot represent stays a dict there (export quarantines it). `example_value` reads either.
+# canonical JSON bytes (tasks/export.py's canonical_line), a third of the dict's memory, kept in the
+# batch's TextStore (tuneline/text_store.py's examples reads it wherever it is); an example JSON cannot
+# represent stays a dict in its cell (export quarantines it). `example_value` reads either form.
 EXAMPLE = "example"
 REASON = "reason"  # null while kept; the rule's key once quarantined (one of REASONS)
 DETAIL = "detail"  # human-readable: what exactly broke the rule, and the fix
@@ -70,6 +73,13 @@ TRUNCATION = "truncation"  # how it was cut, or null
 # Added by dedupe, on every row still kept when the duplicate rules began (tuneline/normalize.py).
 NORMALIZED_PROMPT = "normalized_prompt"
 NORMALIZED_ANSWER = "normalized_answer"
+
+# Added by the engines' screen, which moves `raw` and each training line out of the frame into the
+# batch's TextStore (tuneline/text_store.py; the moved cells become null): where the row's texts
+# start in it (-1: none stored), and the bytes of each (-1: in its cell, as before).
+TEXT_AT = "text_at"
+RAW_SIZE = "raw_size"
+EXAMPLE_SIZE = "example_size"
 
 # --- reasons -------------------------------------------------------------------------------------------
 

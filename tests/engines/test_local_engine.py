@@ -20,7 +20,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from tuneline import jsonl
+from tuneline import jsonl, records, text_store
 from tuneline.config import load_config
 from tuneline.engines import blocks, local
 from tuneline.flows.backfill import PREPARED, backfill
@@ -93,7 +93,8 @@ def on_pool(config: Any, **execution: Any) -> Any:
 def assert_same(screened: blocks.Screened, frame: pd.DataFrame, documents: Any) -> None:
     """The same frame, and Documents with the same texts for every record (the texts' ids in the table
     may differ: each block's table also holds the eval prompts, which come first in the merged one)."""
-    pd.testing.assert_frame_equal(screened.frame, frame)
+    assert screened.frame[records.RAW].isna().all()  # every raw text is in the store, not the frame
+    pd.testing.assert_frame_equal(text_store.unpacked(screened.frame, screened.texts), frame)
     mine, theirs = screened.documents, documents
     assert [mine.table.texts[p] for p in mine.parts] == [theirs.table.texts[p] for p in theirs.parts]
     np.testing.assert_array_equal(mine.offsets, theirs.offsets)
@@ -116,7 +117,8 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
     for mine, theirs in zip(screened.documents.words(), documents.words(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
-    out = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
+    out = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe, texts=screened.texts)
+    out = text_store.unpacked(out, screened.texts)
     whole = export.with_training_lines(
         dedupe.dedupe(validated(project, files), eval_examples(project), config.dedupe)
     )

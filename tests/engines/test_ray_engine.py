@@ -23,7 +23,7 @@ import yaml
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'tuneline[ray]')")
 
-from tuneline import jsonl  # noqa: E402
+from tuneline import jsonl, text_store  # noqa: E402
 from tuneline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from tuneline.demo import generator  # noqa: E402
 from tuneline.demo.synthetic import synthetic_chat_lines  # noqa: E402
@@ -150,9 +150,14 @@ def local_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
 
 def ray_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
     screened = ray_engine.screen(files, config, eval_examples(config))
-    return dedupe.batch_rules(
-        screened.frame, screened.documents, config.dedupe, ray_engine.RayCandidates(config.execution)
+    out = dedupe.batch_rules(
+        screened.frame,
+        screened.documents,
+        config.dedupe,
+        ray_engine.RayCandidates(config.execution),
+        screened.texts,
     )
+    return text_store.unpacked(out, screened.texts)
 
 
 def parsed(line: str) -> Any:
@@ -227,7 +232,8 @@ def test_a_worker_killed_mid_block_is_retried_and_nothing_is_counted_twice(
     screened, killed = screen_with_a_kill(config, files)
     assert killed, "no worker was caught running a block"
     assert isinstance(screened, blocks.Screened), screened
-    on_ray = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
+    on_ray = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe, texts=screened.texts)
+    on_ray = text_store.unpacked(on_ray, screened.texts)
     pd.testing.assert_frame_equal(expected, on_ray)
     # Every input line once: 3,002 lines per file (a malformed line and a duplicate included).
     assert len(on_ray) == 4 * 3002 == on_ray["record_id"].nunique()

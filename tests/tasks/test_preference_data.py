@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pandas as pd
 import pytest
 
-from tuneline import engines, formats, records
+from tuneline import engines, formats, records, text_store
 from tuneline.config import Config, ValidationConfig, parse_config
 from tuneline.tasks import dedupe, export, ingest, quality, validate
 
@@ -149,11 +150,15 @@ def test_the_engines_screen_gives_preference_lines_the_same_outcome(tmp_path: Pa
     frame, dataset, _ = run_stages(tmp_path, PREFERENCE_LINES, config)
     files = [ingest.jsonl_file(str(tmp_path / "dt=2026-11-20" / "part-0.jsonl"), "prefs")]
     screened = engines.screen(files, config, EVAL)
-    assert all(isinstance(e, bytes | None) for e in screened.frame[records.EXAMPLE])
-    screened_frame = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
+    stored = text_store.examples(screened.frame, np.arange(len(screened.frame)), screened.texts)
+    assert all(isinstance(e, bytes | None) for e in stored)
+    assert screened.frame[records.EXAMPLE].isna().all()  # each line is in the store, not the frame
+    screened_frame = dedupe.batch_rules(
+        screened.frame, screened.documents, config.dedupe, texts=screened.texts
+    )
     assert reasons_by_line(screened_frame) == reasons_by_line(frame)
     assert list(screened_frame[records.DUPLICATE_OF]) == list(frame[records.DUPLICATE_OF])
-    from_lines = export.build_dataset(screened_frame, config)
+    from_lines = export.build_dataset(screened_frame, config, texts=screened.texts)
     assert from_lines.train_lines == dataset.train_lines
     assert from_lines.validation_lines == dataset.validation_lines
     assert from_lines.quarantine_lines == dataset.quarantine_lines

@@ -9,13 +9,15 @@ every core. `screen_block` is what one task does with a block: read it (tasks/in
 the per-record rules of dedupe (tasks/dedupe.py's `per_record_rules`: credentials and PII, eval
 leakage) and the normalised forms the duplicate rules compare, as Documents whose table already holds
 the hashes of its words. No later rule changes an example, so the block's frame carries each example as
-the training line export writes for it (tasks/export.py's `with_training_lines`): a third of the
-memory of the parsed example, and a tenth of the time to pickle from a worker to the flow.
+the training line export writes for it (tasks/export.py's `with_training_lines`), and packs those
+lines and the raw texts into one byte string (tuneline/text_store.py: one object to pickle back to the
+flow, which moves it to the batch's TextStore on disk as the block comes back, `BatchTexts`).
 
 Every one of those is a function of one record alone (and the eval set), a part of a file numbers its
 lines from the line it starts at, and record ids are made from the record's file, partition, line
 and text: so the blocks' results, put together in block order (`concat`: frames concatenated,
-Documents over one table), are row for row what one pass over all the files makes. The engines differ
+Documents over one table), are row for row what one pass over all the files makes (once their texts
+are read back from the store: text_store.unpacked). The engines differ
 only in where the blocks run: this machine's processes (tuneline/engines/local.py) or Ray tasks
 (tuneline/engines/ray_engine.py). The batch-wide rules (rules 3 to 5 of tasks/dedupe.py,
 `batch_rules`) then run on the whole frame.
@@ -33,15 +35,18 @@ import pandas as pd
 from tuneline.config import Config, CsvMapping, DedupeConfig, ExecutionConfig, ModelConfig, ValidationConfig
 from tuneline.near_duplicates import Documents
 from tuneline.tasks import dedupe, export, ingest, validate
+from tuneline.text_store import TextStore, moved, pack
 
 
 @dataclass(frozen=True)
 class Screened:
-    """A block (or a batch) after the per-record rules: the record frame, and the normalised examples
-    of its rows that the duplicate rules look at (those kept after rule 1), in frame order."""
+    """A block (or a batch) after the per-record rules: the record frame, the normalised examples of
+    its rows that the duplicate rules look at (those kept after rule 1), in frame order, and the store
+    of the frame's raw texts and training lines (in memory for a block, on disk for a batch)."""
 
     frame: pd.DataFrame
     documents: Documents
+    texts: TextStore
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,10 @@ def screen_block(
     frame = ingest.read_files(files, system_prompt, csv_fallbacks)
     frame = validate.validate(frame, model, validation, method)
     frame, documents = dedupe.per_record_rules(frame, eval_examples, dedupe_config)
-    # No later rule changes an example: from here on each one is the line export writes for it.
-    return Screened(export.with_training_lines(frame), documents)
+    # No later rule changes an example: from here on each one is the line export writes for it, and
+    # it and the raw text wait in the store (text_store.py) until export reads them.
+    frame, texts = pack(export.with_training_lines(frame))
+    return Screened(frame, documents, texts)
 
 
 def block_arguments(config: Config) -> tuple[Any, ...]:
@@ -119,15 +126,28 @@ def block_arguments(config: Config) -> tuple[Any, ...]:
     )
 
 
-def concat(results: Sequence[Screened]) -> Screened:
-    """Block results as one, row order kept, index 0..n-1 (as one read_files call makes it). Empty
-    blocks' frames are left out, so their column types never widen the others'."""
+class BatchTexts:
+    """The batch's TextStore on disk, which each block's texts join as soon as the block comes back
+    (`stored`): the flow never holds the texts of more than one block at once."""
+
+    def __init__(self) -> None:
+        self.store = TextStore.on_disk()
+
+    def stored(self, result: Screened) -> Screened:
+        """A block's result with its texts moved into the batch's store."""
+        return Screened(moved(result.frame, result.texts, self.store), result.documents, self.store)
+
+
+def concat(results: Sequence[Screened], texts: BatchTexts) -> Screened:
+    """Block results (whose texts are in `texts`' store already: BatchTexts.stored) as one, row order
+    kept, index 0..n-1 (as one read_files call makes it). Empty blocks' frames are left out, so their
+    column types never widen the others'."""
     documents = Documents.concat([result.documents for result in results])
     full = [result.frame for result in results if len(result.frame)]
     if not full:
-        return Screened(results[0].frame, documents)
+        return Screened(results[0].frame, documents, texts.store)
     if len(full) == 1:
-        return Screened(full[0], documents)
+        return Screened(full[0], documents, texts.store)
     frame = pd.concat(full, ignore_index=True)
     assert list(frame.columns) == list(full[0].columns), "blocks disagree on their columns"
-    return Screened(frame, documents)
+    return Screened(frame, documents, texts.store)

@@ -16,9 +16,10 @@ start method but fork, a worker imports the program's main module first (as `__m
 that runs the data plane keeps its top-level work under `if __name__ == "__main__":` (the CLI and
 Prefect's flow runs do); where a worker cannot start, the blocks are read in the flow's process.
 
-The results come back pickled; while they are unpickled and joined the cyclic garbage collector is
-paused, as during a read (tasks/ingest.py): the millions of containers they hold are all alive, and
-each collection would walk them all again.
+The results come back pickled, each block's raw texts and training lines as one byte string, which
+goes to the batch's store on disk as it arrives (tuneline/text_store.py); while the rest is unpickled
+and joined the cyclic garbage collector is paused, as during a read (tasks/ingest.py): the millions
+of containers they hold are all alive, and each collection would walk them all again.
 
 Each worker tokenizes on its share of the cores (tokens.encoder_threads): the others are as busy as
 it is, and more threads would only wait for one another's turn at the interpreter.
@@ -41,7 +42,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import cache
 from typing import Any
@@ -84,8 +85,9 @@ def screen(
     arguments = (eval_examples, *blocks.block_arguments(config))
     planned = blocks.plan(files, execution)
     workers = min(len(planned), execution.workers or available_cpus())
+    texts = blocks.BatchTexts()
     if workers <= 1 or sum(block.size for block in planned) <= execution.block_bytes:
-        return blocks.screen_block(list(files), *arguments)
+        return blocks.concat([texts.stored(blocks.screen_block(list(files), *arguments))], texts)
     results: list[blocks.Screened | None] = [None] * len(planned)
     collecting = gc.isenabled()
     gc.disable()
@@ -95,10 +97,16 @@ def screen(
             with ProcessPoolExecutor(
                 workers, mp_context=_fork_server(), initializer=_share_cores, initargs=(share,)
             ) as pool:
-                futures = [pool.submit(blocks.screen_block, block.files, *arguments) for block in planned]
+                futures: list[Future[blocks.Screened] | None] = [
+                    pool.submit(blocks.screen_block, block.files, *arguments) for block in planned
+                ]
                 try:
                     for index, future in enumerate(futures):
-                        results[index] = future.result()
+                        # Let go of the future: it would keep the block's texts in memory to the end.
+                        futures[index] = None
+                        assert future is not None
+                        results[index] = texts.stored(future.result())
+                        del future
                 except BaseException:
                     # Nothing more is read once a block failed (or the run was interrupted).
                     pool.shutdown(wait=False, cancel_futures=True)
@@ -113,11 +121,11 @@ def screen(
             )
         for index, result in enumerate(results):
             if result is None:
-                results[index] = blocks.screen_block(planned[index].files, *arguments)
+                results[index] = texts.stored(blocks.screen_block(planned[index].files, *arguments))
         log.info(
             "local engine: %d file(s) in %d block(s) on %d process(es)", len(files), len(planned), workers
         )
-        return blocks.concat([result for result in results if result is not None])
+        return blocks.concat([result for result in results if result is not None], texts)
     finally:
         if collecting:
             gc.enable()

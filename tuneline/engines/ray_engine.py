@@ -3,9 +3,11 @@
 `screen(files, config, eval_examples)` runs one Ray task per block of tuneline/engines/blocks.py's
 plan (files, or line-aligned parts of a large JSONL file), each reading and validating its block and
 applying the per-record rules of dedupe (credentials, PII, eval leakage; `blocks.screen_block`). The
-blocks' results come back in block order and are put together: what the local engine builds, row for
-row (blocks.py says why). The batch-wide rules (rules 3 to 5 of tasks/dedupe.py, `batch_rules`) then
-run on it in the flow, with the near-duplicate candidate search (signatures, LSH bands, candidate
+blocks' results come back in block order (pickled by the task itself: `screen_block_pickled` says
+why), each one's raw texts and training lines go to the batch's store on the flow's disk as it arrives
+(tuneline/text_store.py), and they are put together: what the local engine builds, row for row
+(blocks.py says why). The batch-wide rules (rules 3 to 5 of tasks/dedupe.py, `batch_rules`) then run
+on it in the flow, with the near-duplicate candidate search (signatures, LSH bands, candidate
 pairs: most of rule 4's work) as map -> shuffle -> reduce Ray tasks (`RayCandidates`); the exact
 check of the pairs, and the exact duplicates and contradictions, run in the flow's process.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -104,10 +107,11 @@ def screen(
     execution = config.execution
     planned = blocks.plan(files, execution)
     arguments = (eval_examples, *blocks.block_arguments(config))
+    texts = blocks.BatchTexts()
     if not planned:  # nothing to read: the same empty result the local engine makes
-        return blocks.screen_block([], *arguments)
+        return blocks.concat([texts.stored(blocks.screen_block([], *arguments))], texts)
     ray = connect(execution)
-    remote = ray.remote(blocks.screen_block).options(
+    remote = ray.remote(screen_block_pickled).options(
         name="tuneline.screen_block", max_retries=execution.max_retries, retry_exceptions=False
     )
     shared = [ray.put(value) for value in arguments]
@@ -121,14 +125,22 @@ def screen(
         for block in planned:
             pending.append(remote.remote(block.files, *shared))
             if len(pending) >= limit:
-                results.append(ray.get(pending.pop(0)))
+                results.append(texts.stored(pickle.loads(ray.get(pending.pop(0)))))
         while pending:
-            results.append(ray.get(pending.pop(0)))
+            results.append(texts.stored(pickle.loads(ray.get(pending.pop(0)))))
         log.info("ray engine: %d file(s) in %d task(s)", len(files), len(planned))
-        return blocks.concat(results)
+        return blocks.concat(results, texts)
     finally:
         if collecting:
             gc.enable()
+
+
+def screen_block_pickled(files: Sequence[ingest.InputFile], *arguments: Any) -> bytes:
+    """A block's task: blocks.screen_block, its result pickled here. The flow unpickles a copy, so
+    Ray's object store lets the block go as soon as it is read: a result Ray deserialises itself keeps
+    its numpy arrays as views into the store, and with them the whole block, its texts included
+    (about 1.3 GB a million records, which the flow moves to disk), pinned in the flow's memory."""
+    return pickle.dumps(blocks.screen_block(files, *arguments), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # --------------------------------------------------------------------------------------------------

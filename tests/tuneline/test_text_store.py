@@ -1,0 +1,85 @@
+"""The batch's texts on disk (tuneline/text_store.py): what is packed reads back the same, from memory or
+from the file, in any order asked, across read windows; what cannot be stored stays in its cell."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tuneline import records, text_store
+from tuneline.text_store import TextStore
+
+
+def frame_of(raws: list[object], examples: list[object]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            records.RECORD_ID: [f"r{i}" for i in range(len(raws))],
+            records.RAW: pd.Series(raws, dtype=object),
+            records.EXAMPLE: pd.Series(examples, dtype=object),
+        }
+    )
+
+
+RAWS: list[object] = [
+    '{"messages": [{"role": "user", "content": "caf\\u00e9"}]}',
+    "{broken",
+    "\ud800 a lone surrogate, as a decoder's surrogateescape leaves one",
+    None,
+    "",
+    "ünïcödé ✓",
+]
+EXAMPLES: list[object] = [
+    b'{"messages":[{"content":"caf\xc3\xa9","role":"user"}]}\n',
+    None,
+    b"",
+    b'{"messages":[]}\n',
+    {"too_big": 2**70},  # JSON cannot represent it: it stays a dict in its cell
+    b'{"prompt":"x"}\n',
+]
+
+
+def test_packed_texts_read_back_the_same_from_memory_and_from_disk() -> None:
+    frame = frame_of(RAWS, EXAMPLES)
+    packed, block = text_store.pack(frame)
+    assert packed[records.RAW].tolist() == [None, None, None, None, None, None]
+    assert packed[records.EXAMPLE].tolist() == [None, None, None, None, {"too_big": 2**70}, None]
+    assert packed[records.TEXT_AT].tolist()[3] >= 0  # an example without a raw text is stored too
+    everything = np.arange(len(frame))
+
+    # A block's store travels by pickle (the worker's result), then joins the batch's file.
+    block = pickle.loads(pickle.dumps(block))
+    batch = TextStore.on_disk()
+    batch.append(TextStore(b"another block's texts, stored first"))
+    on_disk = text_store.moved(packed, block, batch)
+    for texts, stored in ((block, packed), (batch, on_disk)):
+        assert text_store.raw_texts(stored, everything, texts) == RAWS
+        assert text_store.examples(stored, everything, texts) == EXAMPLES
+        backwards = everything[::-1]
+        assert text_store.examples(stored, backwards, texts) == EXAMPLES[::-1]
+        assert text_store.raw_texts(stored, [2, 0], texts) == [RAWS[2], RAWS[0]]
+        assert text_store.has_example(stored).tolist() == [e is not None for e in EXAMPLES]
+        pd.testing.assert_frame_equal(text_store.unpacked(stored, texts), frame)
+    with pytest.raises(TypeError, match="stays in the process"):
+        pickle.dumps(batch)
+    # Reading a packed frame without its store is a mistake, never a silent null.
+    with pytest.raises(ValueError, match="pass it"):
+        text_store.examples(on_disk, everything, None)
+    batch.close()
+
+
+def test_reads_span_windows_and_texts_longer_than_one() -> None:
+    long = "x" * (text_store._READ_WINDOW + 123)  # one text longer than a read window
+    raws: list[object] = [f"line {i} " + "y" * (i % 97) for i in range(20_000)]
+    raws[7_000] = long
+    frame = frame_of(raws, [None] * len(raws))
+    packed, block = text_store.pack(frame)
+    batch = TextStore.on_disk()
+    stored = text_store.moved(packed, block, batch)
+    assert len(batch) > text_store._READ_WINDOW + 2**20  # several windows
+    chosen = np.random.default_rng(0).permutation(len(raws))[:5_000]
+    chosen = np.append(chosen, 7_000)
+    assert text_store.raw_texts(stored, chosen, batch) == [raws[i] for i in chosen]
+    assert text_store.raw_texts(stored, np.arange(len(raws)), batch) == raws

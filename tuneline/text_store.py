@@ -1,0 +1,234 @@
+"""The record frame's two texts, `raw` and `example`, kept on the flow's disk instead of its heap.
+
+From the engines' screen on (tuneline/engines/blocks.py), the batch-wide rules compare hashes and
+normalised forms, never a record's raw text or its training line: those are read again only by the
+export (the training lines of kept records, the raw text of quarantined ones), by rule 5 for
+preference lines, which it parses. Yet they are half of what the flow holds while the batch-wide rules
+run (at 1M synthetic chats: raw 0.69 GB, the training lines 0.66 GB, of about 2.6 GB after the screen).
+So a block's task packs them (`pack`) into one byte string, a TextStore in memory (one object to
+pickle back to the flow instead of two per record), and the flow appends each block's to one TextStore
+on disk (`TextStore.on_disk`, an unnamed temporary file: gone when the store is, even if the process
+dies) as the block comes back. The frame keeps where they are (records.TEXT_AT, RAW_SIZE,
+EXAMPLE_SIZE; the `raw` and `example` cells of a stored row are null), and `raw_texts` and `examples`
+read them back, a few MB at a time in file order. A text that cannot be stored as bytes stays in its
+cell (an example JSON cannot represent, a null); readers see no difference.
+
+Written by hand because nothing well-kept does this small job: Arrow's memory-mapped files would put
+every page read back into the process's resident set (the export reads them all), and a key-value
+store is far more than an append-only file read back in offset order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tuneline import records
+
+# Bytes read from the file at once when texts are read back (sequential, in offset order).
+_READ_WINDOW = 8 * 2**20
+_NOT_STORED = -1
+
+
+class TextStore:
+    """An append-only sequence of bytes, in memory (a block's, picklable) or in an unnamed temporary
+    file (the batch's, which stays in its process)."""
+
+    def __init__(self, blob: bytes = b"") -> None:
+        self._blob: bytes | None = blob
+        self._file: io.BufferedRandom | None = None
+        self._size = len(blob)
+
+    @classmethod
+    def on_disk(cls, directory: str | None = None) -> TextStore:
+        """An empty store in a temporary file of `directory` (default: the system's, $TMPDIR)."""
+        store = cls()
+        store._blob = None
+        store._file = tempfile.TemporaryFile(prefix="tuneline-texts-", dir=directory)  # noqa: SIM115
+        return store
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._blob is None:
+            raise TypeError("a TextStore on disk stays in the process that made it")
+        return (TextStore, (self._blob,))
+
+    def append(self, other: TextStore) -> int:
+        """`other`'s bytes (a store in memory) added at the end of this one (on disk); returns the
+        offset they start at."""
+        if self._file is None or other._blob is None:
+            raise TypeError("a store in memory is appended to a store on disk")
+        start = self._size
+        self._file.seek(0, os.SEEK_END)
+        self._file.write(other._blob)
+        self._file.flush()
+        self._size += len(other._blob)
+        return start
+
+    def read(self, starts: np.ndarray, sizes: np.ndarray) -> list[bytes]:
+        """The bytes at starts[i] .. starts[i] + sizes[i], in the order asked for."""
+        starts = np.asarray(starts, dtype=np.int64)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        out: list[bytes] = [b""] * len(starts)
+        if self._blob is not None:
+            view = memoryview(self._blob)
+            for index, (start, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
+                out[index] = bytes(view[start : start + size])
+            return out
+        assert self._file is not None
+        descriptor = self._file.fileno()
+        order = np.argsort(starts, kind="stable")
+        ordered_starts = starts[order].tolist()
+        ordered_ends = (starts + sizes)[order].tolist()
+        ordered = order.tolist()
+        index = 0
+        while index < len(ordered):
+            window_start = ordered_starts[index]
+            last = index
+            # As many texts as fit one window (at least one, however long), read with one call.
+            while last + 1 < len(ordered) and ordered_ends[last + 1] - window_start <= _READ_WINDOW:
+                last += 1
+            window_end = max(ordered_ends[index : last + 1])
+            chunk = os.pread(descriptor, window_end - window_start, window_start)
+            view = memoryview(chunk)
+            for at in range(index, last + 1):
+                out[ordered[at]] = bytes(
+                    view[ordered_starts[at] - window_start : ordered_ends[at] - window_start]
+                )
+            index = last + 1
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def pack(frame: pd.DataFrame) -> tuple[pd.DataFrame, TextStore]:
+    """A shallow copy of `frame` with every raw text and every example that is a training line
+    (bytes) moved into a new TextStore in memory, and where each is (TEXT_AT, RAW_SIZE, EXAMPLE_SIZE)."""
+    raws = frame[records.RAW].tolist()
+    examples = frame[records.EXAMPLE].tolist()
+    n = len(frame)
+    text_at = np.full(n, _NOT_STORED, dtype=np.int64)
+    raw_size = np.full(n, _NOT_STORED, dtype=np.int32)
+    example_size = np.full(n, _NOT_STORED, dtype=np.int32)
+    raw_left = np.full(n, None, dtype=object)
+    example_left = np.full(n, None, dtype=object)
+    pieces: list[bytes] = []
+    offset = 0
+    for position, (raw, example) in enumerate(zip(raws, examples, strict=True)):
+        start = offset
+        stored = False
+        if isinstance(raw, str):
+            data = raw.encode("utf-8", "surrogatepass")
+            pieces.append(data)
+            raw_size[position] = len(data)
+            offset += len(data)
+            stored = True
+        else:
+            raw_left[position] = raw
+        if isinstance(example, bytes):
+            pieces.append(example)
+            example_size[position] = len(example)
+            offset += len(example)
+            stored = True
+        else:
+            example_left[position] = example
+        if stored:
+            text_at[position] = start
+    out = frame.copy(deep=False)
+    out[records.RAW] = pd.Series(raw_left, index=out.index, dtype=object)
+    out[records.EXAMPLE] = pd.Series(example_left, index=out.index, dtype=object)
+    out[records.TEXT_AT] = pd.Series(text_at, index=out.index)
+    out[records.RAW_SIZE] = pd.Series(raw_size, index=out.index)
+    out[records.EXAMPLE_SIZE] = pd.Series(example_size, index=out.index)
+    return out, TextStore(b"".join(pieces))
+
+
+def moved(frame: pd.DataFrame, texts: TextStore, into: TextStore) -> pd.DataFrame:
+    """`texts` (a block's, in memory) appended to `into`, and `frame` (the block's) pointing there."""
+    base = into.append(texts)
+    at = frame[records.TEXT_AT].to_numpy(dtype=np.int64)
+    out = frame.copy(deep=False)
+    out[records.TEXT_AT] = pd.Series(np.where(at >= 0, at + base, at), index=out.index)
+    return out
+
+
+def is_packed(frame: pd.DataFrame) -> bool:
+    """Whether the frame's texts were moved to a TextStore (`pack`)."""
+    return records.TEXT_AT in frame
+
+
+def _stored_in(frame: pd.DataFrame, texts: TextStore | None) -> bool:
+    if not is_packed(frame):
+        return False
+    if texts is None:
+        raise ValueError("the frame's raw texts and examples are in a TextStore: pass it (texts=...)")
+    return True
+
+
+def raw_texts(
+    frame: pd.DataFrame, positions: Sequence[int] | np.ndarray, texts: TextStore | None
+) -> list[Any]:
+    """The raw text of the rows at `positions`, in that order, wherever it is kept."""
+    values = frame[records.RAW].to_numpy(dtype=object)[np.asarray(positions, dtype=np.int64)].tolist()
+    if not _stored_in(frame, texts):
+        return values
+    assert texts is not None
+    positions = np.asarray(positions, dtype=np.int64)
+    sizes = frame[records.RAW_SIZE].to_numpy()[positions]
+    stored = np.flatnonzero(sizes >= 0)
+    starts = frame[records.TEXT_AT].to_numpy()[positions[stored]]
+    for index, data in zip(stored.tolist(), texts.read(starts, sizes[stored]), strict=True):
+        values[index] = data.decode("utf-8", "surrogatepass")
+    return values
+
+
+def examples(
+    frame: pd.DataFrame, positions: Sequence[int] | np.ndarray, texts: TextStore | None
+) -> list[Any]:
+    """The example of the rows at `positions`, in that order, wherever it is kept (a stored one is its
+    training line, bytes: records.example_value reads it)."""
+    values = frame[records.EXAMPLE].to_numpy(dtype=object)[np.asarray(positions, dtype=np.int64)].tolist()
+    if not _stored_in(frame, texts):
+        return values
+    assert texts is not None
+    positions = np.asarray(positions, dtype=np.int64)
+    sizes = frame[records.EXAMPLE_SIZE].to_numpy()[positions]
+    stored = np.flatnonzero(sizes >= 0)
+    starts = frame[records.TEXT_AT].to_numpy()[positions[stored]] + np.maximum(
+        frame[records.RAW_SIZE].to_numpy()[positions[stored]], 0
+    )
+    for index, data in zip(stored.tolist(), texts.read(starts, sizes[stored]), strict=True):
+        values[index] = data
+    return values
+
+
+def has_example(frame: pd.DataFrame) -> np.ndarray:
+    """Whether each row has an example, in its cell or stored."""
+    present = np.fromiter(
+        (e is not None for e in frame[records.EXAMPLE].tolist()), dtype=bool, count=len(frame)
+    )
+    if is_packed(frame):
+        present = present | (frame[records.EXAMPLE_SIZE].to_numpy() >= 0)
+    return present
+
+
+def unpacked(frame: pd.DataFrame, texts: TextStore | None) -> pd.DataFrame:
+    """`frame` with its texts back in their cells and the store's columns gone: the frame one pass
+    without a store makes."""
+    if not _stored_in(frame, texts):
+        return frame
+    everything = np.arange(len(frame))
+    out = frame.drop(columns=[records.TEXT_AT, records.RAW_SIZE, records.EXAMPLE_SIZE])
+    out[records.RAW] = pd.Series(raw_texts(frame, everything, texts), index=out.index, dtype=object)
+    out[records.EXAMPLE] = pd.Series(examples(frame, everything, texts), index=out.index, dtype=object)
+    return out
