@@ -119,12 +119,14 @@ def check_provider(cfg: Config) -> None:
 def expected_failures() -> tuple[type[Exception], ...]:
     """What a command reports in a few lines, without a traceback: a config or usage error, a failed
     gate or cost cap, a provider that refused or kept failing after its retries, a failed job, an
-    evaluation that cannot produce a result, a refused registry move, an incomplete backfill."""
+    evaluation that cannot produce a result, a refused registry move, an incomplete backfill, no room
+    on disk for the batch's texts."""
     from tuneline.flows.backfill import BackfillError, BackfillIncomplete
     from tuneline.flows.prepare import InputNotFound, PrepareFailed
     from tuneline.provider import ProviderError
     from tuneline.tasks.evaluate import EvaluationError
     from tuneline.tasks.train import TrainingFailed
+    from tuneline.text_store import NoRoomForTexts
     from tuneline.tracking import RegistryError
 
     return (
@@ -137,6 +139,7 @@ def expected_failures() -> tuple[type[Exception], ...]:
         RegistryError,
         BackfillError,
         BackfillIncomplete,
+        NoRoomForTexts,
     )
 
 

@@ -36,6 +36,19 @@ _READ_WINDOW = 8 * 2**20
 _NOT_STORED = -1
 
 
+class NoRoomForTexts(RuntimeError):
+    """The batch's texts could not be written to the temporary directory (full, missing, read-only)."""
+
+
+def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
+    where = directory or tempfile.gettempdir()
+    return NoRoomForTexts(
+        f"could not write the batch's raw texts and training lines to {where} "
+        f"({error.strerror or type(error).__name__}): they take about 1.3 GB a million records on "
+        "the flow's disk until export; point TMPDIR at a disk with room"
+    )
+
+
 class TextStore:
     """An append-only sequence of bytes, in memory (a block's, picklable) or in an unnamed temporary
     file (the batch's, which stays in its process)."""
@@ -43,6 +56,7 @@ class TextStore:
     def __init__(self, blob: bytes = b"") -> None:
         self._blob: bytes | None = blob
         self._file: io.BufferedRandom | None = None
+        self._directory: str | None = None
         self._size = len(blob)
 
     @classmethod
@@ -50,7 +64,11 @@ class TextStore:
         """An empty store in a temporary file of `directory` (default: the system's, $TMPDIR)."""
         store = cls()
         store._blob = None
-        store._file = tempfile.TemporaryFile(prefix="tuneline-texts-", dir=directory)  # noqa: SIM115
+        store._directory = directory
+        try:
+            store._file = tempfile.TemporaryFile(prefix="tuneline-texts-", dir=directory)  # noqa: SIM115
+        except OSError as exc:
+            raise _no_room(directory, exc) from None
         return store
 
     def __len__(self) -> int:
@@ -67,9 +85,13 @@ class TextStore:
         if self._file is None or other._blob is None:
             raise TypeError("a store in memory is appended to a store on disk")
         start = self._size
-        self._file.seek(0, os.SEEK_END)
-        self._file.write(other._blob)
-        self._file.flush()
+        try:
+            self._file.seek(start)
+            self._file.write(other._blob)
+            self._file.flush()
+        except OSError as exc:
+            self._file.truncate(start)  # a part written before the disk filled is not kept
+            raise _no_room(self._directory, exc) from None
         self._size += len(other._blob)
         return start
 

@@ -4,13 +4,15 @@ from the file, in any order asked, across read windows; what cannot be stored st
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from tuneline import records, text_store
-from tuneline.text_store import TextStore
+from tuneline.text_store import NoRoomForTexts, TextStore
 
 
 def frame_of(raws: list[object], examples: list[object]) -> pd.DataFrame:
@@ -83,3 +85,29 @@ def test_reads_span_windows_and_texts_longer_than_one() -> None:
     chosen = np.append(chosen, 7_000)
     assert text_store.raw_texts(stored, chosen, batch) == [raws[i] for i in chosen]
     assert text_store.raw_texts(stored, np.arange(len(raws)), batch) == raws
+
+
+FILLS_UP = """
+import resource, signal
+from tuneline.text_store import NoRoomForTexts, TextStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+store = TextStore.on_disk()
+first = store.append(TextStore(b"x" * 1000))
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    store.append(TextStore(b"y" * 10_000))
+except NoRoomForTexts as exc:
+    print("refused:", exc)
+print("kept:", len(store), store.read([first], [1000]) == [b"x" * 1000])
+"""
+
+
+def test_no_room_for_the_texts_is_one_clear_error_and_keeps_what_was_stored() -> None:
+    with pytest.raises(NoRoomForTexts, match=r"/nonexistent/tuneline .*point TMPDIR at a disk with room"):
+        TextStore.on_disk("/nonexistent/tuneline")
+    # A disk that fills up while the blocks come back: a file size limit stands in for it.
+    done = subprocess.run([sys.executable, "-c", FILLS_UP], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "refused: could not write the batch's raw texts and training lines" in done.stdout
+    assert "(File too large)" in done.stdout
+    assert "kept: 1000 True" in done.stdout
