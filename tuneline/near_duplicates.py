@@ -44,8 +44,6 @@ from functools import cache
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasketch import MinHash
-from scipy.stats import binom
 
 from tuneline.normalize import jaccard, word_shingles
 
@@ -469,12 +467,20 @@ def min_agreement(num_perm: int, threshold: float, miss: float = PREFILTER_MISS)
     probability < miss."""
     if threshold <= 0:
         return 0
+    from scipy.stats import binom  # imported here: see permutations
+
     return int(binom.ppf(miss, num_perm, threshold))
 
 
 @cache
 def permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
-    """datasketch's affine32 permutation parameters (a, b) for `num_perm` permutations."""
+    """datasketch's affine32 permutation parameters (a, b) for `num_perm` permutations.
+
+    datasketch (and scipy.stats, min_agreement's) are imported when first needed, by the process that
+    signs: a block's task (the credential screen, leakage) never does, and the two cost about 1.8 s of
+    start-up and tens of MB in every worker process and Ray worker that imports this module."""
+    from datasketch import MinHash
+
     a, b = MinHash(num_perm=num_perm, seed=PERMUTATION_SEED, scheme="affine32").permutations
     return np.asarray(a, dtype=np.uint32), np.asarray(b, dtype=np.uint32)
 

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -299,3 +303,35 @@ def test_matches_are_decided_once_per_distinct_query_text() -> None:
     assert matches.similarity[0] == matches.similarity[3] == matches.similarity[6] < 1.0
     assert matches.similarity[4] == 1.0
     assert matches.candidates == 3  # the three copies of the near-duplicate were compared
+
+
+BLOCK_IN_A_FRESH_PROCESS = """
+import json, sys
+from pathlib import Path
+from tuneline.config import load_config
+from tuneline.demo.synthetic import synthetic_chat_lines
+from tuneline.engines import blocks
+from tuneline.tasks import ingest
+
+path = Path(sys.argv[1])
+path.write_text("".join(synthetic_chat_lines(200, seed=0)))
+config = load_config()
+evals = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
+screened = blocks.screen_block([ingest.jsonl_file(str(path), "s")], evals, *blocks.block_arguments(config))
+print(len(screened.frame), "datasketch" in sys.modules, "scipy.stats" in sys.modules)
+"""
+
+
+def test_a_block_task_never_imports_the_signing_libraries(tmp_path: Any) -> None:
+    # datasketch and scipy.stats cost about 1.8 s and tens of MB in every worker and Ray worker; only
+    # the process that signs (the batch-wide rules) needs them.
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK_IN_A_FRESH_PROCESS, str(tmp_path / "block.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200", "False", "False"]
+    assert nd.min_agreement(128, 0.8) > 0 and len(nd.permutations(128)[0]) == 128  # imported on use
