@@ -2,9 +2,10 @@
 
 From the engines' screen on (tuneline/engines/blocks.py), the batch-wide rules compare hashes and
 normalised forms, never a record's raw text or its training line: those are read again only by the
-export (the training lines of kept records, the raw text of quarantined ones), by rule 5 for
-preference lines, which it parses. Yet they are half of what the flow holds while the batch-wide rules
-run (at 1M synthetic chats: raw 0.69 GB, the training lines 0.66 GB, of about 2.6 GB after the screen).
+export (the training lines of kept records, the raw text of quarantined ones), by rule 5 (the lines of
+preference records, which it parses) and by the quality gate (whether a row has an example). Yet they
+were half of what the flow held while the batch-wide rules ran (per synthetic chat: raw text 693 B,
+training line 660 B, of about 2.6 KB after the screen).
 So a block's task packs them (`pack`) into one byte string, a TextStore in memory (one object to
 pickle back to the flow instead of two per record), and the flow appends each block's to one TextStore
 on disk (`TextStore.on_disk`, an unnamed temporary file: gone when the store is, even if the process
