@@ -4,7 +4,6 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -322,7 +321,7 @@ print(len(screened.frame), "datasketch" in sys.modules, "scipy.stats" in sys.mod
 """
 
 
-def test_a_block_task_never_imports_the_signing_libraries(tmp_path: Any) -> None:
+def test_a_block_task_never_imports_the_signing_libraries(tmp_path: Path) -> None:
     # datasketch and scipy.stats cost about 1.8 s and tens of MB in every worker and Ray worker; only
     # the process that signs (the batch-wide rules) needs them.
     done = subprocess.run(

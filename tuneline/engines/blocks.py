@@ -17,10 +17,9 @@ Every one of those is a function of one record alone (and the eval set), a part 
 lines from the line it starts at, and record ids are made from the record's file, partition, line
 and text: so the blocks' results, put together in block order (`concat`: frames concatenated,
 Documents over one table), are row for row what one pass over all the files makes (once their texts
-are read back from the store: text_store.unpacked). The engines differ
-only in where the blocks run: this machine's processes (tuneline/engines/local.py) or Ray tasks
-(tuneline/engines/ray_engine.py). The batch-wide rules (rules 3 to 5 of tasks/dedupe.py,
-`batch_rules`) then run on the whole frame.
+are read back from the store: text_store.unpacked). The engines differ only in where the blocks run:
+this machine's processes (tuneline/engines/local.py) or Ray tasks (tuneline/engines/ray_engine.py).
+The batch-wide rules (rules 3 to 5 of tasks/dedupe.py, `batch_rules`) then run on the whole frame.
 """
 
 from __future__ import annotations
