@@ -202,16 +202,9 @@ def raw_texts(
     frame: pd.DataFrame, positions: Sequence[int] | np.ndarray, texts: TextStore | None
 ) -> list[Any]:
     """The raw text of the rows at `positions`, in that order, wherever it is kept."""
-    values = frame[records.RAW].to_numpy(dtype=object)[np.asarray(positions, dtype=np.int64)].tolist()
-    if not _stored_in(frame, texts):
-        return values
-    assert texts is not None
-    positions = np.asarray(positions, dtype=np.int64)
-    sizes = frame[records.RAW_SIZE].to_numpy()[positions]
-    stored = np.flatnonzero(sizes >= 0)
-    starts = frame[records.TEXT_AT].to_numpy()[positions[stored]]
-    for index, data in zip(stored.tolist(), texts.read(starts, sizes[stored]), strict=True):
-        values[index] = data.decode("utf-8", "surrogatepass")
+    values, stored, data = _cells(frame, positions, texts, records.RAW, records.RAW_SIZE)
+    for index, raw in zip(stored, data, strict=True):
+        values[index] = raw.decode("utf-8", "surrogatepass")
     return values
 
 
@@ -220,19 +213,33 @@ def examples(
 ) -> list[Any]:
     """The example of the rows at `positions`, in that order, wherever it is kept (a stored one is its
     training line, bytes: records.example_value reads it)."""
-    values = frame[records.EXAMPLE].to_numpy(dtype=object)[np.asarray(positions, dtype=np.int64)].tolist()
-    if not _stored_in(frame, texts):
-        return values
-    assert texts is not None
-    positions = np.asarray(positions, dtype=np.int64)
-    sizes = frame[records.EXAMPLE_SIZE].to_numpy()[positions]
-    stored = np.flatnonzero(sizes >= 0)
-    starts = frame[records.TEXT_AT].to_numpy()[positions[stored]] + np.maximum(
-        frame[records.RAW_SIZE].to_numpy()[positions[stored]], 0
-    )
-    for index, data in zip(stored.tolist(), texts.read(starts, sizes[stored]), strict=True):
-        values[index] = data
+    values, stored, data = _cells(frame, positions, texts, records.EXAMPLE, records.EXAMPLE_SIZE)
+    for index, line in zip(stored, data, strict=True):
+        values[index] = line
     return values
+
+
+def _cells(
+    frame: pd.DataFrame,
+    positions: Sequence[int] | np.ndarray,
+    texts: TextStore | None,
+    column: str,
+    size_column: str,
+) -> tuple[list[Any], list[int], list[bytes]]:
+    """The `column` cells of the rows at `positions`, which of those (indices into `positions`) are
+    stored instead, and their stored bytes. A row's example is stored right after its raw text."""
+    positions = np.asarray(positions, dtype=np.int64)
+    values = frame[column].to_numpy(dtype=object)[positions].tolist()
+    if not _stored_in(frame, texts):
+        return values, [], []
+    assert texts is not None
+    sizes = frame[size_column].to_numpy()[positions]
+    stored = np.flatnonzero(sizes >= 0)
+    rows = positions[stored]
+    starts = frame[records.TEXT_AT].to_numpy()[rows]
+    if column == records.EXAMPLE:
+        starts = starts + np.maximum(frame[records.RAW_SIZE].to_numpy()[rows], 0)
+    return values, stored.tolist(), texts.read(starts, sizes[stored])
 
 
 def has_example(frame: pd.DataFrame) -> np.ndarray:
