@@ -223,8 +223,8 @@ class FeedbackSpool:
                     entry["last_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
                     if time.time() - float(entry.get("received_at", time.time())) > self.give_up_after_s:
                         write_durably(self.dead / path.name, entry)
+                        self.stats.dead += 1  # counted before the file goes: see below
                         path.unlink(missing_ok=True)
-                        self.stats.dead += 1
                         log.error(
                             "feedback %s for trace %s not delivered after %d attempts (%s); kept in %s",
                             entry["id"],
@@ -243,8 +243,10 @@ class FeedbackSpool:
                             )
                     break  # back off, then start again from the oldest
                 else:
-                    path.unlink(missing_ok=True)
+                    # Counted before the spool file goes, never after: a reader of the stats must not see
+                    # an empty spool while the last delivery is still uncounted.
                     self.stats.delivered += 1
+                    path.unlink(missing_ok=True)
             if failed:  # new feedback does not cut the backoff short: it waits in the spool
                 if self._stop.wait(delay):
                     return
