@@ -61,6 +61,9 @@ _FIRST_STAGE = 16
 # candidate_pairs). 1 finds 99.65% of the near-duplicates that 12 (and two heads) find in 300,000
 # synthetic chats, with a third of the candidate pairs.
 NEIGHBOURS = 1
+# Exact shingle sets kept for the near-duplicate decision: a record and its recent partners; one
+# evicted is computed again from its text if asked for.
+_RECENT_SETS = 1 << 12
 # Records per batch when words and shingles are materialised (bounds the memory of those arrays).
 BATCH = 1 << 14
 # Shingles per block of the MinHash computation: the permuted block (4 bytes each) stays in cache.
@@ -767,17 +770,23 @@ def _pair_codes(first: np.ndarray, second: np.ndarray, rank: np.ndarray, n: int)
 
 
 class _ShingleSets:
-    """Exact shingle sets of some records, computed on demand from their text (and kept)."""
+    """Exact shingle sets of some records, computed on demand from their text and kept: all of them, or
+    the `limit` most recently used (a set of tuples of words takes about 150 bytes a shingle, several
+    kB a record: kept for every record of 15,000 near-duplicate pairs, a few hundred MB a million)."""
 
-    def __init__(self, documents: Documents, size: int) -> None:
+    def __init__(self, documents: Documents, size: int, limit: int | None = None) -> None:
         self.documents = documents
         self.size = size
-        self._sets: dict[int, frozenset[tuple[str, ...]]] = {}
+        self.limit = limit
+        self._sets: dict[int, frozenset[tuple[str, ...]]] = {}  # in order of last use when limited
 
     def __call__(self, index: int) -> frozenset[tuple[str, ...]]:
-        found = self._sets.get(index)
+        found = self._sets.pop(index, None) if self.limit else self._sets.get(index)
         if found is None:
-            found = self._sets[index] = word_shingles(self.documents.text(index), self.size)
+            found = word_shingles(self.documents.text(index), self.size)
+            if self.limit and len(self._sets) >= self.limit:
+                del self._sets[next(iter(self._sets))]  # the least recently used
+        self._sets[index] = found
         return found
 
 
@@ -785,7 +794,7 @@ class _ShingleSets:
 class _DistinctShingles:
     """The distinct 32-bit shingle hashes of some records, each record's sorted."""
 
-    hashes: np.ndarray  # uint64 holding the 32-bit hashes, so that a pair id fits above them
+    hashes: np.ndarray  # uint32 (widened a chunk of pairs at a time in `shared`, a pair id above them)
     offsets: np.ndarray
     sizes: np.ndarray
 
@@ -805,10 +814,10 @@ class _DistinctShingles:
             sizes[start : start + len(chunk)] = np.bincount(
                 (keys >> _U64(32)).astype(np.int64), minlength=len(chunk)
             )
-            pieces.append(keys & _U64(0xFFFFFFFF))
+            pieces.append((keys & _U64(0xFFFFFFFF)).astype(np.uint32))
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
-        hashes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint64)
+        hashes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
         return cls(hashes, offsets, sizes)
 
     def shared(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -820,7 +829,8 @@ class _DistinctShingles:
             starts = np.stack([self.offsets[a], self.offsets[b]], axis=1).ravel()
             lengths = np.stack([self.sizes[a], self.sizes[b]], axis=1).ravel()
             pair = np.repeat(np.arange(len(a), dtype=np.uint64), self.sizes[a] + self.sizes[b])
-            keys = (pair << _U64(32)) | self.hashes[_ranges(starts, lengths)]
+            keys = pair << _U64(32)
+            keys |= self.hashes[_ranges(starts, lengths)]
             # Two sorted runs per pair, pairs in order: the stable sort (timsort) merges them in
             # about linear time.
             keys.sort(kind="stable")
@@ -904,7 +914,7 @@ def find_near_duplicates(
     later, earlier, bound = later[similar], earlier[similar], bound[similar]
     # Decide records in rank order; for each, try its candidates from the most to the least similar.
     order = np.lexsort((rank[earlier], -bound, rank[later]))
-    exact = _ShingleSets(documents, shingle_size)
+    exact = _ShingleSets(documents, shingle_size, limit=_RECENT_SETS)
     confirmed = 0
     tried: set[int] = set()
     current = -1

@@ -155,6 +155,34 @@ def test_the_search_drops_its_per_text_sketches_and_answers_the_same_again() -> 
     assert np.array_equal(documents.table.signatures(3, 64), signed_texts)
 
 
+def test_the_decision_keeps_few_exact_shingle_sets_and_decides_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exact sets (several kB a record) are kept for the most recently used records only; one
+    evicted is made again from its text, so any bound gives the unbounded answer."""
+    rng = random.Random(5)
+    originals = [sentence(rng, 80) for _ in range(60)]
+    texts = originals + [changed(rng.choice(originals), rng, rng.randint(1, 5)) for _ in range(120)]
+    rng.shuffle(texts)
+
+    def search() -> nd.NearDuplicates:
+        documents = Documents.of_texts(texts)
+        return find_near_duplicates(
+            documents, np.arange(len(texts)), threshold=0.85, num_perm=64, shingle_size=3
+        )
+
+    unbounded = search()
+    monkeypatch.setattr(nd, "_RECENT_SETS", 1)
+    bounded = search()
+    assert (unbounded.duplicate_of >= 0).sum() >= 40
+    assert np.array_equal(unbounded.duplicate_of, bounded.duplicate_of)
+    assert np.array_equal(unbounded.similarity, bounded.similarity, equal_nan=True)
+    sets = nd._ShingleSets(Documents.of_texts(texts), 3, limit=2)
+    for index in (0, 1, 0, 2, 1):
+        assert sets(index) == word_shingles(texts[index], 3)
+    assert list(sets._sets) == [2, 1]  # 0, the least recently used, went first
+
+
 def test_the_decision_is_exact_around_the_threshold() -> None:
     rng = random.Random(7)
     original = sentence(rng, 60)
