@@ -114,8 +114,9 @@ def _word_hash(word: str) -> int:
 
 class TextTable:
     """Distinct normalised texts, each with an id; the stable 64-bit hashes of their words (the same in
-    every process and run: blake2b of each distinct word), and per text, the hashes and MinHash of the
-    shingles that lie wholly inside it. Computed on demand, once per text, as texts are added."""
+    every process and run: blake2b of each distinct word), and per text, the hashes of the shingles that
+    lie wholly inside it. Computed on demand, once per text, as texts are added; the MinHash of those
+    shingles is computed for the texts asked for and not kept (`signatures`)."""
 
     def __init__(self) -> None:
         self.texts: list[str] = []
@@ -124,7 +125,6 @@ class TextTable:
         self._words = _Growing(np.uint64)
         self._hashes = _Growing(np.uint64)
         self._inner: dict[int, _Growing] = {}
-        self._signatures: dict[tuple[int, int], list[np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -197,46 +197,38 @@ class TextTable:
         inner = self._inner.setdefault(size, _Growing(np.uint64))
         while inner.count < len(self.texts):
             start = inner.count
-            inner.add(*self._shingles_inside(start, min(start + BATCH, len(self.texts)), size))
+            inner.add(*self._shingles_inside(np.arange(start, min(start + BATCH, len(self.texts))), size))
         return inner.values()
 
-    def _shingles_inside(self, start: int, stop: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """inner_shingles of texts start..stop: the hashes, and how many each text has."""
+    def _shingles_inside(self, ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """inner_shingles of the texts `ids`: the hashes, and how many each text has."""
         word_hash, offsets = self.words()
-        local = offsets[start : stop + 1] - offsets[start]
-        windows = np.maximum(np.diff(local) - size + 1, 0)
+        lengths = offsets[ids + 1] - offsets[ids]
+        local = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=local[1:])
+        windows = np.maximum(lengths - size + 1, 0)
         first = _ranges(local[:-1], windows)
-        words = word_hash[offsets[start] : offsets[stop]]
+        words = word_hash[_ranges(offsets[ids], lengths)]
         return _combine(words, first, np.full(len(first), size), size), windows
 
     def forget_shingles(self) -> None:
-        """Drop the per-text shingle hashes and MinHash signatures (inner_shingles, signatures): they are
-        computed again if asked for. A million records' signatures take about 0.25 GB, and the near-duplicate
-        search needs them only while it signs the records."""
+        """Drop the per-text shingle hashes (inner_shingles, which matching against references fills):
+        they are computed again if asked for."""
         self._inner.clear()
-        self._signatures.clear()
 
-    def signatures(self, size: int, num_perm: int) -> np.ndarray:
-        """The MinHash of each text's inner shingles, shape (texts, num_perm); all 2**32 - 1 for none.
-        The shingles are made a batch of texts at a time and not kept (unless inner_shingles holds
-        them already): the signatures are a fraction of their size."""
-        pieces = self._signatures.setdefault((size, num_perm), [])
-        done = sum(len(p) for p in pieces)
-        cached = self._inner.get(size)
-        while done < len(self.texts):
-            stop = min(done + BATCH, len(self.texts))
-            if cached is not None and cached.count >= stop:
-                shingles, offsets = cached.values()
-                chunk, counts = shingles[offsets[done] : offsets[stop]], np.diff(offsets[done : stop + 1])
-            else:
-                chunk, counts = self._shingles_inside(done, stop, size)
+    def signatures(self, ids: np.ndarray, size: int, num_perm: int) -> np.ndarray:
+        """The MinHash of the inner shingles of each text of `ids`, shape (len(ids), num_perm); all
+        2**32 - 1 for a text without any. Made a batch of texts at a time and not kept: a million
+        records' texts take about 0.25 GB of signatures, and `sketches` needs those of one batch of
+        records at a time."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), num_perm), dtype=np.uint32)
+        for start in range(0, len(ids), BATCH):
+            shingles, counts = self._shingles_inside(ids[start : start + BATCH], size)
             local = np.zeros(len(counts) + 1, dtype=np.int64)
             np.cumsum(counts, out=local[1:])
-            pieces.append(minhash(chunk, local, num_perm))
-            done = stop
-        if len(pieces) > 1:
-            pieces[:] = [np.concatenate(pieces)]
-        return pieces[0] if pieces else np.zeros((0, num_perm), dtype=np.uint32)
+            out[start : start + len(counts)] = minhash(shingles, local, num_perm)
+        return out
 
 
 class _Growing:
@@ -569,18 +561,20 @@ def sketches(documents: Documents, num_perm: int, shingle_size: int) -> tuple[np
     A record's shingles are those wholly inside one of its parts, plus those that cross a boundary
     between parts (plus, for a record shorter than a shingle, the one shingle of all its words).
     MinHash of a union is the elementwise minimum, so each distinct text's inner MinHash is computed
-    once (TextTable.signatures) and a record only adds its few boundary shingles: a system prompt or
-    a house reply shared by a million records is hashed once, not a million times."""
+    once per batch of records it occurs in (TextTable.signatures, not kept past the batch) and a record
+    only adds its few boundary shingles: a system prompt or a house reply shared by a million records
+    is hashed once a batch, not a million times."""
     size = shingle_size
     table = documents.table
     word_hash, text_offsets = table.words()
     text_lengths = np.diff(text_offsets)
-    text_signatures = table.signatures(size, num_perm)
     signatures = np.empty((len(documents), num_perm), dtype=np.uint32)
     word_counts = np.zeros(len(documents), dtype=np.int64)
     for start, stop in documents.batches():
         records = stop - start
         parts = documents.parts[documents.offsets[start] : documents.offsets[stop]]
+        used, part_text = np.unique(parts, return_inverse=True)  # the batch's texts; each part's among them
+        text_signatures = table.signatures(used, size, num_perm)
         part_offsets = documents.offsets[start : stop + 1] - documents.offsets[start]
         part_lengths = text_lengths[parts]
         part_start = np.zeros(len(parts) + 1, dtype=np.int64)  # word positions within the batch
@@ -593,7 +587,7 @@ def sketches(documents: Documents, num_perm: int, shingle_size: int) -> tuple[np
         part_counts = np.diff(part_offsets)
         for k in range(int(part_counts.max(initial=0))):
             having = np.flatnonzero(part_counts > k)
-            inner[having] = np.minimum(inner[having], text_signatures[parts[part_offsets[having] + k]])
+            inner[having] = np.minimum(inner[having], text_signatures[part_text[part_offsets[having] + k]])
         # Windows crossing a boundary: those starting in the size - 1 words before a part's start.
         part_record = np.repeat(np.arange(records), np.diff(part_offsets))
         later_parts = np.flatnonzero(np.arange(len(parts)) != part_offsets[part_record])
@@ -865,8 +859,9 @@ CandidateSearch = Callable[
 def local_candidates(
     documents: Documents, rank: np.ndarray, num_perm: int, shingle_size: int, banding: Banding
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Signatures, band keys and candidate pairs of all records, here. The table's per-text shingles
-    and signatures are dropped once the records are signed: the rest of the search does not need them."""
+    """Signatures, band keys and candidate pairs of all records, here. The per-text shingle hashes the
+    table may hold (matching against references leaves them) are dropped once the records are signed:
+    the rest of the search does not need them."""
     signatures, word_counts = sketches(documents, num_perm, shingle_size)
     documents.table.forget_shingles()
     keys = band_keys(signatures, banding)

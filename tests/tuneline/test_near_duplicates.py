@@ -134,25 +134,35 @@ def test_near_duplicates_follow_the_definition(seed: int) -> None:
     assert reported >= 40 and missed <= reported // 40, (reported, missed)
 
 
-def test_the_search_drops_its_per_text_sketches_and_answers_the_same_again() -> None:
-    """The per-text shingles and signatures (0.25 GB a million records) are gone once the records are
-    signed; a second search on the same table computes them again and finds the same."""
+def test_per_text_signatures_are_made_a_batch_at_a_time_and_give_the_same_sketches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-text signatures (0.25 GB a million records) are made for one batch of records at a time and
+    never kept, and the per-text shingles are gone once the records are signed: signing in batches of
+    a few records, with texts shared across batches, gives the sketches of one batch, and a second
+    search finds the same. A text's signature is the MinHash of its shingles."""
     rng = random.Random(3)
     originals = [sentence(rng, 60) for _ in range(40)]
     texts = originals + [changed(text, rng, 1) for text in originals]
-    documents = Documents.of_texts(texts)
-    signed_texts = documents.table.signatures(3, 64).copy()
+    documents = Documents.build(TextTable(), ([text, originals[k % 5]] for k, text in enumerate(texts)))
+    whole = sketches(documents, 64, 3)
     first = find_near_duplicates(
         documents, np.arange(len(texts)), threshold=0.85, num_perm=64, shingle_size=3
     )
-    assert not documents.table._inner and not documents.table._signatures
+    assert not documents.table._inner
     assert (first.duplicate_of[40:] >= 0).sum() >= 30
+    monkeypatch.setattr(nd, "BATCH", 7)
+    batched = sketches(documents, 64, 3)
+    assert np.array_equal(whole[0], batched[0]) and np.array_equal(whole[1], batched[1])
     again = find_near_duplicates(
         documents, np.arange(len(texts)), threshold=0.85, num_perm=64, shingle_size=3
     )
     assert np.array_equal(first.duplicate_of, again.duplicate_of)
     assert np.array_equal(first.similarity, again.similarity, equal_nan=True)
-    assert np.array_equal(documents.table.signatures(3, 64), signed_texts)
+    ids = np.array([3, 0, 3, 45])
+    alone = Documents.of_texts([documents.table.texts[i] for i in ids.tolist()])
+    shingles, offsets = shingles_of_words(*alone.words(), 3)
+    assert np.array_equal(documents.table.signatures(ids, 3, 64), minhash(shingles, offsets, 64))
 
 
 def test_the_decision_keeps_few_exact_shingle_sets_and_decides_the_same(
