@@ -79,7 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import tiktoken
 
-from tuneline import engines, records
+from tuneline import engines, heap, records
 from tuneline.config import Source, load_config
 from tuneline.demo.synthetic import synthetic_chat_lines
 from tuneline.near_duplicates import (
@@ -158,6 +158,7 @@ def _finish(
     frame: Any, texts: Any, config: Any, timings: dict[str, float], out_dir: Path
 ) -> tuple[dict[str, float], dict[str, int]]:
     """The quality check and the export (both engines run them in this process)."""
+    heap.release_free_memory()  # as the prepare flow does once the batch rules are done
     verdict = timed("quality", timings, lambda: quality.check_quality(frame, config.model, config.validation))
     context = export.RunContext(
         as_of="2026-11-22", config_hash=config.config_hash(), sources=[], partitions=[]

@@ -36,7 +36,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
-from tuneline import engines, jsonl, records, tracking
+from tuneline import engines, heap, jsonl, records, tracking
 from tuneline.config import Config, ConfigError, Source, load_config
 from tuneline.engines import ray_engine
 from tuneline.reporting import RunSummary, render_run_summary
@@ -163,6 +163,7 @@ def prepare_dataset(
         # The normalised texts and their word hashes (about 0.7 GB a million records) end with the
         # batch rules: quality looks at the frame only, export at the frame and its texts.
         del screened
+        heap.release_free_memory()
         verdict = quality.quality_task(frame, config.model, config.validation, method)
         if verdict.success:
             logger.info("data quality passed: %d expectations", len(verdict.outcomes))

@@ -10,8 +10,8 @@ Near-duplicates, in four steps, each linear in the records:
 1. MinHash signatures, datasketch's (scheme "affine32": 32-bit shingle hashes pre-mixed with the
    MurmurHash3 finalizer, then `a * h + b mod 2^32` with datasketch's own permutation parameters),
    computed with numpy for a batch at once instead of one `MinHash.update` per shingle, and once per
-   distinct text for the shingles inside it (`sketches`); tests hold them equal to datasketch's bit
-   for bit;
+   distinct text of a batch of records for the shingles inside it (`sketches`); tests hold them equal
+   to datasketch's bit for bit;
 2. LSH banding with sorted arrays (datasketch's MinHashLSH inserts one key at a time in Python, too
    slow for a million records), bounded per record (`candidate_pairs`);
 3. a signature-agreement filter, then the Jaccard of the 32-bit hashed shingle sets of the pairs
@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tuneline.heap import release_free_memory
 from tuneline.normalize import jaccard, word_shingles
 
 # datasketch's default seed: the permutation parameters are MinHash(num_perm, seed=1).permutations.
@@ -864,6 +865,7 @@ def local_candidates(
     the rest of the search does not need them."""
     signatures, word_counts = sketches(documents, num_perm, shingle_size)
     documents.table.forget_shingles()
+    release_free_memory()  # the signing's temporaries (tuneline/heap.py)
     keys = band_keys(signatures, banding)
     later, earlier = candidate_pairs(keys, rank, word_counts > 0)
     return signatures, later, earlier
@@ -896,6 +898,7 @@ def find_near_duplicates(
     close = agreeing(signatures, later, earlier, threshold)
     del signatures
     later, earlier = later[close], earlier[close]
+    release_free_memory()  # the signatures and the candidate pairs' temporaries (tuneline/heap.py)
     involved = _sorted_unique(np.concatenate([later, earlier]))
     shingles = _DistinctShingles.of(documents, involved, shingle_size)
     at_later, at_earlier = np.searchsorted(involved, later), np.searchsorted(involved, earlier)

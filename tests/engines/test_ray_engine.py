@@ -178,7 +178,7 @@ def test_the_shuffled_candidate_search_gives_the_local_pairs_and_signatures() ->
     rank = np.random.default_rng(3).permutation(len(documents))
     banding = banding_for(64, 0.85)
     expected = local_candidates(documents, rank, 64, 3, banding)
-    config = load_config(overrides={"execution.block_records": 700, "execution.shuffle_partitions": 3})
+    config = load_config(overrides={"execution.block_records": 300, "execution.shuffle_partitions": 3})
     found = ray_engine.RayCandidates(config.execution)(documents, rank, 64, 3, banding)
     assert len(expected[1]) > 100  # templated chats share buckets: there are pairs to find
     for mine, theirs in zip(found, expected, strict=True):

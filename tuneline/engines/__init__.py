@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tuneline import heap
+
 if TYPE_CHECKING:
     from tuneline.config import Config
     from tuneline.engines.blocks import Screened
@@ -48,10 +50,13 @@ def screen(files: Sequence[InputFile], config: Config, eval_examples: Sequence[A
     if config.execution.engine == "ray":
         from tuneline.engines import ray_engine
 
-        return ray_engine.screen(files, config, eval_examples)
-    from tuneline.engines import local
+        screened = ray_engine.screen(files, config, eval_examples)
+    else:
+        from tuneline.engines import local
 
-    return local.screen(files, config, eval_examples)
+        screened = local.screen(files, config, eval_examples)
+    heap.release_free_memory()  # what the blocks' results took before they were put together
+    return screened
 
 
 @task(name="screen", cache_policy=NO_CACHE, persist_result=False)

@@ -54,7 +54,8 @@ from tuneline.tasks import ingest
 log = logging.getLogger(__name__)
 
 # Ray tasks of at most this many blocks at once per CPU of the cluster: the driver holds only the
-# frames that came back, not every block's input at once.
+# frames that came back, not every block's input at once, and the object store only the records of
+# the near-duplicate map tasks that are running or about to.
 _IN_FLIGHT_PER_CPU = 2
 
 _init_lock = threading.Lock()
@@ -94,6 +95,11 @@ def connect(execution: ExecutionConfig) -> Any:
     return ray
 
 
+def _in_flight(ray: Any) -> int:
+    """How many tasks the driver keeps submitted at once (_IN_FLIGHT_PER_CPU per CPU of the cluster)."""
+    return max(2, _IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+
+
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
@@ -115,7 +121,7 @@ def screen(
         name="tuneline.screen_block", max_retries=execution.max_retries, retry_exceptions=False
     )
     shared = [ray.put(value) for value in arguments]
-    limit = max(2, _IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+    limit = _in_flight(ray)
     pending: list[Any] = []
     results: list[blocks.Screened] = []
     # The frames' containers are all alive: the cyclic collector would only walk them again and again.
@@ -212,8 +218,15 @@ class RayCandidates:
         )
         reducer = ray.remote(reduce_buckets).options(name="tuneline.near_duplicates.reduce", **retries)
         step = self.execution.block_records
-        maps = [
-            mapper.remote(
+        # Each map's records (their texts and word hashes: about 0.7 GB a million) go to the object
+        # store as it is submitted, and leave it once it has run: a few at a time, not all at once.
+        limit = _in_flight(ray)
+        maps: list[Any] = []
+        running: list[Any] = []
+        for start in range(0, n, step):
+            if len(running) >= limit:
+                _, running = ray.wait(running, num_returns=1)
+            outputs = mapper.remote(
                 documents.detached(start, min(start + step, n)),
                 start,
                 num_perm,
@@ -221,8 +234,8 @@ class RayCandidates:
                 banding,
                 reducers,
             )
-            for start in range(0, n, step)
-        ]
+            maps.append(outputs)
+            running.append(outputs[0])
         rank_ref = ray.put(np.asarray(rank))
         reduced = [
             reducer.remote(rank_ref, n, banding.bands, *[outputs[1 + r] for outputs in maps])
