@@ -6,13 +6,13 @@ threshold (up to 32 MB) each time a large array is freed, so later arrays below 
 the arenas too: after a phase lets its temporaries go, the process keeps hundreds of MB it no longer
 uses (measured at 1M examples: 0.3 GB after the screen, 0.5 GB after the batch-wide rules), and the
 next phase's peak is counted on top of them. `malloc_trim(0)` returns every free page of the arenas
-(it costs a few milliseconds a GB). Dask's workers do the same (distributed's memory-management
+(about 0.07 s for 1 GB of free pages here). Dask's workers do the same (distributed's memory-management
 docs, "Manually trim memory"); no library wraps it, hence this module. Setting a fixed mmap threshold
 instead (MALLOC_MMAP_THRESHOLD_) lowered the peak a little more but made dedupe a third slower (every
 large temporary became an mmap and its page faults).
 
-Measured with benchmarks/data_plane.py 1000000 on the 2-core dev machine: peak 2.61 -> 2.34 GiB in the
-flow's process, 2.65 -> 2.43 GiB with its workers, the time within the noise.
+Measured with benchmarks/data_plane.py 1000000 on the 2-core dev machine: peak 2.61 -> 2.33 GiB in the
+flow's process, 2.65 -> 2.44 GiB with its workers, the time within the noise.
 
 Where the C library has no malloc_trim (musl, macOS), this does nothing.
 """
