@@ -6,8 +6,8 @@ threshold (up to 32 MB) each time a large array is freed, so later arrays below 
 the arenas too: after a phase lets its temporaries go, the process keeps hundreds of MB it no longer
 uses (measured at 1M examples: 0.3 GB after the screen, 0.5 GB after the batch-wide rules), and the
 next phase's peak is counted on top of them. `malloc_trim(0)` returns every free page of the arenas
-(about 0.07 s for 1 GB of free pages here). Dask's workers do the same (distributed's memory-management
-docs, "Manually trim memory"); no library wraps it, hence this module. Setting a fixed mmap threshold
+(about 0.07 s for 1 GB of free pages here). Dask documents the same remedy for its workers (distributed's
+worker-memory docs, "Manually trim memory"); no library wraps it, hence this module. Setting a fixed mmap threshold
 instead (MALLOC_MMAP_THRESHOLD_) lowered the peak a little more but made dedupe a third slower (every
 large temporary became an mmap and its page faults).
 
