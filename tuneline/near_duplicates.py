@@ -121,7 +121,9 @@ class TextTable:
 
     def __init__(self) -> None:
         self.texts: list[str] = []
-        self._ids: dict[str, int] = {}
+        # text -> id, for `intern`; None until a text is interned again (`drop_index`, unpickling):
+        # about 55 bytes a text, which a table that only looks its texts up by id does without.
+        self._ids: dict[str, int] | None = {}
         self._word_hash: dict[str, int] = {}
         self._words = _Growing(np.uint64)
         self._hashes = _Growing(np.uint64)
@@ -132,24 +134,31 @@ class TextTable:
 
     def __getstate__(self) -> dict[str, object]:
         """What a table sent to another process carries: its texts and their word and text hashes.
-        The rest is rebuilt (the id of each text) or computed again on demand there (shingles,
-        signatures, the hash of each distinct word)."""
+        The rest is rebuilt or computed again there when first needed (the id of each text, shingles,
+        the hash of each distinct word)."""
         return {"texts": self.texts, "words": self._words, "hashes": self._hashes}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__init__()  # type: ignore[misc]
         self.texts = state["texts"]  # type: ignore[assignment]
-        self._ids = {text: index for index, text in enumerate(self.texts)}
+        self._ids = None
         self._words = state["words"]  # type: ignore[assignment]
         self._hashes = state["hashes"]  # type: ignore[assignment]
 
     def intern(self, normalized: str) -> int:
         """The id of a normalised text (single spaces between words, none at the ends)."""
-        found = self._ids.get(normalized)
+        ids = self._ids
+        if ids is None:
+            ids = self._ids = {text: index for index, text in enumerate(self.texts)}
+        found = ids.get(normalized)
         if found is None:
-            found = self._ids[normalized] = len(self.texts)
+            found = ids[normalized] = len(self.texts)
             self.texts.append(normalized)
         return found
+
+    def drop_index(self) -> None:
+        """Let the text -> id index go; `intern` builds it again if it is ever called."""
+        self._ids = None
 
     def words(self) -> tuple[np.ndarray, np.ndarray]:
         """(word hashes of all texts, flat uint64; offsets, int64, len(self) + 1)."""
@@ -340,6 +349,7 @@ class Documents:
                     values, value_offsets = getattr(part.table, cached).values()
                     lengths = value_offsets[new + 1] - value_offsets[new]
                     growing.add(values[_ranges(value_offsets[new], lengths)], lengths)
+        table.drop_index()  # a batch put together looks its texts up by id only
         return cls(
             table,
             np.concatenate(parts_ids) if parts_ids else np.zeros(0, dtype=np.int64),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 import random
 import subprocess
 import sys
@@ -81,6 +82,26 @@ def test_documents_join_their_parts_and_keep_word_hashes_stable() -> None:
     again, _ = Documents.of_texts(["user hello there"]).words()
     assert (first[:3] == again).all()  # blake2b of the words: the same in any table or process
     assert documents.subset(np.array([1])).text(0) == "user hello there"
+
+
+def test_a_table_without_its_index_interns_as_before() -> None:
+    """A table sent to another process, or put together from blocks, drops its text -> id index (about
+    55 bytes a text) and builds it again only if a text is interned."""
+    first = Documents.build(TextTable(), [["user", "hello there"], ["assistant", "hi"]])
+    second = Documents.build(TextTable(), [["user", "bye"], ["assistant", "hi"]])
+    sent = pickle.loads(pickle.dumps(first))
+    assert sent.table._ids is None
+    assert [sent.table.intern(t) for t in ("hi", "user", "new")] == [3, 0, 4]
+    joined = Documents.concat([first, second])
+    assert joined.table._ids is None
+    assert [joined.text(k) for k in range(4)] == [
+        "user hello there",
+        "assistant hi",
+        "user bye",
+        "assistant hi",
+    ]
+    assert joined.table.intern("bye") == joined.table.texts.index("bye")
+    assert joined.table.intern("another") == len(joined.table) - 1
 
 
 def test_exact_duplicates_are_equal_texts_whatever_their_parts() -> None:
