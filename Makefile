@@ -34,9 +34,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The slowest tests are printed at the end, so that every run (CI's too) shows where the suite's time goes.
 test: lint typecheck
 	mkdir -p $(PREFECT_HOME)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_plane.py 100000
