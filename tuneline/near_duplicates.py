@@ -141,7 +141,7 @@ class TextTable:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__init__()  # type: ignore[misc]
         self.texts = state["texts"]  # type: ignore[assignment]
-        self._ids = None
+        self.drop_index()  # built again only if a text is interned here
         self._words = state["words"]  # type: ignore[assignment]
         self._hashes = state["hashes"]  # type: ignore[assignment]
 
