@@ -18,7 +18,9 @@ import pytest
 from tuneline.server.launcher import free_port, start_server
 
 
-def test_missing_or_wrong_key_gets_401_in_the_openai_shape(server: Any, client: Any, validate: Any) -> None:
+def test_missing_or_wrong_key_gets_401_in_the_openai_shape(
+    server: Any, client: Any, validate: Any, wait_for: Any
+) -> None:
     missing = httpx.get(f"{server.base_url}/models", timeout=30)
     assert missing.status_code == 401
     validate("ErrorResponse", missing.json())
@@ -36,8 +38,13 @@ def test_missing_or_wrong_key_gets_401_in_the_openai_shape(server: Any, client: 
         openai.OpenAI(base_url=server.base_url, api_key=wrong_key, max_retries=0).models.list()
     assert [m.id for m in client.models.list()]  # the right key works
 
-    log = server.log_path.read_text(encoding="utf-8")
-    assert "GET /v1/models -> 401" in log and "GET /v1/models -> 200" in log
+    # A request's line is written once its response has gone: wait for the last one, bounded.
+    log = wait_for(
+        lambda: (text := server.log_path.read_text(encoding="utf-8")).count("GET /v1/models -> 200") and text,
+        timeout_s=10,
+        what="the successful request's log line",
+    )
+    assert "GET /v1/models -> 401" in log
     assert server.api_key not in log and wrong_key not in log
 
 

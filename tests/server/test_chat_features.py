@@ -232,7 +232,7 @@ def test_json_object_answers_parse_or_fail_in_openai_shape(client: Any, validate
         )
 
 
-def test_every_response_carries_a_request_id(client: Any, server: Any) -> None:
+def test_every_response_carries_a_request_id(client: Any, server: Any, wait_for: Any) -> None:
     seen = set()
     answer = client.chat.completions.with_raw_response.create(
         model="tuneline-tiny", messages=QUESTION, max_tokens=2
@@ -247,8 +247,13 @@ def test_every_response_carries_a_request_id(client: Any, server: Any) -> None:
     assert unauthorized.status_code == 401
     seen.add(unauthorized.headers["x-request-id"])
     assert len(seen) == 4 and all(s.startswith("req_") and len(s) == 36 for s in seen)
-    logged = Path(server.log_path).read_text(encoding="utf-8")
-    assert unauthorized.headers["x-request-id"] in logged
+    # The line is written once the response has gone (it carries the request's duration), so the
+    # client can read the response a moment before the server's log has it: wait for it, bounded.
+    wait_for(
+        lambda: unauthorized.headers["x-request-id"] in Path(server.log_path).read_text(encoding="utf-8"),
+        timeout_s=10,
+        what="the refused request's log line",
+    )
 
 
 def test_jobs_listed_with_metadata_null_are_those_without_metadata(
