@@ -430,18 +430,17 @@ def _exact_duplicates(
 ) -> np.ndarray:
     """Rule 3; returns which of `positions` it quarantined."""
     duplicated = np.zeros(len(positions), dtype=bool)
-    considered = np.flatnonzero(alive)
-    first = find_exact_duplicates(documents.subset(considered), rank[positions[considered]])
+    first = find_exact_duplicates(documents, rank[positions], eligible=alive)
     found = np.flatnonzero(first >= 0)
-    originals = positions[considered[first[found]]]
-    rows = positions[considered[found]]
+    originals = positions[first[found]]
+    rows = positions[found]
     stage.quarantine(
         rows,
         records.EXACT_DUPLICATE,
         [f"the same normalised example as {stage.describe(o)}, which is kept" for o in originals.tolist()],
         originals.tolist(),
     )
-    duplicated[considered[found]] = True
+    duplicated[found] = True
     return duplicated
 
 
@@ -456,19 +455,19 @@ def _near_duplicates(
 ) -> np.ndarray:
     """Rule 4; returns which of `positions` it quarantined."""
     duplicated = np.zeros(len(positions), dtype=bool)
-    considered = np.flatnonzero(alive)
     result = find_near_duplicates(
-        documents.subset(considered),
-        rank[positions[considered]],
+        documents,
+        rank[positions],
         threshold=config.near_duplicate_threshold,
         num_perm=config.num_perm,
         shingle_size=config.shingle_size,
         candidates=candidates,
+        eligible=alive,
     )
     found = np.flatnonzero(result.duplicate_of >= 0)
-    originals = positions[considered[result.duplicate_of[found]]]
+    originals = positions[result.duplicate_of[found]]
     stage.quarantine(
-        positions[considered[found]],
+        positions[found],
         records.NEAR_DUPLICATE,
         [
             f"a near-duplicate of {stage.describe(o)}, which is kept: word {config.shingle_size}-shingle "
@@ -483,7 +482,7 @@ def _near_duplicates(
         result.compared,
         result.confirmed,
     )
-    duplicated[considered[found]] = True
+    duplicated[found] = True
     return duplicated
 
 

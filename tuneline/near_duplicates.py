@@ -116,8 +116,9 @@ def _word_hash(word: str) -> int:
 class TextTable:
     """Distinct normalised texts, each with an id; the stable 64-bit hashes of their words (the same in
     every process and run: blake2b of each distinct word), and per text, the hashes of the shingles that
-    lie wholly inside it. Computed on demand, once per text, as texts are added; the MinHash of those
-    shingles is computed for the texts asked for and not kept (`signatures`)."""
+    lie wholly inside it. Computed on demand, once per text, as texts are added (or, for some texts
+    only, without keeping them: `words_of`); the MinHash of those shingles is computed for the texts
+    asked for and not kept (`signatures`)."""
 
     def __init__(self) -> None:
         self.texts: list[str] = []
@@ -133,17 +134,16 @@ class TextTable:
         return len(self.texts)
 
     def __getstate__(self) -> dict[str, object]:
-        """What a table sent to another process carries: its texts and their word and text hashes.
-        The rest is rebuilt or computed again there when first needed (the id of each text, shingles,
-        the hash of each distinct word)."""
-        return {"texts": self.texts, "words": self._words, "hashes": self._hashes}
+        """What a table sent to another process carries: its texts. The rest is computed again there
+        if it is needed (the id of each text, word and shingle hashes): a block's records come back
+        with their Fingerprints, and the batch needs the words of only the few records the
+        near-duplicate decision compares (`Documents.words`), about 0.36 kB a record less to hold."""
+        return {"texts": self.texts}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__init__()  # type: ignore[misc]
         self.texts = state["texts"]  # type: ignore[assignment]
         self.drop_index()  # built again only if a text is interned here
-        self._words = state["words"]  # type: ignore[assignment]
-        self._hashes = state["hashes"]  # type: ignore[assignment]
 
     def intern(self, normalized: str) -> int:
         """The id of a normalised text (single spaces between words, none at the ends)."""
@@ -164,26 +164,48 @@ class TextTable:
         """(word hashes of all texts, flat uint64; offsets, int64, len(self) + 1)."""
         while self._words.count < len(self.texts):
             start = self._words.count
-            chunk = self.texts[start : start + BATCH]
-            split = pc.split_pattern(pa.array(chunk, type=pa.large_string()), " ")
-            lengths = pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
-            flat = split.flatten()
-            empty = [k for k, text in enumerate(chunk) if not text]
-            if empty:  # "" splits into one empty word; an empty text has none
-                keep = np.ones(len(flat), dtype=bool)
-                keep[(np.cumsum(lengths) - lengths)[empty]] = False
-                flat = flat.filter(pa.array(keep))
-                lengths[empty] = 0
-            encoded = pc.dictionary_encode(flat)
-            known = self._word_hash
-            distinct = encoded.dictionary.to_pylist()
-            for word in distinct:
-                if word not in known:
-                    known[word] = _word_hash(word)
-            table = np.fromiter((known[w] for w in distinct), dtype=np.uint64, count=len(distinct))
-            codes = encoded.indices.to_numpy(zero_copy_only=False)
-            self._words.add(table[codes] if len(codes) else np.zeros(0, dtype=np.uint64), lengths)
+            self._words.add(*self._split(self.texts[start : start + BATCH]))
         return self._words.values()
+
+    def has_words(self) -> bool:
+        """Whether the word hashes of every text are kept (`words` made them)."""
+        return self._words.count == len(self.texts)
+
+    def words_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(word hashes of the texts `ids`, flat; their offsets), made for them without keeping them
+        (only the hash of each distinct word is kept)."""
+        values: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        texts = self.texts
+        for start in range(0, len(ids), BATCH):
+            hashes, counts = self._split([texts[i] for i in ids[start : start + BATCH].tolist()])
+            values.append(hashes)
+            lengths.append(counts)
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        if lengths:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return (np.concatenate(values) if values else np.zeros(0, dtype=np.uint64)), offsets
+
+    def _split(self, chunk: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the word hashes of the texts `chunk`, flat; each one's word count)."""
+        split = pc.split_pattern(pa.array(chunk, type=pa.large_string()), " ")
+        lengths = pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = split.flatten()
+        empty = [k for k, text in enumerate(chunk) if not text]
+        if empty:  # "" splits into one empty word; an empty text has none
+            keep = np.ones(len(flat), dtype=bool)
+            keep[(np.cumsum(lengths) - lengths)[empty]] = False
+            flat = flat.filter(pa.array(keep))
+            lengths[empty] = 0
+        encoded = pc.dictionary_encode(flat)
+        known = self._word_hash
+        distinct = encoded.dictionary.to_pylist()
+        for word in distinct:
+            if word not in known:
+                known[word] = _word_hash(word)
+        table = np.fromiter((known[w] for w in distinct), dtype=np.uint64, count=len(distinct))
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        return (table[codes] if len(codes) else np.zeros(0, dtype=np.uint64)), lengths
 
     def hashes(self) -> tuple[np.ndarray, np.ndarray]:
         """(the polynomial hash of each text's word sequence, see content_hashes; its word count)."""
@@ -226,18 +248,18 @@ class TextTable:
         they are computed again if asked for."""
         self._inner.clear()
 
-    def signatures(self, ids: np.ndarray, size: int, num_perm: int) -> np.ndarray:
-        """The MinHash of the inner shingles of each text of `ids`, shape (len(ids), num_perm); all
-        2**32 - 1 for a text without any. Made a batch of texts at a time and not kept: a million
+    def signatures(self, ids: np.ndarray, signing: Signing) -> np.ndarray:
+        """The MinHash of the inner shingles of each text of `ids`, shape (len(ids), signing.num_perm);
+        all 2**32 - 1 for a text without any. Made a batch of texts at a time and not kept: a million
         records' texts take about 0.25 GB of signatures, and `sketches` needs those of one batch of
         records at a time."""
         ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), num_perm), dtype=np.uint32)
+        out = np.empty((len(ids), signing.num_perm), dtype=np.uint32)
         for start in range(0, len(ids), BATCH):
-            shingles, counts = self._shingles_inside(ids[start : start + BATCH], size)
+            shingles, counts = self._shingles_inside(ids[start : start + BATCH], signing.shingle_size)
             local = np.zeros(len(counts) + 1, dtype=np.int64)
             np.cumsum(counts, out=local[1:])
-            out[start : start + len(counts)] = minhash(shingles, local, num_perm)
+            out[start : start + len(counts)] = minhash(shingles, local, signing.permutation)
         return out
 
 
@@ -271,11 +293,14 @@ class _Growing:
 @dataclass(frozen=True)
 class Documents:
     """Records as sequences of texts of a TextTable: record i is the space-joined texts
-    table.texts[parts[offsets[i]:offsets[i + 1]]]. Parts are never empty texts."""
+    table.texts[parts[offsets[i]:offsets[i + 1]]]. Parts are never empty texts. `fingerprints`, when
+    set (`fingerprinted`), are the records' hashes and signatures, made where the records were
+    screened and carried along by `subset` and `concat`; the duplicate searches make them when not."""
 
     table: TextTable
     parts: np.ndarray  # int64 text ids
     offsets: np.ndarray  # int64, len(self) + 1
+    fingerprints: Fingerprints | None = None
 
     @classmethod
     def build(cls, table: TextTable, records: Iterable[Sequence[str]]) -> Documents:
@@ -302,65 +327,57 @@ class Documents:
         return " ".join(texts[p] for p in self.parts[self.offsets[index] : self.offsets[index + 1]].tolist())
 
     def subset(self, indices: np.ndarray) -> Documents:
-        """The records at `indices`, in that order."""
+        """The records at `indices`, in that order (with their fingerprints, if set)."""
         indices = np.asarray(indices, dtype=np.int64)
         counts = self.offsets[indices + 1] - self.offsets[indices]
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        return Documents(self.table, self.parts[_ranges(self.offsets[indices], counts)], offsets)
+        fingerprints = self.fingerprints.subset(indices) if self.fingerprints is not None else None
+        return Documents(
+            self.table, self.parts[_ranges(self.offsets[indices], counts)], offsets, fingerprints
+        )
 
-    def detached(self, start: int, stop: int) -> Documents:
-        """Records start..stop with a table of their own texts only: what a task elsewhere needs of
-        them (a record's signature and words depend on its texts, not on the table they sit in)."""
-        parts = self.parts[self.offsets[start] : self.offsets[stop]]
-        used, local = np.unique(parts, return_inverse=True)
-        table = TextTable()
-        texts = self.table.texts
-        for text_id in used.tolist():
-            table.intern(texts[text_id])
-        offsets = self.offsets[start : stop + 1] - self.offsets[start]
-        return Documents(table, local.astype(np.int64).reshape(-1), offsets)
+    def fingerprinted(self, signing: Signing) -> Documents:
+        """These records with their fingerprints made (Fingerprints.of)."""
+        return Documents(self.table, self.parts, self.offsets, Fingerprints.of(self, signing))
 
     @classmethod
     def concat(cls, parts: Sequence[Documents]) -> Documents:
-        """The records of several Documents, in order, over one new table (each distinct text once).
-        The word and text hashes the parts' tables already hold are carried over rather than computed
-        again (both are functions of the text alone): what a block's task computed is not redone
-        where the blocks are put together."""
+        """The records of several Documents, in order, over one new table (each distinct text once),
+        with their fingerprints if every part has them: what a block's task made is not redone where
+        the blocks are put together."""
         table = TextTable()
         parts_ids: list[np.ndarray] = []
         offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         total = 0
-        added: list[np.ndarray] = []  # per part: its local ids of the texts new to the table, in order
         intern = table.intern
         for part in parts:
-            before = len(table)
             global_ids = np.fromiter(
                 (intern(text) for text in part.table.texts), dtype=np.int64, count=len(part.table)
             )
-            added.append(np.flatnonzero(global_ids >= before))
             parts_ids.append(global_ids[part.parts])
             offsets.append(part.offsets[1:] + total)
             total += len(part.parts)
-        for cached in ("_words", "_hashes"):
-            if parts and all(getattr(p.table, cached).count == len(p.table) for p in parts):
-                growing: _Growing = getattr(table, cached)
-                for part, new in zip(parts, added, strict=True):
-                    values, value_offsets = getattr(part.table, cached).values()
-                    lengths = value_offsets[new + 1] - value_offsets[new]
-                    growing.add(values[_ranges(value_offsets[new], lengths)], lengths)
         table.drop_index()  # a batch put together looks its texts up by id only
+        made = [part.fingerprints for part in parts if part.fingerprints is not None]
         return cls(
             table,
             np.concatenate(parts_ids) if parts_ids else np.zeros(0, dtype=np.int64),
             np.concatenate(offsets),
+            Fingerprints.concat(made) if made and len(made) == len(parts) else None,
         )
 
     def words(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(word hashes of records start..stop, flat; their offsets, from 0)."""
+        """(word hashes of records start..stop, flat; their offsets, from 0). From the words the
+        table keeps, or, if it keeps none, from those of these records' texts, made now and let go."""
         stop = len(self) if stop is None else stop
-        word_hash, text_offsets = self.table.words()
         parts = self.parts[self.offsets[start] : self.offsets[stop]]
+        if self.table.has_words():
+            word_hash, text_offsets = self.table.words()
+        else:
+            used, parts = np.unique(parts, return_inverse=True)
+            parts = parts.reshape(-1)
+            word_hash, text_offsets = self.table.words_of(used)
         part_lengths = np.diff(text_offsets)[parts]
         cumulative = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum(part_lengths, out=cumulative[1:])
@@ -416,15 +433,21 @@ def content_hashes(documents: Documents) -> np.ndarray:
     return _mix64(sums)
 
 
-def find_exact_duplicates(documents: Documents, rank: np.ndarray) -> np.ndarray:
+def find_exact_duplicates(
+    documents: Documents, rank: np.ndarray, eligible: np.ndarray | None = None
+) -> np.ndarray:
     """For each record, the index of the first (lowest rank) record with the same normalised text, or
-    -1 when it is that first record itself. Hash groups are confirmed by comparing the texts."""
+    -1 when it is that first record itself. Hash groups (content_hashes, from the records'
+    fingerprints if set) are confirmed by comparing the texts. Only the `eligible` records (default:
+    all) are looked at: the others are neither marked nor named."""
     n = len(documents)
     first = np.full(n, -1, dtype=np.int64)
     if n < 2:
         return first
-    keys = content_hashes(documents)
-    order = np.lexsort((rank, keys))
+    fingerprints = documents.fingerprints
+    keys = fingerprints.content if fingerprints is not None else content_hashes(documents)
+    among = np.arange(n) if eligible is None else np.flatnonzero(eligible)
+    order = among[np.lexsort((rank[among], keys[among]))]
     sorted_keys = keys[order]
     same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
     if not len(same):
@@ -476,6 +499,25 @@ def min_agreement(num_perm: int, threshold: float, miss: float = PREFILTER_MISS)
     from scipy.stats import binom  # imported here: see permutations
 
     return int(binom.ppf(miss, num_perm, threshold))
+
+
+@dataclass(frozen=True)
+class Signing:
+    """How records are signed: the MinHash of their word shingles of `shingle_size` words under
+    datasketch's affine32 permutations (a, b). Made once by the process that decides (`signing`) and
+    handed to the processes that sign, which so never import datasketch."""
+
+    shingle_size: int
+    permutation: tuple[np.ndarray, np.ndarray]
+
+    @property
+    def num_perm(self) -> int:
+        return len(self.permutation[0])
+
+
+def signing(num_perm: int, shingle_size: int) -> Signing:
+    """The Signing of `num_perm` permutations over shingles of `shingle_size` words."""
+    return Signing(shingle_size, permutations(num_perm))
 
 
 @cache
@@ -531,12 +573,16 @@ def _fmix32(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def minhash(shingles: np.ndarray, offsets: np.ndarray, num_perm: int) -> np.ndarray:
+def minhash(
+    shingles: np.ndarray, offsets: np.ndarray, permutation: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
     """The MinHash signature of each record, shape (records, num_perm), uint32: row i equals the
     hashvalues of datasketch's MinHash(num_perm, scheme="affine32", hashfunc=identity) updated with
-    the record's 32-bit shingle hashes (the high half of the 64-bit ones). A record without shingles
-    gets the empty signature (all 2**32 - 1)."""
-    a, b = permutations(num_perm)
+    the record's 32-bit shingle hashes (the high half of the 64-bit ones), given its permutation
+    parameters (`permutations(num_perm)`). A record without shingles gets the empty signature (all
+    2**32 - 1)."""
+    a, b = permutation
+    num_perm = len(a)
     n = len(offsets) - 1
     out = np.full((num_perm, n), np.iinfo(np.uint32).max, dtype=np.uint32)
     mixed = _fmix32((shingles >> _U64(32)).astype(np.uint32))
@@ -565,7 +611,7 @@ def minhash(shingles: np.ndarray, offsets: np.ndarray, num_perm: int) -> np.ndar
 _MAX32 = np.iinfo(np.uint32).max
 
 
-def sketches(documents: Documents, num_perm: int, shingle_size: int) -> tuple[np.ndarray, np.ndarray]:
+def sketches(documents: Documents, signing: Signing) -> tuple[np.ndarray, np.ndarray]:
     """(the MinHash signature of every record, shape (records, num_perm), equal to `minhash` over its
     `shingles_of_words`; every record's word count).
 
@@ -575,7 +621,7 @@ def sketches(documents: Documents, num_perm: int, shingle_size: int) -> tuple[np
     once per batch of records it occurs in (TextTable.signatures, not kept past the batch) and a record
     only adds its few boundary shingles: a system prompt or a house reply shared by a million records
     is hashed once a batch, not a million times."""
-    size = shingle_size
+    size, num_perm = signing.shingle_size, signing.num_perm
     table = documents.table
     word_hash, text_offsets = table.words()
     text_lengths = np.diff(text_offsets)
@@ -585,7 +631,7 @@ def sketches(documents: Documents, num_perm: int, shingle_size: int) -> tuple[np
         records = stop - start
         parts = documents.parts[documents.offsets[start] : documents.offsets[stop]]
         used, part_text = np.unique(parts, return_inverse=True)  # the batch's texts; each part's among them
-        text_signatures = table.signatures(used, size, num_perm)
+        text_signatures = table.signatures(used, signing)
         part_offsets = documents.offsets[start : stop + 1] - documents.offsets[start]
         part_lengths = text_lengths[parts]
         part_start = np.zeros(len(parts) + 1, dtype=np.int64)  # word positions within the batch
@@ -629,8 +675,45 @@ def sketches(documents: Documents, num_perm: int, shingle_size: int) -> tuple[np
         window_owner = np.searchsorted(record_start, starts, side="right") - 1
         window_offsets = np.zeros(records + 1, dtype=np.int64)
         np.cumsum(np.bincount(window_owner, minlength=records), out=window_offsets[1:])
-        np.minimum(inner, minhash(_mix64(h), window_offsets, num_perm), out=signatures[start:stop])
+        np.minimum(inner, minhash(_mix64(h), window_offsets, signing.permutation), out=signatures[start:stop])
     return signatures, word_counts
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """What the duplicate searches need of each record that is a function of the record alone: its
+    content hash (content_hashes), word count and MinHash signature (sketches). Made per block where
+    the records are screened, in parallel (tuneline/engines/blocks.py), so that the batch holds them
+    and not the hashes of every record's words."""
+
+    content: np.ndarray  # uint64
+    word_counts: np.ndarray  # int64
+    signatures: np.ndarray  # uint32, (records, num_perm)
+    shingle_size: int
+
+    @classmethod
+    def of(cls, documents: Documents, signing: Signing) -> Fingerprints:
+        signatures, word_counts = sketches(documents, signing)
+        return cls(content_hashes(documents), word_counts, signatures, signing.shingle_size)
+
+    def signed_as(self, num_perm: int, shingle_size: int) -> bool:
+        """Whether the signatures are those of `num_perm` permutations over `shingle_size` words."""
+        return self.signatures.shape[1] == num_perm and self.shingle_size == shingle_size
+
+    def subset(self, indices: np.ndarray) -> Fingerprints:
+        return Fingerprints(
+            self.content[indices], self.word_counts[indices], self.signatures[indices], self.shingle_size
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Fingerprints]) -> Fingerprints:
+        assert len({(p.signatures.shape[1], p.shingle_size) for p in parts}) == 1, "signed differently"
+        return cls(
+            np.concatenate([p.content for p in parts]),
+            np.concatenate([p.word_counts for p in parts]),
+            np.concatenate([p.signatures for p in parts]),
+            parts[0].shingle_size,
+        )
 
 
 def band_keys(signatures: np.ndarray, banding: Banding) -> np.ndarray:
@@ -858,27 +941,18 @@ class NearDuplicates:
     confirmed: int  # pairs whose Jaccard was computed on the words themselves
 
 
-# The candidate search of find_near_duplicates: (documents, rank, num_perm, shingle_size, banding) ->
-# (every record's signature, pairs (later, earlier) as candidate_pairs gives them). `local_candidates`
-# runs it in this process; the ray engine as map (signatures per block) -> shuffle (band entries by
-# bucket) -> reduce (pairs per bucket, then their union).
-CandidateSearch = Callable[
-    [Documents, np.ndarray, int, int, Banding], tuple[np.ndarray, np.ndarray, np.ndarray]
-]
+# The candidate search of find_near_duplicates: (signatures, eligible, rank, banding) -> the pairs
+# (later, earlier) of eligible records that candidate_pairs gives. `local_candidates` runs it in this
+# process; the ray engine as map (band keys per block) -> shuffle (band entries by bucket) -> reduce
+# (pairs per bucket, then their union).
+CandidateSearch = Callable[[np.ndarray, np.ndarray, np.ndarray, Banding], tuple[np.ndarray, np.ndarray]]
 
 
 def local_candidates(
-    documents: Documents, rank: np.ndarray, num_perm: int, shingle_size: int, banding: Banding
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Signatures, band keys and candidate pairs of all records, here. The per-text shingle hashes the
-    table may hold (matching against references leaves them) are dropped once the records are signed:
-    the rest of the search does not need them."""
-    signatures, word_counts = sketches(documents, num_perm, shingle_size)
-    documents.table.forget_shingles()
-    release_free_memory()  # the signing's temporaries (tuneline/heap.py)
-    keys = band_keys(signatures, banding)
-    later, earlier = candidate_pairs(keys, rank, word_counts > 0)
-    return signatures, later, earlier
+    signatures: np.ndarray, eligible: np.ndarray, rank: np.ndarray, banding: Banding
+) -> tuple[np.ndarray, np.ndarray]:
+    """Band keys and candidate pairs of the eligible records, here."""
+    return candidate_pairs(band_keys(signatures, banding), rank, eligible)
 
 
 def find_near_duplicates(
@@ -889,26 +963,34 @@ def find_near_duplicates(
     num_perm: int,
     shingle_size: int,
     candidates: CandidateSearch | None = None,
+    eligible: np.ndarray | None = None,
 ) -> NearDuplicates:
     """Mark each record whose word-shingle Jaccard with an earlier (lower rank) *kept* record is >=
     threshold; the earlier one stays kept. Records are decided in rank order, so a record similar only
     to a record that is itself a near-duplicate stays kept. Records without words are never
-    near-duplicates (exact duplicates are another rule)."""
+    near-duplicates (exact duplicates are another rule). Only the `eligible` records (default: all)
+    are looked at: the others are neither marked nor named, as if they were not there. The records'
+    fingerprints are used if they were signed so, else made here."""
     n = len(documents)
     duplicate_of = np.full(n, -1, dtype=np.int64)
     similarity = np.full(n, np.nan)
     if n < 2:
         return NearDuplicates(duplicate_of, similarity, 0, 0, 0)
     rank = np.asarray(rank)
+    fingerprints = documents.fingerprints
+    if fingerprints is None or not fingerprints.signed_as(num_perm, shingle_size):
+        fingerprints = Fingerprints.of(documents, signing(num_perm, shingle_size))
+        documents.table.forget_shingles()  # those matching against references left: not needed here
+        release_free_memory()  # the signing's temporaries (tuneline/heap.py)
+    signatures = fingerprints.signatures
+    eligible = fingerprints.word_counts > 0 if eligible is None else eligible & (fingerprints.word_counts > 0)
     search = candidates or local_candidates
-    signatures, later, earlier = search(
-        documents, rank, num_perm, shingle_size, banding_for(num_perm, threshold)
-    )
+    later, earlier = search(signatures, eligible, rank, banding_for(num_perm, threshold))
     proposed = len(later)
     close = agreeing(signatures, later, earlier, threshold)
-    del signatures
+    del signatures, fingerprints
     later, earlier = later[close], earlier[close]
-    release_free_memory()  # the signatures and the candidate pairs' temporaries (tuneline/heap.py)
+    release_free_memory()  # the candidate pairs' temporaries (tuneline/heap.py)
     involved = _sorted_unique(np.concatenate([later, earlier]))
     shingles = _DistinctShingles.of(documents, involved, shingle_size)
     at_later, at_earlier = np.searchsorted(involved, later), np.searchsorted(involved, earlier)

@@ -24,6 +24,7 @@ from tuneline import jsonl, records, text_store
 from tuneline.config import load_config
 from tuneline.engines import blocks, local
 from tuneline.flows.backfill import PREPARED, backfill
+from tuneline.near_duplicates import Fingerprints, signing
 from tuneline.tasks import dedupe, export, ingest, validate
 
 
@@ -112,8 +113,18 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
         screened = local.screen(files, config, eval_examples(config))
     assert "on 2 process(es)" in caplog.text
     assert_same(screened, frame, documents)
-    # The word hashes came back with the blocks' tables: every record's words are those computed here.
-    assert screened.documents.table._words.count == len(screened.documents.table)  # carried, not redone
+    # The blocks signed their records: the fingerprints that came back are those of one pass, and
+    # the words, which did not come back, are made again on demand as they were.
+    assert not screened.documents.table.has_words()
+    made = Fingerprints.of(documents, signing(config.dedupe.num_perm, config.dedupe.shingle_size))
+    came = screened.documents.fingerprints
+    assert came is not None and len(came.content) == len(documents)
+    for mine, theirs in zip(
+        (came.content, came.word_counts, came.signatures),
+        (made.content, made.word_counts, made.signatures),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(mine, theirs)
     for mine, theirs in zip(screened.documents.words(), documents.words(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
 

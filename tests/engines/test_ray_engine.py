@@ -30,7 +30,14 @@ from tuneline.demo.synthetic import synthetic_chat_lines  # noqa: E402
 from tuneline.engines import blocks, ray_engine  # noqa: E402
 from tuneline.flows.backfill import PREPARED, backfill  # noqa: E402
 from tuneline.flows.prepare import PrepareResult, prepare  # noqa: E402
-from tuneline.near_duplicates import Documents, TextTable, banding_for, local_candidates  # noqa: E402
+from tuneline.near_duplicates import (  # noqa: E402
+    Documents,
+    Fingerprints,
+    TextTable,
+    banding_for,
+    local_candidates,
+    signing,
+)
 from tuneline.normalize import normalize_text  # noqa: E402
 from tuneline.tasks import dedupe, export, ingest, validate  # noqa: E402
 
@@ -167,7 +174,7 @@ def parsed(line: str) -> Any:
         return None
 
 
-def test_the_shuffled_candidate_search_gives_the_local_pairs_and_signatures() -> None:
+def test_the_shuffled_candidate_search_gives_the_local_pairs() -> None:
     chats = [parsed(line) for line in synthetic_chat_lines(3000, seed=7)]
     turns = [
         [normalize_text(m["content"]) for m in chat["messages"] if isinstance(m.get("content"), str)]
@@ -177,12 +184,19 @@ def test_the_shuffled_candidate_search_gives_the_local_pairs_and_signatures() ->
     documents = Documents.build(TextTable(), turns)
     rank = np.random.default_rng(3).permutation(len(documents))
     banding = banding_for(64, 0.85)
-    expected = local_candidates(documents, rank, 64, 3, banding)
-    config = load_config(overrides={"execution.block_records": 300, "execution.shuffle_partitions": 3})
-    found = ray_engine.RayCandidates(config.execution)(documents, rank, 64, 3, banding)
+    fingerprints = Fingerprints.of(documents, signing(64, 3))
+    eligible = fingerprints.word_counts > 0
+    eligible[::7] = False  # records an earlier rule took out: never paired
+    expected = local_candidates(fingerprints.signatures, eligible, rank, banding)
     assert len(expected[1]) > 100  # templated chats share buckets: there are pairs to find
-    for mine, theirs in zip(found, expected, strict=True):
-        np.testing.assert_array_equal(mine, theirs)
+    assert not np.isin(np.concatenate(expected), np.flatnonzero(~eligible)).any()
+    for partitions in (3, 1):  # one reducer: a map task's one return value is its entries
+        config = load_config(
+            overrides={"execution.block_records": 300, "execution.shuffle_partitions": partitions}
+        )
+        found = ray_engine.RayCandidates(config.execution)(fingerprints.signatures, eligible, rank, banding)
+        for mine, theirs in zip(found, expected, strict=True):
+            np.testing.assert_array_equal(mine, theirs)
 
 
 def eval_examples(config: Any) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import subprocess
@@ -11,8 +12,12 @@ import pytest
 from datasketch import MinHash
 
 from tuneline import near_duplicates as nd
+from tuneline.config import load_config
+from tuneline.demo.synthetic import synthetic_chat_lines
+from tuneline.engines import blocks
 from tuneline.near_duplicates import (
     Documents,
+    Fingerprints,
     TextTable,
     banding_for,
     candidate_pairs,
@@ -56,7 +61,7 @@ def test_signatures_equal_datasketch_bit_for_bit() -> None:
     rng = random.Random(1)
     documents = Documents.of_texts([sentence(rng, n) for n in (1, 2, 3, 10, 57)] + [""])
     shingles, offsets = shingles_of_words(*documents.words(), 3)
-    signatures = minhash(shingles, offsets, 64)
+    signatures = minhash(shingles, offsets, nd.permutations(64))
     for i in range(len(documents)):
         reference = MinHash(num_perm=64, scheme="affine32", hashfunc=lambda value: value)
         reference.update_batch((shingles[offsets[i] : offsets[i + 1]] >> np.uint64(32)).tolist())
@@ -166,14 +171,14 @@ def test_per_text_signatures_are_made_a_batch_at_a_time_and_give_the_same_sketch
     originals = [sentence(rng, 60) for _ in range(40)]
     texts = originals + [changed(text, rng, 1) for text in originals]
     documents = Documents.build(TextTable(), ([text, originals[k % 5]] for k, text in enumerate(texts)))
-    whole = sketches(documents, 64, 3)
+    whole = sketches(documents, nd.signing(64, 3))
     first = find_near_duplicates(
         documents, np.arange(len(texts)), threshold=0.85, num_perm=64, shingle_size=3
     )
     assert not documents.table._inner
     assert (first.duplicate_of[40:] >= 0).sum() >= 30
     monkeypatch.setattr(nd, "BATCH", 7)
-    batched = sketches(documents, 64, 3)
+    batched = sketches(documents, nd.signing(64, 3))
     assert np.array_equal(whole[0], batched[0]) and np.array_equal(whole[1], batched[1])
     again = find_near_duplicates(
         documents, np.arange(len(texts)), threshold=0.85, num_perm=64, shingle_size=3
@@ -183,7 +188,9 @@ def test_per_text_signatures_are_made_a_batch_at_a_time_and_give_the_same_sketch
     ids = np.array([3, 0, 3, 45])
     alone = Documents.of_texts([documents.table.texts[i] for i in ids.tolist()])
     shingles, offsets = shingles_of_words(*alone.words(), 3)
-    assert np.array_equal(documents.table.signatures(ids, 3, 64), minhash(shingles, offsets, 64))
+    assert np.array_equal(
+        documents.table.signatures(ids, nd.signing(64, 3)), minhash(shingles, offsets, nd.permutations(64))
+    )
 
 
 def test_the_decision_keeps_few_exact_shingle_sets_and_decides_the_same(
@@ -314,10 +321,10 @@ def test_sketches_from_parts_equal_minhash_of_the_whole_record(size: int) -> Non
         ]
         records.append(parts)
     documents = Documents.build(table, records)
-    signatures, word_counts = sketches(documents, 32, size)
+    signatures, word_counts = sketches(documents, nd.signing(32, size))
     words, offsets = documents.words()
     assert (word_counts == np.diff(offsets)).all()
-    assert (signatures == minhash(*shingles_of_words(words, offsets, size), 32)).all()
+    assert (signatures == minhash(*shingles_of_words(words, offsets, size), nd.permutations(32))).all()
 
 
 def test_matches_of_queries_made_of_several_parts_equal_the_definition() -> None:
@@ -364,27 +371,29 @@ def test_matches_are_decided_once_per_distinct_query_text() -> None:
 
 
 BLOCK_IN_A_FRESH_PROCESS = """
-import json, sys
+import pickle, sys
 from pathlib import Path
-from tuneline.config import load_config
-from tuneline.demo.synthetic import synthetic_chat_lines
 from tuneline.engines import blocks
 from tuneline.tasks import ingest
 
-path = Path(sys.argv[1])
-path.write_text("".join(synthetic_chat_lines(200, seed=0)))
-config = load_config()
-evals = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
-screened = blocks.screen_block([ingest.jsonl_file(str(path), "s")], evals, *blocks.block_arguments(config))
+path, arguments = Path(sys.argv[1]), pickle.loads(Path(sys.argv[2]).read_bytes())
+screened = blocks.screen_block([ingest.jsonl_file(str(path), "s")], *arguments)
 print(len(screened.frame), "datasketch" in sys.modules, "scipy.stats" in sys.modules)
+Path(sys.argv[3]).write_bytes(pickle.dumps(screened.documents))
 """
 
 
-def test_a_block_task_never_imports_the_signing_libraries(tmp_path: Path) -> None:
-    # datasketch and scipy.stats cost about 1.8 s and tens of MB in every worker and Ray worker; only
-    # the process that signs (the batch-wide rules) needs them.
+def test_a_block_task_signs_its_records_without_importing_the_signing_libraries(tmp_path: Path) -> None:
+    # datasketch and scipy.stats cost about 1.8 s and tens of MB in every worker and Ray worker: the
+    # flow makes the block's arguments (the permutations among them) and hands them over, as the
+    # engines do.
+    config = load_config()
+    evals = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
+    path, arguments, signed = tmp_path / "block.jsonl", tmp_path / "arguments.pickle", tmp_path / "out"
+    path.write_text("".join(synthetic_chat_lines(200, seed=0)))
+    arguments.write_bytes(pickle.dumps((evals, *blocks.block_arguments(config))))
     done = subprocess.run(
-        [sys.executable, "-c", BLOCK_IN_A_FRESH_PROCESS, str(tmp_path / "block.jsonl")],
+        [sys.executable, "-c", BLOCK_IN_A_FRESH_PROCESS, str(path), str(arguments), str(signed)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -392,4 +401,16 @@ def test_a_block_task_never_imports_the_signing_libraries(tmp_path: Path) -> Non
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["200", "False", "False"]
+    documents = pickle.loads(signed.read_bytes())
+    fingerprints = documents.fingerprints
+    assert 150 < len(documents) <= 200  # the records kept after rule 1
+    assert not documents.table.has_words()  # their words did not travel
+    # What the block made is what the batch would make of the same records.
+    made_here = Fingerprints.of(
+        Documents(documents.table, documents.parts, documents.offsets),
+        nd.signing(config.dedupe.num_perm, config.dedupe.shingle_size),
+    )
+    assert np.array_equal(fingerprints.signatures, made_here.signatures)
+    assert np.array_equal(fingerprints.content, made_here.content)
+    assert np.array_equal(fingerprints.word_counts, made_here.word_counts)
     assert nd.min_agreement(128, 0.8) > 0 and len(nd.permutations(128)[0]) == 128  # imported on use

@@ -7,8 +7,9 @@ larger than `execution.block_bytes` cut into line-aligned parts of about that si
 every core. `screen_block` is what one task does with a block: read it (tasks/ingest.py's
 `read_files`), apply the format rules and count exact tokens (tasks/validate.py's `validate`), then
 the per-record rules of dedupe (tasks/dedupe.py's `per_record_rules`: credentials and PII, eval
-leakage) and the normalised forms the duplicate rules compare, as Documents whose table already holds
-the hashes of its words. No later rule changes an example, so the block's frame carries each example as
+leakage) and the normalised forms the duplicate rules compare, as Documents with their fingerprints
+(content hash, word count, MinHash signature: tuneline/near_duplicates.py's Fingerprints), so that
+the signing is spread over the blocks and the batch holds no record's words. No later rule changes an example, so the block's frame carries each example as
 the training line export writes for it (tasks/export.py's `with_training_lines`), and packs those
 lines and the raw texts into one byte string (tuneline/text_store.py: one object to pickle back to the
 flow, which moves it to the batch's TextStore on disk as the block comes back, `BatchTexts`).
@@ -32,7 +33,7 @@ import fsspec
 import pandas as pd
 
 from tuneline.config import Config, CsvMapping, DedupeConfig, ExecutionConfig, ModelConfig, ValidationConfig
-from tuneline.near_duplicates import Documents
+from tuneline.near_duplicates import Documents, Signing, signing
 from tuneline.tasks import dedupe, export, ingest, validate
 from tuneline.text_store import TextStore, moved, pack
 
@@ -99,13 +100,18 @@ def screen_block(
     model: ModelConfig,
     validation: ValidationConfig,
     dedupe_config: DedupeConfig,
-    method: str = "supervised",
+    method: str,
+    record_signing: Signing,
 ) -> Screened:
     """What one task does: a block of files read, validated (as lines of a `method` training file),
-    and put through the per-record rules of dedupe (credentials and PII, leakage into `eval_examples`)."""
+    put through the per-record rules of dedupe (credentials and PII, leakage into `eval_examples`),
+    and its records' fingerprints made (signed by `record_signing`, which block_arguments makes: a
+    block's task never imports datasketch)."""
     frame = ingest.read_files(files, system_prompt, csv_fallbacks)
     frame = validate.validate(frame, model, validation, method)
     frame, documents = dedupe.per_record_rules(frame, eval_examples, dedupe_config)
+    documents = documents.fingerprinted(record_signing)
+    documents.table.forget_shingles()  # what leakage and signing made: the flow does not need them
     # No later rule changes an example: from here on each one is the line export writes for it, and
     # it and the raw text wait in the store (text_store.py) until export reads them.
     frame, texts = pack(export.with_training_lines(frame))
@@ -122,6 +128,7 @@ def block_arguments(config: Config) -> tuple[Any, ...]:
         config.validation,
         config.dedupe,
         config.training.method,
+        signing(config.dedupe.num_perm, config.dedupe.shingle_size),
     )
 
 

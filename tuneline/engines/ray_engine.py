@@ -7,8 +7,8 @@ blocks' results come back in block order (pickled by the task itself: `screen_bl
 why), each one's raw texts and training lines go to the batch's store on the flow's disk as it arrives
 (tuneline/text_store.py), and they are put together: what the local engine builds, row for row
 (blocks.py says why). The batch-wide rules (rules 3 to 5 of tasks/dedupe.py, `batch_rules`) then run
-on it in the flow, with the near-duplicate candidate search (signatures, LSH bands, candidate
-pairs: most of rule 4's work) as map -> shuffle -> reduce Ray tasks (`RayCandidates`); the exact
+on it in the flow, with the near-duplicate candidate search (LSH band keys of the signatures the
+blocks made, candidate pairs) as map -> shuffle -> reduce Ray tasks (`RayCandidates`); the exact
 check of the pairs, and the exact duplicates and contradictions, run in the flow's process.
 
 Faults: a task whose worker process dies (killed, out of memory, its node lost) is run again by Ray,
@@ -41,14 +41,7 @@ import numpy as np
 
 from tuneline.config import Config, ConfigError, ExecutionConfig
 from tuneline.engines import blocks
-from tuneline.near_duplicates import (
-    Banding,
-    Documents,
-    band_bucket_pairs,
-    band_keys,
-    distinct_pair_codes,
-    sketches,
-)
+from tuneline.near_duplicates import Banding, band_bucket_pairs, band_keys, distinct_pair_codes
 from tuneline.tasks import ingest
 
 log = logging.getLogger(__name__)
@@ -154,16 +147,15 @@ def screen_block_pickled(files: Sequence[ingest.InputFile], *arguments: Any) -> 
 
 
 def map_block(
-    documents: Documents, start: int, num_perm: int, shingle_size: int, banding: Banding, reducers: int
-) -> tuple[Any, ...]:
-    """Map: the MinHash signatures and band keys of one block of records (`start` is its first
-    record's index), and the band entries (record, key, next band's key) of its records with words,
-    split by reducer (key mod reducers: a bucket's entries all go to one reducer). Returns the
-    signatures, then one list of per-band entries per reducer (separate objects: each reducer
-    fetches only its own)."""
-    signatures, word_counts = sketches(documents, num_perm, shingle_size)
+    signatures: np.ndarray, eligible: np.ndarray, start: int, banding: Banding, reducers: int
+) -> Any:
+    """Map: the band keys of one block of records (their signatures; `start` is its first record's
+    index), and the band entries (record, key, next band's key) of its eligible records, split by
+    reducer (key mod reducers: a bucket's entries all go to one reducer). Returns one list of per-band
+    entries per reducer (separate objects: each reducer fetches only its own), or the one list itself
+    for one reducer (Ray's single return value)."""
     keys = band_keys(signatures, banding)
-    eligible = np.flatnonzero(word_counts > 0)
+    eligible = np.flatnonzero(eligible)
     records = start + eligible
     pieces: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(reducers)]
     for band in range(banding.bands):
@@ -175,7 +167,7 @@ def map_block(
         for reducer in range(reducers):
             chosen = order[bounds[reducer] : bounds[reducer + 1]]
             pieces[reducer].append((records[chosen], key[chosen], following[chosen]))
-    return (signatures, *pieces)
+    return tuple(pieces) if reducers > 1 else pieces[0]
 
 
 def reduce_buckets(rank: np.ndarray, n: int, bands: int, *pieces: Any) -> np.ndarray:
@@ -198,7 +190,7 @@ def reduce_buckets(rank: np.ndarray, n: int, bands: int, *pieces: Any) -> np.nda
 
 class RayCandidates:
     """The near-duplicate candidate search (tuneline/near_duplicates.py's CandidateSearch) on Ray: map
-    tasks over blocks of `execution.block_records` records, a shuffle of their band entries by bucket
+    tasks over the signatures of blocks of `execution.block_records` records, a shuffle of their band entries by bucket
     through Ray's object store (which spills to disk when it is full), reduce tasks that pair the
     records of each bucket, and their union here. Every bucket is whole in one reducer, so the pairs
     are exactly those of `candidate_pairs`; the exact check then runs on them as with the local engine."""
@@ -207,43 +199,37 @@ class RayCandidates:
         self.execution = execution
 
     def __call__(
-        self, documents: Documents, rank: np.ndarray, num_perm: int, shingle_size: int, banding: Banding
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self, signatures: np.ndarray, eligible: np.ndarray, rank: np.ndarray, banding: Banding
+    ) -> tuple[np.ndarray, np.ndarray]:
         ray = connect(self.execution)
-        n = len(documents)
+        n = len(signatures)
         reducers = self.execution.shuffle_partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
         retries = {"max_retries": self.execution.max_retries, "retry_exceptions": False}
         mapper = ray.remote(map_block).options(
-            name="tuneline.near_duplicates.map", num_returns=reducers + 1, **retries
+            name="tuneline.near_duplicates.map", num_returns=reducers, **retries
         )
         reducer = ray.remote(reduce_buckets).options(name="tuneline.near_duplicates.reduce", **retries)
         step = self.execution.block_records
-        # Each map's records (their texts and word hashes: about 0.7 GB a million) go to the object
-        # store as it is submitted, and leave it once it has run: a few at a time, not all at once.
+        # Each map's signatures go to the object store as it is submitted, and leave it once it has
+        # run: a few at a time, not all at once.
         limit = _in_flight(ray)
         maps: list[Any] = []
         running: list[Any] = []
         for start in range(0, n, step):
             if len(running) >= limit:
                 _, running = ray.wait(running, num_returns=1)
-            outputs = mapper.remote(
-                documents.detached(start, min(start + step, n)),
-                start,
-                num_perm,
-                shingle_size,
-                banding,
-                reducers,
-            )
+            stop = min(start + step, n)
+            outputs = mapper.remote(signatures[start:stop], eligible[start:stop], start, banding, reducers)
+            outputs = outputs if reducers > 1 else [outputs]
             maps.append(outputs)
             running.append(outputs[0])
         rank_ref = ray.put(np.asarray(rank))
         reduced = [
-            reducer.remote(rank_ref, n, banding.bands, *[outputs[1 + r] for outputs in maps])
+            reducer.remote(rank_ref, n, banding.bands, *[outputs[r] for outputs in maps])
             for r in range(reducers)
         ]
-        signatures = np.concatenate(ray.get([outputs[0] for outputs in maps]))
         codes = distinct_pair_codes(ray.get(reduced))
         log.info(
             "ray engine: near-duplicate candidates from %d map and %d reduce task(s)", len(maps), reducers
         )
-        return signatures, codes // n, codes % n
+        return codes // n, codes % n
