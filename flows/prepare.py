@@ -153,15 +153,17 @@ def prepare_dataset(
     # Ingest, validate and the per-record rules of dedupe, block by block, on the engine's cores
     # (tuneline/engines/); then the batch-wide rules on the whole frame.
     screened = engines.screen_task(selection.files, config, eval_examples)
-    # With ray, the near-duplicate candidates by map (signatures per block) -> shuffle -> reduce on Ray.
+    # With ray, the near-duplicate candidates by map (band keys of the blocks' signatures) -> shuffle ->
+    # reduce on Ray.
     search = ray_engine.RayCandidates(config.execution) if config.execution.engine == "ray" else None
     quality.import_in_background()  # while the batch rules keep one core busy
     # The raw texts and training lines wait on disk (tuneline/text_store.py) until export reads them.
     texts = screened.texts
     try:
         frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search, texts)
-        # The normalised texts and their word hashes (about 0.7 GB a million records) end with the
-        # batch rules: quality looks at the frame only, export at the frame and its texts.
+        # The normalised texts and the records' fingerprints (272 bytes a record at the default
+        # num_perm) end with the batch rules: quality looks at the frame only, export at the frame and
+        # its texts.
         del screened
         heap.release_free_memory()
         verdict = quality.quality_task(frame, config.model, config.validation, method)
