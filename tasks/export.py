@@ -42,6 +42,7 @@ from tuneline import records, text_store, tokens
 from tuneline.config import Config, ExportConfig
 from tuneline.normalize import Normalizer, normalized_prompt_and_answer
 from tuneline.secrets import find_secrets_and_pii, mask_credentials, redact_text
+from tuneline.sorted_lines import SortedFile, SortedLines
 from tuneline.text_store import TextStore
 
 TRAIN_FILE = "train.jsonl"
@@ -146,6 +147,8 @@ class FileDigest:
 
 # Lines hashed per update: the hash of a file is taken a few MB at a time, never over one copy of it all.
 _DIGEST_LINES = 4096
+# Kept examples read back from the text store and split at once (each side's lines go to disk after).
+_EXPORT_CHUNK = 1 << 16
 
 
 def file_digest(lines: Sequence[bytes], *also: Any) -> FileDigest:
@@ -164,10 +167,12 @@ def file_digest(lines: Sequence[bytes], *also: Any) -> FileDigest:
 
 @dataclass
 class Dataset:
-    """The export, built in memory: files' lines, their hash, and the figures of the manifest."""
+    """The export, built before anything is written: the train and validation lines in order in
+    temporary files (tuneline/sorted_lines.py), the quarantine lines, their hash, and the figures of
+    the manifest."""
 
-    train_lines: list[bytes]
-    validation_lines: list[bytes]
+    train: SortedFile
+    validation: SortedFile
     quarantine_lines: list[bytes]
     dataset_hash: str
     counts: dict[str, Any]
@@ -176,6 +181,20 @@ class Dataset:
     files: dict[str, FileDigest]  # by file name: train, validation and quarantine
     general_source: str | None = None
     general_rejected: int = 0
+
+    @property
+    def train_lines(self) -> list[bytes]:
+        """The training file's lines, read back (for a small dataset: the whole file in memory)."""
+        return self.train.read_lines()
+
+    @property
+    def validation_lines(self) -> list[bytes]:
+        return self.validation.read_lines()
+
+    def close(self) -> None:
+        """Let the temporary files go."""
+        self.train.close()
+        self.validation.close()
 
 
 @dataclass(frozen=True)
@@ -192,58 +211,82 @@ def build_dataset(
     general: GeneralExamples | None = None,
     texts: TextStore | None = None,
 ) -> Dataset:
-    """Split, mix, serialise and hash; estimate tokens and cost. Pure: nothing is written. An example
-    that is already its training line (with_training_lines) is written as it is; `texts`: the store
-    the engines' screen moved the frame's texts to (tuneline/text_store.py)."""
+    """Split, mix, serialise and hash; estimate tokens and cost. Nothing is written to the outputs: the
+    lines of each side are sorted into a temporary file (tuneline/sorted_lines.py), a chunk of
+    examples read at a time, so the batch's lines are never all in memory. An example that is already
+    its training line (with_training_lines) is written as it is; `texts`: the store the engines'
+    screen moved the frame's texts to (tuneline/text_store.py)."""
     kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
     # Lists, not arrays: a million single-item reads from a list are several times cheaper.
-    kept_examples = text_store.examples(frame, kept_positions, texts)
     token_counts = _int_column(frame, records.N_TOKENS).tolist()
     assistant_counts = _int_column(frame, records.N_ASSISTANT_TOKENS).tolist()
-
-    unserialisable: list[int] = []
-    train: list[tuple[bytes, bytes, int, int]] = []  # (order key, line, tokens, assistant tokens)
-    validation: list[tuple[bytes, bytes, int, int]] = []
-    fraction = config.export.validation_fraction
-    normalizer = Normalizer()
     # Dedupe leaves the normalised forms in the frame: reusing them saves normalising every example again.
     prompts = _column(frame, records.NORMALIZED_PROMPT).tolist()
     answers = _column(frame, records.NORMALIZED_ANSWER).tolist()
-    for position, example in zip(kept_positions.tolist(), kept_examples, strict=True):
-        line = _training_line(example)
-        if line is None:
-            unserialisable.append(position)
-            continue
-        prompt, answer = prompts[position], answers[position]
-        if isinstance(prompt, str) and isinstance(answer, str):
-            key = _key(prompt, answer)
-        else:
-            key = split_key(records.example_value(example), normalizer)
-        side = validation if is_validation(key, fraction) else train
-        side.append((key, line, token_counts[position], assistant_counts[position]))
+    if config.training.method != "supervised":
+        general = None
+    mixing = general is not None and config.export.general_mix_fraction > 0
+
+    expected = _expected_bytes(frame, kept_positions)
+    train, validation = SortedLines(expected), SortedLines(expected)
+    unserialisable: list[int] = []
+    task_tokens: list[int] = []
+    train_tokens: list[int] = []
+    train_assistant_tokens = validation_tokens = 0
+    task_lines: set[bytes] = set()  # digests of the task's lines, when general examples are mixed in
+    fraction = config.export.validation_fraction
+    normalizer = Normalizer()
+    train_keys: list[bytes] = []
+    train_lines: list[bytes] = []
+    validation_keys: list[bytes] = []
+    validation_lines: list[bytes] = []
+    for start in range(0, len(kept_positions), _EXPORT_CHUNK):
+        chunk = kept_positions[start : start + _EXPORT_CHUNK].tolist()
+        train_keys, train_lines, validation_keys, validation_lines = [], [], [], []
+        for position, example in zip(chunk, text_store.examples(frame, chunk, texts), strict=True):
+            line = _training_line(example)
+            if line is None:
+                unserialisable.append(position)
+                continue
+            prompt, answer = prompts[position], answers[position]
+            if isinstance(prompt, str) and isinstance(answer, str):
+                key = _key(prompt, answer)
+            else:
+                key = split_key(records.example_value(example), normalizer)
+            n_tokens = token_counts[position]
+            task_tokens.append(n_tokens)
+            if is_validation(key, fraction):
+                validation_keys.append(key)
+                validation_lines.append(line)
+                validation_tokens += n_tokens
+            else:
+                train_keys.append(key)
+                train_lines.append(line)
+                train_tokens.append(n_tokens)
+                train_assistant_tokens += assistant_counts[position]
+            if mixing:
+                task_lines.add(_line_digest(line))
+        train.add(train_keys, train_lines)
+        validation.add(validation_keys, validation_lines)
+    del train_keys, train_lines, validation_keys, validation_lines  # the last chunk's, on disk now
     if unserialisable:
         frame = frame.copy()  # the caller's frame is left as it is
         mask = np.zeros(len(frame), dtype=bool)
         mask[unserialisable] = True
         records.quarantine(frame, mask, records.DATA_TYPE, "the example holds a value JSON cannot represent")
 
-    task_tokens = [t[2] for t in train] + [v[2] for v in validation]
-    if config.training.method != "supervised":
-        general = None
-    mixed = _general_mix(train, validation, general, config.export)
-    train.extend(mixed)
-    train.sort()
-    validation.sort()
-    train_lines = [t[1] for t in train]
-    validation_lines = [v[1] for v in validation]
-    train_tokens = [t[2] for t in train]
-    train_assistant_tokens = sum(t[3] for t in train)
-    validation_tokens = sum(v[2] for v in validation)
-    del train, validation, kept_examples  # from here each line is held once (a million: about 0.7 GB)
+    mixed = _general_mix(train.count, task_lines, general, config.export)
+    train.add([m[0] for m in mixed], [m[1] for m in mixed])
+    train_tokens.extend(m[2] for m in mixed)
+    train_assistant_tokens += sum(m[3] for m in mixed)
     digest = hashlib.sha256()
-    files = {TRAIN_FILE: file_digest(train_lines, digest)}
+    train_file = train.write_sorted(digest)
     digest.update(b"\0")
-    files[VALIDATION_FILE] = file_digest(validation_lines, digest)
+    validation_file = validation.write_sorted(digest)
+    files = {
+        name: FileDigest(written.lines, written.size, written.sha256)
+        for name, written in ((TRAIN_FILE, train_file), (VALIDATION_FILE, validation_file))
+    }
     quarantined = quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow", texts=texts)
     files[QUARANTINE_FILE] = file_digest(quarantined)
 
@@ -254,8 +297,8 @@ def build_dataset(
         "kept": kept,
         "quarantined": len(frame) - kept,
         "quarantined_by_reason": by_reason,
-        "train": len(train_lines),
-        "validation": len(validation_lines),
+        "train": train_file.lines,
+        "validation": validation_file.lines,
         "general_mixed": len(mixed),
         "truncated": int(frame[records.TRUNCATED].sum()) if records.TRUNCATED in frame else 0,
     }
@@ -288,8 +331,8 @@ def build_dataset(
         "within_cap": estimate.estimated_cost_usd is None or estimate.estimated_cost_usd <= cap,
     }
     return Dataset(
-        train_lines=train_lines,
-        validation_lines=validation_lines,
+        train=train_file,
+        validation=validation_file,
         quarantine_lines=quarantined,
         dataset_hash=digest.hexdigest(),
         files=files,
@@ -299,6 +342,21 @@ def build_dataset(
         general_source=general.source if general else None,
         general_rejected=general.rejected if general else 0,
     )
+
+
+def _expected_bytes(frame: pd.DataFrame, positions: np.ndarray) -> int:
+    """About how many bytes the lines of the rows at `positions` take (what stored examples take;
+    1 kB for every other)."""
+    if not text_store.is_packed(frame):
+        return 1024 * len(positions)
+    sizes = frame[records.EXAMPLE_SIZE].to_numpy()[positions]
+    return int(np.where(sizes >= 0, sizes, 1024).sum())
+
+
+def _line_digest(line: bytes) -> bytes:
+    """A 128-bit digest of a line: what tells a general example from the task's lines without holding
+    them (two different lines share one with a probability of 2**-128)."""
+    return hashlib.blake2b(line, digest_size=16).digest()
 
 
 def _column(frame: pd.DataFrame, column: str) -> np.ndarray:
@@ -314,24 +372,21 @@ def _int_column(frame: pd.DataFrame, column: str) -> np.ndarray:
 
 
 def _general_mix(
-    train: list[tuple[bytes, bytes, int, int]],
-    validation: list[tuple[bytes, bytes, int, int]],
-    general: GeneralExamples | None,
-    export: ExportConfig,
+    n_train: int, task_lines: set[bytes], general: GeneralExamples | None, export: ExportConfig
 ) -> list[tuple[bytes, bytes, int, int]]:
     """General examples making up `export.general_mix_fraction` of the training file, the same ones for
-    the same corpus."""
-    if general is None or export.general_mix_fraction <= 0 or not train:
+    the same corpus: (split key, line, tokens, assistant tokens) of each, none whose line is one of
+    the task's (`task_lines`: their _line_digest)."""
+    if general is None or export.general_mix_fraction <= 0 or not n_train:
         return []
-    wanted = export.general_examples_for(len(train))
-    task_lines = {t[1] for t in train} | {v[1] for v in validation}
+    wanted = export.general_examples_for(n_train)
     pool: dict[bytes, tuple[bytes, bytes, int, int]] = {}
     normalizer = Normalizer()
     for example, n_tokens, n_assistant in zip(
         general.examples, general.n_tokens, general.n_assistant_tokens, strict=True
     ):
         line = canonical_line(example)
-        if line not in task_lines:
+        if _line_digest(line) not in task_lines:
             key = split_key(example, normalizer)
             pool.setdefault(key, (key, line, n_tokens, n_assistant))
     return [pool[key] for key in sorted(pool)[:wanted]]
@@ -499,8 +554,8 @@ def write_outputs(
     _write(out_dir / QUARANTINE_FILE, dataset.quarantine_lines)
     _write(out_dir / REPORT_FILE, [report_html.encode("utf-8")])
     if published:
-        _write(out_dir / TRAIN_FILE, dataset.train_lines)
-        _write(out_dir / VALIDATION_FILE, dataset.validation_lines)
+        _write_copy(out_dir / TRAIN_FILE, dataset.train)
+        _write_copy(out_dir / VALIDATION_FILE, dataset.validation)
     else:
         # Files from an earlier run must not pass for this run's data.
         for name in (TRAIN_FILE, VALIDATION_FILE):
@@ -513,6 +568,13 @@ def _write(path: Path, chunks: list[bytes]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as handle:
         handle.writelines(chunks)
+    tmp.replace(path)
+
+
+def _write_copy(path: Path, lines: SortedFile) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as handle:
+        lines.copy_to(handle)
     tmp.replace(path)
 
 
@@ -536,7 +598,10 @@ def export(
         problems.append(f"cost: {over_cap}")
     published = not problems
     document = manifest(dataset, config, context, problems, published)
-    write_outputs(dataset, document, report_html, out_dir, published=published)
+    try:
+        write_outputs(dataset, document, report_html, out_dir, published=published)
+    finally:
+        dataset.close()
     return ExportOutcome(published, problems, document, out_dir)
 
 

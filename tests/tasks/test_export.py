@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuneline import records
+from tuneline import records, sorted_lines
 from tuneline.config import Config, load_config
 from tuneline.tasks import dedupe, export, ingest, validate
 
@@ -194,7 +194,7 @@ def test_file_digest_hashes_a_file_a_few_lines_at_a_time_as_one_body() -> None:
     assert export.file_digest([]) == export.FileDigest(0, 0, hashlib.sha256(b"").hexdigest())
 
 
-def test_general_mix_is_a_deterministic_share_of_train() -> None:
+def test_general_mix_is_a_deterministic_share_of_train(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config(export={"validation_fraction": 0.2, "general_mix_fraction": 0.2})
     general_lines = [
         {
@@ -231,6 +231,13 @@ def test_general_mix_is_a_deterministic_share_of_train() -> None:
     assert not general_set & set(first.validation_lines)
     assert first.tokens["general_total"] > 0
     assert first.tokens["train_total"] == first.cost["billed_tokens_per_epoch"]
+    # Read a few examples at a time and sorted on disk over many key ranges: the same files.
+    monkeypatch.setattr(export, "_EXPORT_CHUNK", 7)
+    monkeypatch.setattr(sorted_lines, "_RANGE_BYTES", 300)
+    small = export.build_dataset(task, cfg, general)
+    assert small.train_lines == first.train_lines and small.validation_lines == first.validation_lines
+    assert small.files == first.files and small.dataset_hash == first.dataset_hash
+    assert small.counts == first.counts and small.tokens == first.tokens
 
 
 def test_cost_cap_and_quality_failures_stop_publishing(tmp_path: Path) -> None:

@@ -1,0 +1,63 @@
+"""The export's external sort: lines added in any order come back in (key, line) order, a key range
+at a time, whatever the number of ranges and batches."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+from tuneline import sorted_lines
+from tuneline.sorted_lines import SortedLines
+from tuneline.text_store import NoRoomForTexts
+
+
+def entries(count: int, seed: int) -> list[tuple[bytes, bytes]]:
+    """(key, line) pairs with shared keys (ties broken by the line) and repeated lines."""
+    rng = random.Random(seed)
+    keys = [hashlib.sha256(str(rng.randrange(count // 3)).encode()).digest() for _ in range(count)]
+    return [
+        (key, f'{{"n": {rng.randrange(count // 2)}, "x": "{"y" * rng.randrange(40)}"}}\n'.encode())
+        for key in keys
+    ]
+
+
+@pytest.mark.parametrize("range_bytes", [1 << 30, 2000, 1])
+def test_lines_come_back_in_key_then_line_order(monkeypatch: pytest.MonkeyPatch, range_bytes: int) -> None:
+    monkeypatch.setattr(sorted_lines, "_RANGE_BYTES", range_bytes)
+    pairs = entries(3000, seed=range_bytes)
+    lines = SortedLines(sum(len(line) for _, line in pairs))
+    assert len(lines._segments) == (1 if range_bytes > 10**6 else (64 if range_bytes == 2000 else 4096))
+    for start in range(0, len(pairs), 701):  # batches, each spread over the ranges
+        batch = pairs[start : start + 701]
+        lines.add([key for key, _ in batch], [line for _, line in batch])
+    fed = hashlib.sha256()
+    written = lines.write_sorted(fed)
+    expected = [line for _, line in sorted(pairs)]
+    body = b"".join(expected)
+    assert written.read_lines() == expected
+    assert (written.lines, written.size) == (len(expected), len(body))
+    assert written.sha256 == fed.hexdigest() == hashlib.sha256(body).hexdigest()
+    copied = io.BytesIO()
+    monkeypatch.setattr(sorted_lines, "_RANGE_BYTES", 4096)  # the copy, a few kB at a time
+    written.copy_to(copied)
+    assert copied.getvalue() == body
+    written.close()
+
+
+def test_nothing_added_is_an_empty_file() -> None:
+    written = SortedLines(0).write_sorted()
+    assert written.read_lines() == [] and (written.lines, written.size) == (0, 0)
+    assert written.sha256 == hashlib.sha256(b"").hexdigest()
+
+
+def test_no_room_for_the_lines_is_one_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    lines = SortedLines(100, directory=str(missing))
+    with pytest.raises(
+        NoRoomForTexts, match=f"could not write the sorted training lines to {missing}.*TMPDIR"
+    ):
+        lines.add([hashlib.sha256(b"a").digest()], [b"{}\n"])

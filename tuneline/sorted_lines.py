@@ -1,0 +1,166 @@
+"""Lines in the order of their keys, sorted on disk a key range at a time (an external bucket sort).
+
+Export writes each side's lines ordered by their split key (a sha256 digest), ties broken by the
+line's bytes. Sorting them in memory held every line of the batch at once (about 0.7 GB a million
+examples, the largest single thing the flow held by the end of a run). The keys are uniform hashes, so
+their leading bits cut the key space into ranges of about equal share: `add` appends lines as they
+come to one temporary file, each batch grouped by range, and `write_sorted` reads back one range at a
+time (one read per batch that had lines in it), sorts it by (key, line) in memory and writes it, into
+another temporary file (`SortedFile`) that the export copies into place once it has decided to
+publish. The memory held is one range (about `_RANGE_BYTES` of lines) and 36 bytes a line (its key and
+size); the disk, the lines twice.
+
+Written by hand because nothing well-kept does it from Python: pandas and pyarrow sort in memory, GNU
+sort needs text keys and a subprocess, and the whole job is a hundred lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import IO, Any
+
+import numpy as np
+
+from tuneline.text_store import NoRoomForTexts
+
+KEY_BYTES = 32
+# Lines of one key range, about: what `write_sorted` holds in memory at once.
+_RANGE_BYTES = 32 * 2**20
+_MAX_RANGES = 1 << 12
+# Lines joined per write (and per digest update).
+_WRITE_LINES = 4096
+
+
+def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
+    where = directory or tempfile.gettempdir()
+    return NoRoomForTexts(
+        f"could not write the sorted training lines to {where} "
+        f"({error.strerror or type(error).__name__}): export sorts them on the flow's disk, about "
+        "1.4 GB a million examples while it runs; point TMPDIR at a disk with room"
+    )
+
+
+class SortedFile:
+    """Lines in a temporary file, in their final order, and what a manifest says of them."""
+
+    def __init__(self, handle: IO[bytes] | None, lines: int, size: int, sha256: str) -> None:
+        self._handle = handle
+        self.lines = lines
+        self.size = size
+        self.sha256 = sha256
+
+    def read_lines(self) -> list[bytes]:
+        """Every line (for small files: tests, reviews), each with its newline."""
+        if self._handle is None:
+            return []
+        return os.pread(self._handle.fileno(), self.size, 0).splitlines(keepends=True)
+
+    def copy_to(self, out: IO[bytes]) -> None:
+        """The file's bytes written to `out`, a few MB at a time."""
+        if self._handle is None:
+            return
+        descriptor, offset = self._handle.fileno(), 0
+        while offset < self.size:
+            chunk = os.pread(descriptor, min(_RANGE_BYTES, self.size - offset), offset)
+            out.write(chunk)
+            offset += len(chunk)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class SortedLines:
+    """Lines with their KEY_BYTES-byte keys, added in any order, to be written in (key, line) order.
+    `expected_bytes`: about how many bytes of lines will be added (it sets the number of key ranges)."""
+
+    def __init__(self, expected_bytes: int, directory: str | None = None) -> None:
+        ranges = 1
+        while ranges * _RANGE_BYTES < expected_bytes and ranges < _MAX_RANGES:
+            ranges *= 2
+        self._bits = ranges.bit_length() - 1  # the leading key bits that name a range
+        # Per range: (offset in the file, the sizes of its lines, their keys joined), one per `add`.
+        self._segments: list[list[tuple[int, np.ndarray, bytes]]] = [[] for _ in range(ranges)]
+        self._directory = directory
+        self._file: IO[bytes] | None = None
+        self._end = 0
+        self.count = 0
+
+    def add(self, keys: Sequence[bytes], lines: Sequence[bytes]) -> None:
+        """Lines, each with its key."""
+        if not lines:
+            return
+        assert len(keys) == len(lines)
+        if self._bits:
+            prefixes = np.frombuffer(b"".join(key[:8] for key in keys), dtype=">u8")
+            ranges = (prefixes >> np.uint64(64 - self._bits)).astype(np.int64)
+        else:
+            ranges = np.zeros(len(lines), dtype=np.int64)
+        order = np.argsort(ranges, kind="stable")
+        bounds = np.searchsorted(ranges[order], np.arange(len(self._segments) + 1))
+        for at in np.flatnonzero(np.diff(bounds)).tolist():
+            members = order[bounds[at] : bounds[at + 1]].tolist()
+            chosen = [lines[i] for i in members]
+            sizes = np.fromiter((len(line) for line in chosen), dtype=np.int64, count=len(chosen))
+            offset = self._append(b"".join(chosen))
+            self._segments[at].append((offset, sizes, b"".join(keys[i] for i in members)))
+        self.count += len(lines)
+
+    def _append(self, data: bytes) -> int:
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="tuneline-lines-", dir=self._directory)  # noqa: SIM115
+            self._file.seek(self._end)
+            self._file.write(data)
+        except OSError as exc:
+            raise _no_room(self._directory, exc) from None
+        start = self._end
+        self._end += len(data)
+        return start
+
+    def write_sorted(self, *digests: Any) -> SortedFile:
+        """Every line, in (key, line) order, into a new temporary file; each hashlib object in
+        `digests` is fed the same bytes. The lines added are let go."""
+        if not self.count:
+            self.close()
+            return SortedFile(None, 0, 0, hashlib.sha256().hexdigest())
+        assert self._file is not None
+        self._file.flush()
+        source = self._file.fileno()
+        own = hashlib.sha256()
+        size = 0
+        try:
+            out = tempfile.TemporaryFile(prefix="tuneline-sorted-", dir=self._directory)  # noqa: SIM115
+            for segments in self._segments:
+                entries: list[tuple[bytes, bytes]] = []
+                for offset, sizes, keys in segments:
+                    body = os.pread(source, int(sizes.sum()), offset)
+                    position = 0
+                    for index, length in enumerate(sizes.tolist()):
+                        key = keys[index * KEY_BYTES : (index + 1) * KEY_BYTES]
+                        entries.append((key, body[position : position + length]))
+                        position += length
+                entries.sort()
+                for start in range(0, len(entries), _WRITE_LINES):
+                    data = b"".join(entry[1] for entry in entries[start : start + _WRITE_LINES])
+                    out.write(data)
+                    size += len(data)
+                    own.update(data)
+                    for digest in digests:
+                        digest.update(data)
+            out.flush()
+        except OSError as exc:
+            raise _no_room(self._directory, exc) from None
+        finally:
+            self.close()
+        return SortedFile(out, self.count, size, own.hexdigest())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._segments = [[] for _ in self._segments]
