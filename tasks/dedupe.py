@@ -92,9 +92,19 @@ class _Stage:
     def __init__(self, frame: pd.DataFrame) -> None:
         self.frame = frame
         self.n = len(frame)
-        self.record_id = frame[records.RECORD_ID].to_numpy(dtype=object)
+        # Read for the rows a rule names only: as arrays of Python strings, the ids and sources of a
+        # million rows would take about 0.15 GB for as long as the rules run.
+        self._record_id = frame[records.RECORD_ID]
+        self._source = frame[records.SOURCE]
         self.line = frame[records.LINE].to_numpy()
-        self.source = frame[records.SOURCE].to_numpy(dtype=object)
+
+    def record_ids(self, positions: np.ndarray | Sequence[int]) -> list[Any]:
+        return self._record_id.iloc[np.asarray(positions, dtype=np.int64)].tolist()
+
+    def positions_of(self, record_ids: Sequence[Any]) -> dict[Any, int]:
+        """The position of each of `record_ids` found in the frame (the last, were one there twice)."""
+        found = np.flatnonzero(self._record_id.isin(set(record_ids)).to_numpy())
+        return dict(zip(self.record_ids(found), found.tolist(), strict=True))
 
     def kept(self) -> np.ndarray:
         return np.flatnonzero(records.kept_mask(self.frame).to_numpy())
@@ -109,11 +119,20 @@ class _Stage:
         """Quarantine rows by position; `details` and `duplicate_of` (positions) go with them."""
         others = None
         if duplicate_of is not None:
-            others = list(self.record_id[np.asarray(duplicate_of, dtype=np.int64)])
+            others = self.record_ids(duplicate_of)
         return records.quarantine_at(self.frame, positions, reason, details, others)
 
     def describe(self, position: int) -> str:
-        return f"record {self.record_id[position]} (line {self.line[position]} of {self.source[position]})"
+        return self.describe_all([position])[0]
+
+    def describe_all(self, positions: np.ndarray | Sequence[int]) -> list[str]:
+        at = np.asarray(positions, dtype=np.int64)
+        return [
+            f"record {record_id} (line {line} of {source})"
+            for record_id, line, source in zip(
+                self.record_ids(at), self.line[at].tolist(), self._source.iloc[at].tolist(), strict=True
+            )
+        ]
 
 
 def dedupe(
@@ -437,7 +456,7 @@ def _exact_duplicates(
     stage.quarantine(
         rows,
         records.EXACT_DUPLICATE,
-        [f"the same normalised example as {stage.describe(o)}, which is kept" for o in originals.tolist()],
+        [f"the same normalised example as {o}, which is kept" for o in stage.describe_all(originals)],
         originals.tolist(),
     )
     duplicated[found] = True
@@ -470,9 +489,9 @@ def _near_duplicates(
         positions[found],
         records.NEAR_DUPLICATE,
         [
-            f"a near-duplicate of {stage.describe(o)}, which is kept: word {config.shingle_size}-shingle "
+            f"a near-duplicate of {o}, which is kept: word {config.shingle_size}-shingle "
             f"Jaccard {value:.3f} >= {config.near_duplicate_threshold}"
-            for o, value in zip(originals.tolist(), result.similarity[found].tolist(), strict=True)
+            for o, value in zip(stage.describe_all(originals), result.similarity[found].tolist(), strict=True)
         ],
         originals.tolist(),
     )
@@ -572,16 +591,15 @@ def _duplicates_of_quarantined_records(stage: _Stage) -> None:
     kept in their place, and a duplicate of a record rule 5 quarantined becomes a contradiction of the
     record that one contradicts (it repeats the answer that lost)."""
     frame = stage.frame
-    at = {record_id: position for position, record_id in enumerate(stage.record_id.tolist())}
     while True:  # a chain is at most exact -> near -> contradiction long
         reason = frame[records.REASON].to_numpy(dtype=object)
         original = frame[records.DUPLICATE_OF].to_numpy(dtype=object)
         detail = frame[records.DETAIL].to_numpy(dtype=object)
         rows: list[int] = []
         moved: list[tuple[str, Any, str]] = []  # (reason, duplicate_of, detail)
-        for position in np.flatnonzero(
-            np.isin(reason, [records.EXACT_DUPLICATE, records.NEAR_DUPLICATE])
-        ).tolist():
+        duplicates = np.flatnonzero(np.isin(reason, [records.EXACT_DUPLICATE, records.NEAR_DUPLICATE]))
+        at = stage.positions_of(original[duplicates].tolist())
+        for position in duplicates.tolist():
             lost = at.get(original[position])
             if lost is None:  # named a record outside this frame: nothing here can move it
                 continue

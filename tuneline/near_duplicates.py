@@ -243,10 +243,12 @@ class TextTable:
         words = word_hash[_ranges(offsets[ids], lengths)]
         return _combine(words, first, np.full(len(first), size), size), windows
 
-    def forget_shingles(self) -> None:
-        """Drop the per-text shingle hashes (inner_shingles, which matching against references fills):
-        they are computed again if asked for."""
+    def forget_caches(self) -> None:
+        """Drop what a step made on the way that the next does not need: the per-text shingle hashes
+        (inner_shingles, which matching against references fills) and the hash of each distinct word
+        seen (a few hundred MB for the words of a million records). Both are made again if asked for."""
         self._inner.clear()
+        self._word_hash = {}
 
     def signatures(self, ids: np.ndarray, signing: Signing) -> np.ndarray:
         """The MinHash of the inner shingles of each text of `ids`, shape (len(ids), signing.num_perm);
@@ -911,7 +913,7 @@ class _DistinctShingles:
     def shared(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """For each pair (first[k], second[k]) of positions: how many hashes the two records share."""
         result = np.zeros(len(first), dtype=np.int64)
-        step = 1 << 15
+        step = 1 << 13  # pairs at once: tens of MB of temporaries for chats of a hundred words
         for start in range(0, len(first), step):
             a, b = first[start : start + step], second[start : start + step]
             starts = np.stack([self.offsets[a], self.offsets[b]], axis=1).ravel()
@@ -980,7 +982,7 @@ def find_near_duplicates(
     fingerprints = documents.fingerprints
     if fingerprints is None or not fingerprints.signed_as(num_perm, shingle_size):
         fingerprints = Fingerprints.of(documents, signing(num_perm, shingle_size))
-        documents.table.forget_shingles()  # those matching against references left: not needed here
+        documents.table.forget_caches()  # what matching against references left: not needed here
         release_free_memory()  # the signing's temporaries (tuneline/heap.py)
     signatures = fingerprints.signatures
     eligible = fingerprints.word_counts > 0 if eligible is None else eligible & (fingerprints.word_counts > 0)
@@ -993,6 +995,7 @@ def find_near_duplicates(
     release_free_memory()  # the candidate pairs' temporaries (tuneline/heap.py)
     involved = _sorted_unique(np.concatenate([later, earlier]))
     shingles = _DistinctShingles.of(documents, involved, shingle_size)
+    documents.table.forget_caches()  # the hash of every word of the records in pairs
     at_later, at_earlier = np.searchsorted(involved, later), np.searchsorted(involved, earlier)
     shared = shingles.shared(at_later, at_earlier)
     union = shingles.sizes[at_later] + shingles.sizes[at_earlier] - shared

@@ -110,8 +110,7 @@ def screen_block(
     frame = ingest.read_files(files, system_prompt, csv_fallbacks)
     frame = validate.validate(frame, model, validation, method)
     frame, documents = dedupe.per_record_rules(frame, eval_examples, dedupe_config)
-    documents = documents.fingerprinted(record_signing)
-    documents.table.forget_shingles()  # what leakage and signing made: the flow does not need them
+    documents = documents.fingerprinted(record_signing)  # its table's texts alone go back (pickled)
     # No later rule changes an example: from here on each one is the line export writes for it, and
     # it and the raw text wait in the store (text_store.py) until export reads them.
     frame, texts = pack(export.with_training_lines(frame))
