@@ -372,22 +372,23 @@ def contradiction_keys(
 
     An example may be its training line (records.EXAMPLE): one is parsed only when `"input":` occurs in
     it, which in canonical JSON (every quote inside a string escaped) means an object with that key,
-    so a chat line costs a substring search."""
-    keys: list[str] = []
-    directions: list[str] = []
-    for value, prompt, answer in zip(examples, prompts, answers, strict=True):
+    so a chat line costs a substring search, and an empty one (an example not read: see
+    _preference_examples) none."""
+    assert len(examples) == len(prompts) == len(answers)
+    keys = list(prompts)
+    for index, value in enumerate(examples):
+        if not value:
+            continue
         example: Any = value
         if isinstance(value, bytes):  # a training line: parsed only if it may hold an "input" key
             example = records.example_value(value) if b'"input":' in value else {}
+        prompt, answer = prompts[index], answers[index]
         if "input" not in example or not prompt:
-            keys.append(prompt)
-            directions.append(answer)
             continue
         rejected = normalize_text(message_text(example["non_preferred_output"][0]))
         low, high = sorted((answer, rejected))
-        keys.append(f"{prompt}\x1f{low}\x1f{high}")
-        directions.append(answer)
-    return keys, directions
+        keys[index] = f"{prompt}\x1f{low}\x1f{high}"
+    return keys, list(answers)
 
 
 def _eval_prompts(eval_examples: Sequence[Any]) -> tuple[list[str], list[int]]:
