@@ -39,7 +39,7 @@ def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
     return NoRoomForTexts(
         f"could not write the sorted training lines to {where} "
         f"({error.strerror or type(error).__name__}): export sorts them on the flow's disk, about "
-        "1.4 GB a million examples while it runs; point TMPDIR at a disk with room"
+        "1.2 GB a million examples while it runs; point TMPDIR at a disk with room"
     )
 
 
