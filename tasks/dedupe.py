@@ -123,7 +123,9 @@ class _Stage:
         return records.quarantine_at(self.frame, positions, reason, details, others)
 
     def describe(self, position: int) -> str:
-        return self.describe_all([position])[0]
+        # One cell each: a take (describe_all) walks every chunk of the column, a cell only finds one.
+        record_id, source = self._record_id.iat[position], self._source.iat[position]
+        return f"record {record_id} (line {self.line[position]} of {source})"
 
     def describe_all(self, positions: np.ndarray | Sequence[int]) -> list[str]:
         at = np.asarray(positions, dtype=np.int64)
