@@ -9,10 +9,11 @@ every core. `screen_block` is what one task does with a block: read it (tasks/in
 the per-record rules of dedupe (tasks/dedupe.py's `per_record_rules`: credentials and PII, eval
 leakage) and the normalised forms the duplicate rules compare, as Documents with their fingerprints
 (content hash, word count, MinHash signature: tuneline/near_duplicates.py's Fingerprints), so that
-the signing is spread over the blocks and the batch holds no record's words. No later rule changes an example, so the block's frame carries each example as
-the training line export writes for it (tasks/export.py's `with_training_lines`), and packs those
-lines and the raw texts into one byte string (tuneline/text_store.py: one object to pickle back to the
-flow, which moves it to the batch's TextStore on disk as the block comes back, `BatchTexts`).
+the signing is spread over the blocks and the batch holds no record's words. No later rule changes
+an example, so the block's frame carries each example as the training line export writes for it
+(tasks/export.py's `with_training_lines`), and packs those lines and the raw texts into one byte
+string (tuneline/text_store.py: one object to pickle back to the flow, which moves it to the batch's
+TextStore on disk as the block comes back, `BatchTexts`).
 
 Every one of those is a function of one record alone (and the eval set), a part of a file numbers its
 lines from the line it starts at, and record ids are made from the record's file, partition, line

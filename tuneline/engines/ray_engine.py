@@ -190,10 +190,11 @@ def reduce_buckets(rank: np.ndarray, n: int, bands: int, *pieces: Any) -> np.nda
 
 class RayCandidates:
     """The near-duplicate candidate search (tuneline/near_duplicates.py's CandidateSearch) on Ray: map
-    tasks over the signatures of blocks of `execution.block_records` records, a shuffle of their band entries by bucket
-    through Ray's object store (which spills to disk when it is full), reduce tasks that pair the
-    records of each bucket, and their union here. Every bucket is whole in one reducer, so the pairs
-    are exactly those of `candidate_pairs`; the exact check then runs on them as with the local engine."""
+    tasks over the signatures of blocks of `execution.block_records` records, a shuffle of their band
+    entries by bucket through Ray's object store (which spills to disk when it is full), reduce tasks
+    that pair the records of each bucket, and their union here. Every bucket is whole in one reducer,
+    so the pairs are exactly those of `candidate_pairs`; the exact check then runs on them as with the
+    local engine."""
 
     def __init__(self, execution: ExecutionConfig) -> None:
         self.execution = execution
