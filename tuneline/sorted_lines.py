@@ -43,6 +43,19 @@ def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
     )
 
 
+def _read(descriptor: int, size: int, offset: int) -> bytes:
+    """`size` bytes of a file from `offset` (a read can return fewer: it is read again for the rest)."""
+    parts: list[bytes] = []
+    while size > 0:
+        part = os.pread(descriptor, size, offset)
+        if not part:
+            raise OSError(f"the temporary file ended {size} bytes early")
+        parts.append(part)
+        size -= len(part)
+        offset += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 class SortedFile:
     """Lines in a temporary file, in their final order, and what a manifest says of them."""
 
@@ -56,7 +69,7 @@ class SortedFile:
         """Every line (for small files: tests, reviews), each with its newline."""
         if self._handle is None:
             return []
-        return os.pread(self._handle.fileno(), self.size, 0).splitlines(keepends=True)
+        return _read(self._handle.fileno(), self.size, 0).splitlines(keepends=True)
 
     def copy_to(self, out: IO[bytes]) -> None:
         """The file's bytes written to `out`, a few MB at a time."""
@@ -64,7 +77,7 @@ class SortedFile:
             return
         descriptor, offset = self._handle.fileno(), 0
         while offset < self.size:
-            chunk = os.pread(descriptor, min(_RANGE_BYTES, self.size - offset), offset)
+            chunk = _read(descriptor, min(_RANGE_BYTES, self.size - offset), offset)
             out.write(chunk)
             offset += len(chunk)
 
@@ -138,7 +151,7 @@ class SortedLines:
             for segments in self._segments:
                 entries: list[tuple[bytes, bytes]] = []
                 for offset, sizes, keys in segments:
-                    body = os.pread(source, int(sizes.sum()), offset)
+                    body = _read(source, int(sizes.sum()), offset)
                     position = 0
                     for index, length in enumerate(sizes.tolist()):
                         key = keys[index * KEY_BYTES : (index + 1) * KEY_BYTES]
