@@ -221,6 +221,38 @@ def test_the_decision_keeps_few_exact_shingle_sets_and_decides_the_same(
     assert list(sets._sets) == [2, 1]  # 0, the least recently used, went first
 
 
+def test_records_left_out_by_a_mask_are_as_if_they_were_not_there() -> None:
+    """The searches take the records an earlier rule left (a mask, with the fingerprints the blocks
+    made) and answer as they do on a copy of those records alone."""
+    rng = random.Random(11)
+    originals = [sentence(rng, 50) for _ in range(50)]
+    texts = originals + [changed(rng.choice(originals), rng, rng.randint(0, 4)) for _ in range(150)]
+    rng.shuffle(texts)
+    documents = Documents.of_texts(texts).fingerprinted(nd.signing(64, 3))
+    rank = np.random.default_rng(2).permutation(len(texts))
+    eligible = np.ones(len(texts), dtype=bool)
+    eligible[rng.sample(range(len(texts)), 60)] = False
+    among = np.flatnonzero(eligible)
+    alone = Documents.of_texts([texts[i] for i in among.tolist()])  # a copy without fingerprints
+
+    exact = find_exact_duplicates(documents, rank, eligible=eligible)
+    expected = find_exact_duplicates(alone, rank[among])
+    assert (exact[~eligible] == -1).all() and np.isin(exact[exact >= 0], among).all()
+    assert np.array_equal(exact[among], np.where(expected >= 0, among[expected], -1))
+    assert (expected >= 0).sum() >= 5  # unchanged copies: there are exact duplicates to find
+
+    near = find_near_duplicates(
+        documents, rank, threshold=0.85, num_perm=64, shingle_size=3, eligible=eligible
+    )
+    copy = find_near_duplicates(alone, rank[among], threshold=0.85, num_perm=64, shingle_size=3)
+    assert (near.duplicate_of[~eligible] == -1).all()
+    assert np.array_equal(
+        near.duplicate_of[among], np.where(copy.duplicate_of >= 0, among[copy.duplicate_of], -1)
+    )
+    assert np.array_equal(near.similarity[among], copy.similarity, equal_nan=True)
+    assert (copy.duplicate_of >= 0).sum() >= 20
+
+
 def test_the_decision_is_exact_around_the_threshold() -> None:
     rng = random.Random(7)
     original = sentence(rng, 60)
