@@ -892,9 +892,10 @@ class _DistinctShingles:
     def of(cls, documents: Documents, indices: np.ndarray, size: int) -> _DistinctShingles:
         pieces: list[np.ndarray] = []
         sizes = np.zeros(len(indices), dtype=np.int64)
+        texts = Documents(documents.table, documents.parts, documents.offsets)  # words only: no fingerprints
         for start in range(0, len(indices), BATCH):
             chunk = indices[start : start + BATCH]
-            shingles, offsets = shingles_of_words(*documents.subset(chunk).words(), size)
+            shingles, offsets = shingles_of_words(*texts.subset(chunk).words(), size)
             owner = np.repeat(np.arange(len(chunk), dtype=np.uint64), np.diff(offsets))
             keys = (owner << _U64(32)) | (shingles >> _U64(32))
             keys.sort()

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from tuneline.text_store import NoRoomForTexts
+from tuneline.text_store import NoRoomForTexts, no_room
 
 KEY_BYTES = 32
 # Lines of one key range, about: what `write_sorted` holds in memory at once.
@@ -35,11 +35,11 @@ _WRITE_LINES = 4096
 
 
 def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
-    where = directory or tempfile.gettempdir()
-    return NoRoomForTexts(
-        f"could not write the sorted training lines to {where} "
-        f"({error.strerror or type(error).__name__}): export sorts them on the flow's disk, about "
-        "1.2 GB a million examples while it runs; point TMPDIR at a disk with room"
+    return no_room(
+        directory,
+        error,
+        "the sorted training lines",
+        "export sorts them on the flow's disk, about 1.2 GB a million examples while it runs",
     )
 
 

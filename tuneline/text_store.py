@@ -41,12 +41,22 @@ class NoRoomForTexts(RuntimeError):
     """The batch's texts could not be written to the temporary directory (full, missing, read-only)."""
 
 
-def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
+def no_room(directory: str | None, error: OSError, what: str, room: str) -> NoRoomForTexts:
+    """The one-line error for `what` not written to `directory` (None: the system's temporary one):
+    the OS's reason, the `room` it takes, and the fix."""
     where = directory or tempfile.gettempdir()
     return NoRoomForTexts(
-        f"could not write the batch's raw texts and training lines to {where} "
-        f"({error.strerror or type(error).__name__}): they take about 1.3 GB a million records on "
-        "the flow's disk until export; point TMPDIR at a disk with room"
+        f"could not write {what} to {where} ({error.strerror or type(error).__name__}): {room}; "
+        "point TMPDIR at a disk with room"
+    )
+
+
+def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
+    return no_room(
+        directory,
+        error,
+        "the batch's raw texts and training lines",
+        "they take about 1.3 GB a million records on the flow's disk until export",
     )
 
 
