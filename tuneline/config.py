@@ -383,6 +383,10 @@ class ExecutionConfig(Section):
     address: str | None = None
     # CPUs of the local Ray started on demand (None: every core); ignored when `address` is set.
     num_cpus: int | None = Field(default=None, ge=1, le=4096)
+    # Bytes of the object store of the local Ray started on demand (None: Ray's default, 30% of the
+    # machine's memory); objects beyond it spill to disk. Ignored when `address` is set (a cluster's
+    # is set where it starts: `ray start --object-store-memory`).
+    object_store_memory: int | None = Field(default=None, ge=75 * 2**20)  # Ray's least
     # Files per block: each block of input is read, validated and screened by one task (a Ray task,
     # or a process of the local engine).
     files_per_task: int = Field(default=1, ge=1, le=100_000)
@@ -395,7 +399,7 @@ class ExecutionConfig(Section):
     # Input of a single block is always read in the flow's process.
     workers: int | None = Field(default=None, ge=1, le=1024)
     # Records per map task of the near-duplicate search (band keys of a block of signatures), and
-    # reduce tasks of its shuffle (None: one per CPU of the cluster).
+    # reduce tasks of its shuffle (None: one per map task, at least one per CPU of the cluster).
     block_records: int = Field(default=250_000, ge=1)
     shuffle_partitions: int | None = Field(default=None, ge=1, le=4096)
     # Tries of a task whose worker died (killed, out of memory, node lost) before the run fails.

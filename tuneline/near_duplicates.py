@@ -14,8 +14,9 @@ Near-duplicates, in four steps, each linear in the records:
    to datasketch's bit for bit;
 2. LSH banding with sorted arrays (datasketch's MinHashLSH inserts one key at a time in Python, too
    slow for a million records), bounded per record (`candidate_pairs`);
-3. a signature-agreement filter, then the Jaccard of the 32-bit hashed shingle sets of the pairs
-   that pass, all pairs at once (a merge by sort);
+3. a signature-agreement filter, applied to each band's pairs as they are found (`AgreementFilter`:
+   only the pairs that pass are held, not the candidate pairs of all bands), then the Jaccard of the
+   32-bit hashed shingle sets of the pairs that pass, all pairs at once (a merge by sort);
 4. a decision in rank order on the exact Jaccard of the words themselves.
 
 Guarantees: no false positives (a near-duplicate is reported only after the exact Jaccard of the two
@@ -37,7 +38,7 @@ per-text caches all three use; hence its length.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -47,6 +48,10 @@ import pyarrow.compute as pc
 
 from tuneline.heap import release_free_memory
 from tuneline.normalize import jaccard, word_shingles
+from tuneline.signature_store import SignatureStore
+
+# The records' signatures: in memory, or in the batch's store on disk (tuneline/signature_store.py).
+Signatures = np.ndarray | SignatureStore
 
 # datasketch's default seed: the permutation parameters are MinHash(num_perm, seed=1).permutations.
 PERMUTATION_SEED = 1
@@ -58,10 +63,18 @@ RECALL = 0.995
 PREFILTER_MISS = 1e-2
 # The filter's first stage reads only this many signature values per record (one cache line).
 _FIRST_STAGE = 16
+# Pairs that passed the first stage decided by the second at once, when the signatures are on disk:
+# each time, every record's signature is read (in groups of _FIRST_STAGE values).
+_SECOND_STAGE_PAIRS = 1 << 24
+# Pairs whose agreement on a group of values is counted at once (bounds the second stage's temporaries).
+_PAIRS_AT_ONCE = 1 << 20
 # Within a band bucket, each record is paired with the head of its run and this many predecessors (see
 # candidate_pairs). 1 finds 99.65% of the near-duplicates that 12 (and two heads) find in 300,000
 # synthetic chats, with a third of the candidate pairs.
 NEIGHBOURS = 1
+# Pairs whose records' hashed shingles are made at once (_hashed_jaccard): at most twice as many
+# records, a few hundred bytes each.
+_SHINGLE_PAIRS = 1 << 20
 # Exact shingle sets kept for the near-duplicate decision: a record and its recent partners; one
 # evicted is computed again from its text if asked for.
 _RECENT_SETS = 1 << 12
@@ -344,29 +357,31 @@ class Documents:
         return Documents(self.table, self.parts, self.offsets, Fingerprints.of(self, signing))
 
     @classmethod
-    def concat(cls, parts: Sequence[Documents]) -> Documents:
-        """The records of several Documents, in order, over one new table (each distinct text once),
+    def concat(cls, parts: Sequence[Documents], signatures: SignatureStore | None = None) -> Documents:
+        """The records of several Documents, in order, over one new table: the texts their records
+        use, each part's once (a text in several parts is in the table once for each: a few templated
+        texts a block, against an index of every text while the table is made, about 55 bytes a text),
         with their fingerprints if every part has them: what a block's task made is not redone where
-        the blocks are put together."""
+        the blocks are put together. `signatures`: where the parts' signatures were moved already
+        (Fingerprints.concat)."""
         table = TextTable()
+        table.drop_index()  # a batch put together looks its texts up by id only
         parts_ids: list[np.ndarray] = []
         offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         total = 0
-        intern = table.intern
         for part in parts:
-            global_ids = np.fromiter(
-                (intern(text) for text in part.table.texts), dtype=np.int64, count=len(part.table)
-            )
-            parts_ids.append(global_ids[part.parts])
+            used, inverse = np.unique(part.parts, return_inverse=True)
+            texts = part.table.texts
+            parts_ids.append(len(table.texts) + inverse.reshape(-1))
+            table.texts.extend(texts[i] for i in used.tolist())
             offsets.append(part.offsets[1:] + total)
             total += len(part.parts)
-        table.drop_index()  # a batch put together looks its texts up by id only
         made = [part.fingerprints for part in parts if part.fingerprints is not None]
         return cls(
             table,
             np.concatenate(parts_ids) if parts_ids else np.zeros(0, dtype=np.int64),
             np.concatenate(offsets),
-            Fingerprints.concat(made) if made and len(made) == len(parts) else None,
+            Fingerprints.concat(made, signatures) if made and len(made) == len(parts) else None,
         )
 
     def words(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -686,11 +701,12 @@ class Fingerprints:
     """What the duplicate searches need of each record that is a function of the record alone: its
     content hash (content_hashes), word count and MinHash signature (sketches). Made per block where
     the records are screened, in parallel (tuneline/engines/blocks.py), so that the batch holds them
-    and not the hashes of every record's words."""
+    and not the hashes of every record's words; the batch's signatures wait on its disk
+    (tuneline/signature_store.py)."""
 
     content: np.ndarray  # uint64
     word_counts: np.ndarray  # int64
-    signatures: np.ndarray  # uint32, (records, num_perm)
+    signatures: Signatures  # uint32, (records, num_perm)
     shingle_size: int
 
     @classmethod
@@ -704,35 +720,89 @@ class Fingerprints:
 
     def subset(self, indices: np.ndarray) -> Fingerprints:
         return Fingerprints(
-            self.content[indices], self.word_counts[indices], self.signatures[indices], self.shingle_size
+            self.content[indices],
+            self.word_counts[indices],
+            signature_rows(self.signatures, indices),
+            self.shingle_size,
         )
 
     @classmethod
-    def concat(cls, parts: Sequence[Fingerprints]) -> Fingerprints:
+    def concat(cls, parts: Sequence[Fingerprints], signatures: SignatureStore | None = None) -> Fingerprints:
+        """The parts' fingerprints, in order; `signatures`: where the parts' signatures were moved to
+        already (each part then carries none: `without_signatures`)."""
         assert len({(p.signatures.shape[1], p.shingle_size) for p in parts}) == 1, "signed differently"
-        return cls(
-            np.concatenate([p.content for p in parts]),
-            np.concatenate([p.word_counts for p in parts]),
-            np.concatenate([p.signatures for p in parts]),
-            parts[0].shingle_size,
+        content = np.concatenate([p.content for p in parts])
+        joined: Signatures = (
+            signatures
+            if signatures is not None
+            else np.concatenate([signature_rows(p.signatures, slice(None)) for p in parts])
         )
+        assert len(joined) == len(content), "the stored signatures are not those of the parts"
+        return cls(content, np.concatenate([p.word_counts for p in parts]), joined, parts[0].shingle_size)
+
+    def without_signatures(self) -> Fingerprints:
+        """These fingerprints once their signatures are stored elsewhere (concat's `signatures`)."""
+        kept = np.empty((0, self.signatures.shape[1]), dtype=np.uint32)
+        return Fingerprints(self.content, self.word_counts, kept, self.shingle_size)
 
 
-def band_keys(signatures: np.ndarray, banding: Banding) -> np.ndarray:
-    """A 64-bit key per band and record, shape (bands, records): equal bands give equal keys."""
-    n = signatures.shape[0]
-    keys = np.empty((banding.bands, n), dtype=np.uint64)
-    step = 4096  # records per block: a block of signatures stays in cache while its bands are hashed
+def signature_rows(signatures: Signatures, indices: np.ndarray | slice) -> np.ndarray:
+    """The signatures of some records (an index array, or a slice start:stop), in memory."""
+    if isinstance(signatures, np.ndarray):
+        return signatures[indices]
+    if isinstance(indices, slice):
+        start, stop, _ = indices.indices(len(signatures))
+        return signatures.rows(start, stop)
+    return signatures.take(indices)
+
+
+def band_key(signatures: Signatures, banding: Banding, band: int) -> np.ndarray:
+    """The 64-bit key of one band of every record: equal bands give equal keys."""
+    n = len(signatures)
+    keys = np.empty(n, dtype=np.uint64)
+    # In memory, 4,096 records at a time: a block of signatures stays in cache while its band is
+    # hashed. On disk, a band's values are read a column at a time, each contiguous.
+    step = 4096 if isinstance(signatures, np.ndarray) else max(n, 1)
     for start in range(0, n, step):
-        block = signatures[start : start + step]
-        for band in range(banding.bands):
-            h = np.full(len(block), _GOLDEN, dtype=np.uint64)
-            h ^= _U64(band)
-            for row in range(band * banding.rows, (band + 1) * banding.rows):
-                h ^= block[:, row]
-                h *= _PRIME_64
-            keys[band, start : start + step] = _mix64(h)
+        stop = min(start + step, n)
+        h = np.full(stop - start, _GOLDEN, dtype=np.uint64)
+        h ^= _U64(band)
+        for row in range(band * banding.rows, (band + 1) * banding.rows):
+            if isinstance(signatures, np.ndarray):
+                h ^= signatures[start:stop, row]
+            else:
+                h ^= signatures.column(row, start, stop)
+            h *= _PRIME_64
+        keys[start:stop] = _mix64(h)
     return keys
+
+
+def band_keys(signatures: Signatures, banding: Banding) -> np.ndarray:
+    """A 64-bit key per band and record, shape (bands, records): equal bands give equal keys."""
+    keys = np.empty((banding.bands, len(signatures)), dtype=np.uint64)
+    for band in range(banding.bands):
+        keys[band] = band_key(signatures, banding, band)
+    return keys
+
+
+class BandKeys:
+    """The band keys of some records (band_keys), made a band at a time as candidate_pairs asks for
+    them: it reads bands 0, 1; 1, 2; ...; the last, 0, so band 0 and the latest two are kept, three
+    bands' keys at most instead of all of them (8 bytes a record each)."""
+
+    def __init__(self, signatures: Signatures, banding: Banding) -> None:
+        self.signatures = signatures
+        self.banding = banding
+        self.shape = (banding.bands, len(signatures))
+        self._made: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, band: int) -> np.ndarray:
+        found = self._made.get(band)
+        if found is None:
+            for older in [b for b in self._made if b not in (0, band - 1)]:
+                del self._made[older]
+            found = self._made[band] = band_key(self.signatures, self.banding, band)
+        return found
 
 
 def agreement(signatures: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -747,28 +817,94 @@ def agreement(signatures: np.ndarray, first: np.ndarray, second: np.ndarray) -> 
     return result
 
 
-def agreeing(signatures: np.ndarray, first: np.ndarray, second: np.ndarray, threshold: float) -> np.ndarray:
-    """Which pairs agree on enough signature values to be at or above the threshold: a pair at the
-    threshold fails with probability below PREFILTER_MISS. Being a candidate only raises a pair's
-    agreement, so the binomial cutoffs hold for candidates too. A first stage on the first
-    _FIRST_STAGE values drops most pairs after one cache line per record."""
-    num_perm = signatures.shape[1]
-    if num_perm <= 2 * _FIRST_STAGE:
-        return agreement(signatures, first, second) >= min_agreement(num_perm, threshold)
-    quick = agreement(signatures[:, :_FIRST_STAGE], first, second)
-    passed = np.flatnonzero(quick >= min_agreement(_FIRST_STAGE, threshold, PREFILTER_MISS / 10))
-    full = agreement(signatures, first[passed], second[passed]) >= min_agreement(
-        num_perm, threshold, PREFILTER_MISS * 9 / 10
-    )
-    result = np.zeros(len(first), dtype=bool)
-    result[passed[full]] = True
-    return result
+class AgreementFilter:
+    """The candidate pairs (pieces of pair codes over the records, `add`) that agree on enough
+    signature values to be at or above the threshold (`pairs`): a pair at the threshold fails with
+    probability below PREFILTER_MISS. Being a candidate only raises a pair's agreement, so the
+    binomial cutoffs hold for candidates too.
+
+    Two stages: the first, on the first _FIRST_STAGE values of each record (one cache line; held in
+    memory, `leading`), drops pairs with a loose cutoff as each piece comes; the second, on whole
+    signatures, decides those that passed it. Only the pairs that pass are kept, never the batch's
+    candidate pairs (tens of millions a million records, for pairs that share a template). With at
+    most 2 * _FIRST_STAGE values there is one stage, on all of them. Signatures on disk
+    (tuneline/signature_store.py) are read _FIRST_STAGE values of every record at a time: the second
+    stage runs on up to _SECOND_STAGE_PAIRS pairs that passed the first at once, adding each further
+    group's agreement to the pairs that can still reach the cutoff, so at most two groups (128 bytes a
+    record) are held, never whole signatures."""
+
+    def __init__(self, signatures: Signatures, threshold: float) -> None:
+        self.signatures = signatures
+        self.n = len(signatures)
+        self.num_perm = num_perm = signatures.shape[1]
+        self.one_stage = num_perm <= 2 * _FIRST_STAGE
+        self.width = num_perm if self.one_stage else _FIRST_STAGE
+        self.leading = self._columns(0, self.width)
+        self.quick = (
+            min_agreement(num_perm, threshold)
+            if self.one_stage
+            else min_agreement(_FIRST_STAGE, threshold, PREFILTER_MISS / 10)
+        )
+        self.cutoff = min_agreement(num_perm, threshold, PREFILTER_MISS * 9 / 10)
+        self.proposed = 0  # pairs given (a pair in several pieces counted in each)
+        self._passed: list[np.ndarray] = []  # codes of pairs that passed both stages
+        # Codes that passed the first stage, with their agreement there, waiting for the second.
+        self._waiting: list[tuple[np.ndarray, np.ndarray]] = []
+        self._waiting_count = 0
+
+    def _columns(self, start: int, stop: int) -> np.ndarray:
+        if isinstance(self.signatures, np.ndarray):
+            return self.signatures[:, start:stop]
+        return self.signatures.columns(start, stop)
+
+    def add(self, codes: np.ndarray) -> None:
+        """A piece of candidate pairs, as pair codes (later * n + earlier)."""
+        self.proposed += len(codes)
+        counts = agreement(self.leading, codes // self.n, codes % self.n)
+        passed = counts >= self.quick
+        codes = codes[passed]
+        if self.one_stage:
+            self._passed.append(codes)
+        elif isinstance(self.signatures, np.ndarray):
+            close = agreement(self.signatures, codes // self.n, codes % self.n) >= self.cutoff
+            self._passed.append(codes[close])
+        else:
+            self._waiting.append((codes, counts[passed]))
+            self._waiting_count += len(codes)
+            if self._waiting_count >= _SECOND_STAGE_PAIRS:
+                self._decide_waiting()
+
+    def _decide_waiting(self) -> None:
+        """The second stage on signatures on disk, for the pairs waiting (with their agreement on the
+        first values), adding a group of values at a time to the pairs that can still reach the cutoff."""
+        if not self._waiting:
+            return
+        codes = np.concatenate([piece[0] for piece in self._waiting])
+        counts = np.concatenate([piece[1] for piece in self._waiting])
+        self._waiting, self._waiting_count = [], 0
+        for start in range(self.width, self.num_perm, _FIRST_STAGE):
+            group = self._columns(start, min(start + _FIRST_STAGE, self.num_perm))
+            # Pairs that fall short even if every value left agreed are decided: not near.
+            open_pairs = np.flatnonzero(counts + (self.num_perm - start) >= self.cutoff)
+            for at in range(0, len(open_pairs), _PAIRS_AT_ONCE):  # bounded temporaries
+                chosen = open_pairs[at : at + _PAIRS_AT_ONCE]
+                counts[chosen] += agreement(group, codes[chosen] // self.n, codes[chosen] % self.n)
+            del group, open_pairs
+        self._passed.append(codes[counts >= self.cutoff])
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs (later, earlier) given that passed, each once, sorted by code."""
+        self._decide_waiting()
+        passed, self._passed = self._passed, []
+        return pairs_of(passed, self.n)
 
 
-def candidate_pairs(
-    keys: np.ndarray, rank: np.ndarray, eligible: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (later, earlier) by rank of eligible records that share a band bucket, each pair once.
+def candidate_pieces(
+    keys: np.ndarray | BandKeys, rank: np.ndarray, eligible: np.ndarray
+) -> Iterator[np.ndarray]:
+    """The candidate pairs of eligible records that share a band bucket, a band at a time: each band's
+    pairs as distinct pair codes (later * n + earlier, by rank), sorted. A pair found in several bands
+    is in each of their pieces; `candidate_pairs` is their union.
 
     A bucket can hold thousands of records that share a template (system prompt, house reply), so not
     all its pairs are proposed: within the bucket of band b, records are ordered by their key of band
@@ -779,11 +915,9 @@ def candidate_pairs(
     n = keys.shape[1]
     bands = keys.shape[0]
     members = np.flatnonzero(eligible)
-    empty = np.zeros(0, dtype=np.int64)
     if len(members) < 2:
-        return empty, empty
+        return
     members = members[np.argsort(rank[members], kind="stable")]
-    found: list[np.ndarray] = []
     position = np.arange(len(members))
     for band in range(bands):
         key, following = keys[band], keys[(band + 1) % bands]
@@ -791,12 +925,25 @@ def candidate_pairs(
         order = members[np.argsort(following[members], kind="stable")]
         order = order[np.argsort(key[order], kind="stable")]
         sorted_key, sorted_following = key[order], following[order]
-        found.extend(_band_pairs(order, sorted_key, sorted_following, position, rank, n))
-    if not found:
-        return empty, empty
-    pairs = distinct_pair_codes(found)
-    del found  # a million records make tens of millions of pairs: one copy at a time
-    return pairs // n, pairs % n
+        del key, following
+        pieces = _band_pairs(order, sorted_key, sorted_following, position, rank, n)
+        del order, sorted_key, sorted_following
+        if pieces:
+            yield distinct_pair_codes(pieces)
+
+
+def candidate_pairs(
+    keys: np.ndarray | BandKeys, rank: np.ndarray, eligible: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (later, earlier) by rank of eligible records that share a band bucket, each pair once
+    (the union of `candidate_pieces`)."""
+    return pairs_of(candidate_pieces(keys, rank, eligible), keys.shape[1])
+
+
+def pairs_of(pieces: Iterable[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The union of pieces of pair codes over n records, as pairs (later, earlier), sorted by code."""
+    codes = distinct_pair_codes(list(pieces))
+    return codes // n, codes % n
 
 
 def _band_pairs(
@@ -939,23 +1086,24 @@ class NearDuplicates:
 
     duplicate_of: np.ndarray
     similarity: np.ndarray
-    candidates: int  # pairs proposed by LSH
+    candidates: int  # pairs proposed by LSH (a pair proposed by several bands counted in each)
     compared: int  # pairs whose shingle sets were compared (those that passed the signature filter)
     confirmed: int  # pairs whose Jaccard was computed on the words themselves
 
 
-# The candidate search of find_near_duplicates: (signatures, eligible, rank, banding) -> the pairs
-# (later, earlier) of eligible records that candidate_pairs gives. `local_candidates` runs it in this
-# process; the ray engine as map (band keys per block) -> shuffle (band entries by bucket) -> reduce
-# (pairs per bucket, then their union).
-CandidateSearch = Callable[[np.ndarray, np.ndarray, np.ndarray, Banding], tuple[np.ndarray, np.ndarray]]
+# The candidate search of find_near_duplicates: (signatures, eligible, rank, banding) -> the pairs of
+# eligible records that candidate_pairs gives, as pieces of pair codes (later * n + earlier), which
+# the caller filters as they come (AgreementFilter). `local_candidates` runs it in this process, a band
+# at a time; the ray engine as map (band keys per block) -> shuffle (band entries by bucket) -> reduce
+# (pairs per bucket, a reducer's a piece).
+CandidateSearch = Callable[[Signatures, np.ndarray, np.ndarray, Banding], Iterable[np.ndarray]]
 
 
 def local_candidates(
-    signatures: np.ndarray, eligible: np.ndarray, rank: np.ndarray, banding: Banding
-) -> tuple[np.ndarray, np.ndarray]:
-    """Band keys and candidate pairs of the eligible records, here."""
-    return candidate_pairs(band_keys(signatures, banding), rank, eligible)
+    signatures: Signatures, eligible: np.ndarray, rank: np.ndarray, banding: Banding
+) -> Iterator[np.ndarray]:
+    """Band keys and candidate pairs of the eligible records, here, a band at a time."""
+    return candidate_pieces(BandKeys(signatures, banding), rank, eligible)
 
 
 def find_near_duplicates(
@@ -988,22 +1136,18 @@ def find_near_duplicates(
     signatures = fingerprints.signatures
     eligible = fingerprints.word_counts > 0 if eligible is None else eligible & (fingerprints.word_counts > 0)
     search = candidates or local_candidates
-    later, earlier = search(signatures, eligible, rank, banding_for(num_perm, threshold))
-    proposed = len(later)
-    close = agreeing(signatures, later, earlier, threshold)
-    del signatures, fingerprints
-    later, earlier = later[close], earlier[close]
+    agreeing = AgreementFilter(signatures, threshold)
+    for piece in search(signatures, eligible, rank, banding_for(num_perm, threshold)):
+        agreeing.add(piece)
+        del piece
+    later, earlier = agreeing.pairs()
+    proposed, compared = agreeing.proposed, len(later)
+    del agreeing, signatures, fingerprints
     release_free_memory()  # the candidate pairs' temporaries (tuneline/heap.py)
-    involved = _sorted_unique(np.concatenate([later, earlier]))
-    shingles = _DistinctShingles.of(documents, involved, shingle_size)
-    documents.table.forget_caches()  # the hash of every word of the records in pairs
-    at_later, at_earlier = np.searchsorted(involved, later), np.searchsorted(involved, earlier)
-    shared = shingles.shared(at_later, at_earlier)
-    union = shingles.sizes[at_later] + shingles.sizes[at_earlier] - shared
     # The Jaccard of the 32-bit hashed shingles: pairs under the threshold are not duplicates (unless
     # two of their shingles share a 32-bit hash, about 4e-6 per pair, and the pair sits within a
     # shingle of the threshold).
-    bound = np.divide(shared, union, out=np.ones(len(shared)), where=union > 0)
+    bound = _hashed_jaccard(documents, later, earlier, shingle_size)
     similar = bound >= threshold
     later, earlier, bound = later[similar], earlier[similar], bound[similar]
     # Decide records in rank order; for each, try its candidates from the most to the least similar.
@@ -1029,7 +1173,33 @@ def find_near_duplicates(
         if value >= threshold:
             duplicate_of[later_index] = target
             similarity[later_index] = value
-    return NearDuplicates(duplicate_of, similarity, proposed, len(close.nonzero()[0]), confirmed)
+    return NearDuplicates(duplicate_of, similarity, proposed, compared, confirmed)
+
+
+def _hashed_jaccard(documents: Documents, later: np.ndarray, earlier: np.ndarray, size: int) -> np.ndarray:
+    """The Jaccard of the distinct 32-bit shingle hashes of each pair's two records, for
+    _SHINGLE_PAIRS pairs at a time: the records of that many pairs have their shingles made and let
+    go (a record in pairs of several chunks is made again in each), so what is held is bounded by the
+    chunk, not by the batch (a few hundred bytes a record: most records are in some pair at ten
+    million)."""
+    bound = np.ones(len(later))
+    for start in range(0, len(later), _SHINGLE_PAIRS):
+        chunk_later, chunk_earlier = (
+            later[start : start + _SHINGLE_PAIRS],
+            earlier[start : start + _SHINGLE_PAIRS],
+        )
+        involved = _sorted_unique(np.concatenate([chunk_later, chunk_earlier]))
+        shingles = _DistinctShingles.of(documents, involved, size)
+        documents.table.forget_caches()  # the hash of every word of the records in pairs
+        at_later, at_earlier = (
+            np.searchsorted(involved, chunk_later),
+            np.searchsorted(involved, chunk_earlier),
+        )
+        shared = shingles.shared(at_later, at_earlier)
+        union = shingles.sizes[at_later] + shingles.sizes[at_earlier] - shared
+        np.divide(shared, union, out=bound[start : start + len(shared)], where=union > 0)
+        del shingles, involved, at_later, at_earlier, shared, union
+    return bound
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tuneline.config import load_config
 from tuneline.engines import blocks, local
 from tuneline.flows.backfill import PREPARED, backfill
 from tuneline.near_duplicates import Fingerprints, signing
+from tuneline.signature_store import SignatureStore
 from tuneline.tasks import dedupe, export, ingest, validate
 
 
@@ -119,8 +120,10 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
     made = Fingerprints.of(documents, signing(config.dedupe.num_perm, config.dedupe.shingle_size))
     came = screened.documents.fingerprints
     assert came is not None and len(came.content) == len(documents)
+    # The signatures wait in the batch's store on disk (tuneline/signature_store.py).
+    assert isinstance(came.signatures, SignatureStore)
     for mine, theirs in zip(
-        (came.content, came.word_counts, came.signatures),
+        (came.content, came.word_counts, came.signatures.rows(0, len(documents))),
         (made.content, made.word_counts, made.signatures),
         strict=True,
     ):

@@ -36,9 +36,11 @@ from tuneline.near_duplicates import (  # noqa: E402
     TextTable,
     banding_for,
     local_candidates,
+    pairs_of,
     signing,
 )
 from tuneline.normalize import normalize_text  # noqa: E402
+from tuneline.signature_store import SignatureStore  # noqa: E402
 from tuneline.tasks import dedupe, export, ingest, validate  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -187,16 +189,23 @@ def test_the_shuffled_candidate_search_gives_the_local_pairs() -> None:
     fingerprints = Fingerprints.of(documents, signing(64, 3))
     eligible = fingerprints.word_counts > 0
     eligible[::7] = False  # records an earlier rule took out: never paired
-    expected = local_candidates(fingerprints.signatures, eligible, rank, banding)
+    expected = pairs_of(local_candidates(fingerprints.signatures, eligible, rank, banding), len(documents))
     assert len(expected[1]) > 100  # templated chats share buckets: there are pairs to find
     assert not np.isin(np.concatenate(expected), np.flatnonzero(~eligible)).any()
-    for partitions in (3, 1):  # one reducer: a map task's one return value is its entries
+    # The batch's signatures as the engines keep them: on disk, a block at a time.
+    store = SignatureStore(64)
+    for start in range(0, len(documents), 1000):
+        store.append(fingerprints.signatures[start : start + 1000])
+    # One reducer: a map task's one return value is its entries; None: one per map task.
+    for partitions in (3, 1, None):
         config = load_config(
             overrides={"execution.block_records": 300, "execution.shuffle_partitions": partitions}
         )
-        found = ray_engine.RayCandidates(config.execution)(fingerprints.signatures, eligible, rank, banding)
-        for mine, theirs in zip(found, expected, strict=True):
-            np.testing.assert_array_equal(mine, theirs)
+        for signatures in (store, fingerprints.signatures):
+            pieces = list(ray_engine.RayCandidates(config.execution)(signatures, eligible, rank, banding))
+            assert len(pieces) == (partitions or -(-len(documents) // 300))
+            for mine, theirs in zip(pairs_of(pieces, len(documents)), expected, strict=True):
+                np.testing.assert_array_equal(mine, theirs)
 
 
 def eval_examples(config: Any) -> list[dict[str, Any]]:

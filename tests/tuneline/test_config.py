@@ -78,6 +78,10 @@ def test_overrides_are_dotted_keys() -> None:
             "data.sources.0.csv_mapping: Value error, map either prompt+completion or user+assistant",
         ),
         ({"data": {"sources": [{"name": "a", "uri": "b", "format": "xml"}]}}, "data.sources.0.format:"),
+        (
+            with_("execution", {"object_store_memory": 2**20}),
+            "execution.object_store_memory: should be greater than or equal to 78643200",  # Ray's least
+        ),
     ],
 )
 def test_errors_name_the_key_path_and_what_is_allowed(raw: dict[str, Any], expected: str) -> None:

@@ -30,6 +30,7 @@ from tuneline.near_duplicates import (
     sketches,
 )
 from tuneline.normalize import jaccard, word_shingles
+from tuneline.signature_store import SignatureStore
 
 VOCABULARY = [f"w{i}" for i in range(400)]
 
@@ -251,6 +252,70 @@ def test_records_left_out_by_a_mask_are_as_if_they_were_not_there() -> None:
     )
     assert np.array_equal(near.similarity[among], copy.similarity, equal_nan=True)
     assert (copy.duplicate_of >= 0).sum() >= 20
+
+
+def test_band_keys_are_made_a_band_at_a_time_as_the_search_asks() -> None:
+    """BandKeys makes a band's keys when the search asks for them, holding three bands at most; the
+    search's pieces (a band's pairs each) are, together, candidate_pairs."""
+    rng = np.random.default_rng(4)
+    n = 3000
+    signatures = rng.integers(0, 6, size=(n, 64), dtype=np.uint32)  # few values: crowded buckets
+    banding = banding_for(64, 0.85)
+    lazy = nd.BandKeys(signatures, banding)
+    keys = nd.band_keys(signatures, banding)
+    for band in [0, 1, 2, 11, 0]:
+        np.testing.assert_array_equal(lazy[band], keys[band])
+    assert len(lazy._made) <= 3
+    rank = rng.permutation(n)
+    eligible = rng.random(n) > 0.1
+    later, earlier = candidate_pairs(keys, rank, eligible)
+    assert len(later) > 1000
+    pieces = list(nd.candidate_pieces(nd.BandKeys(signatures, banding), rank, eligible))
+    assert len(pieces) == banding.bands
+    for mine, theirs in zip(nd.pairs_of(pieces, n), (later, earlier), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+@pytest.mark.parametrize("num_perm", [32, 64, 128])
+def test_signatures_on_disk_decide_as_in_memory(num_perm: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's signatures wait on disk (SignatureStore, appended a block at a time): the search
+    reads them a few values of every record at a time and decides exactly as with them in memory, the
+    agreement filter's stages included (one stage at 32 values, groups of 16 after the first above,
+    the second on a few hundred pairs at a time), and so with the pairs' shingles made a few pairs at a
+    time."""
+    rng = random.Random(num_perm)
+    template = sentence(rng, 30)  # a shared part: pairs that agree on some values and fail the filter
+    originals = [f"{template} {sentence(rng, 20)}" for _ in range(80)]
+    texts = originals + [changed(rng.choice(originals), rng, rng.randint(0, 6)) for _ in range(220)]
+    rng.shuffle(texts)
+    documents = Documents.of_texts(texts).fingerprinted(nd.signing(num_perm, 3))
+    fingerprints = documents.fingerprints
+    assert fingerprints is not None and isinstance(fingerprints.signatures, np.ndarray)
+    store = SignatureStore(num_perm)
+    for start in range(0, len(texts), 70):
+        store.append(fingerprints.signatures[start : start + 70])
+    on_disk = Documents(
+        documents.table,
+        documents.parts,
+        documents.offsets,
+        Fingerprints(fingerprints.content, fingerprints.word_counts, store, fingerprints.shingle_size),
+    )
+    rank = np.random.default_rng(1).permutation(len(texts))
+    theirs = find_near_duplicates(documents, rank, threshold=0.85, num_perm=num_perm, shingle_size=3)
+    monkeypatch.setattr(nd, "_SECOND_STAGE_PAIRS", 300)
+    monkeypatch.setattr(nd, "_PAIRS_AT_ONCE", 50)
+    monkeypatch.setattr(nd, "_SHINGLE_PAIRS", 7)  # the pairs' shingles made a few pairs at a time
+    mine = find_near_duplicates(on_disk, rank, threshold=0.85, num_perm=num_perm, shingle_size=3)
+    np.testing.assert_array_equal(mine.duplicate_of, theirs.duplicate_of)
+    np.testing.assert_array_equal(mine.similarity, theirs.similarity)
+    assert (mine.candidates, mine.compared, mine.confirmed) == (
+        theirs.candidates,
+        theirs.compared,
+        theirs.confirmed,
+    )
+    assert 0 < mine.compared < mine.candidates  # the filter dropped pairs, and let some through
+    assert (mine.duplicate_of >= 0).sum() >= 50
+    store.close()
 
 
 def test_the_decision_is_exact_around_the_threshold() -> None:

@@ -13,7 +13,8 @@ the signing is spread over the blocks and the batch holds no record's words. No 
 an example, so the block's frame carries each example as the training line export writes for it
 (tasks/export.py's `with_training_lines`), and packs those lines and the raw texts into one byte
 string (tuneline/text_store.py: one object to pickle back to the flow, which moves it to the batch's
-TextStore on disk as the block comes back, `BatchTexts`).
+TextStore on disk as the block comes back, `BatchOnDisk`, and the block's signatures to the batch's
+SignatureStore: tuneline/signature_store.py).
 
 Every one of those is a function of one record alone (and the eval set), a part of a file numbers its
 lines from the line it starts at, and record ids are made from the record's file, partition, line
@@ -27,14 +28,16 @@ The batch-wide rules (rules 3 to 5 of tasks/dedupe.py, `batch_rules`) then run o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 
 from tuneline.config import Config, CsvMapping, DedupeConfig, ExecutionConfig, ModelConfig, ValidationConfig
 from tuneline.near_duplicates import Documents, Signing, signing
+from tuneline.signature_store import SignatureStore
 from tuneline.tasks import dedupe, export, ingest, validate
 from tuneline.text_store import TextStore, moved, pack
 
@@ -132,28 +135,49 @@ def block_arguments(config: Config) -> tuple[Any, ...]:
     )
 
 
-class BatchTexts:
-    """The batch's TextStore on disk, which each block's texts join as soon as the block comes back
-    (`stored`): the flow never holds the texts of more than one block at once."""
+class BatchOnDisk:
+    """The batch's texts (a TextStore) and signatures (a SignatureStore, made with the first block
+    that brings any) on disk, which each block's join as soon as the block comes back (`stored`): the
+    flow never holds the texts or signatures of more than one block at once."""
 
     def __init__(self) -> None:
         self.store = TextStore.on_disk()
+        self.signatures: SignatureStore | None = None
 
     def stored(self, result: Screened) -> Screened:
-        """A block's result with its texts moved into the batch's store."""
-        return Screened(moved(result.frame, result.texts, self.store), result.documents, self.store)
+        """A block's result with its texts and signatures moved to the batch's stores."""
+        documents = result.documents
+        fingerprints = documents.fingerprints
+        if fingerprints is not None and isinstance(fingerprints.signatures, np.ndarray):
+            if self.signatures is None:
+                self.signatures = SignatureStore(fingerprints.signatures.shape[1])
+            self.signatures.append(fingerprints.signatures)
+            documents = replace(documents, fingerprints=fingerprints.without_signatures())
+        return Screened(moved(result.frame, result.texts, self.store), documents, self.store)
 
 
-def concat(results: Sequence[Screened], texts: BatchTexts) -> Screened:
-    """Block results (whose texts are in `texts`' store already: BatchTexts.stored) as one, row order
-    kept, index 0..n-1 (as one read_files call makes it). Empty blocks' frames are left out, so their
-    column types never widen the others'."""
-    documents = Documents.concat([result.documents for result in results])
+def concat(results: Sequence[Screened], stores: BatchOnDisk) -> Screened:
+    """Block results (whose texts and signatures are in `stores` already: BatchOnDisk.stored) as one,
+    row order kept, index 0..n-1 (as one read_files call makes it); the results are used up (their
+    frames emptied). Empty blocks' frames are left out, so their column types never widen the others'."""
+    documents = Documents.concat([result.documents for result in results], stores.signatures)
     full = [result.frame for result in results if len(result.frame)]
     if not full:
-        return Screened(results[0].frame, documents, texts.store)
+        return Screened(results[0].frame, documents, stores.store)
     if len(full) == 1:
-        return Screened(full[0], documents, texts.store)
-    frame = pd.concat(full, ignore_index=True)
-    assert list(frame.columns) == list(full[0].columns), "blocks disagree on their columns"
-    return Screened(frame, documents, texts.store)
+        return Screened(full[0], documents, stores.store)
+    return Screened(_joined(full), documents, stores.store)
+
+
+def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frames one after the other (index 0..n-1), as pd.concat makes them, a column at a time, each
+    block's column dropped from its frame once joined: the batch's frame is never held twice (pd.concat
+    of the whole frames would, about 0.25 GB a million records). The frames are left without columns."""
+    names = list(frames[0].columns)
+    assert all(list(frame.columns) == names for frame in frames), "blocks disagree on their columns"
+    columns: dict[str, pd.Series] = {}
+    for name in names:
+        columns[name] = pd.concat([frame[name] for frame in frames], ignore_index=True)
+        for frame in frames:
+            del frame[name]
+    return pd.DataFrame(columns, copy=False)

@@ -85,9 +85,9 @@ def screen(
     arguments = (eval_examples, *blocks.block_arguments(config))
     planned = blocks.plan(files, execution)
     workers = min(len(planned), execution.workers or available_cpus())
-    texts = blocks.BatchTexts()
+    stores = blocks.BatchOnDisk()
     if workers <= 1 or sum(block.size for block in planned) <= execution.block_bytes:
-        return blocks.concat([texts.stored(blocks.screen_block(list(files), *arguments))], texts)
+        return blocks.concat([stores.stored(blocks.screen_block(list(files), *arguments))], stores)
     results: list[blocks.Screened | None] = [None] * len(planned)
     collecting = gc.isenabled()
     gc.disable()
@@ -105,7 +105,7 @@ def screen(
                         # Let go of the future: it would keep the block's texts in memory to the end.
                         futures[index] = None
                         assert future is not None
-                        results[index] = texts.stored(future.result())
+                        results[index] = stores.stored(future.result())
                         del future
                 except BaseException:
                     # Nothing more is read once a block failed (or the run was interrupted).
@@ -121,11 +121,11 @@ def screen(
             )
         for index, result in enumerate(results):
             if result is None:
-                results[index] = texts.stored(blocks.screen_block(planned[index].files, *arguments))
+                results[index] = stores.stored(blocks.screen_block(planned[index].files, *arguments))
         log.info(
             "local engine: %d file(s) in %d block(s) on %d process(es)", len(files), len(planned), workers
         )
-        return blocks.concat([result for result in results if result is not None], texts)
+        return blocks.concat([result for result in results if result is not None], stores)
     finally:
         if collecting:
             gc.enable()

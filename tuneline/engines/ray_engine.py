@@ -34,14 +34,21 @@ import gc
 import logging
 import pickle
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from tuneline.config import Config, ConfigError, ExecutionConfig
 from tuneline.engines import blocks
-from tuneline.near_duplicates import Banding, band_bucket_pairs, band_keys, distinct_pair_codes
+from tuneline.near_duplicates import (
+    Banding,
+    Signatures,
+    band_bucket_pairs,
+    band_keys,
+    distinct_pair_codes,
+    signature_rows,
+)
 from tuneline.tasks import ingest
 
 log = logging.getLogger(__name__)
@@ -75,8 +82,11 @@ def connect(execution: ExecutionConfig) -> Any:
         options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if execution.address:
             options["address"] = execution.address
-        elif execution.num_cpus:
-            options["num_cpus"] = execution.num_cpus
+        else:
+            if execution.num_cpus:
+                options["num_cpus"] = execution.num_cpus
+            if execution.object_store_memory:
+                options["object_store_memory"] = execution.object_store_memory
         try:
             ray.init(**options)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
@@ -106,9 +116,9 @@ def screen(
     execution = config.execution
     planned = blocks.plan(files, execution)
     arguments = (eval_examples, *blocks.block_arguments(config))
-    texts = blocks.BatchTexts()
+    stores = blocks.BatchOnDisk()
     if not planned:  # nothing to read: the same empty result the local engine makes
-        return blocks.concat([texts.stored(blocks.screen_block([], *arguments))], texts)
+        return blocks.concat([stores.stored(blocks.screen_block([], *arguments))], stores)
     ray = connect(execution)
     remote = ray.remote(screen_block_pickled).options(
         name="tuneline.screen_block", max_retries=execution.max_retries, retry_exceptions=False
@@ -124,11 +134,11 @@ def screen(
         for block in planned:
             pending.append(remote.remote(block.files, *shared))
             if len(pending) >= limit:
-                results.append(texts.stored(pickle.loads(ray.get(pending.pop(0)))))
+                results.append(stores.stored(pickle.loads(ray.get(pending.pop(0)))))
         while pending:
-            results.append(texts.stored(pickle.loads(ray.get(pending.pop(0)))))
+            results.append(stores.stored(pickle.loads(ray.get(pending.pop(0)))))
         log.info("ray engine: %d file(s) in %d task(s)", len(files), len(planned))
-        return blocks.concat(results, texts)
+        return blocks.concat(results, stores)
     finally:
         if collecting:
             gc.enable()
@@ -191,46 +201,58 @@ def reduce_buckets(rank: np.ndarray, n: int, bands: int, *pieces: Any) -> np.nda
 class RayCandidates:
     """The near-duplicate candidate search (tuneline/near_duplicates.py's CandidateSearch) on Ray: map
     tasks over the signatures of blocks of `execution.block_records` records, a shuffle of their band
-    entries by bucket through Ray's object store (which spills to disk when it is full), reduce tasks
-    that pair the records of each bucket, and their union here. Every bucket is whole in one reducer,
-    so the pairs are exactly those of `candidate_pairs`; the exact check then runs on them as with the
-    local engine."""
+    entries by bucket through Ray's object store (which spills to disk when it is full), and reduce
+    tasks that pair the records of each bucket. Every bucket is whole in one reducer, so the pairs are
+    exactly those of `candidate_pairs`; the agreement filter and the exact check then run on them as
+    with the local engine.
+
+    Reducers: `execution.shuffle_partitions`, else one per map task (at least one per CPU), so that
+    one reducer's pairs are about a map block's worth; a few run at a time, and each one's pairs come
+    back as a piece for the caller to filter (near_duplicates.AgreementFilter) as it comes: the batch's
+    candidate pairs are never all held, here or in the object store."""
 
     def __init__(self, execution: ExecutionConfig) -> None:
         self.execution = execution
 
     def __call__(
-        self, signatures: np.ndarray, eligible: np.ndarray, rank: np.ndarray, banding: Banding
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, signatures: Signatures, eligible: np.ndarray, rank: np.ndarray, banding: Banding
+    ) -> Iterator[np.ndarray]:
         ray = connect(self.execution)
         n = len(signatures)
-        reducers = self.execution.shuffle_partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        step = self.execution.block_records
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        reducers = self.execution.shuffle_partitions or max(cpus, -(-n // step))
         retries = {"max_retries": self.execution.max_retries, "retry_exceptions": False}
         mapper = ray.remote(map_block).options(
             name="tuneline.near_duplicates.map", num_returns=reducers, **retries
         )
         reducer = ray.remote(reduce_buckets).options(name="tuneline.near_duplicates.reduce", **retries)
-        step = self.execution.block_records
         # Each map's signatures go to the object store as it is submitted, and leave it once it has
         # run: a few at a time, not all at once.
         limit = _in_flight(ray)
-        maps: list[Any] = []
+        maps: list[list[Any]] = []
         running: list[Any] = []
         for start in range(0, n, step):
             if len(running) >= limit:
                 _, running = ray.wait(running, num_returns=1)
             stop = min(start + step, n)
-            outputs = mapper.remote(signatures[start:stop], eligible[start:stop], start, banding, reducers)
-            outputs = outputs if reducers > 1 else [outputs]
-            maps.append(outputs)
-            running.append(outputs[0])
+            outputs = mapper.remote(
+                signature_rows(signatures, slice(start, stop)), eligible[start:stop], start, banding, reducers
+            )
+            maps.append(list(outputs) if reducers > 1 else [outputs])
+            running.append(maps[-1][0])
         rank_ref = ray.put(np.asarray(rank))
-        reduced = [
-            reducer.remote(rank_ref, n, banding.bands, *[outputs[r] for outputs in maps])
-            for r in range(reducers)
-        ]
-        codes = distinct_pair_codes(ray.get(reduced))
+        running = []
+        for r in range(reducers + 1):
+            if r < reducers:
+                running.append(reducer.remote(rank_ref, n, banding.bands, *[outputs[r] for outputs in maps]))
+                for outputs in maps:
+                    outputs[r] = None  # the reducer holds its entries: they leave once it has run
+            while running and (len(running) >= limit or r == reducers):
+                done, running = ray.wait(running, num_returns=1)
+                codes = np.array(ray.get(done[0]))  # a copy: the object leaves the store
+                del done
+                yield codes
         log.info(
             "ray engine: near-duplicate candidates from %d map and %d reduce task(s)", len(maps), reducers
         )
-        return codes // n, codes % n
