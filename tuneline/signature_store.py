@@ -62,7 +62,7 @@ class SignatureStore:
         self.num_perm = num_perm
         self._directory = directory
         try:
-            self._file: IO[bytes] | None = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close())
+            self._file: IO[bytes] | None = tempfile.TemporaryFile(  # noqa: SIM115 (closed by close() or with the store)
                 prefix="tuneline-signatures-", dir=directory
             )
         except OSError as exc:
