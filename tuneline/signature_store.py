@@ -20,13 +20,12 @@ new dependency for a file of fixed-width columns that is written once and read i
 
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import IO
 
 import numpy as np
 
-from tuneline.text_store import NoRoomForTexts, no_room
+from tuneline.text_store import NoRoomForTexts, no_room, read_into
 
 _DTYPE = np.dtype(np.uint32)
 
@@ -39,18 +38,6 @@ def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
         "they take 4 bytes a permutation a record (about 0.25 GB a million records at num_perm 64) "
         "on the flow's disk until the near-duplicate search",
     )
-
-
-def _read_into(descriptor: int, out: np.ndarray, offset: int) -> None:
-    """Fill the contiguous array `out` with the file's bytes from `offset` (a read can return fewer:
-    it is read again for the rest)."""
-    view = out.data.cast("B")
-    while len(view):
-        count = os.preadv(descriptor, [view], offset)
-        if not count:
-            raise OSError(f"the temporary file ended {len(view)} bytes early")
-        view = view[count:]
-        offset += count
 
 
 class SignatureStore:
@@ -126,8 +113,8 @@ class SignatureStore:
         descriptor = self._file.fileno()
         at = 0
         for offset, count, low, high in self._blocks(start, stop):
-            _read_into(
-                descriptor, out[at : at + high - low], offset + (index * count + low) * _DTYPE.itemsize
+            read_into(
+                descriptor, out[at : at + high - low].data, offset + (index * count + low) * _DTYPE.itemsize
             )
             at += high - low
         return out

@@ -17,14 +17,13 @@ sort needs text keys and a subprocess, and the whole job is a hundred lines.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from collections.abc import Sequence
 from typing import IO, Any
 
 import numpy as np
 
-from tuneline.text_store import NoRoomForTexts, no_room
+from tuneline.text_store import NoRoomForTexts, no_room, read_into
 
 KEY_BYTES = 32
 # Lines of one key range, about: what `write_sorted` holds in memory at once.
@@ -44,16 +43,10 @@ def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
 
 
 def _read(descriptor: int, size: int, offset: int) -> bytes:
-    """`size` bytes of a file from `offset` (a read can return fewer: it is read again for the rest)."""
-    parts: list[bytes] = []
-    while size > 0:
-        part = os.pread(descriptor, size, offset)
-        if not part:
-            raise OSError(f"the temporary file ended {size} bytes early")
-        parts.append(part)
-        size -= len(part)
-        offset += len(part)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    """`size` bytes of a file from `offset` (text_store.read_into)."""
+    buffer = bytearray(size)
+    read_into(descriptor, memoryview(buffer), offset)
+    return bytes(buffer)
 
 
 class SortedFile:

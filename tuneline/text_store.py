@@ -60,6 +60,20 @@ def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
     )
 
 
+def read_into(descriptor: int, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` with the file's bytes from `offset`: a read can return fewer bytes than asked
+    for, so it is read again for the rest; a file that ends early is an error, not an endless loop.
+    The one rule for the flow's temporary files (this store's siblings: tuneline/sorted_lines.py,
+    tuneline/signature_store.py)."""
+    view = buffer.cast("B")
+    while len(view):
+        count = os.preadv(descriptor, [view], offset)
+        if not count:
+            raise OSError(f"the temporary file ended {len(view)} bytes early")
+        view = view[count:]
+        offset += count
+
+
 class TextStore:
     """An append-only sequence of bytes, in memory (a block's, picklable) or in an unnamed temporary
     file (the batch's, which stays in its process)."""
