@@ -148,9 +148,7 @@ def run_pipeline_on(
     frame = timed(
         "dedupe",
         timings,
-        functools.partial(
-            dedupe.batch_rules, screened.frame, screened.documents, config.dedupe, texts=screened.texts
-        ),
+        functools.partial(dedupe.batch_rules, screened.frame, screened.documents, config.dedupe),
     )
     texts = screened.texts
     del screened  # as the prepare flow does: the normalised texts end with the batch rules
@@ -258,9 +256,7 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     frame = timed(
         "dedupe",
         timings,
-        functools.partial(
-            dedupe.batch_rules, screened.frame, screened.documents, config.dedupe, search, screened.texts
-        ),
+        functools.partial(dedupe.batch_rules, screened.frame, screened.documents, config.dedupe, search),
     )
     texts = screened.texts
     del screened  # as the prepare flow does: the normalised texts end with the batch rules

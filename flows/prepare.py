@@ -157,12 +157,13 @@ def prepare_dataset(
     # reduce on Ray.
     search = ray_engine.RayCandidates(config.execution) if config.execution.engine == "ray" else None
     quality.import_in_background()  # while the batch rules keep one core busy
-    # The raw texts and training lines wait on disk (tuneline/text_store.py) until export reads them.
+    # The raw texts and training lines wait on disk (tuneline/text_store.py) until export reads them,
+    # beside the normalised texts that the batch rules read back for the records they compare.
     texts = screened.texts
     try:
-        frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search, texts)
-        # The normalised texts and the records' fingerprints (272 bytes a record at the default
-        # num_perm) end with the batch rules: quality looks at the frame only, export at the frame and
+        frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search)
+        # The records' normalised parts and fingerprints (about 100 bytes a record, their signatures
+        # on disk) end with the batch rules: quality looks at the frame only, export at the frame and
         # its texts.
         del screened
         heap.release_free_memory()

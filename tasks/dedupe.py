@@ -30,12 +30,14 @@ Guarantees of `dedupe` (its reasons, in precedence order, are tuneline/records.p
 - a duplicate follows the record it names when a later rule quarantines that record: an exact
   duplicate of a near duplicate is a near duplicate of the record kept in their place, and a duplicate
   of a record that rule 5 quarantines is a contradiction, with that record's `duplicate_of`;
-- columns `normalized_prompt` and `normalized_answer` (tuneline/normalize.py) are set on every row
-  that was kept when the duplicate rules began, null elsewhere.
+- columns `prompt_key`, `answer_key` and `split_key` (digests of the normalised prompt and answer:
+  tuneline/records.py) are set on every row that was kept when the duplicate rules began, null
+  elsewhere (`prompt_key` also where the normalised prompt is empty).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -46,7 +48,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import records, text_store
+from tuneline import records
 from tuneline.config import DedupeConfig
 from tuneline.formats import (
     CHAT_KEYS,
@@ -66,7 +68,7 @@ from tuneline.near_duplicates import (
 )
 from tuneline.normalize import Normalizer, normalize_text, turns_prompt_and_answer
 from tuneline.secrets import detect_secret, find_secrets_and_pii, redact_example
-from tuneline.text_store import TextStore
+from tuneline.tasks import export
 
 _PII_NAMES = {"email": "an email address", "phone": "a phone number"}
 
@@ -158,7 +160,7 @@ def per_record_rules(
     """Rules 1 and 2, and the normalised forms the later rules compare: every one a
     function of one record (and the eval set), so a block of records gets the same answer here as in
     the whole batch (the engines run this per block, tuneline/engines/blocks.py). Returns the new
-    frame, with its `normalized_prompt` and `normalized_answer` columns set on the rows still kept
+    frame, with its `prompt_key`, `answer_key` and `split_key` columns set on the rows still kept
     after rule 1, and the normalised examples of those rows, in frame order, as Documents."""
     # Copy-on-write: only the columns written here are copied (raw text stays shared).
     out = frame.copy(deep=False)
@@ -170,12 +172,7 @@ def per_record_rules(
     positions = stage.kept()
     table = TextTable()
     documents, prompts, answers = normalized_documents(examples[positions], table)
-    prompt_column = np.full(stage.n, None, dtype=object)
-    answer_column = np.full(stage.n, None, dtype=object)
-    prompt_column[positions] = prompts
-    answer_column[positions] = answers
-    out[records.NORMALIZED_PROMPT] = pd.Series(prompt_column, index=out.index, dtype=object)
-    out[records.NORMALIZED_ANSWER] = pd.Series(answer_column, index=out.index, dtype=object)
+    _set_keys(out, positions, examples[positions], prompts, answers)
     _eval_leakage(stage, positions, prompts, table, eval_examples, config)
     return out, documents
 
@@ -185,26 +182,21 @@ def batch_rules(
     documents: Documents,
     config: DedupeConfig,
     candidates: CandidateSearch | None = None,
-    texts: TextStore | None = None,
 ) -> pd.DataFrame:
     """Rules 3 to 5 across the whole batch, on a frame `per_record_rules` made (or the concatenation of
-    the frames it made per block, with their Documents concatenated: the same thing). `texts`: the
-    store of the frame's examples, where the engines' screen moved them (tuneline/text_store.py)."""
+    the frames it made per block, with their Documents concatenated: the same thing)."""
     out = frame.copy(deep=False)
     stage = _Stage(out)
     rank = record_order(out)
     # The rows the duplicate rules began with (kept after rule 1): those with normalised forms.
-    positions = np.flatnonzero(out[records.NORMALIZED_PROMPT].notna().to_numpy())
+    positions = np.flatnonzero(out[records.SPLIT_KEY].notna().to_numpy())
     assert len(positions) == len(documents), "the Documents are not those of the frame's rows"
-    prompts = out[records.NORMALIZED_PROMPT].to_numpy(dtype=object)[positions].tolist()
-    answers = out[records.NORMALIZED_ANSWER].to_numpy(dtype=object)[positions].tolist()
     # Index into `positions` (and `documents`) of the records each rule still has to look at.
     alive = records.kept_mask(out).to_numpy()[positions]
 
     alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
     alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config, candidates)
-    keys, directions = contradiction_keys(_preference_examples(out, positions, texts), prompts, answers)
-    _contradictions(stage, positions, keys, directions, rank, alive, config)
+    _contradictions(stage, positions, rank, alive, config)
     _duplicates_of_quarantined_records(stage)
     log.info("dedupe: %s", records.counts_by_reason(out))
     return out
@@ -348,42 +340,45 @@ def _plain_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _preference_examples(frame: pd.DataFrame, positions: np.ndarray, texts: TextStore | None) -> list[Any]:
-    """The examples at `positions` that rule 5 reads (preference lines: the pair of answers), read
-    from wherever they are kept; an empty line in place of every other one (rule 5 needs only its
-    normalised prompt and answer; without a `kind` column, every example is read)."""
-    found: list[Any] = [b""] * len(positions)
-    if records.KIND in frame:
-        preference = np.flatnonzero(frame[records.KIND].to_numpy(dtype=object)[positions] == "preference")
-    else:
-        preference = np.arange(len(positions))
-    read = text_store.examples(frame, positions[preference], texts)
-    for index, example in zip(preference.tolist(), read, strict=True):
-        found[index] = example
-    return found
+def _set_keys(
+    frame: pd.DataFrame,
+    positions: np.ndarray,
+    examples: Sequence[dict[str, Any]],
+    prompts: list[str],
+    answers: list[str],
+) -> None:
+    """The digests of the normalised forms (records.PROMPT_KEY, ANSWER_KEY, SPLIT_KEY) of the rows at
+    `positions`, whose examples, normalised prompts and answers these are, set in `frame`. Digests,
+    not the texts: what the batch holds of each record until export is 64 bytes, not two texts, and
+    a 128-bit digest makes two different texts share a group with a chance far below 2**-64 for any
+    batch that fits on a disk."""
+    keys, agreeing = contradiction_keys(examples, prompts, answers)
+    prompt_keys = [_digest(key) if prompt else None for key, prompt in zip(keys, prompts, strict=True)]
+    answer_keys = [_digest(answer) for answer in agreeing]
+    split_keys = [export.split_key_of(p, a) for p, a in zip(prompts, answers, strict=True)]
+    for name, values, size in (
+        (records.PROMPT_KEY, prompt_keys, 16),
+        (records.ANSWER_KEY, answer_keys, 16),
+        (records.SPLIT_KEY, split_keys, 32),
+    ):
+        frame[name] = records.digests(frame.index, positions, values, size)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def contradiction_keys(
-    examples: Sequence[dict[str, Any] | bytes], prompts: list[str], answers: list[str]
+    examples: Sequence[dict[str, Any]], prompts: list[str], answers: list[str]
 ) -> tuple[list[str], list[str]]:
     """What rule 5 groups records by, and the answer that must agree within a group.
 
     A chat or reinforcement record: its normalised prompt, and its answer. A preference record: its
     normalised prompt with the unordered pair of its answers, and which of the two it prefers, so a
-    group disagrees exactly when the same input has the same two answers in both orders.
-
-    An example may be its training line (records.EXAMPLE): one is parsed only when `"input":` occurs in
-    it, which in canonical JSON (every quote inside a string escaped) means an object with that key,
-    so a chat line costs a substring search, and an empty one (an example not read: see
-    _preference_examples) none."""
+    group disagrees exactly when the same input has the same two answers in both orders."""
     assert len(examples) == len(prompts) == len(answers)
     keys = list(prompts)
-    for index, value in enumerate(examples):
-        if not value:
-            continue
-        example: Any = value
-        if isinstance(value, bytes):  # a training line: parsed only if it may hold an "input" key
-            example = records.example_value(value) if b'"input":' in value else {}
+    for index, example in enumerate(examples):
         prompt, answer = prompts[index], answers[index]
         if "input" not in example or not prompt:
             continue
@@ -511,22 +506,21 @@ def _near_duplicates(
 def _contradictions(
     stage: _Stage,
     positions: np.ndarray,
-    prompts: list[str],
-    answers: list[str],
     rank: np.ndarray,
     alive: np.ndarray,
     config: DedupeConfig,
 ) -> None:
-    """Rule 5: groups of kept records with one normalised prompt and more than one normalised answer
-    (`prompts` and `answers` from `contradiction_keys`: for preference records, the input with its two
-    answers, and which one is preferred)."""
-    considered = np.flatnonzero(
-        alive & np.fromiter((bool(p) for p in prompts), dtype=bool, count=len(prompts))
-    )
+    """Rule 5: groups of kept records with one prompt key and more than one answer key (records.py's
+    PROMPT_KEY and ANSWER_KEY, from `contradiction_keys`: for preference records, the input with its
+    two answers, and which one is preferred)."""
+    frame = stage.frame
+    has_prompt = frame[records.PROMPT_KEY].notna().to_numpy()[positions]
+    considered = np.flatnonzero(alive & has_prompt)
     if len(considered) < 2:
         return
-    prompt_codes = pd.factorize(np.asarray([prompts[i] for i in considered], dtype=object))[0]
-    answer_codes = pd.factorize(np.asarray([answers[i] for i in considered], dtype=object))[0]
+    considered_rows = positions[considered]
+    prompt_codes = pd.factorize(frame[records.PROMPT_KEY].iloc[considered_rows])[0]
+    answer_codes = pd.factorize(frame[records.ANSWER_KEY].iloc[considered_rows])[0]
     pairs = pd.DataFrame({"prompt": prompt_codes, "answer": answer_codes})
     distinct_answers = pairs.drop_duplicates().groupby("prompt").size()
     contested = set(distinct_answers.index[distinct_answers.to_numpy() > 1].tolist())
@@ -541,7 +535,7 @@ def _contradictions(
     policy = config.contradictions
     for members in groups.values():
         members.sort(key=lambda k: rank[positions[considered[k]]])  # earliest first
-        swapped = "\x1f" in prompts[considered[members[0]]]  # preference pairs in both orders
+        swapped = _is_preference(frame, positions[considered[members[0]]])  # pairs in both orders
         differs = (
             "with the preferred and non-preferred answers swapped" if swapped else "with a different answer"
         )
@@ -586,6 +580,15 @@ def _contradictions(
         details,
         positions[considered[others]].tolist(),
     )
+
+
+def _is_preference(frame: pd.DataFrame, position: int) -> bool:
+    """Whether the row is a preference record (its `kind`, or, in a frame validate did not make, its
+    example: rule 5 groups a preference record only with preference records)."""
+    if records.KIND in frame:
+        kind = frame[records.KIND].iat[position]
+        return isinstance(kind, str) and kind == "preference"
+    return "input" in records.example_value(frame[records.EXAMPLE].iat[position])
 
 
 def _duplicates_of_quarantined_records(stage: _Stage) -> None:
@@ -644,7 +647,6 @@ def batch_rules_task(
     documents: Documents,
     config: DedupeConfig,
     candidates: CandidateSearch | None = None,
-    texts: TextStore | None = None,
 ) -> pd.DataFrame:
     """Prefect wrapper of batch_rules: exact and near duplicates and contradictions across the batch."""
-    return batch_rules(frame, documents, config, candidates, texts)
+    return batch_rules(frame, documents, config, candidates)

@@ -2,7 +2,9 @@
 with an exact Jaccard decision, and exact matching against a small reference set (an eval set).
 
 Records are `Documents`: each is the space-joined sequence of some distinct normalised texts (its
-parts: a role, a message text, ...), held once in a `TextTable`. The system prompt and templated
+parts: a role, a message text, ...), held once in a `TextTable` (in memory, or, for a batch the
+engines put together, in its TextStore on disk: tuneline/text_store.py's StoredTexts, read back for
+the records compared). The system prompt and templated
 replies recur in most records, so each distinct text is split into words and hashed once, and a
 record's words are gathered from its parts with numpy instead of being split again in Python.
 
@@ -49,6 +51,7 @@ import pyarrow.compute as pc
 from tuneline.heap import release_free_memory
 from tuneline.normalize import jaccard, word_shingles
 from tuneline.signature_store import SignatureStore
+from tuneline.text_store import StoredTexts, TextStore, take
 
 # The records' signatures: in memory, or in the batch's store on disk (tuneline/signature_store.py).
 Signatures = np.ndarray | SignatureStore
@@ -64,8 +67,10 @@ PREFILTER_MISS = 1e-2
 # The filter's first stage reads only this many signature values per record (one cache line).
 _FIRST_STAGE = 16
 # Pairs that passed the first stage decided by the second at once, when the signatures are on disk:
-# each time, every record's signature is read (in groups of _FIRST_STAGE values).
+# each time, every record's signature is read, _SECOND_STAGE_GROUP values of every record at a time
+# (32 bytes a record held beside the first stage's 64: the group's size changes no decision).
 _SECOND_STAGE_PAIRS = 1 << 24
+_SECOND_STAGE_GROUP = 8
 # Pairs whose agreement on a group of values is counted at once (bounds the second stage's temporaries).
 _PAIRS_AT_ONCE = 1 << 20
 # Within a band bucket, each record is paired with the head of its run and this many predecessors (see
@@ -134,7 +139,8 @@ class TextTable:
     asked for and not kept (`signatures`)."""
 
     def __init__(self) -> None:
-        self.texts: list[str] = []
+        # The texts in memory, or kept in a TextStore (a batch's: `stored`), which only looks them up.
+        self.texts: list[str] | StoredTexts = []
         # text -> id, for `intern`; None until a text is interned again (`drop_index`, unpickling):
         # about 55 bytes a text, which a table that only looks its texts up by id does without.
         self._ids: dict[str, int] | None = {}
@@ -158,8 +164,17 @@ class TextTable:
         self.texts = state["texts"]  # type: ignore[assignment]
         self.drop_index()  # built again only if a text is interned here
 
+    @classmethod
+    def stored(cls, texts: StoredTexts) -> TextTable:
+        """A table of texts kept in a TextStore: read back when asked for, never interned into."""
+        table = cls()
+        table.texts = texts
+        table.drop_index()
+        return table
+
     def intern(self, normalized: str) -> int:
         """The id of a normalised text (single spaces between words, none at the ends)."""
+        assert isinstance(self.texts, list), "texts kept in a store are looked up, not interned"
         ids = self._ids
         if ids is None:
             ids = self._ids = {text: index for index, text in enumerate(self.texts)}
@@ -191,7 +206,7 @@ class TextTable:
         lengths: list[np.ndarray] = []
         texts = self.texts
         for start in range(0, len(ids), BATCH):
-            hashes, counts = self._split([texts[i] for i in ids[start : start + BATCH].tolist()])
+            hashes, counts = self._split(take(texts, ids[start : start + BATCH]))
             values.append(hashes)
             lengths.append(counts)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -313,7 +328,7 @@ class Documents:
     screened and carried along by `subset` and `concat`; the duplicate searches make them when not."""
 
     table: TextTable
-    parts: np.ndarray  # int64 text ids
+    parts: np.ndarray  # text ids (int64; int32 in a batch put together while they fit: `concat`)
     offsets: np.ndarray  # int64, len(self) + 1
     fingerprints: Fingerprints | None = None
 
@@ -338,8 +353,32 @@ class Documents:
 
     def text(self, index: int) -> str:
         """The normalised text of one record."""
+        return " ".join(take(self.table.texts, self.parts[self.offsets[index] : self.offsets[index + 1]]))
+
+    def texts(self, indices: np.ndarray) -> list[str]:
+        """The normalised texts of the records `indices`, in that order (their parts read at once)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        counts = self.offsets[indices + 1] - self.offsets[indices]
+        parts = take(self.table.texts, self.parts[_ranges(self.offsets[indices], counts)])
+        found: list[str] = []
+        at = 0
+        for count in counts.tolist():
+            found.append(" ".join(parts[at : at + count]))
+            at += count
+        return found
+
+    def packed(self) -> Documents:
+        """These records over a table of the texts they use alone, packed into one byte string
+        (StoredTexts.packed): what a block's task sends back."""
+        used, inverse = np.unique(self.parts, return_inverse=True)
+        texts = StoredTexts.packed(take(self.table.texts, used))
+        return Documents(TextTable.stored(texts), inverse.reshape(-1), self.offsets, self.fingerprints)
+
+    def moved(self, into: TextStore) -> Documents:
+        """These records (packed) with their texts appended to `into`, a batch's store on disk."""
         texts = self.table.texts
-        return " ".join(texts[p] for p in self.parts[self.offsets[index] : self.offsets[index + 1]].tolist())
+        assert isinstance(texts, StoredTexts), "only packed texts are moved"
+        return Documents(TextTable.stored(texts.moved(into)), self.parts, self.offsets, self.fingerprints)
 
     def subset(self, indices: np.ndarray) -> Documents:
         """The records at `indices`, in that order (with their fingerprints, if set)."""
@@ -363,19 +402,33 @@ class Documents:
         texts a block, against an index of every text while the table is made, about 55 bytes a text),
         with their fingerprints if every part has them: what a block's task made is not redone where
         the blocks are put together. `signatures`: where the parts' signatures were moved already
-        (Fingerprints.concat)."""
-        table = TextTable()
-        table.drop_index()  # a batch put together looks its texts up by id only
+        (Fingerprints.concat). Parts whose texts are all kept in one store (`moved`) give a table kept
+        there too."""
         parts_ids: list[np.ndarray] = []
         offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
-        total = 0
+        in_memory: list[str] = []
+        stored: list[StoredTexts] = []
+        count = total = 0
         for part in parts:
             used, inverse = np.unique(part.parts, return_inverse=True)
             texts = part.table.texts
-            parts_ids.append(len(table.texts) + inverse.reshape(-1))
-            table.texts.extend(texts[i] for i in used.tolist())
+            ids = count + inverse.reshape(-1)
+            # 32-bit ids while the table's texts fit them (a batch's parts: several a record).
+            parts_ids.append(ids.astype(np.int32) if count + len(used) < 2**31 else ids)
+            if isinstance(texts, StoredTexts):
+                stored.append(texts.subset(used))
+            else:
+                in_memory.extend(texts[i] for i in used.tolist())
+            count += len(used)
             offsets.append(part.offsets[1:] + total)
             total += len(part.parts)
+        assert not (stored and in_memory), "some parts' texts are stored and others not"
+        if stored:
+            table = TextTable.stored(StoredTexts.concat(stored))
+        else:
+            table = TextTable()
+            table.texts = in_memory
+            table.drop_index()  # a batch put together looks its texts up by id only
         made = [part.fingerprints for part in parts if part.fingerprints is not None]
         return cls(
             table,
@@ -472,10 +525,13 @@ def find_exact_duplicates(
     # Members of hash groups of two or more, grouped by key, each group in rank order.
     members = _sorted_unique(np.concatenate([same, same + 1]))
     texts: dict[str, int] = {}
+    member_texts: list[str] = []
     for position, index in enumerate(order[members].tolist()):
+        if position % BATCH == 0:  # the next batch of members' texts, read at once where they are stored
+            member_texts = documents.texts(order[members[position : position + BATCH]])
         if position and sorted_keys[members[position]] != sorted_keys[members[position - 1]]:
             texts = {}
-        earliest = texts.setdefault(documents.text(index), index)
+        earliest = texts.setdefault(member_texts[position % BATCH], index)
         if earliest != index:
             first[index] = earliest
     return first
@@ -828,10 +884,10 @@ class AgreementFilter:
     signatures, decides those that passed it. Only the pairs that pass are kept, never the batch's
     candidate pairs (tens of millions a million records, for pairs that share a template). With at
     most 2 * _FIRST_STAGE values there is one stage, on all of them. Signatures on disk
-    (tuneline/signature_store.py) are read _FIRST_STAGE values of every record at a time: the second
-    stage runs on up to _SECOND_STAGE_PAIRS pairs that passed the first at once, adding each further
-    group's agreement to the pairs that can still reach the cutoff, so at most two groups (128 bytes a
-    record) are held, never whole signatures."""
+    (tuneline/signature_store.py) are read a few values of every record at a time: the second stage
+    runs on up to _SECOND_STAGE_PAIRS pairs that passed the first at once, adding each further group's
+    agreement (_SECOND_STAGE_GROUP values) to the pairs that can still reach the cutoff, so the first
+    stage's values and one group (96 bytes a record) are held, never whole signatures."""
 
     def __init__(self, signatures: Signatures, threshold: float) -> None:
         self.signatures = signatures
@@ -882,8 +938,8 @@ class AgreementFilter:
         codes = np.concatenate([piece[0] for piece in self._waiting])
         counts = np.concatenate([piece[1] for piece in self._waiting])
         self._waiting, self._waiting_count = [], 0
-        for start in range(self.width, self.num_perm, _FIRST_STAGE):
-            group = self._columns(start, min(start + _FIRST_STAGE, self.num_perm))
+        for start in range(self.width, self.num_perm, _SECOND_STAGE_GROUP):
+            group = self._columns(start, min(start + _SECOND_STAGE_GROUP, self.num_perm))
             # Pairs that fall short even if every value left agreed are decided: not near.
             open_pairs = np.flatnonzero(counts + (self.num_perm - start) >= self.cutoff)
             for at in range(0, len(open_pairs), _PAIRS_AT_ONCE):  # bounded temporaries

@@ -1,4 +1,5 @@
-"""The record frame's two texts, `raw` and `example`, kept on the flow's disk instead of its heap.
+"""The record frame's two texts, `raw` and `example`, and the normalised texts the duplicate searches
+compare, kept on the flow's disk instead of its heap.
 
 From the engines' screen on (tuneline/engines/blocks.py), the batch-wide rules compare hashes and
 normalised forms, never a record's raw text or its training line: those are read again only by the
@@ -14,6 +15,12 @@ EXAMPLE_SIZE; the `raw` and `example` cells of a stored row are null), and `raw_
 read them back, a few MB at a time in file order. A text that cannot be stored as bytes stays in its
 cell (an example JSON cannot represent, a null); readers see no difference.
 
+The normalised texts (the parts of tuneline/near_duplicates.py's Documents: a block's distinct turn
+texts, normalised) were the largest thing left after that (about 0.3 kB a synthetic chat as Python
+strings): they are kept the same way (`StoredTexts`), packed by the block's task and appended to
+the batch's store as the block comes back, and the exact and near-duplicate checks read back the
+texts of the records they compare, which are few.
+
 Written by hand because nothing well-kept does this small job: Arrow's memory-mapped files would put
 every page read back into the process's resident set (the export reads them all), and a key-value
 store is far more than an append-only file read back in offset order.
@@ -25,15 +32,20 @@ import io
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pandas as pd
 
 from tuneline import records
 
-# Bytes read from the file at once when texts are read back (sequential, in offset order).
+# Bytes read from the file at once when texts are read back (sequential, in offset order), and the
+# most bytes between two texts read with one call rather than two (a record's normalised texts lie
+# apart: its block's system prompt, its own turns).
 _READ_WINDOW = 8 * 2**20
+_READ_GAP = 64 * 2**10
+# Texts read one by one rather than sorted into windows (a record's parts: the sort costs more).
+_FEW = 8
 _NOT_STORED = -1
 
 
@@ -55,8 +67,8 @@ def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
     return no_room(
         directory,
         error,
-        "the batch's raw texts and training lines",
-        "they take about 1.3 GB a million records on the flow's disk until export",
+        "the batch's raw texts, training lines and normalised texts",
+        "they take about 1.5 GB a million records on the flow's disk until export",
     )
 
 
@@ -120,6 +132,15 @@ class TextStore:
         self._size += len(other._blob)
         return start
 
+    def read_one(self, start: int, size: int) -> bytes:
+        """The bytes at start .. start + size."""
+        if self._blob is not None:
+            return self._blob[start : start + size]
+        assert self._file is not None
+        buffer = bytearray(size)
+        read_into(self._file.fileno(), memoryview(buffer), start)
+        return bytes(buffer)
+
     def read(self, starts: np.ndarray, sizes: np.ndarray) -> list[bytes]:
         """The bytes at starts[i] .. starts[i] + sizes[i], in the order asked for."""
         starts = np.asarray(starts, dtype=np.int64)
@@ -140,10 +161,16 @@ class TextStore:
         while index < len(ordered):
             window_start = ordered_starts[index]
             last = index
-            # As many texts as fit one window (at least one, however long), read with one call.
-            while last + 1 < len(ordered) and ordered_ends[last + 1] - window_start <= _READ_WINDOW:
+            window_end = ordered_ends[index]
+            # As many texts as fit one window (at least one, however long), none far from the last,
+            # read with one call.
+            while (
+                last + 1 < len(ordered)
+                and ordered_ends[last + 1] - window_start <= _READ_WINDOW
+                and ordered_starts[last + 1] - window_end <= _READ_GAP
+            ):
                 last += 1
-            window_end = max(ordered_ends[index : last + 1])
+                window_end = max(window_end, ordered_ends[last])
             chunk = os.pread(descriptor, window_end - window_start, window_start)
             view = memoryview(chunk)
             for at in range(index, last + 1):
@@ -286,3 +313,77 @@ def unpacked(frame: pd.DataFrame, texts: TextStore | None) -> pd.DataFrame:
     out[records.RAW] = pd.Series(raw_texts(frame, everything, texts), index=out.index, dtype=object)
     out[records.EXAMPLE] = pd.Series(examples(frame, everything, texts), index=out.index, dtype=object)
     return out
+
+
+class StoredTexts(Sequence[str]):
+    """A sequence of texts kept as UTF-8 in a TextStore: where each starts in it, and its size in bytes
+    (12 bytes a text held, against about 50 bytes and the text itself for a Python string). The
+    normalised texts of a batch's records (the parts of tuneline/near_duplicates.py's Documents) are
+    kept so: a block's task packs its texts (`packed`, one byte string to pickle back instead of a
+    string per text), the flow appends them to the batch's store as the block comes back (`moved`), and
+    the duplicate searches read back only the texts of the records they compare (`take`)."""
+
+    def __init__(self, store: TextStore, starts: np.ndarray, sizes: np.ndarray) -> None:
+        self.store = store
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int32)
+
+    @classmethod
+    def packed(cls, texts: Sequence[str]) -> StoredTexts:
+        """`texts` in a new TextStore in memory."""
+        encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
+        sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        starts = np.zeros(len(encoded), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        return cls(TextStore(b"".join(encoded)), starts, sizes)
+
+    def moved(self, into: TextStore) -> StoredTexts:
+        """These texts (in a store in memory) appended to `into` (on disk), and read from there."""
+        return StoredTexts(into, self.starts + into.append(self.store), self.sizes)
+
+    @classmethod
+    def concat(cls, parts: Sequence[StoredTexts]) -> StoredTexts:
+        """The texts of several sequences kept in one store, in order."""
+        assert len({id(part.store) for part in parts}) == 1, "texts of different stores"
+        return cls(
+            parts[0].store,
+            np.concatenate([part.starts for part in parts]),
+            np.concatenate([part.sizes for part in parts]),
+        )
+
+    def subset(self, ids: np.ndarray) -> StoredTexts:
+        return StoredTexts(self.store, self.starts[ids], self.sizes[ids])
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return self.take(np.arange(len(self))[index])
+        return self.take(np.asarray([index]))[0]
+
+    def take(self, ids: np.ndarray | Sequence[int]) -> list[str]:
+        """The texts `ids`, in that order, read at once (in the store's order; a few, one by one)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) <= _FEW:
+            starts, sizes = self.starts[ids].tolist(), self.sizes[ids].tolist()
+            data = [self.store.read_one(start, size) for start, size in zip(starts, sizes, strict=True)]
+        else:
+            data = self.store.read(self.starts[ids], self.sizes[ids])
+        return [text.decode("utf-8", "surrogatepass") for text in data]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StoredTexts, (self.store, self.starts, self.sizes))  # a store in memory pickles
+
+
+def take(texts: Sequence[str], ids: np.ndarray | Sequence[int]) -> list[str]:
+    """texts[i] for each of `ids`: read at once when they are stored."""
+    if isinstance(texts, StoredTexts):
+        return texts.take(ids)
+    return [texts[i] for i in np.asarray(ids, dtype=np.int64).tolist()]

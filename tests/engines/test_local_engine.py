@@ -131,7 +131,7 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
     for mine, theirs in zip(screened.documents.words(), documents.words(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
-    out = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe, texts=screened.texts)
+    out = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
     out = text_store.unpacked(out, screened.texts)
     whole = export.with_training_lines(
         dedupe.dedupe(validated(project, files), eval_examples(project), config.dedupe)

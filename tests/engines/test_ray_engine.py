@@ -164,7 +164,6 @@ def ray_frame(config: Any, files: list[ingest.InputFile]) -> pd.DataFrame:
         screened.documents,
         config.dedupe,
         ray_engine.RayCandidates(config.execution),
-        screened.texts,
     )
     return text_store.unpacked(out, screened.texts)
 
@@ -255,7 +254,7 @@ def test_a_worker_killed_mid_block_is_retried_and_nothing_is_counted_twice(
     screened, killed = screen_with_a_kill(config, files)
     assert killed, "no worker was caught running a block"
     assert isinstance(screened, blocks.Screened), screened
-    on_ray = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe, texts=screened.texts)
+    on_ray = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
     on_ray = text_store.unpacked(on_ray, screened.texts)
     pd.testing.assert_frame_equal(expected, on_ray)
     # Every input line once: 3,002 lines per file (a malformed line and a duplicate included).

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from tuneline import records
 from tuneline.config import DedupeConfig
-from tuneline.normalize import jaccard, normalized_example, word_shingles
-from tuneline.records import NORMALIZED_ANSWER, NORMALIZED_PROMPT
+from tuneline.normalize import jaccard, normalized_example, normalized_prompt_and_answer, word_shingles
+from tuneline.records import ANSWER_KEY, PROMPT_KEY, SPLIT_KEY
+from tuneline.tasks import export
 from tuneline.tasks.dedupe import (
     batch_rules_task,
     credentials_and_pii,
@@ -172,7 +173,10 @@ def test_pii_policy_redact_writes_a_new_example_and_leaves_the_input_alone() -> 
     assert frame[records.EXAMPLE].iloc[0] == before  # the input frame's objects are untouched
     assert out[records.RAW].iloc[0] == frame[records.RAW].iloc[0]  # raw keeps the original
     assert out[records.EXAMPLE].iloc[1] is frame[records.EXAMPLE].iloc[1]
-    assert out[NORMALIZED_PROMPT].iloc[0] == "send the invoice to email or call phone"
+    # The digests dedupe keeps are those of the redacted example, the one exported.
+    assert normalized_prompt_and_answer(redacted)[0] == "send the invoice to email or call phone"
+    assert out[SPLIT_KEY].iloc[0] == export.split_key(redacted)
+    assert out[SPLIT_KEY].iloc[0] != export.split_key(frame[records.EXAMPLE].iloc[0])
 
 
 def test_pii_policy_quarantine_names_what_was_found() -> None:
@@ -354,7 +358,8 @@ def test_agreeing_records_with_one_prompt_are_not_contradictions() -> None:
     frame = contradicting((ANSWER_A, SYSTEM), (ANSWER_A, "Another system prompt."))
     out = dedupe(frame, [], ONLY_IDENTICAL)
     assert reasons(out) == [None, None, None]
-    assert out[NORMALIZED_ANSWER].iloc[0] == out[NORMALIZED_ANSWER].iloc[1]
+    assert out[ANSWER_KEY].iloc[0] == out[ANSWER_KEY].iloc[1]
+    assert out[PROMPT_KEY].iloc[0] == out[PROMPT_KEY].iloc[1]
 
 
 # --- the invariant ---------------------------------------------------------------------------------------
@@ -376,7 +381,8 @@ def test_only_kept_rows_are_touched_and_no_row_is_lost() -> None:
     assert reasons(out) == [None, "invalid_weight", "too_long", "missing_content"]
     assert list(out[records.DETAIL].iloc[1:]) == ["quarantined before dedupe"] * 3
     assert out[records.EXAMPLE].iloc[2] is frame[records.EXAMPLE].iloc[2]  # a quarantined row is not redacted
-    assert out[NORMALIZED_PROMPT].iloc[1:].isna().all()
+    for key in (PROMPT_KEY, ANSWER_KEY, SPLIT_KEY):
+        assert out[key].iloc[0] is not None and out[key].iloc[1:].isna().all()
 
 
 def test_an_empty_frame_and_the_prefect_task(prefect_server: None) -> None:
@@ -444,8 +450,11 @@ def test_the_invariant_holds_on_generated_frames(rows: list, policy: str, pii: s
                 a, b = (normalized_example(out[records.EXAMPLE].iloc[k]) for k in (position, lost))
                 assert jaccard(word_shingles(a, 3), word_shingles(b, 3)) >= config.near_duplicate_threshold
                 continue
-            assert out[NORMALIZED_PROMPT].iloc[other] == out[NORMALIZED_PROMPT].iloc[position]
-            assert out[NORMALIZED_ANSWER].iloc[other] != out[NORMALIZED_ANSWER].iloc[position]
+            mine, theirs = (
+                normalized_prompt_and_answer(out[records.EXAMPLE].iloc[k]) for k in (position, other)
+            )
+            assert mine[0] == theirs[0] and mine[1] != theirs[1]
+            assert out[PROMPT_KEY].iloc[other] == out[PROMPT_KEY].iloc[position]
     if pii != "allow":
         assert not any("jo@example.com" in json.dumps(e) for e in kept[records.EXAMPLE])
 

@@ -83,11 +83,9 @@ def test_split_is_stable_across_order_and_variants() -> None:
 
 def test_the_split_reuses_dedupes_normalised_forms() -> None:
     frame = dedupe.dedupe(prepared([chat(i) for i in range(30)]), [], BASE.dedupe)
-    assert frame[records.NORMALIZED_PROMPT].notna().all()
+    assert frame[records.SPLIT_KEY].notna().all()
     with_forms = export.build_dataset(frame, BASE)
-    without = export.build_dataset(
-        frame.drop(columns=[records.NORMALIZED_PROMPT, records.NORMALIZED_ANSWER]), BASE
-    )
+    without = export.build_dataset(frame.drop(columns=[records.SPLIT_KEY]), BASE)
     assert with_forms.train_lines == without.train_lines
     assert with_forms.validation_lines == without.validation_lines
 

@@ -153,9 +153,7 @@ def test_the_engines_screen_gives_preference_lines_the_same_outcome(tmp_path: Pa
     stored = text_store.examples(screened.frame, np.arange(len(screened.frame)), screened.texts)
     assert all(isinstance(e, bytes | None) for e in stored)
     assert screened.frame[records.EXAMPLE].isna().all()  # each line is in the store, not the frame
-    screened_frame = dedupe.batch_rules(
-        screened.frame, screened.documents, config.dedupe, texts=screened.texts
-    )
+    screened_frame = dedupe.batch_rules(screened.frame, screened.documents, config.dedupe)
     assert reasons_by_line(screened_frame) == reasons_by_line(frame)
     assert list(screened_frame[records.DUPLICATE_OF]) == list(frame[records.DUPLICATE_OF])
     from_lines = export.build_dataset(screened_frame, config, texts=screened.texts)

@@ -5,6 +5,7 @@ import pickle
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from tuneline.near_duplicates import (
 )
 from tuneline.normalize import jaccard, word_shingles
 from tuneline.signature_store import SignatureStore
+from tuneline.text_store import StoredTexts, TextStore
 
 VOCABULARY = [f"w{i}" for i in range(400)]
 
@@ -282,7 +284,8 @@ def test_signatures_on_disk_decide_as_in_memory(num_perm: int, monkeypatch: pyte
     reads them a few values of every record at a time and decides exactly as with them in memory, the
     agreement filter's stages included (one stage at 32 values, groups of 16 after the first above,
     the second on a few hundred pairs at a time), and so with the pairs' shingles made a few pairs at a
-    time."""
+    time. The blocks' normalised texts wait on disk too (packed by each block, pickled back, moved
+    to the batch's TextStore), and the exact duplicates are those found with them in memory."""
     rng = random.Random(num_perm)
     template = sentence(rng, 30)  # a shared part: pairs that agree on some values and fail the filter
     originals = [f"{template} {sentence(rng, 20)}" for _ in range(80)]
@@ -292,15 +295,22 @@ def test_signatures_on_disk_decide_as_in_memory(num_perm: int, monkeypatch: pyte
     fingerprints = documents.fingerprints
     assert fingerprints is not None and isinstance(fingerprints.signatures, np.ndarray)
     store = SignatureStore(num_perm)
+    batch_texts = TextStore.on_disk()
+    blocks = []
     for start in range(0, len(texts), 70):
-        store.append(fingerprints.signatures[start : start + 70])
-    on_disk = Documents(
-        documents.table,
-        documents.parts,
-        documents.offsets,
-        Fingerprints(fingerprints.content, fingerprints.word_counts, store, fingerprints.shingle_size),
-    )
+        block = documents.subset(np.arange(start, min(start + 70, len(texts))))
+        assert block.fingerprints is not None
+        store.append(block.fingerprints.signatures)
+        packed = replace(block.packed(), fingerprints=block.fingerprints.without_signatures())
+        blocks.append(pickle.loads(pickle.dumps(packed)).moved(batch_texts))
+    on_disk = Documents.concat(blocks, store)
+    assert isinstance(on_disk.table.texts, StoredTexts)
+    assert on_disk.texts(np.arange(len(texts))) == texts
     rank = np.random.default_rng(1).permutation(len(texts))
+    np.testing.assert_array_equal(
+        find_exact_duplicates(on_disk, rank), find_exact_duplicates(documents, rank)
+    )
+    assert (find_exact_duplicates(on_disk, rank) >= 0).any()
     theirs = find_near_duplicates(documents, rank, threshold=0.85, num_perm=num_perm, shingle_size=3)
     monkeypatch.setattr(nd, "_SECOND_STAGE_PAIRS", 300)
     monkeypatch.setattr(nd, "_PAIRS_AT_ONCE", 50)
@@ -316,6 +326,7 @@ def test_signatures_on_disk_decide_as_in_memory(num_perm: int, monkeypatch: pyte
     assert 0 < mine.compared < mine.candidates  # the filter dropped pairs, and let some through
     assert (mine.duplicate_of >= 0).sum() >= 50
     store.close()
+    batch_texts.close()
 
 
 def test_the_decision_is_exact_around_the_threshold() -> None:

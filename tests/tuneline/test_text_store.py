@@ -108,6 +108,55 @@ def test_no_room_for_the_texts_is_one_clear_error_and_keeps_what_was_stored() ->
     # A disk that fills up while the blocks come back: a file size limit stands in for it.
     done = subprocess.run([sys.executable, "-c", FILLS_UP], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "refused: could not write the batch's raw texts and training lines" in done.stdout
+    assert (
+        "refused: could not write the batch's raw texts, training lines and normalised texts" in done.stdout
+    )
     assert "(File too large)" in done.stdout
     assert "kept: 1000 True" in done.stdout
+
+
+def test_stored_texts_read_back_in_memory_pickled_and_moved_to_disk() -> None:
+    """Texts packed by a block (one byte string: it pickles), appended to a batch's store on disk
+    after another block's, read back one, a few or many at a time in any order, non-ASCII and lone
+    surrogates included."""
+    texts = [f"text {i} " + "é" * (i % 5) + "z" * (i % 301) for i in range(3_000)]
+    texts[5] = ""
+    texts[17] = "a \ud800 lone surrogate"
+    packed = text_store.StoredTexts.packed(texts)
+    sent = pickle.loads(pickle.dumps(packed))
+    assert sent.take(np.arange(len(texts))) == texts
+    batch = TextStore.on_disk()
+    before = text_store.StoredTexts.packed(["another block's text"]).moved(batch)
+    moved = sent.moved(batch)
+    assert moved.starts[0] == len("another block's text")
+    chosen = np.random.default_rng(1).permutation(len(texts))
+    for ids in (chosen[:3], chosen[:2_000], chosen, np.array([17, 17, 5])):
+        assert moved.take(ids) == [texts[i] for i in ids]
+        assert text_store.take(texts, ids) == [texts[i] for i in ids]
+    assert moved[17] == texts[17] and moved[10:13] == texts[10:13] and len(moved) == len(texts)
+    joined = text_store.StoredTexts.concat([before, moved.subset(np.array([4, 2]))])
+    assert list(joined) == ["another block's text", texts[4], texts[2]]
+    with pytest.raises(TypeError, match="stays in the process"):
+        pickle.dumps(moved)
+    batch.close()
+
+
+def test_reads_of_texts_far_apart_read_only_the_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Texts far apart in the file (a record's parts: its block's system prompt, its own turns) are
+    read each with its own call, not with everything between them."""
+    filler = "f" * (2 * text_store._READ_GAP)
+    packed = text_store.StoredTexts.packed(["near", filler, "far", filler, "farther"])
+    batch = TextStore.on_disk()
+    moved = packed.moved(batch)
+    calls: list[int] = []
+    real = text_store.os.pread
+
+    def counted(descriptor: int, size: int, offset: int) -> bytes:
+        calls.append(size)
+        return real(descriptor, size, offset)
+
+    monkeypatch.setattr(text_store.os, "pread", counted)
+    many = np.array([0, 2, 4] * text_store._FEW)  # more than a few: the windowed read
+    assert moved.take(many) == ["near", "far", "farther"] * text_store._FEW
+    assert sorted(calls) == [3, 4, 7]
+    batch.close()

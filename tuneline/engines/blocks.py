@@ -9,7 +9,9 @@ every core. `screen_block` is what one task does with a block: read it (tasks/in
 the per-record rules of dedupe (tasks/dedupe.py's `per_record_rules`: credentials and PII, eval
 leakage) and the normalised forms the duplicate rules compare, as Documents with their fingerprints
 (content hash, word count, MinHash signature: tuneline/near_duplicates.py's Fingerprints), so that
-the signing is spread over the blocks and the batch holds no record's words. No later rule changes
+the signing is spread over the blocks and the batch holds no record's words; the normalised texts
+themselves go back packed (Documents.packed) and wait in the batch's store with the raw texts, read
+back only for the records the duplicate searches compare. No later rule changes
 an example, so the block's frame carries each example as the training line export writes for it
 (tasks/export.py's `with_training_lines`), and packs those lines and the raw texts into one byte
 string (tuneline/text_store.py: one object to pickle back to the flow, which moves it to the batch's
@@ -114,7 +116,8 @@ def screen_block(
     frame = ingest.read_files(files, system_prompt, csv_fallbacks)
     frame = validate.validate(frame, model, validation, method)
     frame, documents = dedupe.per_record_rules(frame, eval_examples, dedupe_config)
-    documents = documents.fingerprinted(record_signing)  # its table's texts alone go back (pickled)
+    # The fingerprints, and the normalised texts the records use packed into one byte string.
+    documents = documents.fingerprinted(record_signing).packed()
     # No later rule changes an example: from here on each one is the line export writes for it, and
     # it and the raw text wait in the store (text_store.py) until export reads them.
     frame, texts = pack(export.with_training_lines(frame))
@@ -136,9 +139,10 @@ def block_arguments(config: Config) -> tuple[Any, ...]:
 
 
 class BatchOnDisk:
-    """The batch's texts (a TextStore) and signatures (a SignatureStore, made with the first block
-    that brings any) on disk, which each block's join as soon as the block comes back (`stored`): the
-    flow never holds the texts or signatures of more than one block at once."""
+    """The batch's texts (a TextStore: raw texts, training lines and the normalised texts the
+    duplicate searches compare) and signatures (a SignatureStore, made with the first block that
+    brings any) on disk, which each block's join as soon as the block comes back (`stored`): the flow
+    never holds the texts or signatures of more than one block at once."""
 
     def __init__(self) -> None:
         self.store = TextStore.on_disk()
@@ -153,7 +157,8 @@ class BatchOnDisk:
                 self.signatures = SignatureStore(fingerprints.signatures.shape[1])
             self.signatures.append(fingerprints.signatures)
             documents = replace(documents, fingerprints=fingerprints.without_signatures())
-        return Screened(moved(result.frame, result.texts, self.store), documents, self.store)
+        frame = moved(result.frame, result.texts, self.store)
+        return Screened(frame, documents.moved(self.store), self.store)
 
 
 def concat(results: Sequence[Screened], stores: BatchOnDisk) -> Screened:

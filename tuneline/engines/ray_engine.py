@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from tuneline import heap
 from tuneline.config import Config, ConfigError, ExecutionConfig
 from tuneline.engines import blocks
 from tuneline.near_duplicates import (
@@ -148,8 +149,12 @@ def screen_block_pickled(files: Sequence[ingest.InputFile], *arguments: Any) -> 
     """A block's task: blocks.screen_block, its result pickled here. The flow unpickles a copy, so
     Ray's object store lets the block go as soon as it is read: a result Ray deserialises itself keeps
     its numpy arrays as views into the store, and with them the whole block, its texts included
-    (about 1.3 GB a million records, which the flow moves to disk), pinned in the flow's memory."""
-    return pickle.dumps(blocks.screen_block(files, *arguments), protocol=pickle.HIGHEST_PROTOCOL)
+    (about 1.3 GB a million records, which the flow moves to disk), pinned in the flow's memory. The
+    worker's free heap goes back to the OS before it waits for its next task (tuneline/heap.py), as
+    after each of the search's map and reduce tasks: an idle worker kept up to 1.5 GB at 10M records."""
+    result = pickle.dumps(blocks.screen_block(files, *arguments), protocol=pickle.HIGHEST_PROTOCOL)
+    heap.release_free_memory()
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,6 +182,8 @@ def map_block(
         for reducer in range(reducers):
             chosen = order[bounds[reducer] : bounds[reducer + 1]]
             pieces[reducer].append((records[chosen], key[chosen], following[chosen]))
+    del keys  # the block's band keys: the pieces hold what the reducers need
+    heap.release_free_memory()
     return tuple(pieces) if reducers > 1 else pieces[0]
 
 
@@ -195,7 +202,10 @@ def reduce_buckets(rank: np.ndarray, n: int, bands: int, *pieces: Any) -> np.nda
                 n,
             )
         )
-    return distinct_pair_codes(found)
+    codes = distinct_pair_codes(found)
+    del found
+    heap.release_free_memory()
+    return codes
 
 
 class RayCandidates:
