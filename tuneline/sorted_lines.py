@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from tuneline.text_store import NoRoomForTexts, no_room, read_into
+from tuneline.text_store import NoRoomForTexts, no_room, read_at
 
 KEY_BYTES = 32
 # Lines of one key range, about: what `write_sorted` holds in memory at once.
@@ -42,13 +42,6 @@ def _no_room(directory: str | None, error: OSError) -> NoRoomForTexts:
     )
 
 
-def _read(descriptor: int, size: int, offset: int) -> bytes:
-    """`size` bytes of a file from `offset` (text_store.read_into)."""
-    buffer = bytearray(size)
-    read_into(descriptor, memoryview(buffer), offset)
-    return bytes(buffer)
-
-
 class SortedFile:
     """Lines in a temporary file, in their final order, and what a manifest says of them."""
 
@@ -62,7 +55,7 @@ class SortedFile:
         """Every line (for small files: tests, reviews), each with its newline."""
         if self._handle is None:
             return []
-        return _read(self._handle.fileno(), self.size, 0).splitlines(keepends=True)
+        return read_at(self._handle.fileno(), self.size, 0).splitlines(keepends=True)
 
     def copy_to(self, out: IO[bytes]) -> None:
         """The file's bytes written to `out`, a few MB at a time."""
@@ -70,7 +63,7 @@ class SortedFile:
             return
         descriptor, offset = self._handle.fileno(), 0
         while offset < self.size:
-            chunk = _read(descriptor, min(_RANGE_BYTES, self.size - offset), offset)
+            chunk = read_at(descriptor, min(_RANGE_BYTES, self.size - offset), offset)
             out.write(chunk)
             offset += len(chunk)
 
@@ -144,7 +137,7 @@ class SortedLines:
             for segments in self._segments:
                 entries: list[tuple[bytes, bytes]] = []
                 for offset, sizes, keys in segments:
-                    body = _read(source, int(sizes.sum()), offset)
+                    body = read_at(source, int(sizes.sum()), offset)
                     position = 0
                     for index, length in enumerate(sizes.tolist()):
                         key = keys[index * KEY_BYTES : (index + 1) * KEY_BYTES]

@@ -86,6 +86,13 @@ def read_into(descriptor: int, buffer: memoryview, offset: int) -> None:
         offset += count
 
 
+def read_at(descriptor: int, size: int, offset: int) -> bytes:
+    """`size` bytes of a file from `offset` (read_into)."""
+    buffer = bytearray(size)
+    read_into(descriptor, memoryview(buffer), offset)
+    return bytes(buffer)
+
+
 class TextStore:
     """An append-only sequence of bytes, in memory (a block's, picklable) or in an unnamed temporary
     file (the batch's, which stays in its process)."""
@@ -137,9 +144,7 @@ class TextStore:
         if self._blob is not None:
             return self._blob[start : start + size]
         assert self._file is not None
-        buffer = bytearray(size)
-        read_into(self._file.fileno(), memoryview(buffer), start)
-        return bytes(buffer)
+        return read_at(self._file.fileno(), size, start)
 
     def read(self, starts: np.ndarray, sizes: np.ndarray) -> list[bytes]:
         """The bytes at starts[i] .. starts[i] + sizes[i], in the order asked for."""
