@@ -282,7 +282,7 @@ def test_band_keys_are_made_a_band_at_a_time_as_the_search_asks() -> None:
 def test_signatures_on_disk_decide_as_in_memory(num_perm: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch's signatures wait on disk (SignatureStore, appended a block at a time): the search
     reads them a few values of every record at a time and decides exactly as with them in memory, the
-    agreement filter's stages included (one stage at 32 values, groups of 16 after the first above,
+    agreement filter's stages included (one stage at 32 values, groups of 8 after the first 16 above,
     the second on a few hundred pairs at a time), and so with the pairs' shingles made a few pairs at a
     time. The blocks' normalised texts wait on disk too (packed by each block, pickled back, moved
     to the batch's TextStore), and the exact duplicates are those found with them in memory."""
