@@ -139,13 +139,6 @@ class TextStore:
         self._size += len(other._blob)
         return start
 
-    def read_one(self, start: int, size: int) -> bytes:
-        """The bytes at start .. start + size."""
-        if self._blob is not None:
-            return self._blob[start : start + size]
-        assert self._file is not None
-        return read_at(self._file.fileno(), size, start)
-
     def read(self, starts: np.ndarray, sizes: np.ndarray) -> list[bytes]:
         """The bytes at starts[i] .. starts[i] + sizes[i], in the order asked for."""
         starts = np.asarray(starts, dtype=np.int64)
@@ -158,6 +151,9 @@ class TextStore:
             return out
         assert self._file is not None
         descriptor = self._file.fileno()
+        if len(starts) <= _FEW:  # a record's parts: each read alone costs less than sorting them
+            pairs = zip(starts.tolist(), sizes.tolist(), strict=True)
+            return [read_at(descriptor, size, start) for start, size in pairs]
         order = np.argsort(starts, kind="stable")
         ordered_starts = starts[order].tolist()
         ordered_ends = (starts + sizes)[order].tolist()
@@ -374,13 +370,9 @@ class StoredTexts(Sequence[str]):
         return self.take(np.asarray([index]))[0]
 
     def take(self, ids: np.ndarray | Sequence[int]) -> list[str]:
-        """The texts `ids`, in that order, read at once (in the store's order; a few, one by one)."""
+        """The texts `ids`, in that order, read at once (TextStore.read)."""
         ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) <= _FEW:
-            starts, sizes = self.starts[ids].tolist(), self.sizes[ids].tolist()
-            data = [self.store.read_one(start, size) for start, size in zip(starts, sizes, strict=True)]
-        else:
-            data = self.store.read(self.starts[ids], self.sizes[ids])
+        data = self.store.read(self.starts[ids], self.sizes[ids])
         return [text.decode("utf-8", "surrogatepass") for text in data]
 
     def __reduce__(self) -> tuple[Any, ...]:
