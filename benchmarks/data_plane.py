@@ -38,8 +38,8 @@ engine (its default worker processes); it prints both engines' examples/s, their
 quarantine files are byte-identical, and each run's peak memory summed over this process and its Ray
 processes (PSS, so the shared object store is counted once). The cookbook baselines and the recall
 are skipped with `--engine ray`; `--ray-only` skips the local engine's run too (ten million examples
-take about 12 minutes with each engine here), and `--object-store-gib` caps Ray's object store, which
-then spills to disk.
+took 17 to 23 minutes with the ray engine on the 2-core dev machine), and `--object-store-gib` caps
+Ray's object store, which then spills to disk.
 
     .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000]
         [--naive-runs 3] [--workers N]
@@ -197,6 +197,8 @@ def write_parts(n: int, seed: int, directory: Path, files: int) -> Path:
         if not chunk:
             break
         (folder / f"part-{index:05d}.jsonl").write_text("".join(chunk), encoding="utf-8")
+    chunk = []
+    heap.release_free_memory()  # the generator's garbage (a GB at ten million lines) is not the pipeline's
     return folder
 
 
@@ -250,7 +252,8 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     timings: dict[str, float] = {}
     eval_examples = [json.loads(line) for line in Path(config.data.eval_set).read_text().splitlines()]
     files = ingest.select_files([Source(name="benchmark", uri=str(folder))], date(2026, 11, 22), 1).files
-    screened = timed("screen", timings, lambda: ray_engine.screen(files, config, eval_examples))
+    # engines.screen, as the prepare flow calls it (it runs ray_engine.screen for this config).
+    screened = timed("screen", timings, lambda: engines.screen(files, config, eval_examples))
     search = ray_engine.RayCandidates(config.execution)
     quality.import_in_background()
     frame = timed(

@@ -58,6 +58,7 @@ from tuneline.formats import (
     message_text,
     prompt_and_answer,
 )
+from tuneline.heap import release_free_memory
 from tuneline.near_duplicates import (
     CandidateSearch,
     Documents,
@@ -79,8 +80,8 @@ def record_order(frame: pd.DataFrame) -> np.ndarray:
     """Each row's rank in (partition, source, line) order: the order "earlier" and "latest" refer to."""
     if not len(frame):
         return np.zeros(0, dtype=np.int64)
-    partition = pd.factorize(frame[records.PARTITION].fillna("").astype(str), sort=True)[0]
-    source = pd.factorize(frame[records.SOURCE].fillna("").astype(str), sort=True)[0]
+    partition = records.sorted_codes(frame[records.PARTITION])
+    source = records.sorted_codes(frame[records.SOURCE])
     line = frame[records.LINE].to_numpy(dtype=np.int64)
     order = np.lexsort((np.arange(len(frame)), line, source, partition))
     rank = np.empty(len(frame), dtype=np.int64)
@@ -195,6 +196,9 @@ def batch_rules(
     alive = records.kept_mask(out).to_numpy()[positions]
 
     alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
+    # What the record order and the exact duplicates let go (a GB at ten million records) goes back to
+    # the OS before the near-duplicate search, the flow's peak (tuneline/heap.py).
+    release_free_memory()
     alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config, candidates)
     _contradictions(stage, positions, rank, alive, config)
     _duplicates_of_quarantined_records(stage)
@@ -519,15 +523,14 @@ def _contradictions(
     if len(considered) < 2:
         return
     considered_rows = positions[considered]
-    prompt_codes = pd.factorize(frame[records.PROMPT_KEY].iloc[considered_rows])[0]
-    answer_codes = pd.factorize(frame[records.ANSWER_KEY].iloc[considered_rows])[0]
-    pairs = pd.DataFrame({"prompt": prompt_codes, "answer": answer_codes})
-    distinct_answers = pairs.drop_duplicates().groupby("prompt").size()
-    contested = set(distinct_answers.index[distinct_answers.to_numpy() > 1].tolist())
-    if not contested:
+    answers = records.digest_words(frame, records.ANSWER_KEY, considered_rows)
+    prompt_codes, contested = _contested_prompts(
+        records.digest_words(frame, records.PROMPT_KEY, considered_rows), answers
+    )
+    if not len(contested):
         return
     groups: dict[int, list[int]] = {}
-    for k in np.flatnonzero(np.isin(prompt_codes, list(contested))).tolist():
+    for k in np.flatnonzero(np.isin(prompt_codes, contested)).tolist():
         groups.setdefault(int(prompt_codes[k]), []).append(k)
     rows: list[int] = []
     details: list[str] = []
@@ -539,9 +542,9 @@ def _contradictions(
         differs = (
             "with the preferred and non-preferred answers swapped" if swapped else "with a different answer"
         )
-        answer_of = {k: int(answer_codes[k]) for k in members}
-        latest_with: dict[int, int] = {}  # answer -> the latest member giving it
-        count: dict[int, int] = {}
+        answer_of = {k: answers[k].tobytes() for k in members}
+        latest_with: dict[bytes, int] = {}  # answer -> the latest member giving it
+        count: dict[bytes, int] = {}
         for k in members:
             latest_with[answer_of[k]] = k
             count[answer_of[k]] = count.get(answer_of[k], 0) + 1
@@ -580,6 +583,25 @@ def _contradictions(
         details,
         positions[considered[others]].tolist(),
     )
+
+
+def _contested_prompts(prompts: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For records' prompt and answer keys (rows of digest words): a code of each record's prompt key
+    (equal exactly where the keys are), and the codes of the prompts given more than one answer. One
+    sort of the prompt keys, then each answer compared with the answer of its prompt's first record:
+    factorizing the two key columns and the pairs of codes with pandas took 1.7 GB of temporaries at
+    ten million records (sampled), the batch rules' peak."""
+    order = np.lexsort(tuple(prompts[:, j] for j in reversed(range(prompts.shape[1]))))
+    ordered = prompts[order]
+    first_of_run = np.ones(len(order), dtype=bool)
+    first_of_run[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    del ordered
+    prompt_codes = np.empty(len(order), dtype=np.int64)
+    prompt_codes[order] = np.cumsum(first_of_run) - 1
+    first_record = order[first_of_run]  # of each prompt code
+    del order, first_of_run
+    differs = (answers != answers[first_record[prompt_codes]]).any(axis=1)
+    return prompt_codes, np.unique(prompt_codes[differs])
 
 
 def _is_preference(frame: pd.DataFrame, position: int) -> bool:

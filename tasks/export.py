@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from tuneline import records, text_store, tokens
 from tuneline.config import Config, ExportConfig
 from tuneline.normalize import Normalizer, normalized_prompt_and_answer
 from tuneline.secrets import find_secrets_and_pii, mask_credentials, redact_text
-from tuneline.sorted_lines import SortedFile, SortedLines
+from tuneline.sorted_lines import SortedFile, SortedLines, lines_in_order
 from tuneline.text_store import TextStore
 
 TRAIN_FILE = "train.jsonl"
@@ -147,35 +148,18 @@ class FileDigest:
     sha256: str
 
 
-# Lines hashed per update: the hash of a file is taken a few MB at a time, never over one copy of it all.
-_DIGEST_LINES = 4096
 # Kept examples read back from the text store and split at once (each side's lines go to disk after).
 _EXPORT_CHUNK = 1 << 16
 
 
-def file_digest(lines: Sequence[bytes], *also: Any) -> FileDigest:
-    """The FileDigest of a file of these lines; each hashlib object in `also` is fed the same bytes (the
-    dataset hash runs over the train and validation files in the same pass)."""
-    digest = hashlib.sha256()
-    size = 0
-    for start in range(0, len(lines), _DIGEST_LINES):
-        chunk = b"".join(lines[start : start + _DIGEST_LINES])
-        size += len(chunk)
-        digest.update(chunk)
-        for other in also:
-            other.update(chunk)
-    return FileDigest(len(lines), size, digest.hexdigest())
-
-
 @dataclass
 class Dataset:
-    """The export, built before anything is written: the train and validation lines in order in
-    temporary files (tuneline/sorted_lines.py), the quarantine lines, their hash, and the figures of
-    the manifest."""
+    """The export, built before anything is written: the train, validation and quarantine lines in
+    order in temporary files (tuneline/sorted_lines.py), their hash, and the figures of the manifest."""
 
     train: SortedFile
     validation: SortedFile
-    quarantine_lines: list[bytes]
+    quarantine: SortedFile
     dataset_hash: str
     counts: dict[str, Any]
     tokens: dict[str, Any]
@@ -193,10 +177,15 @@ class Dataset:
     def validation_lines(self) -> list[bytes]:
         return self.validation.read_lines()
 
+    @property
+    def quarantine_lines(self) -> list[bytes]:
+        return self.quarantine.read_lines()
+
     def close(self) -> None:
         """Let the temporary files go."""
         self.train.close()
         self.validation.close()
+        self.quarantine.close()
 
 
 @dataclass(frozen=True)
@@ -219,9 +208,8 @@ def build_dataset(
     its training line (with_training_lines) is written as it is; `texts`: the store the engines'
     screen moved the frame's texts to (tuneline/text_store.py)."""
     kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
-    # Lists, not arrays: a million single-item reads from a list are several times cheaper.
-    token_counts = _int_column(frame, records.N_TOKENS).tolist()
-    assistant_counts = _int_column(frame, records.N_ASSISTANT_TOKENS).tolist()
+    token_counts = _int_column(frame, records.N_TOKENS)
+    assistant_counts = _int_column(frame, records.N_ASSISTANT_TOKENS)
     # Dedupe leaves each example's split key in the frame: reusing it saves normalising it again.
     has_key = records.SPLIT_KEY in frame
     if config.training.method != "supervised":
@@ -231,8 +219,9 @@ def build_dataset(
     expected = _expected_bytes(frame, kept_positions)
     train, validation = SortedLines(expected), SortedLines(expected)
     unserialisable: list[int] = []
-    task_tokens: list[int] = []
-    train_tokens: list[int] = []
+    # Machine integers, not lists of Python ints (36 bytes each: 0.7 GB at ten million examples).
+    task_tokens = array("q")
+    train_tokens = array("q")
     train_assistant_tokens = validation_tokens = 0
     task_lines: set[bytes] = set()  # digests of the task's lines, when general examples are mixed in
     fraction = config.export.validation_fraction
@@ -242,21 +231,26 @@ def build_dataset(
     validation_keys: list[bytes] = []
     validation_lines: list[bytes] = []
     for start in range(0, len(kept_positions), _EXPORT_CHUNK):
-        chunk = kept_positions[start : start + _EXPORT_CHUNK].tolist()
+        positions = kept_positions[start : start + _EXPORT_CHUNK]
+        chunk = positions.tolist()
+        # Lists, not arrays: single-item reads from a list are several times cheaper.
+        chunk_tokens = token_counts[positions].tolist()
+        chunk_assistant = assistant_counts[positions].tolist()
         keys = (
             records.digests_at(frame, records.SPLIT_KEY, chunk).to_pylist()
             if has_key
             else [None] * len(chunk)
         )
         train_keys, train_lines, validation_keys, validation_lines = [], [], [], []
-        for position, example, key in zip(chunk, text_store.examples(frame, chunk, texts), keys, strict=True):
+        for position, example, key, n_tokens, n_assistant in zip(
+            chunk, text_store.examples(frame, chunk, texts), keys, chunk_tokens, chunk_assistant, strict=True
+        ):
             line = _training_line(example)
             if line is None:
                 unserialisable.append(position)
                 continue
             if not isinstance(key, bytes):  # not deduplicated (or the key is null)
                 key = split_key(records.example_value(example), normalizer)
-            n_tokens = token_counts[position]
             task_tokens.append(n_tokens)
             if is_validation(key, fraction):
                 validation_keys.append(key)
@@ -266,7 +260,7 @@ def build_dataset(
                 train_keys.append(key)
                 train_lines.append(line)
                 train_tokens.append(n_tokens)
-                train_assistant_tokens += assistant_counts[position]
+                train_assistant_tokens += n_assistant
             if mixing:
                 task_lines.add(_line_digest(line))
         train.add(train_keys, train_lines)
@@ -290,8 +284,11 @@ def build_dataset(
         name: FileDigest(written.lines, written.size, written.sha256)
         for name, written in ((TRAIN_FILE, train_file), (VALIDATION_FILE, validation_file))
     }
-    quarantined = quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow", texts=texts)
-    files[QUARANTINE_FILE] = file_digest(quarantined)
+    quarantined = lines_in_order(
+        quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow", texts=texts),
+        what="the quarantine's lines",
+    )
+    files[QUARANTINE_FILE] = FileDigest(quarantined.lines, quarantined.size, quarantined.sha256)
 
     kept = int(records.kept_mask(frame).sum())
     by_reason = records.counts_by_reason(frame)
@@ -336,7 +333,7 @@ def build_dataset(
     return Dataset(
         train=train_file,
         validation=validation_file,
-        quarantine_lines=quarantined,
+        quarantine=quarantined,
         dataset_hash=digest.hexdigest(),
         files=files,
         counts=counts,
@@ -389,14 +386,16 @@ def _general_mix(
     return [pool[key] for key in sorted(pool)[:wanted]]
 
 
-def quarantine_lines(frame: pd.DataFrame, *, redact_pii: bool, texts: TextStore | None = None) -> list[bytes]:
-    """One canonical JSON line per quarantined record, in frame order: where it came from, why, and its
-    raw text (from `texts` where the engines' screen stored it) with credentials masked (and PII
-    redacted with `redact_pii`). Made a chunk of records at a time: the raw texts parsed to be masked
-    take twice the lines' memory on the way (measured: the 51,569 lines, 44 MB, of 1M synthetic chats
-    peaked at 153 MB made at once, 61 MB in chunks of 8,192)."""
+def quarantine_lines(
+    frame: pd.DataFrame, *, redact_pii: bool, texts: TextStore | None = None
+) -> Iterator[list[bytes]]:
+    """One canonical JSON line per quarantined record, in frame order, a chunk of records at a time:
+    where it came from, why, and its raw text (from `texts` where the engines' screen stored it) with
+    credentials masked (and PII redacted with `redact_pii`). In chunks because the raw texts parsed
+    to be masked take twice the lines' memory on the way (measured: the 51,569 lines, 44 MB, of 1M
+    synthetic chats peaked at 153 MB made at once, 61 MB in chunks of 8,192), and the export writes
+    each chunk to a temporary file as it comes (ten million records' quarantine held half a GB)."""
     everything = np.flatnonzero(~records.kept_mask(frame).to_numpy())
-    lines = []
     for start in range(0, len(everything), _EXPORT_CHUNK):
         positions = everything[start : start + _EXPORT_CHUNK]
         quarantined = frame.iloc[positions][list(QUARANTINE_FIELDS)]
@@ -404,10 +403,14 @@ def quarantine_lines(frame: pd.DataFrame, *, redact_pii: bool, texts: TextStore 
         raw = text_store.raw_texts(frame, positions, texts)
         columns[records.RAW] = masked_texts(raw, redact_pii=redact_pii, as_json=True)
         columns[records.DETAIL] = masked_texts(columns[records.DETAIL], redact_pii=redact_pii, as_json=False)
-        for values in zip(*columns.values(), strict=True):
-            entry = {name: _plain(value) for name, value in zip(QUARANTINE_FIELDS, values, strict=True)}
-            lines.append(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n")
-    return lines
+        yield [
+            orjson.dumps(
+                {name: _plain(value) for name, value in zip(QUARANTINE_FIELDS, values, strict=True)},
+                option=orjson.OPT_SORT_KEYS,
+            )
+            + b"\n"
+            for values in zip(*columns.values(), strict=True)
+        ]
 
 
 def masked_texts(texts: Sequence[Any], *, redact_pii: bool, as_json: bool) -> list[Any]:
@@ -552,7 +555,7 @@ def write_outputs(
 ) -> None:
     """Write the files atomically; without `published`, remove stale train/validation files instead."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write(out_dir / QUARANTINE_FILE, dataset.quarantine_lines)
+    _write_copy(out_dir / QUARANTINE_FILE, dataset.quarantine)
     _write(out_dir / REPORT_FILE, [report_html.encode("utf-8")])
     if published:
         _write_copy(out_dir / TRAIN_FILE, dataset.train)

@@ -253,8 +253,8 @@ class _Columns:
         return pd.DataFrame(
             {
                 records.RECORD_ID: self.record_id,
-                records.SOURCE: self.source,
-                records.PARTITION: self.partition,
+                records.SOURCE: records.labels(self.source),
+                records.PARTITION: records.labels(self.partition),
                 records.LINE: pd.array(self.line, dtype="int64"),
                 records.FIRST_LINE: pd.array(self.first_line, dtype="int64"),
                 records.LAST_LINE: pd.array(self.last_line, dtype="int64"),

@@ -78,14 +78,16 @@ def suite_frame(frame: pd.DataFrame) -> pd.DataFrame:
     else:
         n_tokens = pd.Series(pd.NA, index=frame.index, dtype="Int64")
     kinds = (
-        frame[records.KIND].to_numpy(dtype=object)
+        frame[records.KIND].to_numpy(dtype=object, na_value=None)
         if records.KIND in frame
         else np.full(len(frame), None, dtype=object)
     )
     return pd.DataFrame(
         {
-            records.RECORD_ID: frame[records.RECORD_ID].to_numpy(dtype=object),
-            records.SOURCE: frame[records.SOURCE].to_numpy(dtype=object),
+            # The columns themselves (Arrow strings, a categorical), not Python objects: a str of
+            # its own each, the ids alone took about 80 bytes a record more while the suite ran.
+            records.RECORD_ID: frame[records.RECORD_ID].array,
+            records.SOURCE: frame[records.SOURCE].array,
             records.LINE: frame[records.LINE].to_numpy(),
             # The example itself is not the suite's business; whether it is there is.
             HAS_EXAMPLE: pd.Series(text_store.has_example(frame))
@@ -192,7 +194,13 @@ def check_quality(
         InMemoryStoreBackendDefaults,
         ProgressBarsConfig,
     )
+    from great_expectations.execution_engine import pandas_execution_engine
 
+    # GX fingerprints every pandas batch under HASH_THRESHOLD bytes (an md5 of pandas'
+    # hash_pandas_object over each column and the index), which only its batch markers record and
+    # nothing here reads; it was the suite's peak (measured at two million records: 0.44 GB of
+    # temporaries on top of the suite's frame). Its only switch is that module constant.
+    pandas_execution_engine.HASH_THRESHOLD = 0
     # In memory only: no docs site on disk, no analytics, no progress bars on the terminal.
     project = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),

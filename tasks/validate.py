@@ -85,7 +85,7 @@ def validate(
             examples[position] = formats.completion_to_chat(example, model.system_prompt)
             kinds[position] = "chat"
     frame[records.EXAMPLE] = pd.Series(examples, index=frame.index, dtype=object)
-    frame[records.KIND] = pd.Series(kinds, index=frame.index, dtype=object)
+    frame[records.KIND] = pd.Series(records.labels(kinds), index=frame.index)
     for key, (rows, details) in issues.items():
         records.quarantine_at(frame, rows, key, details)
 

@@ -68,8 +68,8 @@ PREFILTER_MISS = 1e-2
 _FIRST_STAGE = 16
 # Pairs that passed the first stage decided by the second at once, when the signatures are on disk:
 # each time, every record's signature is read, _SECOND_STAGE_GROUP values of every record at a time
-# (32 bytes a record held beside the first stage's 64: the group's size changes no decision).
-_SECOND_STAGE_PAIRS = 1 << 24
+# (32 bytes a record held beside the first stage's 32: the group's size changes no decision).
+_SECOND_STAGE_PAIRS = 1 << 22
 _SECOND_STAGE_GROUP = 8
 # Pairs whose agreement on a group of values is counted at once (bounds the second stage's temporaries).
 _PAIRS_AT_ONCE = 1 << 20
@@ -879,23 +879,32 @@ class AgreementFilter:
     probability below PREFILTER_MISS. Being a candidate only raises a pair's agreement, so the
     binomial cutoffs hold for candidates too.
 
-    Two stages: the first, on the first _FIRST_STAGE values of each record (one cache line; held in
-    memory, `leading`), drops pairs with a loose cutoff as each piece comes; the second, on whole
-    signatures, decides those that passed it. Only the pairs that pass are kept, never the batch's
-    candidate pairs (tens of millions a million records, for pairs that share a template). With at
-    most 2 * _FIRST_STAGE values there is one stage, on all of them. Signatures on disk
+    Two stages: the first, on the low 16 bits of the first _FIRST_STAGE values of each record (32
+    bytes a record, held in memory: `leading`), drops pairs with a loose cutoff as each piece comes;
+    the second decides those that passed it on their whole signatures, exactly. Cutting a value to 16
+    bits can only make two values agree that did not (one chance in 65,536), so the first stage's
+    count is at least the whole values' and drops no pair they would keep, and the second's decision
+    is the one on whole signatures. Only the pairs that pass are kept, never the batch's candidate
+    pairs (tens of millions a million records, for pairs that share a template). With at most 2 *
+    _FIRST_STAGE values there is one stage, on all of them, whole. Signatures on disk
     (tuneline/signature_store.py) are read a few values of every record at a time: the second stage
     runs on up to _SECOND_STAGE_PAIRS pairs that passed the first at once, adding each further group's
-    agreement (_SECOND_STAGE_GROUP values) to the pairs that can still reach the cutoff, so the first
-    stage's values and one group (96 bytes a record) are held, never whole signatures."""
+    agreement (_SECOND_STAGE_GROUP values) to the pairs that can still reach the cutoff (counting the
+    first values as the first stage's count, an upper bound), then counts the first values whole for
+    the pairs left; the first stage's values and one group (64 bytes a record) are held, never whole
+    signatures."""
 
     def __init__(self, signatures: Signatures, threshold: float) -> None:
         self.signatures = signatures
         self.n = len(signatures)
         self.num_perm = num_perm = signatures.shape[1]
         self.one_stage = num_perm <= 2 * _FIRST_STAGE
-        self.width = num_perm if self.one_stage else _FIRST_STAGE
-        self.leading = self._columns(0, self.width)
+        if self.one_stage:
+            self.leading = self._columns(0, num_perm)
+        else:
+            self.leading = np.empty((self.n, _FIRST_STAGE), dtype=np.uint16)
+            for index in range(_FIRST_STAGE):  # a column at a time: bounded temporaries
+                self.leading[:, index] = self._columns(index, index + 1)[:, 0] & np.uint32(0xFFFF)
         self.quick = (
             min_agreement(num_perm, threshold)
             if self.one_stage
@@ -904,7 +913,7 @@ class AgreementFilter:
         self.cutoff = min_agreement(num_perm, threshold, PREFILTER_MISS * 9 / 10)
         self.proposed = 0  # pairs given (a pair in several pieces counted in each)
         self._passed: list[np.ndarray] = []  # codes of pairs that passed both stages
-        # Codes that passed the first stage, with their agreement there, waiting for the second.
+        # Codes that passed the first stage, with their count there, waiting for the second.
         self._waiting: list[tuple[np.ndarray, np.ndarray]] = []
         self._waiting_count = 0
 
@@ -925,28 +934,39 @@ class AgreementFilter:
             close = agreement(self.signatures, codes // self.n, codes % self.n) >= self.cutoff
             self._passed.append(codes[close])
         else:
-            self._waiting.append((codes, counts[passed]))
+            self._waiting.append((codes, counts[passed].astype(np.int8)))
             self._waiting_count += len(codes)
             if self._waiting_count >= _SECOND_STAGE_PAIRS:
                 self._decide_waiting()
 
     def _decide_waiting(self) -> None:
-        """The second stage on signatures on disk, for the pairs waiting (with their agreement on the
-        first values), adding a group of values at a time to the pairs that can still reach the cutoff."""
+        """The second stage on signatures on disk, for the pairs waiting: each group of values after
+        the first stage's added to the pairs that can still reach the cutoff (their first values
+        counted as in the first stage, at least their whole count), then the first values counted
+        whole for the pairs left (few: counting them whole for every pair first took half as long
+        again)."""
         if not self._waiting:
             return
         codes = np.concatenate([piece[0] for piece in self._waiting])
-        counts = np.concatenate([piece[1] for piece in self._waiting])
+        counts = np.concatenate([piece[1] for piece in self._waiting]).astype(np.int16)
         self._waiting, self._waiting_count = [], 0
-        for start in range(self.width, self.num_perm, _SECOND_STAGE_GROUP):
-            group = self._columns(start, min(start + _SECOND_STAGE_GROUP, self.num_perm))
+        for start in range(_FIRST_STAGE, self.num_perm, _SECOND_STAGE_GROUP):
             # Pairs that fall short even if every value left agreed are decided: not near.
-            open_pairs = np.flatnonzero(counts + (self.num_perm - start) >= self.cutoff)
-            for at in range(0, len(open_pairs), _PAIRS_AT_ONCE):  # bounded temporaries
-                chosen = open_pairs[at : at + _PAIRS_AT_ONCE]
-                counts[chosen] += agreement(group, codes[chosen] // self.n, codes[chosen] % self.n)
-            del group, open_pairs
+            self._add_group(codes, counts, start, counts + (self.num_perm - start) >= self.cutoff)
+        left = np.flatnonzero(counts >= self.cutoff)
+        codes, counts = codes[left], counts[left]
+        counts -= agreement(self.leading, codes // self.n, codes % self.n)  # the first stage's count out
+        for start in range(0, _FIRST_STAGE, _SECOND_STAGE_GROUP):
+            self._add_group(codes, counts, start, np.ones(len(codes), dtype=bool))
         self._passed.append(codes[counts >= self.cutoff])
+
+    def _add_group(self, codes: np.ndarray, counts: np.ndarray, start: int, open_mask: np.ndarray) -> None:
+        """Each open pair's agreement on the group of values from `start` added to its count."""
+        group = self._columns(start, min(start + _SECOND_STAGE_GROUP, self.num_perm))
+        open_pairs = np.flatnonzero(open_mask)
+        for at in range(0, len(open_pairs), _PAIRS_AT_ONCE):  # bounded temporaries
+            chosen = open_pairs[at : at + _PAIRS_AT_ONCE]
+            counts[chosen] += agreement(group, codes[chosen] // self.n, codes[chosen] % self.n)
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """The pairs (later, earlier) given that passed, each once, sorted by code."""

@@ -29,6 +29,7 @@ from tuneline import formats
 
 # Made by ingest; every stage can rely on them.
 RECORD_ID = "record_id"  # stable: sha256 of source, partition, line and content
+# Columns of a few distinct values (made by `labels`: categoricals, a byte or two a record).
 SOURCE = "source"  # the file (path or URL, never with credentials) the record came from
 PARTITION = "partition"  # "YYYY-MM-DD" from a dt= folder, "" when the source is not partitioned
 LINE = "line"  # 1-based line (JSONL) or data row (CSV, header not counted; Parquet) in the source
@@ -65,7 +66,7 @@ BASE_COLUMNS = [
 ]
 
 # Added by validate (null on rows that were never countable).
-KIND = "kind"  # the line format: chat | completion | preference
+KIND = "kind"  # the line format: chat | completion | preference (`labels`)
 N_TOKENS = "n_tokens"  # exact tokens of the example as it will be exported (Int64)
 N_ASSISTANT_TOKENS = "n_assistant_tokens"  # of which the assistant turns that are learned from
 TRUNCATED = "truncated"  # bool: the example was cut to fit the training context
@@ -149,6 +150,24 @@ def make_record_id(source: str, partition: str, line: int, raw: str) -> str:
     return digest.hexdigest()[:24]
 
 
+def labels(values: Sequence[str | None] | np.ndarray) -> pd.Categorical:
+    """A column of a few distinct strings repeated over the records (SOURCE, PARTITION, KIND) as a
+    categorical: a code of one or two bytes a record instead of a string each (a source path took 46
+    bytes a record as an Arrow string, half a GB a ten million records). The engines join the blocks'
+    categoricals with union_categoricals (tuneline/engines/blocks.py), so the batch's column stays one."""
+    return pd.Categorical(values)
+
+
+def sorted_codes(column: pd.Series) -> np.ndarray:
+    """Each row's rank among the column's distinct values in sorted string order (null as ""): equal
+    values share a code. A categorical is ranked by its categories, never a string per row."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        # Code -1 (null) picks the last entry: "".
+        values = [*column.cat.categories.astype(str), ""]
+        return pd.factorize(pd.Index(values, dtype=object), sort=True)[0][column.cat.codes.to_numpy()]
+    return pd.factorize(column.fillna("").astype(str), sort=True)[0]
+
+
 def empty_frame() -> pd.DataFrame:
     return pd.DataFrame({column: pd.Series(dtype=object) for column in BASE_COLUMNS}).astype(
         {LINE: "int64", FIRST_LINE: "int64", LAST_LINE: "int64"}
@@ -171,6 +190,21 @@ def digests_at(frame: pd.DataFrame, column: str, positions: np.ndarray | Sequenc
     values = pa.array(frame[column].array)  # its Arrow data, chunked or not, without a copy
     taken = values.take(pa.array(np.asarray(positions, dtype=np.int64)))
     return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+
+
+def digest_words(frame: pd.DataFrame, column: str, positions: np.ndarray | Sequence[int]) -> np.ndarray:
+    """The digests of a `digests` column at `positions` as rows of 64-bit words (shape: positions x
+    size / 8), for numpy to sort and compare; a null digest reads as zeros."""
+    taken = digests_at(frame, column, positions)
+    width = taken.type.byte_width // 8
+    if not len(taken):
+        return np.zeros((0, width), dtype=np.uint64)
+    words = np.frombuffer(taken.buffers()[1], dtype=np.uint64, count=(taken.offset + len(taken)) * width)
+    words = words.reshape(-1, width)[taken.offset :]
+    if taken.null_count:
+        words = words.copy()
+        words[taken.is_null().to_numpy(zero_copy_only=False)] = 0
+    return words
 
 
 def kept_mask(frame: pd.DataFrame) -> pd.Series:

@@ -8,7 +8,8 @@ come to one temporary file, each batch grouped by range, and `write_sorted` read
 time (one read per batch that had lines in it), sorts it by (key, line) in memory and writes it, into
 another temporary file (`SortedFile`) that the export copies into place once it has decided to
 publish. The memory held is one range (about `_RANGE_BYTES` of lines) and 36 bytes a line (its key and
-size); the disk, the lines twice.
+size); the disk, the lines twice. Lines already in their order (the quarantine's, in frame order) go
+straight into a `SortedFile` with `lines_in_order`.
 
 Written by hand because nothing well-kept does it from Python: pandas and pyarrow sort in memory, GNU
 sort needs text keys and a subprocess, and the whole job is a hundred lines.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -71,6 +72,34 @@ class SortedFile:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def lines_in_order(
+    chunks: Iterable[Sequence[bytes]], directory: str | None = None, what: str = "lines"
+) -> SortedFile:
+    """Lines already in their final order, a chunk at a time, written into a `SortedFile` as they come
+    (never all in memory); `what` names them in the error when the disk is full."""
+    handle: IO[bytes] | None = None
+    lines = size = 0
+    digest = hashlib.sha256()
+    try:
+        for chunk in chunks:
+            if not chunk:
+                continue
+            data = b"".join(chunk)
+            if handle is None:
+                handle = tempfile.TemporaryFile(prefix="tuneline-lines-", dir=directory)  # noqa: SIM115
+            handle.write(data)
+            digest.update(data)
+            lines += len(chunk)
+            size += len(data)
+        if handle is not None:
+            handle.flush()
+    except OSError as exc:
+        if handle is not None:
+            handle.close()
+        raise no_room(directory, exc, what, "as many bytes as the lines take") from None
+    return SortedFile(handle, lines, size, digest.hexdigest())
 
 
 class SortedLines:

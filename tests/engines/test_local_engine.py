@@ -114,6 +114,10 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
         screened = local.screen(files, config, eval_examples(config))
     assert "on 2 process(es)" in caplog.text
     assert_same(screened, frame, documents)
+    # The blocks' sources, partitions and kinds joined as one categorical each, not strings a row.
+    for column in (records.SOURCE, records.PARTITION, records.KIND):
+        assert isinstance(screened.frame[column].dtype, pd.CategoricalDtype)
+    assert screened.frame[records.SOURCE].nunique() == len(files) > 1
     # The blocks signed their records: the fingerprints that came back are those of one pass, and
     # the words, which did not come back, are made again on demand as they were.
     assert not screened.documents.table.has_words()

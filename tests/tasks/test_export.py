@@ -182,16 +182,6 @@ def test_examples_kept_as_their_training_lines_export_the_same_bytes() -> None:
     assert as_lines.dataset_hash == as_dicts.dataset_hash
 
 
-def test_file_digest_hashes_a_file_a_few_lines_at_a_time_as_one_body() -> None:
-    lines = [f'{{"n":{i},"text":"{"é" * (i % 7)}"}}\n'.encode() for i in range(10_001)]  # 3 chunks
-    body = b"".join(lines)
-    dataset = hashlib.sha256(b"prefix")
-    digest = export.file_digest(lines, dataset)
-    assert digest == export.FileDigest(len(lines), len(body), hashlib.sha256(body).hexdigest())
-    assert dataset.hexdigest() == hashlib.sha256(b"prefix" + body).hexdigest()  # fed the same bytes
-    assert export.file_digest([]) == export.FileDigest(0, 0, hashlib.sha256(b"").hexdigest())
-
-
 def test_general_mix_is_a_deterministic_share_of_train(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config(export={"validation_fraction": 0.2, "general_mix_fraction": 0.2})
     general_lines = [

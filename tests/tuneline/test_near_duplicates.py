@@ -329,6 +329,44 @@ def test_signatures_on_disk_decide_as_in_memory(num_perm: int, monkeypatch: pyte
     batch_texts.close()
 
 
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_the_first_stage_cuts_values_to_16_bits_and_the_second_decides_on_whole_values(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    num_perm = 64
+    threshold = 0.95
+    cutoff = nd.min_agreement(num_perm, threshold, nd.PREFILTER_MISS * 9 / 10)
+    base = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)
+    high_bit = np.uint32(0x10000)  # a value that differs only above its low 16 bits
+    twin_in_low_bits = base ^ high_bit
+    near = base.copy()
+    near[rng.choice(num_perm, 4, replace=False)] += np.uint32(1)  # 60 of 64 values agree
+    far = rng.integers(0, 2**32, size=num_perm, dtype=np.uint32)
+    # All 16 first values agree in their low bits: in the first stage's count, both reach 64. Whole,
+    # one agrees on `cutoff` values (near), the other on one fewer (not near).
+    at_cutoff, below_cutoff = base.copy(), base.copy()
+    at_cutoff[: num_perm - cutoff] ^= high_bit
+    below_cutoff[: num_perm - cutoff + 1] ^= high_bit
+    signatures = np.stack([base, twin_in_low_bits, near, far, at_cutoff, below_cutoff])
+    store = SignatureStore(num_perm)
+    store.append(signatures)
+    monkeypatch.setattr(nd, "_SECOND_STAGE_PAIRS", 1)  # each piece decided as it comes
+    agreeing = nd.AgreementFilter(signatures if where == "memory" else store, threshold=threshold)
+    assert agreeing.cutoff == cutoff and num_perm - cutoff + 1 <= nd._FIRST_STAGE
+    assert agreeing.leading.dtype == np.uint16 and agreeing.leading.shape == (6, nd._FIRST_STAGE)
+    n = len(signatures)
+    codes = np.array([later * n + 0 for later in range(1, n)], dtype=np.int64)
+    first = nd.agreement(agreeing.leading, codes // n, codes % n)
+    assert first[[0, 3, 4]].tolist() == [nd._FIRST_STAGE] * 3  # the low bits alone agree
+    assert first[2] < agreeing.quick  # an unrelated record does not pass the first stage
+    agreeing.add(codes)
+    later, earlier = agreeing.pairs()
+    # The twin agrees on no whole value; the record one value short of the cutoff is not near.
+    assert later.tolist() == [2, 4] and earlier.tolist() == [0, 0]
+    store.close()
+
+
 def test_the_decision_is_exact_around_the_threshold() -> None:
     rng = random.Random(7)
     original = sentence(rng, 60)

@@ -128,3 +128,29 @@ def test_quarantine_at_positions_and_requarantine_of_quarantined_rows_only() -> 
     with pytest.raises(ValueError, match="kept row"):
         records.requarantine(data, [0], records.CONTRADICTION, ["x"], ["y"])
     assert records.kept_mask(data).tolist() == [True, False, True, False]
+
+
+def test_sorted_codes_rank_a_categorical_as_its_strings() -> None:
+    # Categories in the order the blocks met them, not sorted; a null ranks as "".
+    values = ["b.jsonl", "a.jsonl", None, "c.jsonl", "a.jsonl", "", "b.jsonl"]
+    categorical = pd.Series(records.labels(values))
+    assert list(categorical.cat.categories) == sorted({v for v in values if v is not None})
+    scrambled = categorical.cat.reorder_categories(["c.jsonl", "b.jsonl", "", "a.jsonl"])
+    as_strings = pd.Series(values, dtype=object)
+    expected = [2, 1, 0, 3, 1, 0, 2]
+    assert records.sorted_codes(as_strings).tolist() == expected
+    assert records.sorted_codes(categorical).tolist() == expected
+    assert records.sorted_codes(scrambled).tolist() == expected
+
+
+def test_digest_words_are_the_digests_bytes_as_words_and_a_null_reads_as_zeros() -> None:
+    rng = np.random.default_rng(5)
+    values = [rng.bytes(16) for _ in range(5)]
+    index = pd.RangeIndex(6)
+    column = records.digests(index, np.array([0, 1, 2, 4, 5]), values, 16)  # row 3 null
+    # Two chunks, as blocks joined by the engines leave a column.
+    data = pd.DataFrame({"key": pd.concat([column.iloc[:2], column.iloc[2:]], ignore_index=True)})
+    words = records.digest_words(data, "key", [5, 3, 0, 2])
+    assert words.dtype == np.uint64 and words.shape == (4, 2)
+    assert [row.tobytes() for row in words] == [values[4], bytes(16), values[0], values[2]]
+    assert records.digest_words(data, "key", []).shape == (0, 2)

@@ -61,3 +61,28 @@ def test_no_room_for_the_lines_is_one_clear_error(tmp_path: Path) -> None:
         NoRoomForTexts, match=f"could not write the sorted training lines to {missing}.*TMPDIR"
     ):
         lines.add([hashlib.sha256(b"a").digest()], [b"{}\n"])
+
+
+def test_lines_in_order_are_written_as_they_come_and_hashed_as_one_body() -> None:
+    chunks = [
+        [f'{{"n":{i},"text":"{"é" * (i % 7)}"}}\n'.encode() for i in range(start, start + 5)]
+        for start in (0, 5)
+    ]
+    chunks.insert(1, [])  # an empty chunk adds nothing
+    body = b"".join(b"".join(chunk) for chunk in chunks)
+    written = sorted_lines.lines_in_order(iter(chunks))
+    assert (written.lines, written.size, written.sha256) == (10, len(body), hashlib.sha256(body).hexdigest())
+    assert b"".join(written.read_lines()) == body
+    out = io.BytesIO()
+    written.copy_to(out)
+    assert out.getvalue() == body
+    written.close()
+    empty = sorted_lines.lines_in_order([])
+    assert (empty.lines, empty.size, empty.read_lines()) == (0, 0, [])
+    assert empty.sha256 == hashlib.sha256(b"").hexdigest()
+
+
+def test_no_room_for_lines_in_order_is_one_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(NoRoomForTexts, match=f"could not write the quarantine's lines to {missing}.*TMPDIR"):
+        sorted_lines.lines_in_order([[b"{}\n"]], directory=str(missing), what="the quarantine's lines")

@@ -36,6 +36,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 
 from tuneline.config import Config, CsvMapping, DedupeConfig, ExecutionConfig, ModelConfig, ValidationConfig
 from tuneline.near_duplicates import Documents, Signing, signing
@@ -182,7 +183,15 @@ def _joined(frames: list[pd.DataFrame]) -> pd.DataFrame:
     assert all(list(frame.columns) == names for frame in frames), "blocks disagree on their columns"
     columns: dict[str, pd.Series] = {}
     for name in names:
-        columns[name] = pd.concat([frame[name] for frame in frames], ignore_index=True)
+        parts = [frame[name] for frame in frames]
+        if all(isinstance(part.dtype, pd.CategoricalDtype) for part in parts):
+            # pd.concat makes blocks' categoricals of different categories (each block its own
+            # sources) an object column, a pointer a record: one categorical of all their categories,
+            # sorted, as records.labels makes them over all the records at once.
+            columns[name] = pd.Series(union_categoricals(parts, sort_categories=True), copy=False)
+        else:
+            columns[name] = pd.concat(parts, ignore_index=True)
+        del parts
         for frame in frames:
             del frame[name]
     return pd.DataFrame(columns, copy=False)
