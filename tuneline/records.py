@@ -29,7 +29,7 @@ from tuneline import formats
 
 # Made by ingest; every stage can rely on them.
 RECORD_ID = "record_id"  # stable: sha256 of source, partition, line and content
-# Columns of a few distinct values (made by `labels`: categoricals, a byte or two a record).
+# SOURCE and PARTITION (and KIND below) hold a few distinct values: categoricals made by `labels`.
 SOURCE = "source"  # the file (path or URL, never with credentials) the record came from
 PARTITION = "partition"  # "YYYY-MM-DD" from a dt= folder, "" when the source is not partitioned
 LINE = "line"  # 1-based line (JSONL) or data row (CSV, header not counted; Parquet) in the source
