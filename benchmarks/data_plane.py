@@ -7,8 +7,9 @@ the per-record rules of dedupe, block by block in `--workers` processes, default
 `--workers 1`: all in this process), `dedupe` (the batch-wide rules), quality, export; only their
 functions are called (no Prefect). The `screen` time includes starting the workers (and, the first
 time in a process, their fork server). Printed: wall time per stage, examples/s, peak memory (max RSS
-of this process, and the peak of its PSS summed with its workers', both before the baselines run), and
-two ratios measured in the same run:
+of this process, and the peak of its PSS summed with its workers', sampled every `--memory-interval`
+seconds, default 1: see TreeMemory for what sampling costs; both before the baselines run), and two
+ratios measured in the same run:
 
 - tokenizer-bound: our examples/s over the examples/s of one raw tiktoken `encode_ordinary_batch`
   (all cores) over the message texts of the same examples (target >= 0.3); for reference, also over
@@ -42,7 +43,7 @@ took 17 to 23 minutes with the ray engine on the 2-core dev machine), and `--obj
 Ray's object store, which then spills to disk.
 
     .venv/bin/python benchmarks/data_plane.py 100000 [--scaling] [--seed 0] [--naive-sample 100000]
-        [--naive-runs 3] [--workers N]
+        [--naive-runs 3] [--workers N] [--memory-interval 1.0]
     .venv/bin/python benchmarks/data_plane.py 1000000 --engine ray [--files 16] [--ray-cpus 2]
         [--object-store-gib 1] [--ray-only]
 
@@ -204,9 +205,13 @@ def write_parts(n: int, seed: int, directory: Path, files: int) -> Path:
 
 class TreeMemory:
     """The peak memory of this process and its children (Ray's raylet, object store, workers) while a
-    block runs: the sum of their PSS (/proc/PID/smaps_rollup), so shared pages count once."""
+    block runs: the sum of their PSS (/proc/PID/smaps_rollup), so shared pages count once, sampled
+    every `interval` seconds (--memory-interval). Reading a process's smaps_rollup walks its page
+    tables, 11 to 17 ms for a process of 1 to 1.5 GB here, while its memory map is locked: sampled
+    every 0.25 s, it slowed the pipeline it measured by 5 to 20% (screen, dedupe and quality of 1M,
+    50.3 and 52.1 s unsampled, 55.0 and 62.1 s at 0.25 s, 52.3 and 53.0 s at 1 s)."""
 
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.peak = 0.0
         self._stop = threading.Event()
@@ -511,6 +516,12 @@ def main() -> None:
     parser.add_argument(
         "--ray-only", action="store_true", help="with --engine ray: run the ray engine alone (no local run)"
     )
+    parser.add_argument(
+        "--memory-interval",
+        type=float,
+        default=1.0,
+        help="seconds between samples of the process tree's PSS (each sample costs the pipeline time)",
+    )
     args = parser.parse_args()
     if args.engine == "ray":
         compare_engines(args)
@@ -538,7 +549,7 @@ def main() -> None:
         tiktoken.registry.ENCODINGS.clear()
         gc.collect()
         print("stages:")
-        with TreeMemory() as memory:
+        with TreeMemory(args.memory_interval) as memory:
             timings, counts = run_pipeline(path, directory / "out", args.workers)
         total = sum(timings.values())
         peak = max(peak_rss_gib(), memory.peak)
@@ -640,7 +651,7 @@ def compare_engines(args: argparse.Namespace) -> None:
         peaks: dict[str, float] = {}
         for engine in ("ray",) if args.ray_only else ("ray", "local"):
             print(f"{engine} engine:")
-            with TreeMemory() as memory:
+            with TreeMemory(args.memory_interval) as memory:
                 if engine == "ray":
                     timings, counts = run_ray_pipeline(folder, directory / engine)
                 else:

@@ -26,6 +26,7 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from array import array
 from collections.abc import Iterator, Sequence
@@ -112,9 +113,15 @@ def split_key_of(normalized_prompt: str, normalized_answer: str) -> bytes:
     return hashlib.sha256(f"{normalized_prompt}\x1f{normalized_answer}".encode()).digest()
 
 
-def is_validation(key: bytes, validation_fraction: float) -> bool:
-    """The side of an example: its key read as a number in [0, 1) against the fraction."""
-    return int.from_bytes(key[:8], "big") < validation_fraction * 2**64
+def validation_mask(keys: Sequence[bytes], validation_fraction: float) -> np.ndarray:
+    """The side of each example: its key's first 8 bytes read as a number in [0, 1) against the
+    fraction, True for validation. For a whole number k, k / 2**64 < f exactly when k < ceil(f * 2**64)
+    (a float times a power of two is exact), so the comparison is exact in 64-bit integers."""
+    limit = math.ceil(validation_fraction * 2**64)
+    if limit > np.iinfo(np.uint64).max:
+        return np.ones(len(keys), dtype=bool)
+    leading = np.frombuffer(b"".join(key[:8] for key in keys), dtype=">u8")
+    return leading < np.uint64(limit)
 
 
 @dataclass(frozen=True)
@@ -232,37 +239,44 @@ def build_dataset(
     validation_lines: list[bytes] = []
     for start in range(0, len(kept_positions), _EXPORT_CHUNK):
         positions = kept_positions[start : start + _EXPORT_CHUNK]
-        chunk = positions.tolist()
-        # Lists, not arrays: single-item reads from a list are several times cheaper.
-        chunk_tokens = token_counts[positions].tolist()
-        chunk_assistant = assistant_counts[positions].tolist()
-        keys = (
-            records.digests_at(frame, records.SPLIT_KEY, chunk).to_pylist()
+        examples = text_store.examples(frame, positions, texts)
+        made = [_training_line(example) for example in examples]
+        lines = [line for line in made if line is not None]
+        if len(lines) < len(made):
+            serialised = np.fromiter((line is not None for line in made), dtype=bool, count=len(made))
+            unserialisable.extend(positions[~serialised].tolist())
+            positions = positions[serialised]
+            examples = [example for example, line in zip(examples, made, strict=True) if line is not None]
+        del made
+        found = (
+            records.digests_at(frame, records.SPLIT_KEY, positions.tolist()).to_pylist()
             if has_key
-            else [None] * len(chunk)
+            else [None] * len(positions)
         )
-        train_keys, train_lines, validation_keys, validation_lines = [], [], [], []
-        for position, example, key, n_tokens, n_assistant in zip(
-            chunk, text_store.examples(frame, chunk, texts), keys, chunk_tokens, chunk_assistant, strict=True
-        ):
-            line = _training_line(example)
-            if line is None:
-                unserialisable.append(position)
-                continue
-            if not isinstance(key, bytes):  # not deduplicated (or the key is null)
-                key = split_key(records.example_value(example), normalizer)
-            task_tokens.append(n_tokens)
-            if is_validation(key, fraction):
-                validation_keys.append(key)
-                validation_lines.append(line)
-                validation_tokens += n_tokens
-            else:
-                train_keys.append(key)
-                train_lines.append(line)
-                train_tokens.append(n_tokens)
-                train_assistant_tokens += n_assistant
-            if mixing:
-                task_lines.add(_line_digest(line))
+        # Dedupe leaves the key in the frame; an example not deduplicated (or with a null key) gets
+        # it made from the example.
+        keys: list[bytes] = [
+            key if isinstance(key, bytes) else split_key(records.example_value(example), normalizer)
+            for key, example in zip(found, examples, strict=True)
+        ]
+        del examples, found
+        chunk_tokens = token_counts[positions]  # int64, as array("q") holds them
+        task_tokens.frombytes(chunk_tokens.tobytes())
+        on_validation = validation_mask(keys, fraction)
+        validation_at, train_at = (
+            np.flatnonzero(on_validation).tolist(),
+            np.flatnonzero(~on_validation).tolist(),
+        )
+        validation_keys, validation_lines = (
+            [keys[i] for i in validation_at],
+            [lines[i] for i in validation_at],
+        )
+        train_keys, train_lines = [keys[i] for i in train_at], [lines[i] for i in train_at]
+        validation_tokens += int(chunk_tokens[on_validation].sum())
+        train_tokens.frombytes(chunk_tokens[~on_validation].tobytes())
+        train_assistant_tokens += int(assistant_counts[positions][~on_validation].sum())
+        if mixing:
+            task_lines.update(_line_digest(line) for line in lines)
         train.add(train_keys, train_lines)
         validation.add(validation_keys, validation_lines)
     del train_keys, train_lines, validation_keys, validation_lines  # the last chunk's, on disk now

@@ -16,7 +16,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import re
@@ -30,7 +29,7 @@ import fsspec
 import orjson
 import pandas as pd
 
-from tuneline import csv_rows, jsonl, records
+from tuneline import csv_rows, heap, jsonl, records
 from tuneline.config import CsvMapping, Source
 from tuneline.paths import is_url, project_root, resolve
 
@@ -280,16 +279,9 @@ def read_files(
     mapped. `csv_fallbacks` are mappings tried, in order, on a tabular file that has none of its own.
     """
     columns = _Columns()
-    # Every parsed example is a handful of containers that all stay alive: while millions are made,
-    # the cyclic collector would walk the growing heap again and again (half the time of a large
-    # read). Reference counting still frees what is dropped; collection resumes when the read ends.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    # Every parsed example is a handful of containers that all stay alive (tuneline/heap.py).
+    with heap.collector_paused():
         _read_all(files, columns, system_prompt, csv_fallbacks)
-    finally:
-        if collecting:
-            gc.enable()
     return columns.frame()
 
 

@@ -52,6 +52,7 @@ from tuneline.heap import release_free_memory
 from tuneline.normalize import jaccard, word_shingles
 from tuneline.signature_store import SignatureStore
 from tuneline.text_store import StoredTexts, TextStore, take
+from tuneline.threads import mapped, prefetched
 
 # The records' signatures: in memory, or in the batch's store on disk (tuneline/signature_store.py).
 Signatures = np.ndarray | SignatureStore
@@ -863,13 +864,16 @@ class BandKeys:
 
 def agreement(signatures: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """How many signature values each pair (first[k], second[k]) shares; over num_perm, an estimate
-    of its Jaccard."""
+    of its Jaccard. On the flow's threads, 32,768 pairs per call (tuneline/threads.py)."""
     result = np.empty(len(first), dtype=np.int16)
     step = 1 << 15
-    for start in range(0, len(first), step):
+
+    def count(start: int) -> None:
         stop = start + step
         equal = signatures[first[start:stop]] == signatures[second[start:stop]]
         result[start:stop] = equal.sum(axis=1)
+
+    mapped(count, range(0, len(first), step))
     return result
 
 
@@ -1113,32 +1117,36 @@ class _DistinctShingles:
 
     @classmethod
     def of(cls, documents: Documents, indices: np.ndarray, size: int) -> _DistinctShingles:
-        pieces: list[np.ndarray] = []
-        sizes = np.zeros(len(indices), dtype=np.int64)
+        """Those of the records `indices`, a batch of records per call on the flow's threads
+        (tuneline/threads.py: reading, splitting and sorting release the interpreter's lock)."""
         texts = Documents(documents.table, documents.parts, documents.offsets)  # words only: no fingerprints
-        for start in range(0, len(indices), BATCH):
+
+        def batch(start: int) -> tuple[np.ndarray, np.ndarray]:
             chunk = indices[start : start + BATCH]
             shingles, offsets = shingles_of_words(*texts.subset(chunk).words(), size)
             owner = np.repeat(np.arange(len(chunk), dtype=np.uint64), np.diff(offsets))
             keys = (owner << _U64(32)) | (shingles >> _U64(32))
+            del shingles, owner
             keys.sort()
             keep = np.ones(len(keys), dtype=bool)
             np.not_equal(keys[1:], keys[:-1], out=keep[1:])
             keys = keys[keep]
-            sizes[start : start + len(chunk)] = np.bincount(
-                (keys >> _U64(32)).astype(np.int64), minlength=len(chunk)
-            )
-            pieces.append((keys & _U64(0xFFFFFFFF)).astype(np.uint32))
+            sizes = np.bincount((keys >> _U64(32)).astype(np.int64), minlength=len(chunk))
+            return (keys & _U64(0xFFFFFFFF)).astype(np.uint32), sizes
+
+        pieces = mapped(batch, range(0, len(indices), BATCH))
+        sizes = np.concatenate([piece[1] for piece in pieces]) if pieces else np.zeros(0, dtype=np.int64)
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
-        hashes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
+        hashes = np.concatenate([piece[0] for piece in pieces]) if pieces else np.zeros(0, dtype=np.uint32)
         return cls(hashes, offsets, sizes)
 
     def shared(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """For each pair (first[k], second[k]) of positions: how many hashes the two records share."""
         result = np.zeros(len(first), dtype=np.int64)
         step = 1 << 13  # pairs at once: tens of MB of temporaries for chats of a hundred words
-        for start in range(0, len(first), step):
+
+        def count(start: int) -> None:  # on the flow's threads (tuneline/threads.py)
             a, b = first[start : start + step], second[start : start + step]
             starts = np.stack([self.offsets[a], self.offsets[b]], axis=1).ravel()
             lengths = np.stack([self.sizes[a], self.sizes[b]], axis=1).ravel()
@@ -1152,6 +1160,8 @@ class _DistinctShingles:
             result[start : start + len(a)] = np.bincount(
                 (keys[1:][equal] >> _U64(32)).astype(np.int64), minlength=len(a)
             )
+
+        mapped(count, range(0, len(first), step))
         return result
 
 
@@ -1178,8 +1188,10 @@ CandidateSearch = Callable[[Signatures, np.ndarray, np.ndarray, Banding], Iterab
 def local_candidates(
     signatures: Signatures, eligible: np.ndarray, rank: np.ndarray, banding: Banding
 ) -> Iterator[np.ndarray]:
-    """Band keys and candidate pairs of the eligible records, here, a band at a time."""
-    return candidate_pieces(BandKeys(signatures, banding), rank, eligible)
+    """Band keys and candidate pairs of the eligible records, here, a band at a time: the next band's
+    made in a second thread while the caller filters this one's (tuneline/threads.py; the ray
+    engine's reducers run beside the flow already)."""
+    return prefetched(candidate_pieces(BandKeys(signatures, banding), rank, eligible))
 
 
 def find_near_duplicates(

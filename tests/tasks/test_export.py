@@ -81,6 +81,22 @@ def test_split_is_stable_across_order_and_variants() -> None:
     assert set(forward.train_lines) <= set(bigger.train_lines)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.999999, 1.0])
+def test_the_side_of_a_key_is_its_leading_bytes_as_a_number_in_0_1_against_the_fraction(
+    fraction: float,
+) -> None:
+    """Decided for a chunk of keys at once in 64-bit integers, exactly as the number k / 2**64 against
+    the fraction, including the keys on either side of the boundary."""
+    from fractions import Fraction
+
+    boundary = int(Fraction(fraction) * 2**64)
+    numbers = [0, 1, 2**63, 2**64 - 1, *(b for b in range(boundary - 2, boundary + 3) if 0 <= b < 2**64)]
+    numbers += [int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") for i in range(200)]
+    keys = [n.to_bytes(8, "big") + hashlib.sha256(str(n).encode()).digest()[:24] for n in numbers]
+    expected = [Fraction(n, 2**64) < Fraction(fraction) for n in numbers]
+    assert export.validation_mask(keys, fraction).tolist() == expected
+
+
 def test_the_split_reuses_dedupes_normalised_forms() -> None:
     frame = dedupe.dedupe(prepared([chat(i) for i in range(30)]), [], BASE.dedupe)
     assert frame[records.SPLIT_KEY].notna().all()

@@ -1,4 +1,5 @@
-"""tuneline/heap.py: the free pages glibc keeps after a phase go back to the operating system."""
+"""tuneline/heap.py: the free pages glibc keeps after a phase go back to the operating system, and
+the cyclic collector pauses for a phase."""
 
 from __future__ import annotations
 
@@ -37,3 +38,27 @@ def test_freed_arrays_the_heap_kept_are_given_back() -> None:
     if released == "False":
         pytest.skip("this C library has no malloc_trim")
     assert int(megabytes) >= 250, out
+
+
+def test_the_collector_is_paused_inside_and_as_it_was_after() -> None:
+    import gc
+
+    from tuneline import heap
+
+    assert gc.isenabled()
+    with heap.collector_paused():
+        assert not gc.isenabled()
+        with heap.collector_paused():  # nested (a read inside a block's screen): still off after
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError), heap.collector_paused():
+        raise ValueError("a phase that fails")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with heap.collector_paused():
+            pass
+        assert not gc.isenabled()  # left off by its caller: not switched on behind its back
+    finally:
+        gc.enable()

@@ -3,8 +3,10 @@ at a time, whatever the number of ranges and batches."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import random
 from pathlib import Path
 
@@ -86,3 +88,32 @@ def test_no_room_for_lines_in_order_is_one_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
     with pytest.raises(NoRoomForTexts, match=f"could not write the quarantine's lines to {missing}.*TMPDIR"):
         sorted_lines.lines_in_order([[b"{}\n"]], directory=str(missing), what="the quarantine's lines")
+
+
+@pytest.mark.parametrize("kernel", ["copies", "cannot copy"])
+def test_a_sorted_file_is_copied_into_a_file_whole(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kernel: str
+) -> None:
+    """Into a real file the kernel copies the bytes (copy_file_range); where it cannot (another file
+    system on an older kernel), they are copied through the process, after what the kernel did copy."""
+    pairs = entries(2000, seed=7)
+    lines = SortedLines(sum(len(line) for _, line in pairs))
+    lines.add([key for key, _ in pairs], [line for _, line in pairs])
+    written = lines.write_sorted()
+    body = b"".join(line for _, line in sorted(pairs))
+    if kernel == "cannot copy":
+        real = os.copy_file_range
+        calls = []
+
+        def refuses_after_one_part(source: int, target: int, count: int, offset_src: int) -> int:
+            calls.append(offset_src)
+            if len(calls) > 1:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real(source, target, min(count, 1000), offset_src)
+
+        monkeypatch.setattr(os, "copy_file_range", refuses_after_one_part)
+    target = tmp_path / "train.jsonl"
+    with target.open("wb") as handle:
+        written.copy_to(handle)
+    assert target.read_bytes() == body
+    written.close()

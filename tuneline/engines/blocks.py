@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import union_categoricals
 
+from tuneline import heap
 from tuneline.config import Config, CsvMapping, DedupeConfig, ExecutionConfig, ModelConfig, ValidationConfig
 from tuneline.near_duplicates import Documents, Signing, signing
 from tuneline.signature_store import SignatureStore
@@ -113,16 +114,18 @@ def screen_block(
     """What one task does: a block of files read, validated (as lines of a `method` training file),
     put through the per-record rules of dedupe (credentials and PII, leakage into `eval_examples`),
     and its records' fingerprints made (signed by `record_signing`, which block_arguments makes: a
-    block's task never imports datasketch)."""
-    frame = ingest.read_files(files, system_prompt, csv_fallbacks)
-    frame = validate.validate(frame, model, validation, method)
-    frame, documents = dedupe.per_record_rules(frame, eval_examples, dedupe_config)
-    # The fingerprints, and the normalised texts the records use packed into one byte string.
-    documents = documents.fingerprinted(record_signing).packed()
-    # No later rule changes an example: from here on each one is the line export writes for it, and
-    # it and the raw text wait in the store (text_store.py) until export reads them.
-    frame, texts = pack(export.with_training_lines(frame))
-    return Screened(frame, documents, texts)
+    block's task never imports datasketch). The block's records and their texts all stay alive to the
+    end: the cyclic collector is paused meanwhile (tuneline/heap.py)."""
+    with heap.collector_paused():
+        frame = ingest.read_files(files, system_prompt, csv_fallbacks)
+        frame = validate.validate(frame, model, validation, method)
+        frame, documents = dedupe.per_record_rules(frame, eval_examples, dedupe_config)
+        # The fingerprints, and the normalised texts the records use packed into one byte string.
+        documents = documents.fingerprinted(record_signing).packed()
+        # No later rule changes an example: from here on each one is the line export writes for it,
+        # and it and the raw text wait in the store (text_store.py) until export reads them.
+        frame, texts = pack(export.with_training_lines(frame))
+        return Screened(frame, documents, texts)
 
 
 def block_arguments(config: Config) -> tuple[Any, ...]:

@@ -37,30 +37,21 @@ cluster.
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing
-import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import cache
 from typing import Any
 
-from tuneline import tokens
+from tuneline import heap, tokens
 from tuneline.config import Config
 from tuneline.engines import blocks
 from tuneline.tasks import ingest
+from tuneline.threads import available_cpus
 
 log = logging.getLogger(__name__)
-
-
-def available_cpus() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @cache
@@ -89,9 +80,7 @@ def screen(
     if workers <= 1 or sum(block.size for block in planned) <= execution.block_bytes:
         return blocks.concat([stores.stored(blocks.screen_block(list(files), *arguments))], stores)
     results: list[blocks.Screened | None] = [None] * len(planned)
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with heap.collector_paused():  # the results' containers are all alive (tuneline/heap.py)
         share = max(1, available_cpus() // workers)
         try:
             with ProcessPoolExecutor(
@@ -126,6 +115,3 @@ def screen(
             "local engine: %d file(s) in %d block(s) on %d process(es)", len(files), len(planned), workers
         )
         return blocks.concat([result for result in results if result is not None], stores)
-    finally:
-        if collecting:
-            gc.enable()

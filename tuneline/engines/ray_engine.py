@@ -30,7 +30,6 @@ Ray is imported inside the functions: this module imports without the `ray` extr
 
 from __future__ import annotations
 
-import gc
 import logging
 import pickle
 import threading
@@ -128,10 +127,8 @@ def screen(
     limit = _in_flight(ray)
     pending: list[Any] = []
     results: list[blocks.Screened] = []
-    # The frames' containers are all alive: the cyclic collector would only walk them again and again.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    # The frames' containers are all alive (tuneline/heap.py).
+    with heap.collector_paused():
         for block in planned:
             pending.append(remote.remote(block.files, *shared))
             if len(pending) >= limit:
@@ -140,9 +137,6 @@ def screen(
             results.append(stores.stored(pickle.loads(ray.get(pending.pop(0)))))
         log.info("ray engine: %d file(s) in %d task(s)", len(files), len(planned))
         return blocks.concat(results, stores)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def screen_block_pickled(files: Sequence[ingest.InputFile], *arguments: Any) -> bytes:
