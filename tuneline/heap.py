@@ -1,4 +1,5 @@
-"""Give the free pages of the C heap back to the operating system between the data plane's phases.
+"""The heap around the data plane's phases: the C heap's free pages given back to the operating system
+between them (`release_free_memory`), the cyclic garbage collector paused during them (`collector_paused`).
 
 The data plane allocates and frees millions of Python objects and numpy arrays of every size. glibc's
 malloc keeps what is freed in its arenas for reuse rather than returning it, and raises its mmap
