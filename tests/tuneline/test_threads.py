@@ -95,3 +95,52 @@ def test_mapped_keeps_the_order_uses_the_flows_threads_and_raises_an_items_error
 
     with pytest.raises(ValueError, match="chunk 7 is bad"):
         threads.mapped(fails, range(20))
+
+
+@several_cores
+def test_inside_one_thread_everything_runs_in_the_callers_thread_and_after_it_on_threads_again() -> None:
+    caller = threading.current_thread().name
+    with threads.one_thread():
+        log: list[str] = []
+        assert list(threads.prefetched(made_by(5, log))) == list(range(5))
+        names: list[str] = []
+        threads.mapped(lambda item: names.append(threading.current_thread().name), range(8))
+        assert set(log) == set(names) == {caller}
+        assert threads.flow_threads() == 1
+    assert threads.flow_threads() > 1
+    names = []
+    threads.mapped(lambda item: names.append(threading.current_thread().name), range(8))
+    assert caller not in names
+
+
+@several_cores
+def test_the_near_duplicate_search_keeps_to_one_thread_when_another_engine_finds_its_candidates() -> None:
+    """The ray engine hands its candidate search in (`candidates`): its flow holds a batch too large for
+    one machine, and threads would hold more. The search in this process uses the flow's threads."""
+    import numpy as np
+
+    from tuneline.near_duplicates import Documents, find_near_duplicates, local_candidates
+
+    texts = [
+        f"the order {i % 40} arrived late and the box was {'open' if i % 3 else 'torn'} today"
+        for i in range(300)
+    ]
+    seen: list[int] = []
+
+    def engine_search(*arguments: object) -> Iterator[np.ndarray]:
+        seen.append(threads.flow_threads())
+        return local_candidates(*arguments)  # type: ignore[arg-type]
+
+    found = {}
+    for name, candidates in (("engine", engine_search), ("here", None)):
+        result = find_near_duplicates(
+            Documents.of_texts(texts),
+            np.arange(len(texts)),
+            threshold=0.8,
+            num_perm=64,
+            shingle_size=3,
+            candidates=candidates,
+        )
+        found[name] = result.duplicate_of.tolist()
+    assert seen == [1]
+    assert found["engine"] == found["here"] and max(found["here"]) >= 0
