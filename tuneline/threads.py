@@ -15,9 +15,10 @@ piece of it uses a second core:
 
 Measured on the 2-core dev machine: the batch-wide rules of a million synthetic chats took 18 to 20 s
 on one thread and take 12.9 to 14.8 s with these (benchmarks/data_plane.py 1000000, the README's
-data-plane figures). `available_cpus` is also what the local engine sizes its pool by. A process pool would also parallelise the Python parts, but the chunks read the batch's
-stores (texts and signatures in unnamed temporary files of this process) and would pickle their
-results back; threads share them for nothing. The standard library's ThreadPoolExecutor does the
+data-plane figures). `available_cpus` is also what the local engine sizes its pool by. A process
+pool would also parallelise the Python parts, but the chunks read the batch's stores (texts and
+signatures in unnamed temporary files of this process) and would pickle their results back; threads
+share them for nothing. The standard library's ThreadPoolExecutor does the
 mapping; `prefetched` is the one thing it lacks (a bounded queue between a generator and its caller).
 """
 
