@@ -149,7 +149,13 @@ def run_pipeline_on(
     frame = timed(
         "dedupe",
         timings,
-        functools.partial(dedupe.batch_rules, screened.frame, screened.documents, config.dedupe),
+        functools.partial(
+            dedupe.batch_rules,
+            screened.frame,
+            screened.documents,
+            config.dedupe,
+            threads=engines.flow_threads(config.execution),
+        ),
     )
     texts = screened.texts
     del screened  # as the prepare flow does: the normalised texts end with the batch rules
@@ -264,7 +270,14 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     frame = timed(
         "dedupe",
         timings,
-        functools.partial(dedupe.batch_rules, screened.frame, screened.documents, config.dedupe, search),
+        functools.partial(
+            dedupe.batch_rules,
+            screened.frame,
+            screened.documents,
+            config.dedupe,
+            search,
+            engines.flow_threads(config.execution),
+        ),
     )
     texts = screened.texts
     del screened  # as the prepare flow does: the normalised texts end with the batch rules

@@ -161,7 +161,9 @@ def prepare_dataset(
     # beside the normalised texts that the batch rules read back for the records they compare.
     texts = screened.texts
     try:
-        frame = dedupe.batch_rules_task(screened.frame, screened.documents, config.dedupe, search)
+        frame = dedupe.batch_rules_task(
+            screened.frame, screened.documents, config.dedupe, search, engines.flow_threads(config.execution)
+        )
         # The records' normalised parts and fingerprints (about 100 bytes a record, their signatures
         # on disk) end with the batch rules: quality looks at the frame only, export at the frame and
         # its texts.

@@ -70,6 +70,7 @@ from tuneline.near_duplicates import (
 from tuneline.normalize import Normalizer, normalize_text, turns_prompt_and_answer
 from tuneline.secrets import detect_secret, find_secrets_and_pii, redact_example
 from tuneline.tasks import export
+from tuneline.threads import limited
 
 _PII_NAMES = {"email": "an email address", "phone": "a phone number"}
 
@@ -183,27 +184,31 @@ def batch_rules(
     documents: Documents,
     config: DedupeConfig,
     candidates: CandidateSearch | None = None,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Rules 3 to 5 across the whole batch, on a frame `per_record_rules` made (or the concatenation of
-    the frames it made per block, with their Documents concatenated: the same thing)."""
-    out = frame.copy(deep=False)
-    stage = _Stage(out)
-    rank = record_order(out)
-    # The rows the duplicate rules began with (kept after rule 1): those with normalised forms.
-    positions = np.flatnonzero(out[records.SPLIT_KEY].notna().to_numpy())
-    assert len(positions) == len(documents), "the Documents are not those of the frame's rows"
-    # Index into `positions` (and `documents`) of the records each rule still has to look at.
-    alive = records.kept_mask(out).to_numpy()[positions]
+    the frames it made per block, with their Documents concatenated: the same thing). `threads`: at
+    most that many of the flow's threads for their numpy work (tuneline/threads.py's `limited`; None:
+    one per core, up to a few; the flow passes engines.flow_threads of its execution config)."""
+    with limited(threads):
+        out = frame.copy(deep=False)
+        stage = _Stage(out)
+        rank = record_order(out)
+        # The rows the duplicate rules began with (kept after rule 1): those with normalised forms.
+        positions = np.flatnonzero(out[records.SPLIT_KEY].notna().to_numpy())
+        assert len(positions) == len(documents), "the Documents are not those of the frame's rows"
+        # Index into `positions` (and `documents`) of the records each rule still has to look at.
+        alive = records.kept_mask(out).to_numpy()[positions]
 
-    alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
-    # What the record order and the exact duplicates let go (a GB at ten million records) goes back to
-    # the OS before the near-duplicate search, the flow's peak (tuneline/heap.py).
-    release_free_memory()
-    alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config, candidates)
-    _contradictions(stage, positions, rank, alive, config)
-    _duplicates_of_quarantined_records(stage)
-    log.info("dedupe: %s", records.counts_by_reason(out))
-    return out
+        alive &= ~_exact_duplicates(stage, positions, documents, rank, alive)
+        # What the record order and the exact duplicates let go (a GB at ten million records) goes back
+        # to the OS before the near-duplicate search, the flow's peak (tuneline/heap.py).
+        release_free_memory()
+        alive &= ~_near_duplicates(stage, positions, documents, rank, alive, config, candidates)
+        _contradictions(stage, positions, rank, alive, config)
+        _duplicates_of_quarantined_records(stage)
+        log.info("dedupe: %s", records.counts_by_reason(out))
+        return out
 
 
 def credentials_and_pii(frame: pd.DataFrame, config: DedupeConfig) -> pd.DataFrame:
@@ -669,6 +674,7 @@ def batch_rules_task(
     documents: Documents,
     config: DedupeConfig,
     candidates: CandidateSearch | None = None,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Prefect wrapper of batch_rules: exact and near duplicates and contradictions across the batch."""
-    return batch_rules(frame, documents, config, candidates)
+    return batch_rules(frame, documents, config, candidates, threads)

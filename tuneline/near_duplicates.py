@@ -39,7 +39,6 @@ per-text caches all three use; hence its length.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from tuneline.heap import release_free_memory
 from tuneline.normalize import jaccard, word_shingles
 from tuneline.signature_store import SignatureStore
 from tuneline.text_store import StoredTexts, TextStore, take
-from tuneline.threads import mapped, one_thread, prefetched
+from tuneline.threads import mapped, prefetched
 
 # The records' signatures: in memory, or in the batch's store on disk (tuneline/signature_store.py).
 Signatures = np.ndarray | SignatureStore
@@ -1211,63 +1210,58 @@ def find_near_duplicates(
     near-duplicates (exact duplicates are another rule). Only the `eligible` records (default: all)
     are looked at: the others are neither marked nor named, as if they were not there. The records'
     fingerprints are used if they were signed so, else made here."""
-    # Candidates from another engine (the ray engine's reducers) come with a batch too large for one
-    # machine, whose flow keeps to one thread: it holds less (tuneline/threads.py's one_thread).
-    with contextlib.nullcontext() if candidates is None else one_thread():
-        n = len(documents)
-        duplicate_of = np.full(n, -1, dtype=np.int64)
-        similarity = np.full(n, np.nan)
-        if n < 2:
-            return NearDuplicates(duplicate_of, similarity, 0, 0, 0)
-        rank = np.asarray(rank)
-        fingerprints = documents.fingerprints
-        if fingerprints is None or not fingerprints.signed_as(num_perm, shingle_size):
-            fingerprints = Fingerprints.of(documents, signing(num_perm, shingle_size))
-            documents.table.forget_caches()  # what matching against references left: not needed here
-            release_free_memory()  # the signing's temporaries (tuneline/heap.py)
-        signatures = fingerprints.signatures
-        eligible = (
-            fingerprints.word_counts > 0 if eligible is None else eligible & (fingerprints.word_counts > 0)
-        )
-        search = candidates or local_candidates
-        agreeing = AgreementFilter(signatures, threshold)
-        for piece in search(signatures, eligible, rank, banding_for(num_perm, threshold)):
-            agreeing.add(piece)
-            del piece
-        later, earlier = agreeing.pairs()
-        proposed, compared = agreeing.proposed, len(later)
-        del agreeing, signatures, fingerprints
-        release_free_memory()  # the candidate pairs' temporaries (tuneline/heap.py)
-        # The Jaccard of the 32-bit hashed shingles: pairs under the threshold are not duplicates (unless
-        # two of their shingles share a 32-bit hash, about 4e-6 per pair, and the pair sits within a
-        # shingle of the threshold).
-        bound = _hashed_jaccard(documents, later, earlier, shingle_size)
-        similar = bound >= threshold
-        later, earlier, bound = later[similar], earlier[similar], bound[similar]
-        # Decide records in rank order; for each, try its candidates from the most to the least similar.
-        order = np.lexsort((rank[earlier], -bound, rank[later]))
-        exact = _ShingleSets(documents, shingle_size, limit=_RECENT_SETS)
-        confirmed = 0
-        tried: set[int] = set()
-        current = -1
-        for later_index, earlier_index in zip(later[order].tolist(), earlier[order].tolist(), strict=True):
-            if later_index != current:
-                current, tried = later_index, set()
-            if duplicate_of[later_index] >= 0:
-                continue
-            # A near-duplicate of a record that is itself a near-duplicate is compared with the kept
-            # record that one duplicates.
-            target = earlier_index if duplicate_of[earlier_index] < 0 else int(duplicate_of[earlier_index])
-            if target in tried:
-                continue
-            tried.add(target)
-            confirmed += 1
-            # Decided on the words themselves, so a hash collision can never make a duplicate.
-            value = jaccard(exact(later_index), exact(target))
-            if value >= threshold:
-                duplicate_of[later_index] = target
-                similarity[later_index] = value
-        return NearDuplicates(duplicate_of, similarity, proposed, compared, confirmed)
+    n = len(documents)
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, np.nan)
+    if n < 2:
+        return NearDuplicates(duplicate_of, similarity, 0, 0, 0)
+    rank = np.asarray(rank)
+    fingerprints = documents.fingerprints
+    if fingerprints is None or not fingerprints.signed_as(num_perm, shingle_size):
+        fingerprints = Fingerprints.of(documents, signing(num_perm, shingle_size))
+        documents.table.forget_caches()  # what matching against references left: not needed here
+        release_free_memory()  # the signing's temporaries (tuneline/heap.py)
+    signatures = fingerprints.signatures
+    eligible = fingerprints.word_counts > 0 if eligible is None else eligible & (fingerprints.word_counts > 0)
+    search = candidates or local_candidates
+    agreeing = AgreementFilter(signatures, threshold)
+    for piece in search(signatures, eligible, rank, banding_for(num_perm, threshold)):
+        agreeing.add(piece)
+        del piece
+    later, earlier = agreeing.pairs()
+    proposed, compared = agreeing.proposed, len(later)
+    del agreeing, signatures, fingerprints
+    release_free_memory()  # the candidate pairs' temporaries (tuneline/heap.py)
+    # The Jaccard of the 32-bit hashed shingles: pairs under the threshold are not duplicates (unless
+    # two of their shingles share a 32-bit hash, about 4e-6 per pair, and the pair sits within a
+    # shingle of the threshold).
+    bound = _hashed_jaccard(documents, later, earlier, shingle_size)
+    similar = bound >= threshold
+    later, earlier, bound = later[similar], earlier[similar], bound[similar]
+    # Decide records in rank order; for each, try its candidates from the most to the least similar.
+    order = np.lexsort((rank[earlier], -bound, rank[later]))
+    exact = _ShingleSets(documents, shingle_size, limit=_RECENT_SETS)
+    confirmed = 0
+    tried: set[int] = set()
+    current = -1
+    for later_index, earlier_index in zip(later[order].tolist(), earlier[order].tolist(), strict=True):
+        if later_index != current:
+            current, tried = later_index, set()
+        if duplicate_of[later_index] >= 0:
+            continue
+        # A near-duplicate of a record that is itself a near-duplicate is compared with the kept
+        # record that one duplicates.
+        target = earlier_index if duplicate_of[earlier_index] < 0 else int(duplicate_of[earlier_index])
+        if target in tried:
+            continue
+        tried.add(target)
+        confirmed += 1
+        # Decided on the words themselves, so a hash collision can never make a duplicate.
+        value = jaccard(exact(later_index), exact(target))
+        if value >= threshold:
+            duplicate_of[later_index] = target
+            similarity[later_index] = value
+    return NearDuplicates(duplicate_of, similarity, proposed, compared, confirmed)
 
 
 def _hashed_jaccard(documents: Documents, later: np.ndarray, earlier: np.ndarray, size: int) -> np.ndarray:

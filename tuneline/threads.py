@@ -10,8 +10,9 @@ piece of it uses a second core:
 - `prefetched`: the next item of a generator made in a background thread while the caller uses the
   current one (the candidate pairs of the next LSH band while this band's are filtered);
 - `mapped`: a function over independent chunks, in order, on `flow_threads()` threads;
-- `one_thread()`: both in the caller's thread, for a flow whose memory matters more than its time
-  (the ray engine's near-duplicate search: see there).
+- `limited(threads)`: at most that many threads for the code inside; with one, both of the above work
+  in the caller's thread. The flow sets it from `execution.flow_threads` (tuneline/engines/'s
+  `flow_threads`: one by default with the ray engine, whose flow's memory matters more than its time).
 
 Measured on the 2-core dev machine: the batch-wide rules of a million synthetic chats took 18 to 20 s
 on one thread and take 12.9 to 14.8 s with these (benchmarks/data_plane.py 1000000, the README's
@@ -49,29 +50,29 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-# Set by `one_thread()` for the code it runs.
-_one_thread: ContextVar[bool] = ContextVar("tuneline_one_thread", default=False)
+# Set by `limited(threads)` for the code it runs (None: no limit set).
+_limit: ContextVar[int | None] = ContextVar("tuneline_flow_threads", default=None)
 
 
 def flow_threads() -> int:
-    """Threads `mapped` uses: one per core this process may run on, at most MAX_FLOW_THREADS (one
-    inside `one_thread()`)."""
-    if _one_thread.get():
-        return 1
-    return max(1, min(MAX_FLOW_THREADS, available_cpus()))
+    """Threads `mapped` uses: one per core this process may run on, at most MAX_FLOW_THREADS or, inside
+    `limited(threads)`, at most `threads`."""
+    limit = _limit.get()
+    return max(1, min(MAX_FLOW_THREADS if limit is None else limit, available_cpus()))
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """`mapped` and `prefetched` in the caller's thread for the code inside. For a flow whose memory
-    matters more than its time: each thread's allocations stay in a glibc arena of its own, which a
-    trim does not shrink, so threads raise what the flow holds afterwards (the ray engine's ten million
-    chats: 0.8 GiB more after the batch-wide rules, their peak 5.92 -> 6.61 and 6.78 GiB)."""
-    token = _one_thread.set(True)
+def limited(threads: int | None) -> Iterator[None]:
+    """At most `threads` threads for `mapped` and `prefetched` in the code inside (None: the default,
+    one per core up to MAX_FLOW_THREADS; 1: both in the caller's thread). One is for a flow whose
+    memory matters more than its time: each thread's allocations stay in a glibc arena of its own,
+    which a trim does not shrink, so threads raise what the flow holds afterwards (the ray engine's ten
+    million chats: 0.8 GiB more after the batch-wide rules, their peak 5.92 -> 6.61 and 6.78 GiB)."""
+    token = _limit.set(threads)
     try:
         yield
     finally:
-        _one_thread.reset(token)
+        _limit.reset(token)
 
 
 def mapped(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -91,8 +92,9 @@ def prefetched(items: Iterable[T]) -> Iterator[T]:
     """The items, in order, each made in a background thread while the caller works on the one before
     (one item waits at most: what is held is one item more than without). An exception raised making
     an item is raised here, where that item would have come; when the caller stops early, the thread
-    stops after the item it is making. With one core, the items are made in this thread."""
-    if available_cpus() < 2 or _one_thread.get():
+    stops after the item it is making. With one thread (one core, or `limited(1)`), the items are made
+    in this thread."""
+    if flow_threads() < 2:
         yield from items
         return
     slot: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=1)

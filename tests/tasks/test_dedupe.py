@@ -4,6 +4,7 @@ import copy
 import json
 import random
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,12 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuneline import records
+from tuneline import records, threads
 from tuneline.config import DedupeConfig
+from tuneline.near_duplicates import local_candidates
 from tuneline.normalize import jaccard, normalized_example, normalized_prompt_and_answer, word_shingles
 from tuneline.records import ANSWER_KEY, PROMPT_KEY, SPLIT_KEY
 from tuneline.tasks import export
 from tuneline.tasks.dedupe import (
+    batch_rules,
     batch_rules_task,
     credentials_and_pii,
     dedupe,
@@ -391,6 +394,26 @@ def test_an_empty_frame_and_the_prefect_task(prefect_server: None) -> None:
     frame = frame_of(chat(question(11)), chat(question(11)))
     screened, documents = per_record_rules(frame, EVAL, CONFIG)
     assert reasons(batch_rules_task(screened, documents, CONFIG)) == [None, "exact_duplicate"]
+
+
+@pytest.mark.skipif(threads.available_cpus() < 2, reason="needs two cores")
+def test_the_batch_rules_keep_to_the_threads_they_are_given() -> None:
+    """The ray engine's flow passes threads=1 (engines.flow_threads: its batch is too large for one
+    machine, and threads would hold more): the candidate search runs inside that limit, with the same
+    answer as on the flow's threads."""
+    base = [question(500 + k, 30) for k in range(20)]
+    examples = [chat(" ".join(base[i % 20].split()[: 29 - i % 2]) + f" order{i}") for i in range(200)]
+    screened, documents = per_record_rules(frame_of(*examples), EVAL, CONFIG)
+    seen: list[int] = []
+
+    def engine_search(*arguments: Any) -> Iterator[np.ndarray]:
+        seen.append(threads.flow_threads())
+        return local_candidates(*arguments)
+
+    out = {limit: batch_rules(screened, documents, CONFIG, engine_search, limit) for limit in (1, None)}
+    assert seen == [1, threads.flow_threads()] and seen[1] > 1
+    pd.testing.assert_frame_equal(out[1], out[None])
+    assert "near_duplicate" in reasons(out[1])
 
 
 TEMPLATES = [question(100 + k, 30) for k in range(4)]

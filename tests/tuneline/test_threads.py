@@ -98,9 +98,9 @@ def test_mapped_keeps_the_order_uses_the_flows_threads_and_raises_an_items_error
 
 
 @several_cores
-def test_inside_one_thread_everything_runs_in_the_callers_thread_and_after_it_on_threads_again() -> None:
+def test_limited_to_one_thread_everything_runs_in_the_callers_thread_and_after_it_on_threads_again() -> None:
     caller = threading.current_thread().name
-    with threads.one_thread():
+    with threads.limited(1):
         log: list[str] = []
         assert list(threads.prefetched(made_by(5, log))) == list(range(5))
         names: list[str] = []
@@ -114,33 +114,25 @@ def test_inside_one_thread_everything_runs_in_the_callers_thread_and_after_it_on
 
 
 @several_cores
-def test_the_near_duplicate_search_keeps_to_one_thread_when_another_engine_finds_its_candidates() -> None:
-    """The ray engine hands its candidate search in (`candidates`): its flow holds a batch too large for
-    one machine, and threads would hold more. The search in this process uses the flow's threads."""
-    import numpy as np
+def test_a_limit_caps_the_threads_at_the_cores_and_none_is_the_default() -> None:
+    default = threads.flow_threads()
+    assert default == min(threads.MAX_FLOW_THREADS, threads.available_cpus())
+    with threads.limited(2):
+        assert threads.flow_threads() == 2
+        with threads.limited(None):
+            assert threads.flow_threads() == default
+        # More than MAX_FLOW_THREADS when asked for, never more than the cores.
+        with threads.limited(1000):
+            assert threads.flow_threads() == threads.available_cpus()
+        assert threads.flow_threads() == 2
 
-    from tuneline.near_duplicates import Documents, find_near_duplicates, local_candidates
 
-    texts = [
-        f"the order {i % 40} arrived late and the box was {'open' if i % 3 else 'torn'} today"
-        for i in range(300)
-    ]
-    seen: list[int] = []
+def test_the_flows_threads_follow_the_execution_config() -> None:
+    from tuneline import engines
+    from tuneline.config import load_config
 
-    def engine_search(*arguments: object) -> Iterator[np.ndarray]:
-        seen.append(threads.flow_threads())
-        return local_candidates(*arguments)  # type: ignore[arg-type]
-
-    found = {}
-    for name, candidates in (("engine", engine_search), ("here", None)):
-        result = find_near_duplicates(
-            Documents.of_texts(texts),
-            np.arange(len(texts)),
-            threshold=0.8,
-            num_perm=64,
-            shingle_size=3,
-            candidates=candidates,
-        )
-        found[name] = result.duplicate_of.tolist()
-    assert seen == [1]
-    assert found["engine"] == found["here"] and max(found["here"]) >= 0
+    assert engines.flow_threads(load_config().execution) == threads.flow_threads()
+    assert engines.flow_threads(load_config(overrides={"execution.engine": "ray"}).execution) == 1
+    for engine in engines.ENGINES:
+        execution = load_config(overrides={"execution.engine": engine, "execution.flow_threads": 3}).execution
+        assert engines.flow_threads(execution) == 3

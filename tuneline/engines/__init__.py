@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import heap
+from tuneline import heap, threads
 
 if TYPE_CHECKING:
-    from tuneline.config import Config
+    from tuneline.config import Config, ExecutionConfig
     from tuneline.engines.blocks import Screened
     from tuneline.tasks.ingest import InputFile
 
@@ -57,6 +57,15 @@ def screen(files: Sequence[InputFile], config: Config, eval_examples: Sequence[A
         screened = local.screen(files, config, eval_examples)
     heap.release_free_memory()  # what the blocks' results took before they were put together
     return screened
+
+
+def flow_threads(execution: ExecutionConfig) -> int:
+    """Threads of the flow's process for the batch-wide rules (dedupe.batch_rules' `threads`):
+    `execution.flow_threads`, else 1 with the ray engine (its flow's memory matters more than its
+    time: the config says why) and the threads module's default otherwise."""
+    if execution.flow_threads is not None:
+        return execution.flow_threads
+    return 1 if execution.engine == "ray" else threads.flow_threads()
 
 
 @task(name="screen", cache_policy=NO_CACHE, persist_result=False)
