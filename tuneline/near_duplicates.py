@@ -84,6 +84,9 @@ _SHINGLE_PAIRS = 1 << 20
 # Exact shingle sets kept for the near-duplicate decision: a record and its recent partners; one
 # evicted is computed again from its text if asked for.
 _RECENT_SETS = 1 << 12
+# Pairs of the decision whose records' texts are read from the store with one call (at most twice as
+# many records: a quarter of _RECENT_SETS, so none is let go before its pairs are decided).
+_READ_AHEAD_PAIRS = _RECENT_SETS // 8
 # Records per batch when words and shingles are materialised (bounds the memory of those arrays).
 BATCH = 1 << 14
 # Shingles per block of the MinHash computation: the permuted block (4 bytes each) stays in cache.
@@ -286,8 +289,17 @@ class TextTable:
         records at a time."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), signing.num_perm), dtype=np.uint32)
+        # Matching against references (a block's leakage check) made the inner shingles of every text
+        # already: taken from there, not made again.
+        kept = self._inner.get(signing.shingle_size)
+        made = kept.values() if kept is not None and kept.count == len(self.texts) else None
         for start in range(0, len(ids), BATCH):
-            shingles, counts = self._shingles_inside(ids[start : start + BATCH], signing.shingle_size)
+            if made is None:
+                shingles, counts = self._shingles_inside(ids[start : start + BATCH], signing.shingle_size)
+            else:
+                batch = ids[start : start + BATCH]
+                counts = made[1][batch + 1] - made[1][batch]
+                shingles = made[0][_ranges(made[1][batch], counts)]
             local = np.zeros(len(counts) + 1, dtype=np.int64)
             np.cumsum(counts, out=local[1:])
             out[start : start + len(counts)] = minhash(shingles, local, signing.permutation)
@@ -1101,10 +1113,23 @@ class _ShingleSets:
         found = self._sets.pop(index, None) if self.limit else self._sets.get(index)
         if found is None:
             found = word_shingles(self.documents.text(index), self.size)
-            if self.limit and len(self._sets) >= self.limit:
-                del self._sets[next(iter(self._sets))]  # the least recently used
+            self._make_room()
         self._sets[index] = found
         return found
+
+    def read_ahead(self, indices: np.ndarray) -> None:
+        """The sets of the records `indices` not kept yet, made now from their texts read at once (in
+        store order: Documents.texts), as the most recently used."""
+        missing = [index for index in dict.fromkeys(indices.tolist()) if index not in self._sets]
+        for index, text in zip(
+            missing, self.documents.texts(np.asarray(missing, dtype=np.int64)), strict=True
+        ):
+            self._make_room()
+            self._sets[index] = word_shingles(text, self.size)
+
+    def _make_room(self) -> None:
+        if self.limit and len(self._sets) >= self.limit:
+            del self._sets[next(iter(self._sets))]  # the least recently used
 
 
 @dataclass(frozen=True)
@@ -1241,10 +1266,14 @@ def find_near_duplicates(
     # Decide records in rank order; for each, try its candidates from the most to the least similar.
     order = np.lexsort((rank[earlier], -bound, rank[later]))
     exact = _ShingleSets(documents, shingle_size, limit=_RECENT_SETS)
+    later, earlier = later[order], earlier[order]
     confirmed = 0
     tried: set[int] = set()
     current = -1
-    for later_index, earlier_index in zip(later[order].tolist(), earlier[order].tolist(), strict=True):
+    for at, (later_index, earlier_index) in enumerate(zip(later.tolist(), earlier.tolist(), strict=True)):
+        if at % _READ_AHEAD_PAIRS == 0:  # the next pairs' texts read at once, not a record at a time
+            window = slice(at, at + _READ_AHEAD_PAIRS)
+            exact.read_ahead(np.concatenate([later[window], earlier[window]]))
         if later_index != current:
             current, tried = later_index, set()
         if duplicate_of[later_index] >= 0:
