@@ -405,11 +405,11 @@ class ExecutionConfig(Section):
     # Tries of a task whose worker died (killed, out of memory, node lost) before the run fails.
     max_retries: int = Field(default=3, ge=0, le=100)
     # Threads of the flow's own process for the batch-wide rules' numpy work (tuneline/threads.py).
-    # None: the engine's choice. `local`: one per core, up to 4. `ray`: 1, since its flow holds a
-    # batch too large for one machine, and each thread keeps its allocations in a glibc arena of its
-    # own, which raised the ten-million-chat run's peak from 7.72 to 8.38 GiB. Set it on a flow machine
-    # with memory to spare: there, the near-duplicate rules of ten million took 347 s with 2 threads and
-    # 522 s with 1.
+    # None: the engine's choice. `local`: one per core, up to threads.MAX_FLOW_THREADS. `ray`: 1, since
+    # its flow holds a batch too large for one machine, and each thread keeps its allocations in a
+    # glibc arena of its own, which raised the ten-million-chat run's peak from 7.72 to 8.38 GiB. Set
+    # it on a flow machine with memory to spare: there, the near-duplicate rules of ten million took
+    # 347 s with 2 threads and 522 s with 1.
     flow_threads: int | None = Field(default=None, ge=1, le=64)
 
 

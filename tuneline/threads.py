@@ -19,8 +19,8 @@ on one thread and take 12.9 to 14.8 s with these (benchmarks/data_plane.py 10000
 data-plane figures). `available_cpus` is also what the local engine sizes its pool by. A process
 pool would also parallelise the Python parts, but the chunks read the batch's stores (texts and
 signatures in unnamed temporary files of this process) and would pickle their results back; threads
-share them for nothing. The standard library's ThreadPoolExecutor does the
-mapping; `prefetched` is the one thing it lacks (a bounded queue between a generator and its caller).
+share them for nothing. The standard library's ThreadPoolExecutor does the mapping; `prefetched` is
+the one thing it lacks (a bounded queue between a generator and its caller).
 """
 
 from __future__ import annotations
