@@ -4,6 +4,14 @@ The tokenizer vocabularies come from an installed package (bpe-openai ships the 
 verified against the sha256 that tiktoken itself pins, and are placed in tiktoken's cache so that
 tiktoken never reaches the network. Counting follows the OpenAI cookbook: 3 tokens per message plus
 the tokens of every value (+1 for `name`), plus 3 per example.
+
+Counts come from the same package's Rust tokenizer (GitHub's `bpe` crate: `count` gives the length
+of tiktoken's `encode_ordinary` without building the token list), which counts a chat turn in about
+60% of tiktoken's time (5.9 against 9.7 us a distinct text of the synthetic chats; 17 times less for
+100,000 letters without a space, a piece tiktoken's merge loop is slow on). tiktoken stays the
+reference: a counter is used only after it agrees with tiktoken on a probe of scripts, digits,
+contractions, whitespace runs and emoji (`_fast_counter`), and tiktoken counts the texts the Rust side
+refuses (those with unpaired surrogates, which tiktoken replaces).
 """
 
 from __future__ import annotations
@@ -12,8 +20,7 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -22,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import tiktoken
+from bpe_openai import _bindings as bpe_bindings
 
 from tuneline.paths import project_root
 
@@ -36,9 +44,6 @@ VOCABULARIES: dict[str, tuple[str, str]] = {
         "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
     ),
 }
-# Threads that encode at once in token_lengths (None: one per core). A process that shares the cores
-# with others doing the same work (a worker of the local engine) sets it to its share.
-encoder_threads: int | None = None
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 TOKENS_PER_EXAMPLE = 3
@@ -125,8 +130,8 @@ def _example_pieces(example: Mapping[str, Any]) -> tuple[list[str], int]:
 def count_tokens(
     examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding, known: dict[str, int] | None = None
 ) -> list[int]:
-    """Exact token count of each example; one batched tiktoken call for the whole sequence. `known`:
-    token counts of texts already encoded (see token_lengths), shared with count_assistant_tokens."""
+    """Exact token count of each example. `known`: token counts of texts already counted (see
+    token_lengths), shared with count_assistant_tokens."""
     texts: list[str] = []
     pieces_per_example: list[int] = []
     totals: list[int] = []
@@ -148,28 +153,57 @@ def _sums(lengths: Sequence[int], counts: Sequence[int], start: Sequence[int]) -
 def token_lengths(
     texts: Sequence[str], encoding: tiktoken.Encoding, known: dict[str, int] | None = None
 ) -> list[int]:
-    """The token count of each text. Each distinct text is encoded once (roles, system prompts and
-    templated replies recur in most examples), in one contiguous chunk per core: tiktoken releases the
-    GIL while it encodes, and a chunk per thread avoids encode_ordinary_batch's cost per text, which is
-    larger than the encoding of a short text. `known` (text -> count) is read, and extended with the
-    texts encoded here."""
+    """The token count of each text. Each distinct text is counted once (roles, system prompts and
+    templated replies recur in most examples). `known` (text -> count) is read, and extended with the
+    texts counted here."""
     known = {} if known is None else known
-    distinct = [text for text in dict.fromkeys(texts) if text not in known]
-    encode = encoding.encode_ordinary
-
-    def lengths(chunk: Sequence[str]) -> list[int]:
-        return [len(encode(text)) for text in chunk]
-
-    workers = min(encoder_threads or os.cpu_count() or 1, max(1, len(distinct) // 5000))
-    if workers == 1:
-        counted = lengths(distinct)
-    else:
-        size = -(-len(distinct) // workers)
-        with ThreadPoolExecutor(workers) as pool:
-            parts = pool.map(lengths, [distinct[i : i + size] for i in range(0, len(distinct), size)])
-            counted = [n for part in parts for n in part]
-    known.update(zip(distinct, counted, strict=True))
+    count = text_counter(encoding)
+    for text in dict.fromkeys(texts):
+        if text not in known:
+            known[text] = count(text)
     return [known[text] for text in texts]
+
+
+def text_counter(encoding: tiktoken.Encoding) -> Callable[[str], int]:
+    """len(encoding.encode_ordinary(text)), by the Rust counter where it agrees with tiktoken."""
+    fast = _fast_counter(encoding.name)
+    encode = encoding.encode_ordinary
+    if fast is None:
+        return lambda text: len(encode(text))
+
+    def count(text: str) -> int:
+        try:
+            return fast(text)
+        except UnicodeEncodeError:  # unpaired surrogates: tiktoken replaces them, as it encodes
+            return len(encode(text))
+
+    return count
+
+
+# Texts on which a counter must agree with tiktoken before it counts in its place: ASCII prose,
+# contractions, digits, whitespace runs, CJK, Arabic, Cyrillic, combining marks, emoji sequences.
+_PROBE = (
+    "Hello Acme, I get error 403 every time I try to log in. I'm on version 4.1.2!",
+    "  we'll  see\n\n\tthey've   DONE it's 1234567890 $3.14 http://x.y/z?q=1&r=2  ",
+    "你好，世界。こんにちは 한국어 Привет мир مرحبا שלום e\u0301te\u0301 ﬁ Ⅻ",
+    "👨‍👩‍👧 👍🏽 🇩🇪 <|endoftext|> \x00\x7f\u200b\ufeff" + "x" * 300,
+)
+
+
+@cache
+def _fast_counter(name: str) -> Callable[[str], int] | None:
+    """The Rust tokenizer's count for the vocabulary `name`, or None where it is not installed or
+    disagrees with tiktoken on _PROBE."""
+    try:
+        count: Callable[[str], int] = bpe_bindings.tokenizer_for_encoding(name).count
+    except (ValueError, RuntimeError, KeyError):
+        return None
+    return count if counter_agrees(count, get_encoding(name)) else None
+
+
+def counter_agrees(count: Callable[[str], int], encoding: tiktoken.Encoding) -> bool:
+    """Whether `count` gives tiktoken's length on every probe text."""
+    return all(count(text) == len(encoding.encode_ordinary(text)) for text in _PROBE)
 
 
 def count_assistant_tokens(

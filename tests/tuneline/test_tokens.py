@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,50 @@ def test_counts_shared_between_calls_are_the_same_counts() -> None:
     )
     assert counts[30] == tokens.TOKENS_PER_EXAMPLE  # no messages: the example's overhead alone
     assert tokens.count_tokens([], ENCODING, known) == [] == tokens.count_assistant_tokens([], ENCODING)
+
+
+# Pieces the fuzzed texts are made of: what tiktoken's pre-tokenizer splits on (letters of several
+# scripts and cases, digits, contractions, punctuation, whitespace runs, marks, emoji, controls).
+_PIECES = [
+    *"abcXYZ019 \t\n\r.,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`",
+    *["'s", "'T", "'re", "'ve", "'M", "'ll", "'d", "\u2019s", "\u00a0", "\u200b", "\u3000", "\ufeff"],
+    *["\u00e9", "\u00df", "\u01c5", "\u0130", "\ufb01", "\u216b", "\u0661\u0662", "\u0301", "\U0010ffff"],
+    *[
+        "\u4f60\u597d",
+        "\u3053\u3093\u306b\u3061\u306f",
+        "\ud55c\uad6d\uc5b4",
+        "\u041f\u0440\u0438",
+        "\u05e9\u05dc\u05d5\u05dd",
+        "\u0645\u0631\u062d\u0628\u0627",
+    ],
+    *[
+        "\U0001f600",
+        "\U0001f44d\U0001f3fd",
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+        "\U0001f1e9\U0001f1ea",
+    ],
+    *["\x00", "\x7f", "<|endoftext|>", "   ", "\n\n", "1234567", "3.14", "http://x.y/z?q=1"],
+]
+
+
+@pytest.mark.parametrize("name", sorted(tokens.VOCABULARIES))
+def test_counts_are_tiktokens_on_any_text(name: str) -> None:
+    """The Rust counter token_lengths uses gives tiktoken's encode_ordinary length on fuzzed text of
+    every script, on long pieces, and (through tiktoken) on text with unpaired surrogates."""
+    encoding = tokens.get_encoding(name)
+    assert tokens._fast_counter(name) is not None  # the fast route is the one under test
+    rng = random.Random(20)
+    texts = ["".join(rng.choices(_PIECES, k=rng.randint(0, 40))) for _ in range(3000)]
+    texts += ["x" * 20000, "word " * 5000, "\ud800 lone surrogate", "ends \udfff", ""]
+    assert tokens.token_lengths(texts, encoding) == [len(encoding.encode_ordinary(t)) for t in texts]
+
+
+def test_a_counter_that_disagrees_with_tiktoken_is_not_used() -> None:
+    encoding = tokens.get_encoding("o200k_base")
+    fast = tokens._fast_counter("o200k_base")
+    assert fast is not None and tokens.counter_agrees(fast, encoding)
+    assert not tokens.counter_agrees(lambda text: len(text.split()), encoding)
+    assert not tokens.counter_agrees(lambda text: len(encoding.encode_ordinary(text[:-1])), encoding)
 
 
 @pytest.mark.parametrize(
