@@ -393,6 +393,14 @@ class Documents:
         assert isinstance(texts, StoredTexts), "only packed texts are moved"
         return Documents(TextTable.stored(texts.moved(into)), self.parts, self.offsets, self.fingerprints)
 
+    def spilled(self, directory: str) -> Documents:
+        """These records (packed) with their texts in a file of `directory` (TextStore.spilled)."""
+        texts = self.table.texts
+        assert isinstance(texts, StoredTexts), "only packed texts are spilled"
+        return Documents(
+            TextTable.stored(texts.spilled(directory)), self.parts, self.offsets, self.fingerprints
+        )
+
     def subset(self, indices: np.ndarray) -> Documents:
         """The records at `indices`, in that order (with their fingerprints, if set)."""
         indices = np.asarray(indices, dtype=np.int64)

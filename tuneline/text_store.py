@@ -10,7 +10,12 @@ training line 660 B, of about 2.6 KB after the screen).
 So a block's task packs them (`pack`) into one byte string, a TextStore in memory (one object to
 pickle back to the flow instead of two per record), and the flow appends each block's to one TextStore
 on disk (`TextStore.on_disk`, an unnamed temporary file: gone when the store is, even if the process
-dies) as the block comes back. The frame keeps where they are (records.TEXT_AT, RAW_SIZE,
+dies) as the block comes back. A worker process of the local engine writes its block's bytes to a file
+of its own instead (`TextStore.spilled`, which pickles as the file's name), and the flow moves them
+into its store with an in-kernel copy (copy_file_range) and removes the file: the bytes (about
+1.5 GB a million records) never pass through a pipe, and the flow's process, which shares the cores
+with the workers, neither receives nor writes them (tuneline/engines/local.py has the figures). The
+frame keeps where they are (records.TEXT_AT, RAW_SIZE,
 EXAMPLE_SIZE; the `raw` and `example` cells of a stored row are null), and `raw_texts` and `examples`
 read them back, a few MB at a time in file order. A text that cannot be stored as bytes stays in its
 cell (an example JSON cannot represent, a null); readers see no difference.
@@ -28,6 +33,7 @@ store is far more than an append-only file read back in offset order.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -47,6 +53,10 @@ _READ_GAP = 64 * 2**10
 # Texts read one by one rather than sorted into windows (a record's parts: the sort costs more).
 _FEW = 8
 _NOT_STORED = -1
+# copy_file_range's errors where the kernel cannot copy between two files (another file system on an
+# older kernel, a file system without it, an output opened for appending): copy_bytes copies through
+# this process instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
 class NoRoomForTexts(RuntimeError):
@@ -93,12 +103,38 @@ def read_at(descriptor: int, size: int, offset: int) -> bytes:
     return bytes(buffer)
 
 
+def copy_bytes(source: int, target: int, size: int, source_offset: int, target_offset: int) -> None:
+    """`size` bytes of the file `source` from `source_offset` written to the file `target` from
+    `target_offset`: by the kernel (copy_file_range: no pass through this process) where it can, else
+    through this process a read window at a time, from where the kernel stopped. The one rule for
+    copying between the flow's temporary files and its outputs (tuneline/sorted_lines.py)."""
+    kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
+    copied = 0
+    while copied < size:
+        if kernel_copy is None:
+            chunk = read_at(source, min(size - copied, _READ_WINDOW), source_offset + copied)
+            copied += os.pwrite(target, chunk, target_offset + copied)
+            continue
+        try:
+            count = kernel_copy(source, target, size - copied, source_offset + copied, target_offset + copied)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            kernel_copy = None
+            continue
+        if not count:
+            raise OSError(f"the file to copy ended {size - copied} bytes early")
+        copied += count
+
+
 class TextStore:
-    """An append-only sequence of bytes, in memory (a block's, picklable) or in an unnamed temporary
+    """An append-only sequence of bytes: in memory (a block's, picklable), in a named file of its own
+    (a block's written by a worker: `spilled`, picklable as the file's name) or in an unnamed temporary
     file (the batch's, which stays in its process)."""
 
     def __init__(self, blob: bytes = b"") -> None:
         self._blob: bytes | None = blob
+        self._path: str | None = None
         self._file: io.BufferedRandom | None = None
         self._directory: str | None = None
         self._size = len(blob)
@@ -115,28 +151,61 @@ class TextStore:
             raise _no_room(directory, exc) from None
         return store
 
+    @classmethod
+    def _in_file(cls, path: str, size: int) -> TextStore:
+        store = cls()
+        store._blob = None
+        store._path = path
+        store._size = size
+        return store
+
+    def spilled(self, directory: str) -> TextStore:
+        """This store's bytes (in memory) written to a new file of `directory`, as a store that pickles
+        as the file's name; `append` moves them into a store on disk and removes the file."""
+        if self._blob is None:
+            raise TypeError("a store in memory is spilled")
+        path: str | None = None
+        try:
+            handle, path = tempfile.mkstemp(prefix="tuneline-block-", dir=directory)
+            with os.fdopen(handle, "wb") as file:
+                file.write(self._blob)
+        except OSError as exc:
+            if path is not None:
+                os.unlink(path)
+            raise _no_room(directory, exc) from None
+        return TextStore._in_file(path, self._size)
+
     def __len__(self) -> int:
         return self._size
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if self._path is not None:
+            return (TextStore._in_file, (self._path, self._size))
         if self._blob is None:
             raise TypeError("a TextStore on disk stays in the process that made it")
         return (TextStore, (self._blob,))
 
     def append(self, other: TextStore) -> int:
-        """`other`'s bytes (a store in memory) added at the end of this one (on disk); returns the
-        offset they start at."""
-        if self._file is None or other._blob is None:
-            raise TypeError("a store in memory is appended to a store on disk")
+        """`other`'s bytes (a store in memory, or spilled: its file is removed) added at the end of this
+        one (on disk); returns the offset they start at."""
+        if self._file is None or (other._blob is None and other._path is None):
+            raise TypeError("a store in memory or spilled is appended to a store on disk")
         start = self._size
         try:
-            self._file.seek(start)
-            self._file.write(other._blob)
-            self._file.flush()
+            if other._path is not None:
+                with open(other._path, "rb") as source:
+                    copy_bytes(source.fileno(), self._file.fileno(), len(other), 0, start)
+                os.unlink(other._path)
+                other._path = None
+            else:
+                assert other._blob is not None
+                self._file.seek(start)
+                self._file.write(other._blob)
+                self._file.flush()
         except OSError as exc:
             self._file.truncate(start)  # a part written before the disk filled is not kept
             raise _no_room(self._directory, exc) from None
-        self._size += len(other._blob)
+        self._size += len(other)
         return start
 
     def read(self, starts: np.ndarray, sizes: np.ndarray) -> list[bytes]:
@@ -149,7 +218,8 @@ class TextStore:
             for index, (start, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
                 out[index] = bytes(view[start : start + size])
             return out
-        assert self._file is not None
+        if self._file is None:
+            raise TypeError("a spilled store is read once it is appended to a store on disk")
         descriptor = self._file.fileno()
         if len(starts) <= _FEW:  # a record's parts: each read alone costs less than sorting them
             pairs = zip(starts.tolist(), sizes.tolist(), strict=True)
@@ -229,7 +299,7 @@ def pack(frame: pd.DataFrame) -> tuple[pd.DataFrame, TextStore]:
 
 
 def moved(frame: pd.DataFrame, texts: TextStore, into: TextStore) -> pd.DataFrame:
-    """`texts` (a block's, in memory) appended to `into`, and `frame` (the block's) pointing there."""
+    """`texts` (a block's, in memory or spilled) appended to `into`, and `frame` (the block's) pointing there."""
     base = into.append(texts)
     at = frame[records.TEXT_AT].to_numpy(dtype=np.int64)
     out = frame.copy(deep=False)
@@ -339,8 +409,13 @@ class StoredTexts(Sequence[str]):
         return cls(TextStore(b"".join(encoded)), starts, sizes)
 
     def moved(self, into: TextStore) -> StoredTexts:
-        """These texts (in a store in memory) appended to `into` (on disk), and read from there."""
+        """These texts (in a store in memory, or spilled) appended to `into` (on disk), and read from
+        there."""
         return StoredTexts(into, self.starts + into.append(self.store), self.sizes)
+
+    def spilled(self, directory: str) -> StoredTexts:
+        """These texts (in a store in memory) in a file of `directory` (TextStore.spilled)."""
+        return StoredTexts(self.store.spilled(directory), self.starts, self.sizes)
 
     @classmethod
     def concat(cls, parts: Sequence[StoredTexts]) -> StoredTexts:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from datetime import date
@@ -103,16 +104,21 @@ def assert_same(screened: blocks.Screened, frame: pd.DataFrame, documents: Any) 
 
 
 def test_blocks_in_worker_processes_give_the_result_of_one_pass(
-    project: Any, caplog: pytest.LogCaptureFixture
+    project: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = ingest.select_files(project.data.sources, date(2026, 11, 5), 7).files
     frame, documents = one_pass(project, files)
     config = on_pool(project, workers=2, block_bytes=20_000)
     assert len(blocks.plan(files, config.execution)) > len(files)  # each file cut into parts
 
+    # The workers' texts come back through files of a temporary directory, gone when the screen is done.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     with caplog.at_level(logging.INFO, logger="tuneline.engines.local"):
         screened = local.screen(files, config, eval_examples(config))
     assert "on 2 process(es)" in caplog.text
+    assert [path.name for path in temporary.iterdir() if path.name.startswith("tuneline-")] == []
     assert_same(screened, frame, documents)
     # The blocks' sources, partitions and kinds joined as one categorical each, not strings a row.
     for column in (records.SOURCE, records.PARTITION, records.KIND):

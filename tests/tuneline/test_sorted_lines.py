@@ -105,11 +105,13 @@ def test_a_sorted_file_is_copied_into_a_file_whole(
         real = os.copy_file_range
         calls = []
 
-        def refuses_after_one_part(source: int, target: int, count: int, offset_src: int) -> int:
+        def refuses_after_one_part(
+            source: int, target: int, count: int, offset_src: int, offset_dst: int
+        ) -> int:
             calls.append(offset_src)
             if len(calls) > 1:
                 raise OSError(errno.EXDEV, "Invalid cross-device link")
-            return real(source, target, min(count, 1000), offset_src)
+            return real(source, target, min(count, 1000), offset_src, offset_dst)
 
         monkeypatch.setattr(os, "copy_file_range", refuses_after_one_part)
     target = tmp_path / "train.jsonl"

@@ -3,9 +3,11 @@ from the file, in any order asked, across read windows; what cannot be stored st
 
 from __future__ import annotations
 
+import errno
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -87,31 +89,79 @@ def test_reads_span_windows_and_texts_longer_than_one() -> None:
     assert text_store.raw_texts(stored, np.arange(len(raws)), batch) == raws
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_a_spilled_block_travels_as_its_file_name_and_joins_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    """A worker's block store written to a file of its own (TextStore.spilled) pickles as the file's
+    name, and its bytes join the batch's store (by copy_file_range, or read and written where the
+    kernel cannot copy between the files), after which the file is gone."""
+    if not kernel_copy:
+
+        def refused(*args: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(text_store.os, "copy_file_range", refused)
+    monkeypatch.setattr(text_store, "_READ_WINDOW", 2**16)
+    raws: list[object] = [f"raw {i} " + "é" * (i % 7) + "w" * (i % 500) for i in range(8_000)]
+    raws[3] = "a \ud800 lone surrogate"
+    packed, block = text_store.pack(frame_of(raws, [f'{{"i":{i}}}\n'.encode() for i in range(len(raws))]))
+    assert len(block) > 2 * text_store._READ_WINDOW  # more than one read-and-write where copied by hand
+    normalised = text_store.StoredTexts.packed([f"norm {i}" for i in range(100)])
+    spilled, spilled_normalised = block.spilled(str(tmp_path)), normalised.spilled(str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 2 and len(spilled) == len(block)
+    with pytest.raises(TypeError, match="once it is appended"):
+        spilled.read(np.array([0]), np.array([1]))
+    sent = pickle.dumps(spilled)
+    assert len(sent) < 300  # the name of the file, not its 2 MB
+    batch = TextStore.on_disk()
+    batch.append(TextStore(b"another block's texts, stored first"))
+    stored = text_store.moved(packed, pickle.loads(sent), batch)
+    moved_normalised = pickle.loads(pickle.dumps(spilled_normalised)).moved(batch)
+    assert list(tmp_path.iterdir()) == []
+    everything = np.arange(len(raws))
+    assert text_store.raw_texts(stored, everything, batch) == raws
+    assert text_store.examples(stored, everything[::-1], batch)[-1] == b'{"i":0}\n'
+    assert list(moved_normalised) == [f"norm {i}" for i in range(100)]
+    assert len(batch) == len("another block's texts, stored first") + len(block) + len(normalised.store)
+    with pytest.raises(TypeError, match="in memory is spilled"):
+        batch.spilled(str(tmp_path))
+    batch.close()
+
+
 FILLS_UP = """
-import resource, signal
+import resource, signal, sys
 from tuneline.text_store import NoRoomForTexts, TextStore
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
 store = TextStore.on_disk()
 first = store.append(TextStore(b"x" * 1000))
+spilled = TextStore(b"z" * 10_000).spilled(sys.argv[1])  # a worker's block, written before the disk filled
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 try:
     store.append(TextStore(b"y" * 10_000))
 except NoRoomForTexts as exc:
     print("refused:", exc)
+try:
+    store.append(spilled)
+except NoRoomForTexts as exc:
+    print("refused spilled:", exc)
 print("kept:", len(store), store.read([first], [1000]) == [b"x" * 1000])
 """
 
 
-def test_no_room_for_the_texts_is_one_clear_error_and_keeps_what_was_stored() -> None:
+def test_no_room_for_the_texts_is_one_clear_error_and_keeps_what_was_stored(tmp_path: Path) -> None:
     with pytest.raises(NoRoomForTexts, match=r"/nonexistent/tuneline .*point TMPDIR at a disk with room"):
         TextStore.on_disk("/nonexistent/tuneline")
     # A disk that fills up while the blocks come back: a file size limit stands in for it.
-    done = subprocess.run([sys.executable, "-c", FILLS_UP], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", FILLS_UP, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert (
         "refused: could not write the batch's raw texts, training lines and normalised texts" in done.stdout
     )
-    assert "(File too large)" in done.stdout
+    assert "refused spilled: could not write the batch's raw texts" in done.stdout
+    assert done.stdout.count("(File too large)") == 2
     assert "kept: 1000 True" in done.stdout
 
 

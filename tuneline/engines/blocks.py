@@ -14,9 +14,10 @@ themselves go back packed (Documents.packed) and wait in the batch's store with 
 back only for the records the duplicate searches compare. No later rule changes
 an example, so the block's frame carries each example as the training line export writes for it
 (tasks/export.py's `with_training_lines`), and packs those lines and the raw texts into one byte
-string (tuneline/text_store.py: one object to pickle back to the flow, which moves it to the batch's
-TextStore on disk as the block comes back, `BatchOnDisk`, and the block's signatures to the batch's
-SignatureStore: tuneline/signature_store.py).
+string (tuneline/text_store.py: one object to pickle back to the flow, or a file of its own written by
+the task, `Screened.spilled`), which the flow moves to the batch's TextStore on disk as the block comes
+back (`BatchOnDisk`), and the block's signatures to the batch's SignatureStore
+(tuneline/signature_store.py).
 
 Every one of those is a function of one record alone (and the eval set), a part of a file numbers its
 lines from the line it starts at, and record ids are made from the record's file, partition, line
@@ -55,6 +56,12 @@ class Screened:
     frame: pd.DataFrame
     documents: Documents
     texts: TextStore
+
+    def spilled(self, directory: str) -> Screened:
+        """This block's result with its stores' bytes in files of `directory` (TextStore.spilled): what
+        a worker of the local engine sends back, so that its texts reach the batch's store on disk
+        without passing through the pipe to the flow's process."""
+        return Screened(self.frame, self.documents.spilled(directory), self.texts.spilled(directory))
 
 
 @dataclass(frozen=True)
