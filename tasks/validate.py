@@ -28,7 +28,7 @@ from tuneline.config import ModelConfig, ValidationConfig
 
 COMPLETION_MODELS = ("babbage-002", "davinci-002")
 
-# Examples per tiktoken batch: bounds the memory of the token lists tiktoken returns.
+# Examples counted at once, which share one memory of the texts counted (`known`): bounds its size.
 TOKEN_BATCH = 20_000
 
 
@@ -52,8 +52,9 @@ def exported_kind(model: str, method: str = "supervised") -> formats.ExampleKind
     return "completion" if is_completion_model(model) else "chat"
 
 
-def encoding_for(model: ModelConfig) -> tiktoken.Encoding:
-    return tokens.get_encoding(tokens.encoding_name_for_model(model.base, model.tokenizer))
+def vocabulary_for(model: ModelConfig) -> tokens.Vocabulary:
+    """The model's vocabulary: counts without loading tiktoken's encoding (tuneline/tokens.py)."""
+    return tokens.Vocabulary(tokens.encoding_name_for_model(model.base, model.tokenizer))
 
 
 def context_limit(model: ModelConfig, validation: ValidationConfig) -> int:
@@ -89,7 +90,7 @@ def validate(
     for key, (rows, details) in issues.items():
         records.quarantine_at(frame, rows, key, details)
 
-    encoding = encoding_for(model)
+    vocabulary = vocabulary_for(model)
     limit = context_limit(model, validation)
     counted = np.flatnonzero(records.kept_mask(frame).to_numpy())
     n_tokens = np.zeros(n, dtype=np.int64)
@@ -98,8 +99,8 @@ def validate(
         chunk = counted[start : start + TOKEN_BATCH]
         batch = [examples[i] for i in chunk]
         known: dict[str, int] = {}  # texts of this batch already counted: the assistant turns among them
-        n_tokens[chunk] = tokens.count_tokens(batch, encoding, known)
-        n_assistant[chunk] = tokens.count_assistant_tokens(batch, encoding, known)
+        n_tokens[chunk] = tokens.count_tokens(batch, vocabulary, known)
+        n_assistant[chunk] = tokens.count_assistant_tokens(batch, vocabulary, known)
 
     truncated = np.zeros(n, dtype=bool)
     truncation = np.full(n, None, dtype=object)
@@ -110,7 +111,7 @@ def validate(
         shortened, how = (
             (None, "")
             if validation.too_long == "quarantine"
-            else _truncate(examples[position], limit, encoding)
+            else _truncate(examples[position], limit, vocabulary)
         )
         if shortened is None:
             too_long.append(position)
@@ -125,8 +126,8 @@ def validate(
             )
             continue
         examples[position] = shortened
-        n_tokens[position] = tokens.count_tokens([shortened], encoding)[0]
-        n_assistant[position] = tokens.count_assistant_tokens([shortened], encoding)[0]
+        n_tokens[position] = tokens.count_tokens([shortened], vocabulary)[0]
+        n_assistant[position] = tokens.count_assistant_tokens([shortened], vocabulary)[0]
         truncated[position] = True
         truncation[position] = f"{how} ({before} -> {n_tokens[position]} tokens, limit {limit})"
     frame[records.EXAMPLE] = pd.Series(examples, index=frame.index, dtype=object)
@@ -141,12 +142,12 @@ def validate(
 
 
 def _truncate(
-    example: dict[str, Any], limit: int, encoding: tiktoken.Encoding
+    example: dict[str, Any], limit: int, vocabulary: tokens.Vocabulary
 ) -> tuple[dict[str, Any] | None, str]:
     """The example cut to `limit` tokens and how, or None and why it cannot be cut."""
 
     def fits(candidate: dict[str, Any]) -> bool:
-        return tokens.count_tokens([candidate], encoding)[0] <= limit
+        return tokens.count_tokens([candidate], vocabulary)[0] <= limit
 
     if "messages" in example:
         messages = example["messages"]
@@ -169,7 +170,7 @@ def _truncate(
         def build(text: str) -> dict[str, Any]:
             return {**example, "messages": [*messages[:first], {**turn, "content": text}]}
 
-        shortened = _shorten(turn["content"], build, fits, encoding)
+        shortened = _shorten(turn["content"], build, fits, vocabulary.encoding)
         if shortened is None:
             return None, "the turns before the first assistant answer alone fill the context"
         return shortened, f"dropped {dropped} trailing message(s) and shortened the assistant turn {first}"
@@ -178,7 +179,7 @@ def _truncate(
         def build_completion(text: str) -> dict[str, Any]:
             return {**example, "completion": text}
 
-        shortened = _shorten(example["completion"], build_completion, fits, encoding)
+        shortened = _shorten(example["completion"], build_completion, fits, vocabulary.encoding)
         if shortened is None:
             return None, "the prompt alone fills the context"
         return shortened, "shortened the completion"

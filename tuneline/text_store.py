@@ -12,13 +12,13 @@ pickle back to the flow instead of two per record), and the flow appends each bl
 on disk (`TextStore.on_disk`, an unnamed temporary file: gone when the store is, even if the process
 dies) as the block comes back. A worker process of the local engine writes its block's bytes to a file
 of its own instead (`TextStore.spilled`, which pickles as the file's name), and the flow moves them
-into its store with an in-kernel copy (copy_file_range) and removes the file: the bytes (about
-1.5 GB a million records) never pass through a pipe, and the flow's process, which shares the cores
-with the workers, neither receives nor writes them (tuneline/engines/local.py has the figures). The
-frame keeps where they are (records.TEXT_AT, RAW_SIZE,
-EXAMPLE_SIZE; the `raw` and `example` cells of a stored row are null), and `raw_texts` and `examples`
-read them back, a few MB at a time in file order. A text that cannot be stored as bytes stays in its
-cell (an example JSON cannot represent, a null); readers see no difference.
+into its store with an in-kernel copy (copy_file_range) and removes the file: the bytes (about 1.5 GB
+a million records) never pass through a pipe, and the flow's process, which shares the cores with the
+workers, neither receives nor writes them (tuneline/engines/local.py has the figures). The frame keeps
+where they are (records.TEXT_AT, RAW_SIZE, EXAMPLE_SIZE; the `raw` and `example` cells of a stored row
+are null), and `raw_texts` and `examples` read them back, a few MB at a time in file order. A text
+that cannot be stored as bytes stays in its cell (an example JSON cannot represent, a null); readers
+see no difference.
 
 The normalised texts (the parts of tuneline/near_duplicates.py's Documents: a block's distinct turn
 texts, normalised) were the largest thing left after that (about 0.3 kB a synthetic chat as Python
@@ -299,7 +299,8 @@ def pack(frame: pd.DataFrame) -> tuple[pd.DataFrame, TextStore]:
 
 
 def moved(frame: pd.DataFrame, texts: TextStore, into: TextStore) -> pd.DataFrame:
-    """`texts` (a block's, in memory or spilled) appended to `into`, and `frame` (the block's) pointing there."""
+    """`texts` (a block's, in memory or spilled) appended to `into`, and `frame` (the block's)
+    pointing there."""
     base = into.append(texts)
     at = frame[records.TEXT_AT].to_numpy(dtype=np.int64)
     out = frame.copy(deep=False)

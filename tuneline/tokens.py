@@ -9,9 +9,12 @@ Counts come from the same package's Rust tokenizer (GitHub's `bpe` crate: `count
 of tiktoken's `encode_ordinary` without building the token list), which counts a chat turn in about
 60% of tiktoken's time (5.9 against 9.7 us a distinct text of the synthetic chats; 17 times less for
 100,000 letters without a space, a piece tiktoken's merge loop is slow on). tiktoken stays the
-reference: a counter is used only after it agrees with tiktoken on a probe of scripts, digits,
-contractions, whitespace runs and emoji (`_fast_counter`), and tiktoken counts the texts the Rust side
-refuses (those with unpaired surrogates, which tiktoken replaces).
+reference: a counter is used only after it gives tiktoken's counts on a probe of scripts, digits,
+contractions, whitespace runs and emoji (`_fast_counter`; the counts are pinned here, and a test
+checks them against tiktoken), and tiktoken counts the texts the Rust side refuses (those with
+unpaired surrogates, which tiktoken replaces). So a process that only counts (a block's task) never
+loads tiktoken's encoding, which takes 0.8 s and 71 MB a process (the Rust one: 0.05 s and 63 MB):
+`Vocabulary` names a vocabulary and loads tiktoken's encoding the first time it is asked for.
 """
 
 from __future__ import annotations
@@ -128,7 +131,9 @@ def _example_pieces(example: Mapping[str, Any]) -> tuple[list[str], int]:
 
 
 def count_tokens(
-    examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding, known: dict[str, int] | None = None
+    examples: Sequence[Mapping[str, Any]],
+    encoding: tiktoken.Encoding | Vocabulary,
+    known: dict[str, int] | None = None,
 ) -> list[int]:
     """Exact token count of each example. `known`: token counts of texts already counted (see
     token_lengths), shared with count_assistant_tokens."""
@@ -151,7 +156,7 @@ def _sums(lengths: Sequence[int], counts: Sequence[int], start: Sequence[int]) -
 
 
 def token_lengths(
-    texts: Sequence[str], encoding: tiktoken.Encoding, known: dict[str, int] | None = None
+    texts: Sequence[str], encoding: tiktoken.Encoding | Vocabulary, known: dict[str, int] | None = None
 ) -> list[int]:
     """The token count of each text. Each distinct text is counted once (roles, system prompts and
     templated replies recur in most examples). `known` (text -> count) is read, and extended with the
@@ -164,50 +169,73 @@ def token_lengths(
     return [known[text] for text in texts]
 
 
-def text_counter(encoding: tiktoken.Encoding) -> Callable[[str], int]:
-    """len(encoding.encode_ordinary(text)), by the Rust counter where it agrees with tiktoken."""
-    fast = _fast_counter(encoding.name)
-    encode = encoding.encode_ordinary
+@dataclass(frozen=True)
+class Vocabulary:
+    """A vocabulary by name (see VOCABULARIES): what count_tokens needs, with tiktoken's encoding
+    loaded only when something asks for it (encoding and decoding: validate's truncation)."""
+
+    name: str
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        return get_encoding(self.name)
+
+
+def text_counter(vocabulary: tiktoken.Encoding | Vocabulary) -> Callable[[str], int]:
+    """len(encode_ordinary(text)) in `vocabulary`, by the Rust counter where it agrees with
+    tiktoken."""
+    fast = _fast_counter(vocabulary.name)
+
+    def by_tiktoken(text: str) -> int:
+        encoding = vocabulary if isinstance(vocabulary, tiktoken.Encoding) else vocabulary.encoding
+        return len(encoding.encode_ordinary(text))
+
     if fast is None:
-        return lambda text: len(encode(text))
+        return by_tiktoken
 
     def count(text: str) -> int:
         try:
             return fast(text)
         except UnicodeEncodeError:  # unpaired surrogates: tiktoken replaces them, as it encodes
-            return len(encode(text))
+            return by_tiktoken(text)
 
     return count
 
 
-# Texts on which a counter must agree with tiktoken before it counts in its place: ASCII prose,
-# contractions, digits, whitespace runs, CJK, Arabic, Cyrillic, combining marks, emoji sequences.
+# Texts on which a counter must give tiktoken's counts before it counts in its place (ASCII prose,
+# contractions, digits, whitespace runs, CJK, Arabic, Cyrillic, combining marks, emoji sequences), and
+# those counts in each vocabulary (tests/tuneline/test_tokens.py checks them against tiktoken).
 _PROBE = (
     "Hello Acme, I get error 403 every time I try to log in. I'm on version 4.1.2!",
     "  we'll  see\n\n\tthey've   DONE it's 1234567890 $3.14 http://x.y/z?q=1&r=2  ",
     "你好，世界。こんにちは 한국어 Привет мир مرحبا שלום e\u0301te\u0301 ﬁ Ⅻ",
     "👨‍👩‍👧 👍🏽 🇩🇪 <|endoftext|> \x00\x7f\u200b\ufeff" + "x" * 300,
 )
+PROBE_COUNTS = {"o200k_base": (27, 32, 21, 65), "cl100k_base": (28, 34, 35, 73)}
 
 
 @cache
 def _fast_counter(name: str) -> Callable[[str], int] | None:
     """The Rust tokenizer's count for the vocabulary `name`, or None where it is not installed or
-    disagrees with tiktoken on _PROBE."""
+    does not give PROBE_COUNTS[name]."""
+    if name not in PROBE_COUNTS:
+        return None
     try:
         count: Callable[[str], int] = bpe_bindings.tokenizer_for_encoding(name).count
     except (ValueError, RuntimeError, KeyError):
         return None
-    return count if counter_agrees(count, get_encoding(name)) else None
+    return count if counter_agrees(count, PROBE_COUNTS[name]) else None
 
 
-def counter_agrees(count: Callable[[str], int], encoding: tiktoken.Encoding) -> bool:
-    """Whether `count` gives tiktoken's length on every probe text."""
-    return all(count(text) == len(encoding.encode_ordinary(text)) for text in _PROBE)
+def counter_agrees(count: Callable[[str], int], expected: Sequence[int]) -> bool:
+    """Whether `count` gives the `expected` count of every probe text."""
+    return tuple(count(text) for text in _PROBE) == tuple(expected)
 
 
 def count_assistant_tokens(
-    examples: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding, known: dict[str, int] | None = None
+    examples: Sequence[Mapping[str, Any]],
+    encoding: tiktoken.Encoding | Vocabulary,
+    known: dict[str, int] | None = None,
 ) -> list[int]:
     """Tokens the model is trained on: assistant turns whose weight is not 0 (chat), the completion
     (legacy prompt/completion), both outputs (preference). `known`: as for count_tokens."""

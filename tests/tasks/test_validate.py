@@ -66,10 +66,10 @@ def test_format_rules_become_quarantine_reasons_with_details() -> None:
 def test_token_columns_are_exact_and_null_where_not_countable() -> None:
     examples = [chat("where is my parcel"), chat("refund", "Billing: refunded.")]
     checked = validate.validate(frame_of(*examples, "{bad"), CHAT_MODEL, RULES)
-    encoding = validate.encoding_for(CHAT_MODEL)
-    assert checked[records.N_TOKENS].tolist()[:2] == tokens.count_tokens(examples, encoding)
+    vocabulary = validate.vocabulary_for(CHAT_MODEL)
+    assert checked[records.N_TOKENS].tolist()[:2] == tokens.count_tokens(examples, vocabulary)
     assert checked[records.N_ASSISTANT_TOKENS].tolist()[:2] == tokens.count_assistant_tokens(
-        examples, encoding
+        examples, vocabulary
     )
     assert checked[records.N_TOKENS].isna().tolist() == [False, False, True]
     assert str(checked[records.N_TOKENS].dtype) == "Int64"
@@ -126,10 +126,10 @@ def test_truncate_drops_trailing_turns_then_shortens_the_answer() -> None:
     answer = second["messages"][1]["content"]
     assert long_text(80).startswith(answer) and 0 < len(answer) < len(long_text(80))
     assert "shortened" in checked[records.TRUNCATION].iloc[1]
-    encoding = validate.encoding_for(CHAT_MODEL)
+    vocabulary = validate.vocabulary_for(CHAT_MODEL)
     for example, counted in zip([first, second], checked[records.N_TOKENS].iloc[:2], strict=True):
         assert formats.check_example(example) is None
-        assert tokens.count_tokens([example], encoding)[0] == counted <= 64
+        assert tokens.count_tokens([example], vocabulary)[0] == counted <= 64
     assert "cannot be truncated" in checked[records.DETAIL].iloc[2]
 
 

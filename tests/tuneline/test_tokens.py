@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,12 +160,39 @@ def test_counts_are_tiktokens_on_any_text(name: str) -> None:
     assert tokens.token_lengths(texts, encoding) == [len(encoding.encode_ordinary(t)) for t in texts]
 
 
-def test_a_counter_that_disagrees_with_tiktoken_is_not_used() -> None:
-    encoding = tokens.get_encoding("o200k_base")
-    fast = tokens._fast_counter("o200k_base")
-    assert fast is not None and tokens.counter_agrees(fast, encoding)
-    assert not tokens.counter_agrees(lambda text: len(text.split()), encoding)
-    assert not tokens.counter_agrees(lambda text: len(encoding.encode_ordinary(text[:-1])), encoding)
+@pytest.mark.parametrize("name", sorted(tokens.VOCABULARIES))
+def test_a_counter_is_used_only_where_it_gives_tiktokens_probe_counts(name: str) -> None:
+    encoding = tokens.get_encoding(name)
+    expected = tokens.PROBE_COUNTS[name]
+    assert tuple(len(encoding.encode_ordinary(text)) for text in tokens._PROBE) == expected
+    fast = tokens._fast_counter(name)
+    assert fast is not None and tokens.counter_agrees(fast, expected)
+    assert not tokens.counter_agrees(lambda text: len(text.split()), expected)
+    assert not tokens.counter_agrees(lambda text: len(encoding.encode_ordinary(text[:-1])), expected)
+    assert tokens._fast_counter("p50k_base") is None  # no probe counts: tiktoken counts
+
+
+COUNTS_WITHOUT_TIKTOKEN = """
+import tiktoken.registry
+from tuneline import tokens
+vocabulary = tokens.Vocabulary("o200k_base")
+example = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+print(tokens.count_tokens([example], vocabulary), sorted(tiktoken.registry.ENCODINGS))
+lone = {"messages": [{"role": "assistant", "content": "a \\ud800 lone surrogate"}]}
+print(tokens.count_tokens([lone], vocabulary), sorted(tiktoken.registry.ENCODINGS))
+"""
+
+
+def test_counting_by_vocabulary_loads_tiktoken_only_for_what_only_it_counts() -> None:
+    """A block's task counts through a Vocabulary: tiktoken's encoding (0.8 s, 71 MB) is loaded only
+    for a text the Rust counter refuses."""
+    done = subprocess.run([sys.executable, "-c", COUNTS_WITHOUT_TIKTOKEN], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lone = "a \ud800 lone surrogate"
+    assert done.stdout.splitlines() == [
+        f"[{3 + 2 * 3 + n('user') + n('hi') + n('assistant') + n('hello')}] []",
+        f"[{3 + 3 + n('assistant') + n(lone)}] ['o200k_base']",
+    ]
 
 
 @pytest.mark.parametrize(

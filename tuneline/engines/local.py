@@ -95,7 +95,7 @@ def screen(
                 ]
                 try:
                     for index, future in enumerate(futures):
-                        # Let go of the future: it would keep the block's texts in memory to the end.
+                        # Let go of the future: it would keep the block's result in memory to the end.
                         futures[index] = None
                         assert future is not None
                         results[index] = stores.stored(future.result())
