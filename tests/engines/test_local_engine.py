@@ -162,7 +162,8 @@ def kill_a_pool_worker(stop: threading.Event, killed: list[int]) -> None:
             try:
                 parent = process.parent()
                 server = parent is not None and "forkserver" in " ".join(parent.cmdline())
-                busy = server and process.cpu_times().user > 0.3
+                # 0.1 s of CPU: into its first block (a block of these takes a worker 0.1 to 0.2 s).
+                busy = server and process.cpu_times().user > 0.1
             except psutil.Error:
                 continue
             if busy:
