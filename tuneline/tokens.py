@@ -32,7 +32,11 @@ from typing import Any
 
 import numpy as np
 import tiktoken
-from bpe_openai import _bindings as bpe_bindings
+
+try:  # the package's Rust bindings (typed by the stub it ships): its tiktoken-like API has no count
+    from bpe_openai import _bindings as bpe_bindings
+except ImportError:  # bindings missing or moved: tiktoken counts
+    bpe_bindings = None  # type: ignore[assignment]
 
 from tuneline.paths import project_root
 
@@ -218,11 +222,11 @@ PROBE_COUNTS = {"o200k_base": (27, 32, 21, 65), "cl100k_base": (28, 34, 35, 73)}
 def _fast_counter(name: str) -> Callable[[str], int] | None:
     """The Rust tokenizer's count for the vocabulary `name`, or None where it is not installed or
     does not give PROBE_COUNTS[name]."""
-    if name not in PROBE_COUNTS:
+    if name not in PROBE_COUNTS or bpe_bindings is None:
         return None
     try:
         count: Callable[[str], int] = bpe_bindings.tokenizer_for_encoding(name).count
-    except (ValueError, RuntimeError, KeyError):
+    except (ValueError, RuntimeError, KeyError, AttributeError):
         return None
     return count if counter_agrees(count, PROBE_COUNTS[name]) else None
 
