@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 
-try:  # the package's Rust bindings (typed by the stub it ships): its tiktoken-like API has no count
+try:  # the package's Rust bindings (with the .pyi types it ships): its tiktoken-like API has no count
     from bpe_openai import _bindings as bpe_bindings
 except ImportError:  # bindings missing or moved: tiktoken counts
     bpe_bindings = None  # type: ignore[assignment]
