@@ -26,10 +26,15 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
+import threading
 from array import array
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import records, text_store, tokens
+from tuneline import engines, fork_server, records, text_store, tokens
 from tuneline.config import Config, ExportConfig
 from tuneline.normalize import Normalizer, normalized_prompt_and_answer
 from tuneline.secrets import find_secrets_and_pii, mask_credentials, redact_text
@@ -52,6 +57,8 @@ VALIDATION_FILE = "validation.jsonl"
 QUARANTINE_FILE = "quarantine.jsonl"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.html"
+
+log = logging.getLogger(__name__)
 
 QUARANTINE_FIELDS = (
     records.RECORD_ID,
@@ -157,6 +164,9 @@ class FileDigest:
 
 # Kept examples read back from the text store and split at once (each side's lines go to disk after).
 _EXPORT_CHUNK = 1 << 16
+# Quarantined records from which build_dataset's `quarantine_beside` makes their lines in a second
+# process (_QuarantineBeside): below, starting the process would cost more than it saves.
+QUARANTINE_BESIDE_RECORDS = 8192
 
 
 @dataclass
@@ -208,12 +218,15 @@ def build_dataset(
     config: Config,
     general: GeneralExamples | None = None,
     texts: TextStore | None = None,
+    quarantine_beside: bool = False,
 ) -> Dataset:
     """Split, mix, serialise and hash; estimate tokens and cost. Nothing is written to the outputs: the
     lines of each side are sorted into a temporary file (tuneline/sorted_lines.py), a chunk of
     examples read at a time, so the batch's lines are never all in memory. An example that is already
     its training line (with_training_lines) is written as it is; `texts`: the store the engines'
-    screen moved the frame's texts to (tuneline/text_store.py)."""
+    screen moved the frame's texts to (tuneline/text_store.py). With `quarantine_beside`, the lines of
+    a large quarantine (QUARANTINE_BESIDE_RECORDS) of such a frame are made in a second process
+    meanwhile (_QuarantineBeside), the same bytes."""
     kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
     token_counts = _int_column(frame, records.N_TOKENS)
     assistant_counts = _int_column(frame, records.N_ASSISTANT_TOKENS)
@@ -225,6 +238,22 @@ def build_dataset(
 
     expected = _expected_bytes(frame, kept_positions)
     train, validation = SortedLines(expected), SortedLines(expected)
+    beside: _QuarantineBeside | None = None
+    if (
+        quarantine_beside
+        and text_store.is_packed(frame)
+        and len(frame) - len(kept_positions) >= QUARANTINE_BESIDE_RECORDS
+    ):
+        # The quarantine is made while the lines below are, so which records it holds is settled
+        # first: those whose example JSON cannot represent are kept ones not stored as lines (rare).
+        loose = kept_positions[frame[records.EXAMPLE_SIZE].to_numpy()[kept_positions] < 0]
+        examples = text_store.examples(frame, loose, texts)
+        bad = [p for p, e in zip(loose.tolist(), examples, strict=True) if _training_line(e) is None]
+        if bad:
+            frame = _quarantined_unserialisable(frame, bad)
+            kept_positions = np.flatnonzero(records.kept_mask(frame).to_numpy())
+        del loose, examples
+        beside = _QuarantineBeside(frame, config.dedupe.pii != "allow", texts)
     unserialisable: list[int] = []
     # Machine integers, not lists of Python ints (36 bytes each: 0.7 GB at ten million examples).
     task_tokens = array("q")
@@ -281,10 +310,9 @@ def build_dataset(
         validation.add(validation_keys, validation_lines)
     del train_keys, train_lines, validation_keys, validation_lines  # the last chunk's, on disk now
     if unserialisable:
-        frame = frame.copy()  # the caller's frame is left as it is
-        mask = np.zeros(len(frame), dtype=bool)
-        mask[unserialisable] = True
-        records.quarantine(frame, mask, records.DATA_TYPE, "the example holds a value JSON cannot represent")
+        # Only examples not stored as lines can be: with a quarantine made beside, settled above.
+        assert beside is None, "an example JSON cannot represent was found after the quarantine began"
+        frame = _quarantined_unserialisable(frame, unserialisable)
 
     mixed = _general_mix(train.count, task_lines, general, config.export)
     train.add([m[0] for m in mixed], [m[1] for m in mixed])
@@ -298,9 +326,13 @@ def build_dataset(
         name: FileDigest(written.lines, written.size, written.sha256)
         for name, written in ((TRAIN_FILE, train_file), (VALIDATION_FILE, validation_file))
     }
-    quarantined = lines_in_order(
-        quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow", texts=texts),
-        what="the quarantine's lines",
+    quarantined = (
+        beside.result()
+        if beside is not None
+        else lines_in_order(
+            quarantine_lines(frame, redact_pii=config.dedupe.pii != "allow", texts=texts),
+            what="the quarantine's lines",
+        )
     )
     files[QUARANTINE_FILE] = FileDigest(quarantined.lines, quarantined.size, quarantined.sha256)
 
@@ -358,6 +390,16 @@ def build_dataset(
     )
 
 
+def _quarantined_unserialisable(frame: pd.DataFrame, positions: Sequence[int]) -> pd.DataFrame:
+    """A copy of `frame` (the caller's is left as it is) with the rows at `positions`, whose examples
+    JSON cannot represent, quarantined."""
+    frame = frame.copy()
+    mask = np.zeros(len(frame), dtype=bool)
+    mask[list(positions)] = True
+    records.quarantine(frame, mask, records.DATA_TYPE, "the example holds a value JSON cannot represent")
+    return frame
+
+
 def _expected_bytes(frame: pd.DataFrame, positions: np.ndarray) -> int:
     """About how many bytes the lines of the rows at `positions` take (what stored examples take;
     1 kB for every other)."""
@@ -409,22 +451,98 @@ def quarantine_lines(
     to be masked take twice the lines' memory on the way (measured: the 51,569 lines, 44 MB, of 1M
     synthetic chats peaked at 153 MB made at once, 61 MB in chunks of 8,192), and the export writes
     each chunk to a temporary file as it comes (ten million records' quarantine held half a GB)."""
+    for columns in _quarantine_columns(frame, texts):
+        yield quarantine_chunk(columns, redact_pii)
+
+
+def _quarantine_columns(frame: pd.DataFrame, texts: TextStore | None) -> Iterator[dict[str, list[Any]]]:
+    """The QUARANTINE_FIELDS of the quarantined records, in frame order, a chunk at a time; their raw
+    texts as they were read (quarantine_chunk masks them)."""
     everything = np.flatnonzero(~records.kept_mask(frame).to_numpy())
     for start in range(0, len(everything), _EXPORT_CHUNK):
         positions = everything[start : start + _EXPORT_CHUNK]
         quarantined = frame.iloc[positions][list(QUARANTINE_FIELDS)]
         columns = {name: quarantined[name].tolist() for name in QUARANTINE_FIELDS}
-        raw = text_store.raw_texts(frame, positions, texts)
-        columns[records.RAW] = masked_texts(raw, redact_pii=redact_pii, as_json=True)
-        columns[records.DETAIL] = masked_texts(columns[records.DETAIL], redact_pii=redact_pii, as_json=False)
-        yield [
-            orjson.dumps(
-                {name: _plain(value) for name, value in zip(QUARANTINE_FIELDS, values, strict=True)},
-                option=orjson.OPT_SORT_KEYS,
+        columns[records.RAW] = text_store.raw_texts(frame, positions, texts)
+        yield columns
+
+
+def quarantine_chunk(columns: dict[str, list[Any]], redact_pii: bool) -> list[bytes]:
+    """The quarantine's lines of a chunk of `_quarantine_columns`, raw texts and details masked: a
+    function of the chunk alone, which the quarantine's process (`_QuarantineBeside`) runs as it is."""
+    columns[records.RAW] = masked_texts(columns[records.RAW], redact_pii=redact_pii, as_json=True)
+    columns[records.DETAIL] = masked_texts(columns[records.DETAIL], redact_pii=redact_pii, as_json=False)
+    return [
+        orjson.dumps(
+            {name: _plain(value) for name, value in zip(QUARANTINE_FIELDS, values, strict=True)},
+            option=orjson.OPT_SORT_KEYS,
+        )
+        + b"\n"
+        for values in zip(*columns.values(), strict=True)
+    ]
+
+
+def _quarantine_chunk_in_process(columns: dict[str, list[Any]], redact_pii: bool) -> tuple[int, list[bytes]]:
+    """quarantine_chunk in the quarantine's process, and which process that was (for the log)."""
+    return os.getpid(), quarantine_chunk(columns, redact_pii)
+
+
+class _QuarantineBeside:
+    """The quarantine's lines made in a process of the fork server (tuneline/fork_server.py) while the
+    flow's thread sorts the training and validation lines: a thread here reads each chunk's fields and
+    raw texts, hands them to the process (at most two chunks on the way) and writes the lines that
+    come back (`lines_in_order`). The masking is Python work, so a thread alone could not run it beside
+    the sorting (measured before: no faster); a second process can. A process that dies, or cannot
+    start, leaves the quarantine to be made in the flow's process again, from the start (`result`)."""
+
+    def __init__(self, frame: pd.DataFrame, redact_pii: bool, texts: TextStore | None) -> None:
+        self._frame, self._redact_pii, self._texts = frame, redact_pii, texts
+        self._made: SortedFile | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tuneline-quarantine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with ProcessPoolExecutor(1, mp_context=fork_server.context()) as pool:
+                made_by: set[int] = set()
+                self._made = lines_in_order(self._lines(pool, made_by), what="the quarantine's lines")
+            log.info(
+                "export: the quarantine's %d lines made in process %s, beside the flow's",
+                self._made.lines,
+                ", ".join(map(str, sorted(made_by))),
             )
-            + b"\n"
-            for values in zip(*columns.values(), strict=True)
-        ]
+        except BaseException as exc:  # handed to the flow's thread by `result`
+            self._error = exc
+
+    def _lines(self, pool: ProcessPoolExecutor, made_by: set[int]) -> Iterator[list[bytes]]:
+        waiting: deque[Future[tuple[int, list[bytes]]]] = deque()
+        for columns in _quarantine_columns(self._frame, self._texts):
+            waiting.append(pool.submit(_quarantine_chunk_in_process, columns, self._redact_pii))
+            del columns
+            while waiting and (len(waiting) > 1 or waiting[0].done()):
+                process, lines = waiting.popleft().result()
+                made_by.add(process)
+                yield lines
+        while waiting:
+            process, lines = waiting.popleft().result()
+            made_by.add(process)
+            yield lines
+
+    def result(self) -> SortedFile:
+        """The quarantine's lines, once made (in this process, if the quarantine's process failed)."""
+        self._thread.join()
+        if isinstance(self._error, BrokenProcessPool | OSError):
+            log.warning("export: the quarantine's process failed (%s); making its lines here", self._error)
+            self._error = None
+            self._made = lines_in_order(
+                quarantine_lines(self._frame, redact_pii=self._redact_pii, texts=self._texts),
+                what="the quarantine's lines",
+            )
+        if self._error is not None:
+            raise self._error
+        assert self._made is not None
+        return self._made
 
 
 def masked_texts(texts: Sequence[Any], *, redact_pii: bool, as_json: bool) -> list[Any]:
@@ -609,7 +727,9 @@ def export(
 ) -> ExportOutcome:
     """Build the dataset, decide whether it may be published (data quality passed, cost within the cap),
     write. `texts`: the store of the frame's texts, where the engines' screen moved them."""
-    dataset = build_dataset(frame, config, general, texts)
+    # A second process for the quarantine's lines where the flow may use more than one core.
+    beside = engines.flow_threads(config.execution) > 1
+    dataset = build_dataset(frame, config, general, texts, quarantine_beside=beside)
     problems = [f"data quality: {failure}" for failure in quality_failures]
     over_cap = cost_problem(dataset)
     if over_cap:

@@ -1,6 +1,7 @@
 """The local engine: a large JSONL file read as line-aligned parts gives the records of one read; the
 blocks run in a pool of worker processes give the frame and normalised Documents of one pass in this
-process, and so the same dedupe; a worker killed mid-block has its blocks read again here."""
+process, and so the same dedupe; so do the blocks screened here while a cold fork server starts; a
+worker killed mid-block has its blocks read again here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,7 +24,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from tuneline import jsonl, records, text_store
+from tuneline import fork_server, jsonl, records, text_store
 from tuneline.config import load_config
 from tuneline.engines import blocks, local
 from tuneline.flows.backfill import PREPARED, backfill
@@ -110,6 +113,8 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
     frame, documents = one_pass(project, files)
     config = on_pool(project, workers=2, block_bytes=20_000)
     assert len(blocks.plan(files, config.execution)) > len(files)  # each file cut into parts
+    # A warm server: every block goes to the pool (a cold one's start has blocks screened here, below).
+    fork_server.start()
 
     # The workers' texts come back through files of a temporary directory, gone when the screen is done.
     temporary = tmp_path / "tmp"
@@ -117,7 +122,7 @@ def test_blocks_in_worker_processes_give_the_result_of_one_pass(
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     with caplog.at_level(logging.INFO, logger="tuneline.engines.local"):
         screened = local.screen(files, config, eval_examples(config))
-    assert "on 2 process(es)" in caplog.text
+    assert "on 2 process(es), 0 of them here" in caplog.text
     assert [path.name for path in temporary.iterdir() if path.name.startswith("tuneline-")] == []
     assert_same(screened, frame, documents)
     # The blocks' sources, partitions and kinds joined as one categorical each, not strings a row.
@@ -181,6 +186,7 @@ def test_a_worker_killed_mid_block_has_its_blocks_read_again_here(
     config = on_pool(load_config(config_path), workers=2, block_bytes=250_000)
     files = ingest.select_files(config.data.sources, date(2026, 11, 4), 7).files
     frame, documents = one_pass(config, files)
+    fork_server.start()  # every block to the pool
 
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=kill_a_pool_worker, args=(stop, killed))
@@ -224,3 +230,60 @@ def test_backfill_dates_prepared_at_once_on_worker_pools_give_the_hashes_of_one_
         hashes[workers] = [d.dataset_hash for d in result.days]
     assert hashes[2] == hashes[1]
     assert len(set(hashes[2])) == 3  # each date's window holds more data than the last
+
+
+# Run in a process of its own, whose fork server is not running yet.
+_COLD_START = """
+import logging, sys
+from datetime import date
+import pandas as pd
+from tuneline import jsonl, text_store
+from tuneline.config import load_config
+from tuneline.engines import local
+from tuneline.tasks import ingest
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    config = load_config(sys.argv[1])
+    examples = [e for e in jsonl.read_set(config.data.eval_set).values if isinstance(e, dict)]
+    files = ingest.select_files(config.data.sources, date(2026, 11, 5), 7).files
+    single = config.model_copy(update={"execution": config.execution.model_copy(update={"workers": 1})})
+    pooled = config.model_copy(
+        update={"execution": config.execution.model_copy(update={"workers": 2, "block_bytes": 20_000})}
+    )
+    one = local.screen(files, single, examples)  # in this process: no fork server yet
+    blocks = local.screen(files, pooled, examples)
+    pd.testing.assert_frame_equal(
+        text_store.unpacked(blocks.frame, blocks.texts), text_store.unpacked(one.frame, one.texts)
+    )
+    mine, theirs = blocks.documents, one.documents
+    assert [mine.table.texts[p] for p in mine.parts] == [theirs.table.texts[p] for p in theirs.parts]
+    print("SAME")
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_blocks_screened_here_while_a_cold_fork_server_starts_give_the_same_result(
+    support_project: Any, tmp_path: Path
+) -> None:
+    config_path = support_project(tmp_path, {f"2026-11-0{d}": 400 for d in range(1, 6)})
+    script = tmp_path / "cold_start.py"
+    script.write_text(_COLD_START)
+    run = subprocess.run(
+        [sys.executable, str(script), str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("SAME")
+    said = [line for line in run.stdout.splitlines() if "here while the fork server started" in line]
+    assert len(said) == 1, run.stdout
+    here = int(said[0].split(", ")[1].split(" of them")[0])
+    total = int(said[0].split(" in ")[1].split(" block")[0])
+    # The server's first start imports the block code (seconds): this process screened blocks meanwhile.
+    assert 1 <= here <= total

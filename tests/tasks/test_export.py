@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuneline import records, sorted_lines
+from tuneline import records, sorted_lines, text_store
 from tuneline.config import Config, load_config
 from tuneline.tasks import dedupe, export, ingest, validate
 
@@ -330,3 +332,35 @@ def test_quarantine_lines_never_hold_a_secret_but_say_where_and_which_detector()
     )
     clean = export.build_dataset(frame, config(export={"general_mix_fraction": 0.0}, dedupe={"pii": "allow"}))
     assert "[email]" not in b"".join(clean.quarantine_lines).decode()  # dedupe.pii: allow keeps PII as is
+
+
+def test_a_large_quarantine_made_in_a_second_process_is_the_same_bytes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = config(export={"general_mix_fraction": 0.0}, dedupe={"pii": "quarantine"})
+    # Every chat twice: as many exact duplicates as the quarantine's second process wants, and more.
+    chats = [chat(i) for i in range(export.QUARANTINE_BESIDE_RECORDS + 100)]
+    frame = dedupe.dedupe(prepared([*with_secrets(), *chats, *chats], cfg), [], cfg.dedupe)
+    examples = frame[records.EXAMPLE].to_numpy(dtype=object, copy=True)
+    assert records.kept_mask(frame).iloc[60]
+    examples[60] = {**examples[60], "n": 2**70}  # kept, but JSON cannot represent it
+    frame[records.EXAMPLE] = pd.Series(examples, index=frame.index, dtype=object)
+    # As the engines' screen leaves it: training lines and raw texts in a store.
+    packed, texts = text_store.pack(export.with_training_lines(frame))
+    assert (~records.kept_mask(packed)).sum() >= export.QUARANTINE_BESIDE_RECORDS
+
+    here = export.build_dataset(packed, cfg, texts=texts)
+    with caplog.at_level(logging.INFO, logger="tuneline.tasks.export"):
+        beside = export.build_dataset(packed, cfg, texts=texts, quarantine_beside=True)
+    made = [r.getMessage() for r in caplog.records if "beside the flow's" in r.getMessage()]
+    assert len(made) == 1 and made[0].startswith(
+        f"export: the quarantine's {beside.counts['quarantined']} lines"
+    )
+    assert int(made[0].split("process ")[1].split(",")[0]) != os.getpid()
+    assert beside.counts == here.counts and beside.counts["quarantined_by_reason"]["data_type"] == 1
+    assert beside.quarantine_lines == here.quarantine_lines
+    assert beside.train_lines == here.train_lines and beside.validation_lines == here.validation_lines
+    assert beside.dataset_hash == here.dataset_hash and beside.files == here.files
+    body = b"".join(beside.quarantine_lines).decode()
+    assert all(secret not in body for secret in (*SECRETS, "ana@example.com"))
+    assert packed[records.REASON].isna().iloc[60]  # the caller's frame is left as it is
