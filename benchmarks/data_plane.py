@@ -74,6 +74,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
@@ -145,7 +146,9 @@ def run_pipeline_on(
     # Ingest, validate and the per-record rules, block by block on every core (tuneline/engines/local.py),
     # then the batch-wide rules, as the prepare flow runs them.
     screened = timed("screen", timings, lambda: engines.screen(files, config, eval_examples))
-    quality.import_in_background()  # as the prepare flow does, while the batch rules run
+    # As the prepare flow does, while the batch rules run.
+    beside = engines.flow_threads(config.execution) > 1
+    checking = quality.QualityCheck(beside and len(screened.frame) >= quality.QUALITY_BESIDE_RECORDS)
     frame = timed(
         "dedupe",
         timings,
@@ -159,15 +162,32 @@ def run_pipeline_on(
     )
     texts = screened.texts
     del screened  # as the prepare flow does: the normalised texts end with the batch rules
-    return _finish(frame, texts, config, timings, out_dir)
+    return _finish(frame, texts, config, timings, out_dir, checking)
 
 
 def _finish(
-    frame: Any, texts: Any, config: Any, timings: dict[str, float], out_dir: Path
+    frame: Any, texts: Any, config: Any, timings: dict[str, float], out_dir: Path, checking: Any
 ) -> tuple[dict[str, float], dict[str, int]]:
-    """The quality check and the export (both engines run them in this process)."""
+    """The quality check (where `checking`, a quality.QualityCheck, runs it) and the export (both
+    engines run them from this process)."""
     heap.release_free_memory()  # as the prepare flow does once the batch rules are done
-    verdict = timed("quality", timings, lambda: quality.check_quality(frame, config.model, config.validation))
+    # As the prepare flow does: beside the flow, the check runs while export builds the dataset (its
+    # stage's time is then its start; the export's includes any wait for it), else first, here.
+    waiting = ThreadPoolExecutor(1)
+
+    def started() -> Future[Any]:
+        if checking.beside:
+            return waiting.submit(checking.check, frame, config.model, config.validation)
+        done: Future[Any] = Future()
+        done.set_result(checking.check(frame, config.model, config.validation))
+        return done
+
+    checked = timed("quality", timings, started)
+
+    def judged() -> tuple[list[str], str]:
+        verdict = checked.result()
+        return ([] if verdict.success else ["failed"]), quality.render_report(verdict)
+
     context = export.RunContext(
         as_of="2026-11-22", config_hash=config.config_hash(), sources=[], partitions=[]
     )
@@ -179,11 +199,11 @@ def _finish(
             config,
             context,
             out_dir,
-            quality_failures=[] if verdict.success else ["failed"],
-            report_html=quality.render_report(verdict),
+            quality=judged,
             texts=texts,
         ),
     )
+    waiting.shutdown()
     texts.close()
     counts = {
         "input": len(frame),
@@ -266,7 +286,8 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     # engines.screen, as the prepare flow calls it (it runs ray_engine.screen for this config).
     screened = timed("screen", timings, lambda: engines.screen(files, config, eval_examples))
     search = ray_engine.RayCandidates(config.execution)
-    quality.import_in_background()
+    beside = engines.flow_threads(config.execution) > 1
+    checking = quality.QualityCheck(beside and len(screened.frame) >= quality.QUALITY_BESIDE_RECORDS)
     frame = timed(
         "dedupe",
         timings,
@@ -281,7 +302,7 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     )
     texts = screened.texts
     del screened  # as the prepare flow does: the normalised texts end with the batch rules
-    return _finish(frame, texts, config, timings, out_dir)
+    return _finish(frame, texts, config, timings, out_dir, checking)
 
 
 def first_lines(path: Path, n: int) -> list[str]:

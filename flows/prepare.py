@@ -16,6 +16,10 @@ into its own MLflow run. Either way:
   near duplicates, contradictions) then run on the whole batch, while each record's raw text and
   training line wait in a temporary file on the flow's disk until export reads them back
   (tuneline/text_store.py: half of what the flow held, and nothing the batch-wide rules compare);
+- where the flow may use more than one core (execution.flow_threads, the local engine's default) and
+  the batch is large (quality.QUALITY_BESIDE_RECORDS), the data-quality check runs in a process of its
+  own (great_expectations imported there during the batch rules) while export builds the dataset,
+  which is published or not once its verdict is in (tasks/quality.py's QualityCheck);
 - one MLflow run holds the params (config hash, as_of, sources), the dataset input (digest = dataset
   hash, cut to MLflow's 36 characters), the counts as metrics and the three files as artifacts, tagged
   with the Prefect flow run (tuneline/tracking.py's RunLog.log_prepared).
@@ -34,6 +38,7 @@ import orjson
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from tuneline import engines, heap, jsonl, records, tracking
@@ -156,7 +161,10 @@ def prepare_dataset(
     # With ray, the near-duplicate candidates by map (band keys of the blocks' signatures) -> shuffle ->
     # reduce on Ray.
     search = ray_engine.RayCandidates(config.execution) if config.execution.engine == "ray" else None
-    quality.import_in_background()  # while the batch rules keep one core busy
+    # great_expectations imported while the batch rules run: beside the flow where it has the cores
+    # (its own process, from a batch of QUALITY_BESIDE_RECORDS), else on a thread of the flow's.
+    beside = engines.flow_threads(config.execution) > 1
+    checking = quality.QualityCheck(beside and len(screened.frame) >= quality.QUALITY_BESIDE_RECORDS)
     # The raw texts and training lines wait on disk (tuneline/text_store.py) until export reads them,
     # beside the normalised texts that the batch rules read back for the records they compare.
     texts = screened.texts
@@ -169,11 +177,23 @@ def prepare_dataset(
         # its texts.
         del screened
         heap.release_free_memory()
-        verdict = quality.quality_task(frame, config.model, config.validation, method)
-        if verdict.success:
-            logger.info("data quality passed: %d expectations", len(verdict.outcomes))
-        else:
-            logger.warning("data quality failed:\n%s", quality.failure_summary(verdict))
+        # Beside the flow, the check runs in its process while export builds the dataset, and export
+        # waits for it only then. Else it runs first, on this thread: one thing at a time holds less,
+        # and a thread of its own would keep the suite's memory in a glibc arena of its own.
+        checked: PrefectFuture[quality.QualityVerdict] | quality.QualityVerdict = (
+            quality.quality_task.submit(frame, config.model, config.validation, method, checking)
+            if checking.beside
+            else quality.quality_task(frame, config.model, config.validation, method, checking)
+        )
+
+        def judged() -> tuple[list[str], str]:
+            verdict = checked if isinstance(checked, quality.QualityVerdict) else checked.result()
+            if verdict.success:
+                logger.info("data quality passed: %d expectations", len(verdict.outcomes))
+            else:
+                logger.warning("data quality failed:\n%s", quality.failure_summary(verdict))
+            return verdict.failures, quality.render_report(verdict)
+
         context = export.RunContext(
             as_of=day.isoformat(),
             config_hash=config.config_hash(),
@@ -181,9 +201,7 @@ def prepare_dataset(
             partitions=selection.partitions,
             window={"after": start.isoformat(), "through": end.isoformat()},
         )
-        outcome = export.export_task(
-            frame, config, context, out, verdict.failures, quality.render_report(verdict), general, texts
-        )
+        outcome = export.export_task(frame, config, context, out, judged, general, texts)
     finally:
         texts.close()
     run_id = _log_to_mlflow(config, outcome, run)

@@ -32,7 +32,7 @@ import os
 import threading
 from array import array
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -482,11 +482,6 @@ def quarantine_chunk(columns: dict[str, list[Any]], redact_pii: bool) -> list[by
     ]
 
 
-def _quarantine_chunk_in_process(columns: dict[str, list[Any]], redact_pii: bool) -> tuple[int, list[bytes]]:
-    """quarantine_chunk in the quarantine's process, and which process that was (for the log)."""
-    return os.getpid(), quarantine_chunk(columns, redact_pii)
-
-
 class _QuarantineBeside:
     """The quarantine's lines made in a process of the fork server (tuneline/fork_server.py) while the
     flow's thread sorts the training and validation lines: a thread here reads each chunk's fields and
@@ -518,7 +513,9 @@ class _QuarantineBeside:
     def _lines(self, pool: ProcessPoolExecutor, made_by: set[int]) -> Iterator[list[bytes]]:
         waiting: deque[Future[tuple[int, list[bytes]]]] = deque()
         for columns in _quarantine_columns(self._frame, self._texts):
-            waiting.append(pool.submit(_quarantine_chunk_in_process, columns, self._redact_pii))
+            waiting.append(
+                pool.submit(fork_server.called_with_pid, quarantine_chunk, columns, self._redact_pii)
+            )
             del columns
             while waiting and (len(waiting) > 1 or waiting[0].done()):
                 process, lines = waiting.popleft().result()
@@ -714,14 +711,19 @@ def _write_copy(path: Path, lines: SortedFile) -> None:
     tmp.replace(path)
 
 
+# The data-quality check's outcome for the batch: its failures (none: it passed) and its report page.
+# The export asks for it once the dataset is built, so a check that runs meanwhile (the prepare flow's,
+# beside it: tasks/quality.py's QualityCheck) is waited for only then.
+QualityOutcome = Callable[[], tuple[Sequence[str], str]]
+
+
 def export(
     frame: pd.DataFrame,
     config: Config,
     context: RunContext,
     out_dir: Path,
     *,
-    quality_failures: Sequence[str],
-    report_html: str,
+    quality: QualityOutcome,
     general: GeneralExamples | None = None,
     texts: TextStore | None = None,
 ) -> ExportOutcome:
@@ -730,13 +732,14 @@ def export(
     # A second process for the quarantine's lines where the flow may use more than one core.
     beside = engines.flow_threads(config.execution) > 1
     dataset = build_dataset(frame, config, general, texts, quarantine_beside=beside)
-    problems = [f"data quality: {failure}" for failure in quality_failures]
-    over_cap = cost_problem(dataset)
-    if over_cap:
-        problems.append(f"cost: {over_cap}")
-    published = not problems
-    document = manifest(dataset, config, context, problems, published)
     try:
+        quality_failures, report_html = quality()
+        problems = [f"data quality: {failure}" for failure in quality_failures]
+        over_cap = cost_problem(dataset)
+        if over_cap:
+            problems.append(f"cost: {over_cap}")
+        published = not problems
+        document = manifest(dataset, config, context, problems, published)
         write_outputs(dataset, document, report_html, out_dir, published=published)
     finally:
         dataset.close()
@@ -749,19 +752,9 @@ def export_task(
     config: Config,
     context: RunContext,
     out_dir: Path,
-    quality_failures: list[str],
-    report_html: str,
+    quality: QualityOutcome,
     general: GeneralExamples | None = None,
     texts: TextStore | None = None,
 ) -> ExportOutcome:
     """Prefect wrapper of export."""
-    return export(
-        frame,
-        config,
-        context,
-        out_dir,
-        quality_failures=quality_failures,
-        report_html=report_html,
-        general=general,
-        texts=texts,
-    )
+    return export(frame, config, context, out_dir, quality=quality, general=general, texts=texts)

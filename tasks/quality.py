@@ -14,8 +14,11 @@ reason one of the data contract's (tuneline/records.py). Guarantees of `check_qu
 from __future__ import annotations
 
 import html
+import logging
 import os
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +27,16 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import records, text_store
+from tuneline import fork_server, records, text_store
 from tuneline.config import ModelConfig, ValidationConfig
 from tuneline.tasks.validate import context_limit, exported_kind
 
 SUITE_NAME = "tuneline-data-quality"
+# Records from which a batch's check may run beside the flow (QualityCheck): below, the batch rules are
+# over too soon for the import beside them to matter.
+QUALITY_BESIDE_RECORDS = 100_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -163,8 +171,8 @@ def build_suite(model: ModelConfig, validation: ValidationConfig, method: str = 
 def import_in_background() -> threading.Thread:
     """Start importing great_expectations on a daemon thread and return it. The import takes seconds
     (about 3 s of one core on the dev machine) and only check_quality needs it: the prepare flow starts
-    it while the batch-wide rules of dedupe run, mostly numpy work that leaves the interpreter free
-    (on the flow's threads: tuneline/threads.py), so that check_quality finds the module loaded.
+    it while the batch-wide rules of dedupe run (QualityCheck, where the check runs in the flow's
+    process), so that check_quality finds the module loaded.
     Started with the screen instead, it took as long in all (screen, dedupe and quality of 1M
     chats: 50.1 and 51.7 s against 50.6 and 52.2 s). Importing in a thread is safe: Python's import
     lock makes check_quality's own import wait for this one to finish."""
@@ -183,11 +191,81 @@ def _import_great_expectations() -> None:
         return
 
 
+class QualityCheck:
+    """Where a batch's check runs. In the flow's process by default: great_expectations imported on a
+    thread meanwhile (import_in_background). With `beside`, in a process of the fork server
+    (tuneline/fork_server.py), which imports great_expectations as soon as it starts, on the core the
+    batch rules leave idle: an import on a thread of the flow's process holds its interpreter lock for
+    seconds, which the batch rules' Python work waits for (dedupe of 1M synthetic chats: 12.0-12.3 s
+    alone, 13.5-14.1 s beside the import). The suite then runs there on its columns (suite_frame). A
+    process that dies, or cannot start, leaves the check to this process (`verdict`)."""
+
+    def __init__(self, beside: bool = False) -> None:
+        self.beside = beside
+        self._pool: ProcessPoolExecutor | None = None
+        if beside:
+            # A cold fork server answers once it has imported the block code: started on a thread.
+            self._starting = threading.Thread(target=self._start, name="tuneline-quality", daemon=True)
+            self._starting.start()
+        else:
+            self._starting = import_in_background()
+
+    def _start(self) -> None:
+        try:
+            self._pool = ProcessPoolExecutor(1, mp_context=fork_server.context())
+            self._pool.submit(_import_great_expectations)
+        except (OSError, BrokenProcessPool) as exc:
+            log.warning("quality: its process did not start (%s); checking here", exc)
+
+    def check(
+        self,
+        frame: pd.DataFrame,
+        model: ModelConfig,
+        validation: ValidationConfig,
+        method: str = "supervised",
+    ) -> QualityVerdict:
+        """check_quality of `frame`, where this check runs."""
+        self._starting.join()
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return check_quality(frame, model, validation, method)
+        try:
+            arguments = (
+                suite_frame(frame),
+                batch_summary(frame, model, validation),
+                model,
+                validation,
+                method,
+            )
+            process, verdict = pool.submit(fork_server.called_with_pid, suite_verdict, *arguments).result()
+            log.info("quality: checked in process %d", process)
+            return verdict
+        except BrokenProcessPool as exc:
+            log.warning("quality: its process failed (%s); checking here", exc)
+            return check_quality(frame, model, validation, method)
+        finally:
+            pool.shutdown()
+
+
 def check_quality(
     frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig, method: str = "supervised"
 ) -> QualityVerdict:
     """Run the suite over the batch (kept and quarantined rows) in an ephemeral GX context; kept rows
     must all be lines of the `method`'s format (chat, preference or reinforcement)."""
+    return suite_verdict(
+        suite_frame(frame), batch_summary(frame, model, validation), model, validation, method
+    )
+
+
+def suite_verdict(
+    batch: pd.DataFrame,
+    summary: dict[str, Any],
+    model: ModelConfig,
+    validation: ValidationConfig,
+    method: str = "supervised",
+) -> QualityVerdict:
+    """check_quality of the batch whose suite_frame and batch_summary these are: a function of them
+    alone, which QualityCheck's process runs as it is."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     # Imported here: great_expectations takes seconds to import, and only this stage needs it.
     import great_expectations as gx
@@ -210,7 +288,6 @@ def check_quality(
         progress_bars=ProgressBarsConfig(globally=False),
     )
     context = gx.get_context(mode="ephemeral", project_config=project)
-    batch = suite_frame(frame)
     definition = (
         context.data_sources.add_pandas("records")
         .add_dataframe_asset("batch")
@@ -224,7 +301,7 @@ def check_quality(
         success=bool(result.success) and all(o.success for o in outcomes),
         suite=suite.name,
         outcomes=outcomes,
-        summary=batch_summary(frame, model, validation),
+        summary=summary,
         gx_result=result.to_json_dict(),
     )
 
@@ -356,7 +433,13 @@ def failure_summary(result: QualityVerdict) -> str:
 
 @task(name="quality", cache_policy=NO_CACHE, persist_result=False)
 def quality_task(
-    frame: pd.DataFrame, model: ModelConfig, validation: ValidationConfig, method: str = "supervised"
+    frame: pd.DataFrame,
+    model: ModelConfig,
+    validation: ValidationConfig,
+    method: str = "supervised",
+    where: QualityCheck | None = None,
 ) -> QualityVerdict:
-    """Prefect wrapper of check_quality."""
-    return check_quality(frame, model, validation, method)
+    """Prefect wrapper of check_quality (run `where` says: QualityCheck)."""
+    if where is None:
+        return check_quality(frame, model, validation, method)
+    return where.check(frame, model, validation, method)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import ipaddress
 import json
+import logging
 import re
 import socket
 import uuid
@@ -29,7 +30,7 @@ from tuneline.cli import app
 from tuneline.config import DEFAULT_CONFIG, load_config
 from tuneline.flows.prepare import PrepareFailed, prepare
 from tuneline.paths import resolve
-from tuneline.tasks import dedupe, export, ingest, validate
+from tuneline.tasks import dedupe, export, ingest, quality, validate
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # the repository's demo data
 
@@ -370,14 +371,25 @@ def test_no_secret_leaves_the_prepare_folder(prefect_server: None, store: Path, 
     assert found and all(s not in str(a.data) for a in found for s in secrets)
 
 
+@pytest.mark.parametrize("beside", [False, True], ids=["checked-first", "checked-beside-export"])
 def test_a_failing_quality_check_exits_1_and_publishes_nothing(
-    prefect_server: None, store: Path, tmp_path: Path
+    prefect_server: None,
+    store: Path,
+    tmp_path: Path,
+    beside: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = write_config(store)
+    # Beside: the check runs in a process of its own while export builds the dataset (a batch this
+    # small is checked first unless the threshold says otherwise).
+    monkeypatch.setattr(quality, "QUALITY_BESIDE_RECORDS", 1 if beside else 10**9)
+    config = write_config(store, execution={"flow_threads": 2})
     out = tmp_path / "out"
-    result = runner.invoke(
-        app, ["prepare", "-c", str(config), "--input", str(small_input(tmp_path, 4)), "--out", str(out)]
-    )
+    with caplog.at_level(logging.INFO, logger="tuneline.tasks.quality"):
+        result = runner.invoke(
+            app, ["prepare", "-c", str(config), "--input", str(small_input(tmp_path, 4)), "--out", str(out)]
+        )
+    assert ("quality: checked in process" in caplog.text) is beside
     assert result.exit_code == 1, result.output
     assert "at least 10 examples kept" in result.stderr and "observed 4" in result.stderr
     assert not (out / export.TRAIN_FILE).exists() and (out / export.REPORT_FILE).exists()

@@ -120,9 +120,7 @@ def test_counts_invariant_and_files(tmp_path: Path) -> None:
         "same as line 3",
         [frame[records.RECORD_ID].iloc[2]] * len(frame),
     )
-    outcome = export.export(
-        frame, BASE, RUN, tmp_path, quality_failures=[], report_html="<html>report</html>"
-    )
+    outcome = export.export(frame, BASE, RUN, tmp_path, quality=lambda: ([], "<html>report</html>"))
     assert outcome.published and outcome.problems == []
     counts = outcome.manifest["counts"]
     assert counts["input_records"] == 33 == counts["kept"] + counts["quarantined"]
@@ -255,8 +253,7 @@ def test_cost_cap_and_quality_failures_stop_publishing(tmp_path: Path) -> None:
         priced,
         RUN,
         tmp_path,
-        quality_failures=["at least 10 examples kept: observed 3"],
-        report_html="r",
+        quality=lambda: (["at least 10 examples kept: observed 3"], "r"),
     )
     assert not outcome.published
     assert outcome.problems[0] == "data quality: at least 10 examples kept: observed 3"

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import html
 import json
+import logging
+import os
 import subprocess
 import sys
 import uuid
@@ -9,6 +11,7 @@ from typing import Any
 
 import fsspec
 import pandas as pd
+import pytest
 
 from tuneline import records
 from tuneline.config import ModelConfig, ValidationConfig
@@ -112,3 +115,18 @@ def test_great_expectations_is_imported_on_a_thread_before_the_check_needs_it() 
         "assert 'great_expectations.expectations' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=180)
+
+
+def test_a_check_beside_the_flow_gives_the_verdict_of_one_here(caplog: pytest.LogCaptureFixture) -> None:
+    batch = good_batch(4)
+    batch.loc[2, records.N_TOKENS] = 10_000  # a failing row: the verdict names it from there too
+    here = quality.check_quality(batch, CHAT_MODEL, RULES)
+    with caplog.at_level(logging.INFO, logger="tuneline.tasks.quality"):
+        beside = quality.QualityCheck(beside=True).check(batch, CHAT_MODEL, RULES)
+    said = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("quality: checked in process")
+    ]
+    assert len(said) == 1 and int(said[0].rsplit(" ", 1)[1]) != os.getpid()
+    assert not beside.success and beside.failures == here.failures
+    assert beside.outcomes == here.outcomes and beside.summary == here.summary
+    assert "line 3" in outcome(beside, "expect_column_values_to_be_between", "fits").unexpected[0]

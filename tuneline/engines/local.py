@@ -43,7 +43,7 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from threading import Thread
+from threading import Event
 from typing import Any
 
 from tuneline import fork_server, heap
@@ -73,11 +73,11 @@ def screen(
     if workers <= 1 or sum(block.size for block in planned) <= execution.block_bytes:
         arguments = (eval_examples, *blocks.block_arguments(config))
         return blocks.concat([stores.stored(blocks.screen_block(list(files), *arguments))], stores)
-    starting = fork_server.started_in_background()
+    started = fork_server.started_in_background()
     arguments = (eval_examples, *blocks.block_arguments(config))
     results: list[blocks.Screened | None] = [None] * len(planned)
     with heap.collector_paused():  # the results' containers are all alive (tuneline/heap.py)
-        here = _screened_while_starting(planned, arguments, starting)
+        here = _screened_while_starting(planned, arguments, started)
         pooled = len(planned) - len(here)
         try:
             with (
@@ -129,14 +129,14 @@ def screen(
 
 
 def _screened_while_starting(
-    planned: Sequence[blocks.Block], arguments: tuple[Any, ...], starting: Thread
+    planned: Sequence[blocks.Block], arguments: tuple[Any, ...], started: Event
 ) -> dict[int, blocks.Screened]:
-    """Blocks screened in this process, from the last one back, for as long as `starting` (the fork
-    server's start) runs: by block index, their texts still in memory (they join the batch's stores
-    after the pool's blocks, in block order). None once the server is up (a warm one: at once)."""
+    """Blocks screened in this process, from the last one back, until `started` (the fork server
+    forks workers) is set: by block index, their texts still in memory (they join the batch's stores
+    after the pool's blocks, in block order). None where the server ran before in this process."""
     here: dict[int, blocks.Screened] = {}
     index = len(planned)
-    while index > 0 and starting.is_alive():
+    while index > 0 and not started.is_set():
         index -= 1
         here[index] = blocks.screen_block(planned[index].files, *arguments)
     return here
