@@ -198,7 +198,7 @@ class QualityCheck:
     batch rules leave idle: an import on a thread of the flow's process holds its interpreter lock for
     seconds, which the batch rules' Python work waits for (dedupe of 1M synthetic chats: 12.0-12.3 s
     alone, 13.5-14.1 s beside the import). The suite then runs there on its columns (suite_frame). A
-    process that dies, or cannot start, leaves the check to this process (`verdict`)."""
+    process that dies, or cannot start, leaves the check to this process (`check`)."""
 
     def __init__(self, beside: bool = False) -> None:
         self.beside = beside

@@ -405,8 +405,9 @@ class ExecutionConfig(Section):
     # Tries of a task whose worker died (killed, out of memory, node lost) before the run fails.
     max_retries: int = Field(default=3, ge=0, le=100)
     # Threads of the flow's own process for the batch-wide rules' numpy work (tuneline/threads.py);
-    # above 1, the export also makes a large quarantine's lines in a second process (export.py's
-    # _QuarantineBeside, about 0.2 GiB while it runs). None: the engine's choice. `local`: one per core, up to threads.MAX_FLOW_THREADS. `ray`: 1, since
+    # above 1, a large batch's quarantine lines and quality check are also made in processes of their
+    # own beside the flow's (export.py's _QuarantineBeside, quality.py's QualityCheck). None: the
+    # engine's choice. `local`: one per core, up to threads.MAX_FLOW_THREADS. `ray`: 1, since
     # its flow holds a batch too large for one machine, and each thread keeps its allocations in a
     # glibc arena of its own, which raised the ten-million-chat run's peak from 7.72 to 8.38 GiB. Set
     # it on a flow machine with memory to spare: there, the near-duplicate rules of ten million took
