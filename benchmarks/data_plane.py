@@ -146,9 +146,7 @@ def run_pipeline_on(
     # Ingest, validate and the per-record rules, block by block on every core (tuneline/engines/local.py),
     # then the batch-wide rules, as the prepare flow runs them.
     screened = timed("screen", timings, lambda: engines.screen(files, config, eval_examples))
-    # As the prepare flow does, while the batch rules run.
-    beside = engines.flow_threads(config.execution) > 1
-    checking = quality.QualityCheck(beside and len(screened.frame) >= quality.QUALITY_BESIDE_RECORDS)
+    checking = quality.QualityCheck.for_batch(len(screened.frame), config.execution)  # as prepare does
     frame = timed(
         "dedupe",
         timings,
@@ -286,8 +284,7 @@ def run_ray_pipeline(folder: Path, out_dir: Path) -> tuple[dict[str, float], dic
     # engines.screen, as the prepare flow calls it (it runs ray_engine.screen for this config).
     screened = timed("screen", timings, lambda: engines.screen(files, config, eval_examples))
     search = ray_engine.RayCandidates(config.execution)
-    beside = engines.flow_threads(config.execution) > 1
-    checking = quality.QualityCheck(beside and len(screened.frame) >= quality.QUALITY_BESIDE_RECORDS)
+    checking = quality.QualityCheck.for_batch(len(screened.frame), config.execution)
     frame = timed(
         "dedupe",
         timings,

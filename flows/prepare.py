@@ -161,10 +161,9 @@ def prepare_dataset(
     # With ray, the near-duplicate candidates by map (band keys of the blocks' signatures) -> shuffle ->
     # reduce on Ray.
     search = ray_engine.RayCandidates(config.execution) if config.execution.engine == "ray" else None
-    # great_expectations imported while the batch rules run: beside the flow where it has the cores
-    # (its own process, from a batch of QUALITY_BESIDE_RECORDS), else on a thread of the flow's.
-    beside = engines.flow_threads(config.execution) > 1
-    checking = quality.QualityCheck(beside and len(screened.frame) >= quality.QUALITY_BESIDE_RECORDS)
+    # great_expectations imported while the batch rules run: in a process beside the flow where it
+    # has the cores for it, else on a thread of the flow's (QualityCheck.for_batch).
+    checking = quality.QualityCheck.for_batch(len(screened.frame), config.execution)
     # The raw texts and training lines wait on disk (tuneline/text_store.py) until export reads them,
     # beside the normalised texts that the batch rules read back for the records they compare.
     texts = screened.texts

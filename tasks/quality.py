@@ -27,8 +27,8 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tuneline import fork_server, records, text_store
-from tuneline.config import ModelConfig, ValidationConfig
+from tuneline import engines, fork_server, records, text_store
+from tuneline.config import ExecutionConfig, ModelConfig, ValidationConfig
 from tuneline.tasks.validate import context_limit, exported_kind
 
 SUITE_NAME = "tuneline-data-quality"
@@ -199,6 +199,13 @@ class QualityCheck:
     seconds, which the batch rules' Python work waits for (dedupe of 1M synthetic chats: 12.0-12.3 s
     alone, 13.5-14.1 s beside the import). The suite then runs there on its columns (suite_frame). A
     process that dies, or cannot start, leaves the check to this process (`check`)."""
+
+    @classmethod
+    def for_batch(cls, records_in_batch: int, execution: ExecutionConfig) -> QualityCheck:
+        """Beside the flow where the flow may use more than one core (engines.flow_threads: the local
+        engine's default) and the batch has QUALITY_BESIDE_RECORDS; else in the flow's process."""
+        beside = engines.flow_threads(execution) > 1 and records_in_batch >= QUALITY_BESIDE_RECORDS
+        return cls(beside)
 
     def __init__(self, beside: bool = False) -> None:
         self.beside = beside
