@@ -202,6 +202,7 @@ def prepare_dataset(
         )
         outcome = export.export_task(frame, config, context, out, judged, general, texts)
     finally:
+        checking.close()
         texts.close()
     run_id = _log_to_mlflow(config, outcome, run)
     result = PrepareResult(out, outcome.published, outcome.problems, outcome.manifest, run_id)

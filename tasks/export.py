@@ -729,8 +729,7 @@ def export(
 ) -> ExportOutcome:
     """Build the dataset, decide whether it may be published (data quality passed, cost within the cap),
     write. `texts`: the store of the frame's texts, where the engines' screen moved them."""
-    # A second process for the quarantine's lines where the flow may use more than one core.
-    beside = engines.flow_threads(config.execution) > 1
+    beside = engines.work_beside_the_flow(config.execution)
     dataset = build_dataset(frame, config, general, texts, quarantine_beside=beside)
     try:
         quality_failures, report_html = quality()

@@ -202,9 +202,9 @@ class QualityCheck:
 
     @classmethod
     def for_batch(cls, records_in_batch: int, execution: ExecutionConfig) -> QualityCheck:
-        """Beside the flow where the flow may use more than one core (engines.flow_threads: the local
-        engine's default) and the batch has QUALITY_BESIDE_RECORDS; else in the flow's process."""
-        beside = engines.flow_threads(execution) > 1 and records_in_batch >= QUALITY_BESIDE_RECORDS
+        """Beside the flow where the engine works there (engines.work_beside_the_flow) and the batch
+        has QUALITY_BESIDE_RECORDS; else in the flow's process."""
+        beside = engines.work_beside_the_flow(execution) and records_in_batch >= QUALITY_BESIDE_RECORDS
         return cls(beside)
 
     def __init__(self, beside: bool = False) -> None:
@@ -231,7 +231,7 @@ class QualityCheck:
         validation: ValidationConfig,
         method: str = "supervised",
     ) -> QualityVerdict:
-        """check_quality of `frame`, where this check runs."""
+        """check_quality of `frame`, where this check runs (its process ends with it)."""
         self._starting.join()
         pool, self._pool = self._pool, None
         if pool is None:
@@ -251,6 +251,16 @@ class QualityCheck:
             log.warning("quality: its process failed (%s); checking here", exc)
             return check_quality(frame, model, validation, method)
         finally:
+            pool.shutdown()
+
+    def close(self) -> None:
+        """End the check's process if `check` never ran (a run that failed before it): it holds
+        great_expectations, a few hundred MB."""
+        if not self.beside:
+            return  # nothing but an import on a thread of this process
+        self._starting.join()
+        pool, self._pool = self._pool, None
+        if pool is not None:
             pool.shutdown()
 
 

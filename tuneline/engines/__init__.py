@@ -68,6 +68,13 @@ def flow_threads(execution: ExecutionConfig) -> int:
     return 1 if execution.engine == "ray" else threads.flow_threads()
 
 
+def work_beside_the_flow(execution: ExecutionConfig) -> bool:
+    """Whether a large batch's quarantine lines and quality check run in processes beside the flow's
+    (tasks/export.py, tasks/quality.py): where the flow may use more than one core (flow_threads), as
+    the local engine's flow does by default; the ray engine's keeps to its one process."""
+    return flow_threads(execution) > 1
+
+
 @task(name="screen", cache_policy=NO_CACHE, persist_result=False)
 def screen_task(files: list[InputFile], config: Config, eval_examples: list[dict[str, Any]]) -> Screened:
     """Prefect wrapper of screen: ingest, validate and the per-record rules, block by block."""
