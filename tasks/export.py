@@ -29,6 +29,7 @@ import hashlib
 import logging
 import math
 import os
+import tempfile
 import threading
 from array import array
 from collections import deque
@@ -499,9 +500,14 @@ class _QuarantineBeside:
 
     def _run(self) -> None:
         try:
-            with ProcessPoolExecutor(1, mp_context=fork_server.context()) as pool:
+            with (
+                tempfile.TemporaryDirectory(prefix="tuneline-quarantine-") as directory,
+                ProcessPoolExecutor(1, mp_context=fork_server.context()) as pool,
+            ):
                 made_by: set[int] = set()
-                self._made = lines_in_order(self._lines(pool, made_by), what="the quarantine's lines")
+                self._made = lines_in_order(
+                    self._lines(pool, directory, made_by), what="the quarantine's lines"
+                )
             log.info(
                 "export: the quarantine's %d lines made in process %s, beside the flow's",
                 self._made.lines,
@@ -510,21 +516,23 @@ class _QuarantineBeside:
         except BaseException as exc:  # handed to the flow's thread by `result`
             self._error = exc
 
-    def _lines(self, pool: ProcessPoolExecutor, made_by: set[int]) -> Iterator[list[bytes]]:
-        waiting: deque[Future[tuple[int, list[bytes]]]] = deque()
+    def _lines(self, pool: ProcessPoolExecutor, directory: str, made_by: set[int]) -> Iterator[list[bytes]]:
+        waiting: deque[Future[fork_server.Returned[list[bytes]]]] = deque()
+
+        def taken() -> list[bytes]:
+            returned = waiting.popleft().result()
+            made_by.add(returned.process)
+            return returned.value()
+
         for columns in _quarantine_columns(self._frame, self._texts):
             waiting.append(
-                pool.submit(fork_server.called_with_pid, quarantine_chunk, columns, self._redact_pii)
+                pool.submit(fork_server.called, directory, quarantine_chunk, columns, self._redact_pii)
             )
             del columns
             while waiting and (len(waiting) > 1 or waiting[0].done()):
-                process, lines = waiting.popleft().result()
-                made_by.add(process)
-                yield lines
+                yield taken()
         while waiting:
-            process, lines = waiting.popleft().result()
-            made_by.add(process)
-            yield lines
+            yield taken()
 
     def result(self) -> SortedFile:
         """The quarantine's lines, once made (in this process, if the quarantine's process failed)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -244,8 +245,10 @@ class QualityCheck:
                 validation,
                 method,
             )
-            process, verdict = pool.submit(fork_server.called_with_pid, suite_verdict, *arguments).result()
-            log.info("quality: checked in process %d", process)
+            with tempfile.TemporaryDirectory(prefix="tuneline-quality-") as directory:
+                returned = pool.submit(fork_server.called, directory, suite_verdict, *arguments).result()
+                verdict = returned.value()
+            log.info("quality: checked in process %d", returned.process)
             return verdict
         except BrokenProcessPool as exc:
             log.warning("quality: its process failed (%s); checking here", exc)

@@ -10,6 +10,15 @@ The server starts once per process and is reused: its first start imports the bl
 (1.9 s here), later pools get workers at once. Like any multiprocessing start method but fork, a
 worker imports the program's main module first (as `__mp_main__`): a script that runs the data plane
 keeps its top-level work under `if __name__ == "__main__":` (the CLI and Prefect's flow runs do).
+
+What a worker sends back goes through a file (`called`, `Returned`): the pipe carries only its name.
+concurrent.futures sends each result through one pipe that all the pool's workers write to; a worker
+killed while writing a large result (by the kernel's OOM killer, or kill -9) leaves part of a message
+in it, and the pool's manager thread waits for the rest forever, blind to the worker's death: the run
+hung (CI: 600 s, then the test's timeout) instead of reading the worker's blocks again. A message of
+a few hundred bytes is written to a pipe whole (POSIX PIPE_BUF) or not at all. The case is in
+tests/tuneline/test_fork_server.py: a worker killed while blocked writing its 1 MB result to the pipe
+leaves its future waiting for good; through a file, every future completes.
 """
 
 from __future__ import annotations
@@ -18,10 +27,15 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import pickle
+import tempfile
 import threading
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -74,10 +88,44 @@ def started_in_background() -> threading.Event:
     return done
 
 
-def called_with_pid(function: Callable[..., T], *arguments: Any) -> tuple[int, T]:
-    """function(*arguments) and the id of the process it ran in: what a worker sends back when the
-    flow logs where the work was done."""
-    return os.getpid(), function(*arguments)
+@dataclass(frozen=True)
+class Returned(Generic[T]):
+    """What a worker's call sends back through the pool's pipe: the id of the process it ran in and
+    the file of `directory` its outcome was pickled to (see the module docstring)."""
+
+    process: int
+    path: str
+
+    def value(self) -> T:
+        """The call's result, or its exception raised here (its traceback in the worker as a note); the
+        file is removed."""
+        try:
+            value, raised, where = pickle.loads(Path(self.path).read_bytes())
+        finally:
+            os.unlink(self.path)
+        if raised:
+            value.add_note(f"raised in process {self.process}:\n{where}")
+            raise value
+        return value  # type: ignore[no-any-return]
+
+
+def called(directory: str, function: Callable[..., T], *arguments: Any) -> Returned[T]:
+    """function(*arguments) in a worker, its result (or exception) pickled to a new file of `directory`:
+    what a pool's task calls, `Returned.value` in the flow's process giving the result."""
+    try:
+        outcome: tuple[Any, bool, str] = (function(*arguments), False, "")
+    except Exception as exc:
+        outcome = (exc, True, "".join(traceback.format_exception(exc)))
+    descriptor, path = tempfile.mkstemp(dir=directory, suffix=".pickle")
+    with os.fdopen(descriptor, "wb") as file:
+        try:
+            pickle.dump(outcome, file, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            os.unlink(path)
+            if outcome[1]:  # an exception pickle cannot carry: the pool sends what it can of it
+                raise outcome[0] from None
+            raise
+    return Returned(os.getpid(), path)
 
 
 def _nothing() -> None:

@@ -15,11 +15,12 @@ At 1M synthetic chats on 2 cores (three runs each, old and new code in turn) tha
 core idle for about 3 s, and the screen went from 30.5-31.9 s to 30.1-30.4 s. Where a worker cannot
 start, the blocks are read in the flow's process.
 
-The results come back pickled, except each block's raw texts, training lines and normalised texts:
-the worker writes them to files of a temporary directory of the screen's (blocks.Screened.spilled),
-and the flow copies them into the batch's store on disk as the block's result arrives
-(tuneline/text_store.py). Sent through the pipe, they cost the flow's process CPU to receive and
-write while both cores were busy screening: at 1M synthetic chats on 2 cores (three runs each, taken
+A block's result comes back pickled in a file of a temporary directory of the screen's, never
+through the pool's pipe (fork_server.called says why: a worker killed while writing to the pipe had
+hung the run). Its raw texts, training lines and normalised texts have files of their own there
+(blocks.Screened.spilled), which the flow copies into the batch's store on disk as the block's result
+arrives (tuneline/text_store.py). Sent in the result, the texts cost the flow's process CPU to take in
+and write while both cores were busy screening: at 1M synthetic chats on 2 cores (three runs each, taken
 in turn), the flow's CPU during the screen went from 5.5-6.0 s to 3.8-4.0 s, the workers' from
 53.2-54.9 s to 51.4-53.6 s, and the screen from 32.8-34.1 s to 31.0-32.3 s. While the rest is unpickled
 and joined the cyclic garbage collector is paused, as during a read (tasks/ingest.py): the millions
@@ -84,8 +85,10 @@ def screen(
                 tempfile.TemporaryDirectory(prefix="tuneline-blocks-") as spill,
                 ProcessPoolExecutor(workers, mp_context=fork_server.context()) as pool,
             ):
-                futures: list[Future[blocks.Screened] | None] = [
-                    pool.submit(screen_block_spilled, spill, block.files, *arguments)
+                futures: list[Future[fork_server.Returned[blocks.Screened]] | None] = [
+                    pool.submit(
+                        fork_server.called, spill, screen_block_spilled, spill, block.files, *arguments
+                    )
                     for block in planned[:pooled]
                 ]
                 try:
@@ -93,7 +96,7 @@ def screen(
                         # Let go of the future: it would keep the block's result in memory to the end.
                         futures[index] = None
                         assert future is not None
-                        results[index] = stores.stored(future.result())
+                        results[index] = stores.stored(future.result().value())
                         del future
                 except BaseException:
                     # Nothing more is read once a block failed (or the run was interrupted).
