@@ -13,6 +13,7 @@ import mlflow
 from mlflow.entities import AssessmentSource, AssessmentSourceType, SpanStatusCode
 from mlflow.tracing.constant import SpanAttributeKey
 
+from tuneline import tracking
 from tuneline.config import MonitorConfig, TrackingConfig
 from tuneline.tasks.monitor import (
     CORRECTION,
@@ -45,7 +46,12 @@ def plant(
     """Traces and feedback as the gateway writes them; returns the trace ids in order."""
     experiment = serving_experiment(registry, MonitorConfig())
     found = mlflow.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+    # Its artifacts (the traces' data) beside the store's, as the gateway places them: without a
+    # location, MLflow would put them in ./mlruns of the working directory.
+    location = f"{tracking.artifact_uri(registry)}/{experiment}"
+    experiment_id = (
+        found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=location)
+    )
     rng = random.Random(7)
     ids: list[tuple[str, Planted, int]] = []
     for group in groups:
