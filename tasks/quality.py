@@ -233,8 +233,7 @@ class QualityCheck:
         method: str = "supervised",
     ) -> QualityVerdict:
         """check_quality of `frame`, where this check runs (its process ends with it)."""
-        self._starting.join()
-        pool, self._pool = self._pool, None
+        pool = self._taken_process()
         if pool is None:
             return check_quality(frame, model, validation, method)
         try:
@@ -261,10 +260,16 @@ class QualityCheck:
         great_expectations, a few hundred MB."""
         if not self.beside:
             return  # nothing but an import on a thread of this process
-        self._starting.join()
-        pool, self._pool = self._pool, None
+        pool = self._taken_process()
         if pool is not None:
             pool.shutdown()
+
+    def _taken_process(self) -> ProcessPoolExecutor | None:
+        """The check's process once started, for the one caller that ends it (`check` or `close`);
+        None where the check runs here, its process did not start, or it was taken already."""
+        self._starting.join()
+        pool, self._pool = self._pool, None
+        return pool
 
 
 def check_quality(
